@@ -1,0 +1,229 @@
+"""Dataset configs: which columns of a behaviour log are features, labels and time.
+
+A dataset config (``configs/data/*.yaml``) declares the log, the side tables joined onto it,
+the features (kind, side, embedding size, vocabulary limits, numeric transform), the tasks
+(label column, group, loss weight) and the time split. Loading validates every key and value
+up front, so a typo fails with the file and the key named, before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+Kind = Literal["categorical", "numeric"]
+Side = Literal["user", "item", "context"]
+Transform = Literal["standardize", "log1p", "quantile_bucket"]
+SplitName = Literal["train", "val", "test"]
+SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
+
+
+class ConfigError(ValueError):
+    """A dataset config (or the data it points to) does not fit the contract."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One model input. ``column`` defaults to ``name``."""
+
+    name: str
+    kind: Kind
+    side: Side
+    column: str = ""
+    embedding_dim: int = 16
+    min_count: int = 1  # values seen fewer times fold into the unknown index 0
+    max_size: int | None = None  # keep at most this many most frequent values
+    transform: Transform = "standardize"  # numeric only
+    buckets: int = 16  # quantile_bucket only
+
+    def __post_init__(self) -> None:
+        if not self.column:
+            object.__setattr__(self, "column", self.name)
+
+    @property
+    def embedded(self) -> bool:
+        """Categorical features and bucketised numerics are looked up in the embedding table."""
+        return self.kind == "categorical" or self.transform == "quantile_bucket"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One predicted behaviour. ``truth`` names a column of true probabilities (synthetic logs)."""
+
+    name: str
+    label: str
+    group: str
+    weight: float = 1.0
+    truth: str | None = None
+
+
+@dataclass(frozen=True)
+class SideTable:
+    """A user or item feature table (Parquet) joined onto the log by the user or item key."""
+
+    path: Path
+    key: Literal["user", "item"]
+    columns: tuple[str, ...] | None = None  # default: the feature columns the log lacks
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Time split: train ``<= train_end``, val ``<= val_end``, test after (``<= test_end``)."""
+
+    train_end: str | int
+    val_end: str | int
+    test_end: str | int | None = None
+    train_start: str | int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    path: Path
+    user_key: str
+    item_key: str
+    time_column: str
+    features: tuple[FeatureSpec, ...]
+    tasks: tuple[TaskSpec, ...]
+    split: SplitSpec
+    side_tables: tuple[SideTable, ...] = field(default=())
+    source: Path | None = None  # the YAML file this came from, for error messages
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def with_path(self, path: str | Path) -> DatasetConfig:
+        return dataclasses.replace(self, path=Path(path))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DatasetConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"dataset config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: Path | None = None) -> DatasetConfig:
+        where = str(source) if source else "dataset config"
+        config = _build(cls, raw, where, exclude={"source"})
+        # Relative paths resolve against the config file, so a config works from any directory.
+        base = source.parent if source else Path.cwd()
+        config = dataclasses.replace(
+            config,
+            source=source,
+            path=_resolve(config.path, base),
+            side_tables=tuple(
+                dataclasses.replace(t, path=_resolve(t.path, base)) for t in config.side_tables
+            ),
+        )
+        _check(config, where)
+        return config
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _check(config: DatasetConfig, where: str) -> None:
+    """Cross-field rules that single values cannot express."""
+    if not config.features:
+        raise ConfigError(f"{where}: 'features' is empty")
+    if not config.tasks:
+        raise ConfigError(f"{where}: 'tasks' is empty")
+    for what, names in (
+        ("feature", [f.name for f in config.features]),
+        ("task", [t.name for t in config.tasks]),
+    ):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"{where}: duplicate {what} names {duplicates}")
+    for i, spec in enumerate(config.features):
+        at = f"{where}: features[{i}] ({spec.name})"
+        if spec.embedding_dim < 1:
+            raise ConfigError(f"{at}: embedding_dim must be >= 1, got {spec.embedding_dim}")
+        if spec.min_count < 1:
+            raise ConfigError(f"{at}: min_count must be >= 1, got {spec.min_count}")
+        if spec.max_size is not None and spec.max_size < 1:
+            raise ConfigError(f"{at}: max_size must be >= 1, got {spec.max_size}")
+        if spec.transform == "quantile_bucket" and spec.buckets < 2:
+            raise ConfigError(f"{at}: buckets must be >= 2, got {spec.buckets}")
+    for i, task in enumerate(config.tasks):
+        if task.weight < 0:
+            raise ConfigError(f"{where}: tasks[{i}] ({task.name}): weight must be >= 0")
+    split = config.split
+    if _order_key(split.train_end) >= _order_key(split.val_end):
+        raise ConfigError(f"{where}: split.train_end must come before split.val_end")
+    if split.test_end is not None and _order_key(split.val_end) >= _order_key(split.test_end):
+        raise ConfigError(f"{where}: split.val_end must come before split.test_end")
+
+
+def _order_key(value: str | int) -> str:
+    # Boundaries are dates (2024-01-12), compact dates (20240112) or timestamps: compare digits.
+    return "".join(ch for ch in str(value) if ch.isdigit()).ljust(20, "0")
+
+
+def _build(cls: type, raw: Any, where: str, exclude: set[str] = frozenset()) -> Any:
+    """Build a config dataclass from a mapping, naming the file and key of anything wrong."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key '{name}'")
+            continue
+        values[name] = _coerce(hints[name], raw[name], f"{where}: {name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path string, got {value!r}")
+        return Path(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, dt.date):
+        return value.isoformat()  # YAML reads 2024-01-12 as a date
+    if hint in (str, int, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,0 +1,312 @@
+"""Reading a behaviour log: Parquet files, directories and hive-partitioned datasets.
+
+``LogSource`` binds a ``DatasetConfig`` to the files on disk. It checks, before any training,
+that every file is Parquet, every column the config needs exists (naming the column and the
+file), labels are 0/1/null and no split is empty. It then offers the split as a polars
+``LazyFrame`` (for fitting, streamed) and as a list of row-group pieces (for the DataModule,
+which reads them one at a time). Both paths join the side tables and filter the split with
+the same polars expressions, so fitting and training see the same rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from features.config import SPLITS, ConfigError, DatasetConfig, SplitName
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """The Parquet files behind a path, each checked to really be Parquet."""
+    if not path.exists():
+        raise ConfigError(f"behaviour log {path} does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise ConfigError(f"no Parquet files (*.parquet) under {path}")
+    for file in files:
+        _check_magic(file)
+    return files
+
+
+def _check_magic(file: Path) -> None:
+    with file.open("rb") as handle:
+        head = handle.read(4)
+        size = handle.seek(0, 2)
+        handle.seek(max(size - 4, 0))
+        tail = handle.read(4)
+    if size < 12 or head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+        raise ConfigError(f"{file} is not a Parquet file (no PAR1 header/footer)")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One row group of one file: the unit the DataModule reads, shuffles and shards."""
+
+    fragment: pads.ParquetFileFragment
+    rows: int
+
+    @property
+    def path(self) -> str:
+        return self.fragment.path
+
+
+class LogSource:
+    """A dataset config bound to its files: schema, side tables, split filters."""
+
+    def __init__(self, config: DatasetConfig) -> None:
+        self.config = config
+        self.files = parquet_files(config.path)
+        self.root = config.path if config.path.is_dir() else config.path.parent
+        self.schema = self._log_schema()
+        self.side_tables = self._load_side_tables()
+        self._check_columns()
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def _scan(self) -> pl.LazyFrame:
+        return pl.scan_parquet(
+            self.files, hive_partitioning=self.config.path.is_dir(), missing_columns="insert"
+        )
+
+    def _log_schema(self) -> pl.Schema:
+        try:
+            return self._scan().collect_schema()
+        except (pl.exceptions.PolarsError, OSError) as err:
+            raise ConfigError(f"cannot read the schema of {self.config.path}: {err}") from err
+
+    @property
+    def where(self) -> str:
+        """How errors name the log: the path, plus the first file for a directory."""
+        if self.config.path.is_file():
+            return str(self.config.path)
+        return f"{self.config.path} (e.g. {self.files[0]})"
+
+    def _load_side_tables(self) -> dict[str, pl.DataFrame]:
+        """Side tables, read once into memory, one row per key, only the columns needed."""
+        needed = {spec.column for spec in self.config.features}
+        tables: dict[str, pl.DataFrame] = {}
+        for table in self.config.side_tables:
+            key = self.config.user_key if table.key == "user" else self.config.item_key
+            file = parquet_files(table.path)
+            schema = pl.scan_parquet(file).collect_schema()
+            if key not in schema:
+                raise ConfigError(f"column '{key}' ({table.key} key) is missing from {table.path}")
+            if table.columns is not None:
+                missing = [c for c in table.columns if c not in schema]
+                if missing:
+                    raise ConfigError(f"column '{missing[0]}' is missing from {table.path}")
+                columns = list(table.columns)
+            else:
+                columns = [c for c in schema if c in needed and c not in self.schema and c != key]
+            if key not in self.schema:
+                raise ConfigError(f"column '{key}' ({table.key} key) is missing from {self.where}")
+            frame = (
+                pl.scan_parquet(file)
+                .select([pl.col(key).cast(self.schema[key]), *columns])
+                .unique(subset=key, keep="first", maintain_order=True)
+                .collect()
+            )
+            tables[str(table.path)] = frame
+        return tables
+
+    @cached_property
+    def joined_schema(self) -> pl.Schema:
+        schema = dict(self.schema)
+        for frame in self.side_tables.values():
+            schema.update({c: t for c, t in frame.schema.items() if c not in schema})
+        return pl.Schema(schema)
+
+    def _check_columns(self) -> None:
+        c = self.config
+        required = [
+            (c.user_key, "user key"),
+            (c.item_key, "item key"),
+            (c.time_column, "time column"),
+            *((t.label, f"label of task '{t.name}'") for t in c.tasks),
+        ]
+        for column, role in required:
+            if column not in self.schema:
+                raise ConfigError(f"column '{column}' ({role}) is missing from {self.where}")
+        for spec in c.features:
+            if spec.column not in self.joined_schema:
+                tables = ", ".join(str(t.path) for t in c.side_tables)
+                also = f" or the side tables ({tables})" if tables else ""
+                raise ConfigError(
+                    f"column '{spec.column}' (feature '{spec.name}') is missing from "
+                    f"{self.where}{also}"
+                )
+        for task in c.tasks:
+            dtype = self.schema[task.label]
+            if not (dtype.is_numeric() or dtype == pl.Boolean):
+                raise ConfigError(
+                    f"label column '{task.label}' in {self.where} is {dtype}, "
+                    "expected 0/1 integers or booleans"
+                )
+
+    # -- splits -------------------------------------------------------------------------------
+
+    def split_filter(self, split: SplitName) -> pl.Expr:
+        """Rows of a split, comparing the time column with boundaries cast to its dtype."""
+        s, time = self.config.split, pl.col(self.config.time_column)
+        dtype = self.schema[self.config.time_column]
+
+        def at(value: str | int) -> pl.Expr:
+            return pl.lit(_boundary(value, dtype), dtype=dtype)
+
+        if split == "train":
+            expr = time <= at(s.train_end)
+            if s.train_start is not None:
+                expr = expr & (time >= at(s.train_start))
+            return expr
+        if split == "val":
+            return (time > at(s.train_end)) & (time <= at(s.val_end))
+        expr = time > at(s.val_end)
+        if s.test_end is not None:
+            expr = expr & (time <= at(s.test_end))
+        return expr
+
+    def join_side_tables(self, frame: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame | pl.DataFrame:
+        lazy = isinstance(frame, pl.LazyFrame)
+        for table in self.config.side_tables:
+            key = self.config.user_key if table.key == "user" else self.config.item_key
+            side = self.side_tables[str(table.path)]
+            frame = frame.join(
+                side.lazy() if lazy else side, on=key, how="left", maintain_order="left"
+            )
+        return frame
+
+    def columns_needed(self, extra: tuple[str, ...] = ()) -> list[str]:
+        """Log columns (before joins) that a transform of the split reads."""
+        c = self.config
+        names = [c.user_key, c.item_key, c.time_column]
+        names += [s.column for s in c.features] + [t.label for t in c.tasks] + list(extra)
+        seen = dict.fromkeys(n for n in names if n in self.schema)
+        return list(seen)
+
+    def scan(self, split: SplitName, extra: tuple[str, ...] = ()) -> pl.LazyFrame:
+        """The split as a lazy frame (streamable), side tables joined."""
+        frame = self._scan().select(self.columns_needed(extra)).filter(self.split_filter(split))
+        return self.join_side_tables(frame)
+
+    # -- one validation pass ------------------------------------------------------------------
+
+    def validate(self) -> dict[str, int]:
+        """One streaming pass: rows per split and labels outside {0, 1, null}; raises on either."""
+        c = self.config
+        split_of = (
+            pl.when(self.split_filter("train"))
+            .then(pl.lit("train"))
+            .when(self.split_filter("val"))
+            .then(pl.lit("val"))
+            .when(self.split_filter("test"))
+            .then(pl.lit("test"))
+            .otherwise(pl.lit("outside"))
+        )
+        bad = [
+            (pl.col(t.label).is_not_null() & ~pl.col(t.label).cast(pl.Float64).is_in([0.0, 1.0]))
+            .sum()
+            .alias(t.label)
+            for t in c.tasks
+        ]
+        labels = list(dict.fromkeys(t.label for t in c.tasks))
+        stats = (
+            self._scan()
+            .select([c.time_column, *labels])
+            .group_by(split_of.alias("split"))
+            .agg(pl.len().alias("rows"), *_unique(bad))
+            .collect(engine="streaming")
+        )
+        for label in labels:
+            invalid = int(stats[label].sum())
+            if invalid:
+                raise ConfigError(
+                    f"label column '{label}' in {self.where} has {invalid} value(s) outside "
+                    "{0, 1, null}"
+                )
+        counts = dict(zip(stats["split"].to_list(), stats["rows"].to_list(), strict=True))
+        rows = {split: int(counts.get(split, 0)) for split in SPLITS}
+        for split, n in rows.items():
+            if n == 0:
+                s = c.split
+                raise ConfigError(
+                    f"the {split} split of {self.where} is empty (time column "
+                    f"'{c.time_column}', train_end={s.train_end}, val_end={s.val_end}, "
+                    f"test_end={s.test_end})"
+                )
+        return rows
+
+    # -- pieces for streaming -----------------------------------------------------------------
+
+    @cached_property
+    def dataset(self) -> pads.FileSystemDataset:
+        """The same files as a pyarrow dataset, with polars' partition dtypes."""
+        if not self.config.path.is_dir():
+            return pads.dataset([str(f) for f in self.files], format="parquet")
+        physical = set(pads.dataset(str(self.files[0]), format="parquet").schema.names)
+        keys = [name for name in self.schema if name not in physical]
+        arrow = pl.DataFrame(schema={k: self.schema[k] for k in keys}).to_arrow().schema
+        partitioning = pads.partitioning(pa.schema(list(arrow)), flavor="hive") if keys else None
+        return pads.dataset(
+            [str(f) for f in self.files],
+            format="parquet",
+            partitioning=partitioning,
+            partition_base_dir=str(self.root),
+        )
+
+    @cached_property
+    def pieces(self) -> list[Piece]:
+        pieces = []
+        for fragment in self.dataset.get_fragments():
+            for group in fragment.split_by_row_group():
+                rows = group.row_groups[0].num_rows
+                if rows:
+                    pieces.append(Piece(group, rows))
+        return pieces
+
+    def read_piece_columns(self, piece: Piece, columns: tuple[str, ...]) -> pl.DataFrame:
+        """Some log columns of one row group, as read (no filter, no joins)."""
+        try:
+            table = piece.fragment.to_table(schema=self.dataset.schema, columns=list(columns))
+        except (pa.ArrowException, OSError) as err:
+            raise ConfigError(f"cannot read {piece.path}: {err}") from err
+        return pl.from_arrow(table)
+
+    def read_piece(
+        self, piece: Piece, split: SplitName, extra: tuple[str, ...] = ()
+    ) -> pl.DataFrame:
+        """One row group's rows of the split, side tables joined."""
+        frame = self.read_piece_columns(piece, tuple(self.columns_needed(extra)))
+        return self.join_side_tables(frame.filter(self.split_filter(split)))
+
+
+def _unique(exprs: list[pl.Expr]) -> list[pl.Expr]:
+    names: dict[str, pl.Expr] = {}
+    for expr in exprs:
+        names.setdefault(expr.meta.output_name(), expr)
+    return list(names.values())
+
+
+def _boundary(value: str | int, dtype: pl.DataType) -> object:
+    """A split boundary from the config, as a value of the time column's dtype."""
+    text = str(value)
+    if dtype == pl.Date:
+        return dt.date.fromisoformat(_iso_date(text))
+    if isinstance(dtype, pl.Datetime):
+        return dt.datetime.fromisoformat(_iso_date(text) if len(text) <= 10 else text)
+    if dtype.is_integer():
+        return int(text.replace("-", ""))
+    if dtype == pl.String:
+        return text
+    raise ConfigError(f"time column of dtype {dtype} is not supported (date, datetime, int, str)")
+
+
+def _iso_date(text: str) -> str:
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if text.isdigit() and len(text) == 8 else text

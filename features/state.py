@@ -1,0 +1,291 @@
+"""FeatureState: vocabularies and numeric statistics fitted on the training split.
+
+Fitting reads the training split lazily with polars' streaming engine, all features in one
+``collect_all``. Each categorical feature gets a vocabulary (index 0 = unknown or missing;
+values seen fewer than ``min_count`` times fold into it; at most ``max_size`` most frequent
+values are kept), each numeric feature its statistics (mean / std after the transform, or
+quantile boundaries for ``quantile_bucket``).
+
+``transform`` maps raw rows to the arrays every model consumes, vectorised in polars / numpy:
+``cat`` int64 [B, F_cat] (per-feature local indices), ``num`` float32 [B, F_num],
+``labels`` float32 [B, T] (NaN where not observed) and ``users`` int64 [B] for grouped metrics.
+One implementation serves training, evaluation and export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features.config import DatasetConfig, FeatureSpec, TaskSpec
+
+STATE_FILE = "feature_state.json"
+INLINE_VOCAB_LIMIT = 50_000  # larger vocabularies go to a Parquet file beside the JSON
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model needs to know of its inputs: the layout of ``cat`` and ``num``."""
+
+    cat_names: tuple[str, ...]
+    cardinalities: tuple[int, ...]  # rows per categorical feature, unknown index included
+    embedding_dims: tuple[int, ...]
+    num_names: tuple[str, ...]
+
+    @property
+    def num_numeric(self) -> int:
+        return len(self.num_names)
+
+
+@dataclass
+class Batch:
+    cat: np.ndarray  # int64 [B, F_cat]
+    num: np.ndarray  # float32 [B, F_num]
+    labels: np.ndarray  # float32 [B, T], NaN = not observed
+    users: np.ndarray  # int64 [B]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
+class CategoricalState:
+    name: str
+    column: str
+    dtype: str  # "int" or "str": how raw values are normalised before lookup
+    values: list[Any]  # value i has index i + 1
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.values) + 1
+
+
+@dataclass
+class NumericState:
+    name: str
+    column: str
+    transform: str
+    mean: float = 0.0
+    std: float = 1.0
+    boundaries: list[float] = field(default_factory=list)  # quantile_bucket only
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.boundaries) + 2  # 0 = missing, then one per interval
+
+
+def categorical_expr(column: str, dtype: pl.DataType) -> tuple[pl.Expr, str]:
+    """Normalise a categorical column: integers (and booleans) stay ints, the rest strings."""
+    if dtype.is_integer() or dtype == pl.Boolean:
+        return pl.col(column).cast(pl.Int64), "int"
+    return pl.col(column).cast(pl.String), "str"
+
+
+def lookup_expr(state: CategoricalState, dtype: pl.DataType) -> pl.Expr:
+    """Raw values -> vocabulary indices; unknown, missing or unparsable values -> 0."""
+    if state.dtype == "int":
+        numeric = dtype.is_integer() or dtype == pl.Boolean
+        value = pl.col(state.column).cast(pl.Int64, strict=numeric)
+        vocab = pl.Series(state.values, dtype=pl.Int64)
+    else:
+        value = pl.col(state.column).cast(pl.String)
+        vocab = pl.Series(state.values, dtype=pl.String)
+    indices = pl.Series(np.arange(1, len(vocab) + 1, dtype=np.int64))
+    return value.replace_strict(vocab, indices, default=0, return_dtype=pl.Int64).fill_null(0)
+
+
+def numeric_expr(spec: FeatureSpec) -> pl.Expr:
+    x = pl.col(spec.column).cast(pl.Float64)
+    x = pl.when(x.is_finite()).then(x)  # inf / nan count as missing
+    return x.clip(lower_bound=0).log1p() if spec.transform == "log1p" else x
+
+
+class FeatureState:
+    def __init__(
+        self,
+        categorical: list[CategoricalState],
+        numeric: list[NumericState],
+        tasks: list[TaskSpec],
+        user_key: str,
+    ) -> None:
+        self.categorical = categorical
+        self.numeric = numeric
+        self.tasks = tasks
+        self.user_key = user_key
+
+    # -- layout -------------------------------------------------------------------------------
+
+    @property
+    def bucketized(self) -> list[NumericState]:
+        return [n for n in self.numeric if n.transform == "quantile_bucket"]
+
+    @property
+    def dense(self) -> list[NumericState]:
+        return [n for n in self.numeric if n.transform != "quantile_bucket"]
+
+    def input_spec(self, features: tuple[FeatureSpec, ...]) -> InputSpec:
+        dims = {f.name: f.embedding_dim for f in features}
+        embedded = [*self.categorical, *self.bucketized]
+        return InputSpec(
+            cat_names=tuple(s.name for s in embedded),
+            cardinalities=tuple(s.cardinality for s in embedded),
+            embedding_dims=tuple(dims[s.name] for s in embedded),
+            num_names=tuple(s.name for s in self.dense),
+        )
+
+    # -- fitting ------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, train: pl.LazyFrame, config: DatasetConfig) -> FeatureState:
+        """Fit on the (lazy) training split: one streaming ``collect_all`` for all features."""
+        schema = train.collect_schema()
+        queries: list[pl.LazyFrame] = []
+        plans: list[tuple[FeatureSpec, str]] = []
+        stats: list[pl.Expr] = []
+        for spec in config.features:
+            if spec.kind == "categorical":
+                expr, dtype = categorical_expr(spec.column, schema[spec.column])
+                counts = (
+                    train.select(expr.alias("value"))
+                    .drop_nulls()
+                    .group_by("value")
+                    .agg(pl.len().alias("count"))
+                    .filter(pl.col("count") >= spec.min_count)
+                    # Most frequent first; ties by value so the vocabulary is deterministic.
+                    .sort(["count", "value"], descending=[True, False])
+                )
+                queries.append(counts.head(spec.max_size) if spec.max_size else counts)
+                plans.append((spec, dtype))
+            elif spec.transform == "quantile_bucket":
+                qs = np.linspace(0, 1, spec.buckets + 1)[1:-1]
+                x = numeric_expr(spec)
+                stats += [x.quantile(float(q)).alias(f"{spec.name}:q{i}") for i, q in enumerate(qs)]
+            else:
+                x = numeric_expr(spec)
+                stats += [x.mean().alias(f"{spec.name}:mean"), x.std().alias(f"{spec.name}:std")]
+        results = pl.collect_all([*queries, train.select(stats or [pl.len()])], engine="streaming")
+        vocabularies = dict(zip([s.name for s, _ in plans], results[:-1], strict=True))
+        row = results[-1].row(0, named=True)
+
+        categorical = [
+            CategoricalState(
+                spec.name, spec.column, dtype, vocabularies[spec.name]["value"].to_list()
+            )
+            for spec, dtype in plans
+        ]
+        numeric = []
+        for spec in config.features:
+            if spec.kind != "numeric":
+                continue
+            if spec.transform == "quantile_bucket":
+                qs = [row[k] for k in row if k.startswith(f"{spec.name}:q") and row[k] is not None]
+                numeric.append(
+                    NumericState(spec.name, spec.column, spec.transform, boundaries=sorted(set(qs)))
+                )
+            else:
+                mean, std = row[f"{spec.name}:mean"], row[f"{spec.name}:std"]
+                numeric.append(
+                    NumericState(
+                        spec.name,
+                        spec.column,
+                        spec.transform,
+                        mean=float(mean) if mean is not None else 0.0,
+                        std=float(std) if std and std > 0 else 1.0,
+                    )
+                )
+        return cls(categorical, numeric, list(config.tasks), config.user_key)
+
+    # -- transform ----------------------------------------------------------------------------
+
+    def transform(self, frame: pl.DataFrame) -> Batch:
+        """Raw rows (side tables joined) -> arrays. Unknown values map to index 0."""
+        cat_exprs = [lookup_expr(s, frame.schema[s.column]).alias(s.name) for s in self.categorical]
+        spec_of = {
+            n.name: FeatureSpec(n.name, "numeric", "user", n.column, transform=n.transform)
+            for n in self.numeric
+        }
+        raw_bucketized = [numeric_expr(spec_of[n.name]).alias(n.name) for n in self.bucketized]
+        dense = [
+            ((numeric_expr(spec_of[n.name]) - n.mean) / n.std).fill_null(0.0).alias(n.name)
+            for n in self.dense
+        ]
+        labels = [
+            pl.col(t.label).cast(pl.Float32).fill_null(float("nan")).alias(f"label:{t.name}")
+            for t in self.tasks
+        ]
+        user = pl.col(self.user_key)
+        user = (
+            user.cast(pl.Int64)
+            if frame.schema[self.user_key].is_integer()
+            else user.hash(seed=0).reinterpret(signed=True)
+        )
+        out = frame.select([*cat_exprs, *raw_bucketized, *dense, *labels, user.alias("user:")])
+
+        n = out.height
+        cat = np.empty((n, len(self.categorical) + len(self.bucketized)), dtype=np.int64)
+        if self.categorical:
+            cat[:, : len(self.categorical)] = out.select(
+                [s.name for s in self.categorical]
+            ).to_numpy()
+        for j, s in enumerate(self.bucketized, start=len(self.categorical)):
+            x = out[s.name].to_numpy(allow_copy=True).astype(np.float64)
+            idx = np.searchsorted(np.asarray(s.boundaries), x, side="right") + 1
+            cat[:, j] = np.where(np.isnan(x), 0, idx)
+        num = (
+            out.select([s.name for s in self.dense]).to_numpy().astype(np.float32, copy=False)
+            if self.dense
+            else np.zeros((n, 0), dtype=np.float32)
+        )
+        label_array = out.select([f"label:{t.name}" for t in self.tasks]).to_numpy()
+        return Batch(
+            cat=np.ascontiguousarray(cat),
+            num=np.ascontiguousarray(num),
+            labels=np.ascontiguousarray(label_array, dtype=np.float32),
+            users=np.array(out["user:"].to_numpy(), dtype=np.int64),  # writable for torch
+        )
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        categorical = []
+        for s in self.categorical:
+            entry = asdict(s)
+            if len(s.values) > INLINE_VOCAB_LIMIT:
+                file = f"vocab_{s.name}.parquet"
+                pl.DataFrame({"value": s.values}).write_parquet(directory / file)
+                entry["values"] = file
+            categorical.append(entry)
+        doc = {
+            "version": 1,
+            "user_key": self.user_key,
+            "categorical": categorical,
+            "numeric": [asdict(n) for n in self.numeric],
+            "tasks": [asdict(t) for t in self.tasks],
+        }
+        path = directory / STATE_FILE
+        path.write_text(json.dumps(doc, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FeatureState:
+        directory = Path(directory)
+        path = directory / STATE_FILE if directory.is_dir() else directory
+        doc = json.loads(path.read_text())
+        categorical = []
+        for entry in doc["categorical"]:
+            if isinstance(entry["values"], str):
+                entry["values"] = pl.read_parquet(path.parent / entry["values"])["value"].to_list()
+            categorical.append(CategoricalState(**entry))
+        return cls(
+            categorical,
+            [NumericState(**n) for n in doc["numeric"]],
+            [TaskSpec(**t) for t in doc["tasks"]],
+            doc["user_key"],
+        )

@@ -1,0 +1,436 @@
+"""Deterministic synthetic Kuaishou-like behaviour log.
+
+Generative story
+----------------
+1. **Entities.** Users get fixed attributes (gender, age bucket, city tier, active degree,
+   follow count, account age, main device). Authors have a home category and a quality;
+   every item has exactly one author, a category (usually its author's), a duration and an
+   upload age.
+2. **Latents.** Every user and item has a ``k``-dim latent vector that is *partly* an embedding
+   of observable attributes (user: age, gender, active degree; item: category, author) plus
+   idiosyncratic noise. A ranker can therefore recover most of it from attribute features and
+   the rest from id embeddings given a few dozen impressions per entity.
+3. **Impressions.** Users (by activity) and items (by popularity) are drawn from Zipf-like
+   power laws; day and hour follow weekly / daily traffic cycles (evening peak); page and
+   device are the impression context.
+4. **Labels.** For task ``t`` in group ``g``::
+
+       logit_t = bias_t + a_t * s_g(u, i) + b_t * s_t(u, i) + c_t * s_watch(u, i) + effects_t
+
+   where ``s = u^T W v`` are bilinear scores: ``s_g`` is shared inside a group (so tasks in a
+   group correlate), ``c_t`` lets interaction tasks lean weakly on the watch signal, and
+   ``s_t`` is task specific so even sparse tasks carry their own signal. ``effects_t`` covers
+   item quality, user propensity, hour, page, device, duration, freshness, activity and
+   follow count. ``bias_t`` is calibrated on the generated rows so that ``mean(p_t)`` equals
+   the task's target rate, and ``label_t ~ Bernoulli(p_t)`` independently given ``p_t``; the
+   stored ``p_t`` is thus the Bayes-optimal score and its AUC the best achievable one.
+
+Everything is vectorised numpy driven by one ``np.random.default_rng(seed)``, so the same
+arguments always give the same frame (and the same Parquet files).
+"""
+
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+
+@dataclass(frozen=True)
+class SynthTask:
+    """A binary label of the synthetic log: its column name, task group and target rate."""
+
+    name: str
+    group: str
+    rate: float
+
+
+TASKS: tuple[SynthTask, ...] = (
+    SynthTask("click", "watch", 0.40),
+    SynthTask("effective_view", "watch", 0.25),
+    SynthTask("long_view", "watch", 0.12),
+    SynthTask("like", "interaction", 0.03),
+    SynthTask("comment", "interaction", 0.008),
+    SynthTask("forward", "interaction", 0.005),
+    SynthTask("follow", "interaction", 0.003),
+    SynthTask("collect", "interaction", 0.01),
+)
+
+GROUPS: tuple[str, ...] = ("watch", "interaction")
+
+GENDERS = ("M", "F", "U")
+AGES = ("<18", "18-24", "25-30", "31-40", "41-50", "50+")
+ACTIVE_DEGREES = ("high", "middle", "low", "new")
+PAGES = ("featured", "follow", "nearby", "single")
+DEVICES = ("android", "ios")
+N_CATEGORIES = 40
+LATENT_DIM = 8
+
+_GENDER_P = (0.46, 0.44, 0.10)
+_AGE_P = (0.08, 0.27, 0.24, 0.22, 0.12, 0.07)
+_CITY_TIER_P = (0.10, 0.20, 0.25, 0.25, 0.20)
+_ACTIVE_P = (0.20, 0.30, 0.35, 0.15)
+# Heavy users see many more impressions than casual / new ones.
+_ACTIVE_VOLUME = (4.0, 2.0, 0.8, 0.6)
+# Base logit shift of the active degree; scaled per task by ``_COEF["activity"]``.
+_ACTIVE_EFFECT = (0.30, 0.10, -0.20, -0.30)
+_PAGE_P = (0.55, 0.12, 0.08, 0.25)
+# iOS share falls from tier-1 to tier-5 cities.
+_IOS_BY_TIER = (0.45, 0.35, 0.28, 0.20, 0.15)
+# Relative traffic per hour of day: night trough around 4am, evening peak around 9pm.
+_HOUR_TRAFFIC = (
+    3.0, 2.0, 1.3, 0.9, 0.7, 0.8, 1.3, 2.2, 2.8, 3.0, 3.1, 3.4,
+    4.2, 4.0, 3.4, 3.3, 3.5, 3.8, 4.3, 5.0, 5.6, 6.0, 5.6, 4.4,
+)  # fmt: skip
+_WEEKEND_BOOST = 1.15
+_MISSING_DURATION_RATE = 0.02
+
+
+# Logit coefficients, one column per task in TASKS order. Dense watch tasks get a moderate
+# logit spread; sparse interaction tasks a strong task-specific term, so their
+# true-probability AUC is somewhat higher (as in real logs).
+# fmt: off
+_COEF: dict[str, tuple[float, ...]] = {
+    #               click  e_view l_view like   comment forward follow collect
+    "group_w":     (0.75,  0.75,  0.75,  0.70,  0.65,  0.60,  0.60,  0.65),  # a_t: s_group
+    "task_w":      (0.40,  0.45,  0.50,  0.60,  0.75,  0.80,  0.85,  0.75),  # b_t: s_task
+    "watch_w":     (0.00,  0.00,  0.00,  0.30,  0.25,  0.25,  0.20,  0.25),  # c_t: s_watch
+    "quality":     (0.35,  0.40,  0.45,  0.50,  0.40,  0.60,  0.50,  0.50),  # item quality
+    "hour":        (0.15,  0.10,  0.15,  0.20,  0.30,  0.20,  0.10,  0.10),  # evening boost
+    "page_follow": (0.30,  0.20,  0.20,  0.50,  0.60,  0.20, -1.50,  0.20),  # vs. featured
+    "page_nearby": (-0.20, -0.10, -0.10, 0.10,  0.30,  0.20,  0.40,  0.00),
+    "page_single": (0.30,  0.20,  0.30,  0.10,  0.00, -0.10,  0.00,  0.10),
+    "ios":         (0.05,  0.05,  0.00,  0.15,  0.10,  0.20,  0.00,  0.15),
+    "duration":    (0.10, -0.35, -0.60,  0.10,  0.20,  0.00,  0.00,  0.30),  # per std of log
+    "freshness":   (-0.15, -0.15, -0.10, -0.30, -0.40, -0.50, -0.20, -0.20),  # per 30 days
+    "activity":    (0.80,  0.80,  0.80,  1.00,  1.20,  0.80,  0.60,  0.80),  # x _ACTIVE_EFFECT
+    "follows":     (0.05,  0.00,  0.00,  0.15,  0.10,  0.05,  0.20,  0.00),  # per std of log
+}
+# fmt: on
+
+# Std of the per-user propensity for each group (learnable from the user id).
+_PROPENSITY_STD = {"watch": 0.45, "interaction": 0.60}
+
+
+def _zipf_weights(n: int, alpha: float, shift: float, rng: np.random.Generator) -> np.ndarray:
+    """Power-law weights over randomly permuted ranks, so popularity is not tied to the id."""
+    ranks = rng.permutation(n).astype(np.float64) + shift
+    return ranks**-alpha
+
+
+def _sample(weights: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``size`` indices proportionally to ``weights`` (inverse-CDF, fully vectorised)."""
+    cdf = np.cumsum(weights, dtype=np.float64)
+    cdf /= cdf[-1]
+    idx = np.searchsorted(cdf, rng.random(size), side="right")
+    return np.minimum(idx, len(weights) - 1)
+
+
+def _choice(p: tuple[float, ...], size: int, rng: np.random.Generator) -> np.ndarray:
+    return _sample(np.asarray(p, dtype=np.float64), size, rng)
+
+
+def _embedding(rows: int, var: float, rng: np.random.Generator) -> np.ndarray:
+    return rng.normal(0.0, np.sqrt(var), size=(rows, LATENT_DIM))
+
+
+def _bilinear(rng: np.random.Generator) -> np.ndarray:
+    """A random ``k x k`` interaction matrix with unit Frobenius norm.
+
+    With (roughly) unit-variance, independent user and item latents, ``u^T W v`` then has
+    unit variance, which keeps the task coefficients interpretable as logit scales.
+    """
+    w = rng.normal(size=(LATENT_DIM, LATENT_DIM))
+    return w / np.linalg.norm(w)
+
+
+def _score(
+    user_lat: np.ndarray, user: np.ndarray, item_rows: np.ndarray, w: np.ndarray
+) -> np.ndarray:
+    """Row-wise ``u^T W v``.
+
+    ``W`` is applied per user (small) before gathering per row: a (rows x k) @ (k x k) matmul
+    is far slower than the gather.
+    """
+    return np.einsum("nk,nk->n", (user_lat @ w)[user], item_rows)
+
+
+def _calibrate_bias(z: np.ndarray, rate: float, max_iter: int = 100) -> float:
+    """Find ``b`` with ``mean(sigmoid(b + z)) == rate`` (safeguarded Newton on the log-mean).
+
+    Working on ``log mean p`` makes rare tasks behave almost linearly in ``b``, so Newton
+    converges in a handful of vectorised steps; bisection on the bracket catches overshoots.
+    """
+    lo, hi = -40.0 - float(z.max()), 40.0 - float(z.min())
+    b = float(np.log(rate / (1.0 - rate)) - np.median(z))
+    target = np.log(rate)
+    for _ in range(max_iter):
+        # Clipping keeps exp finite while bisecting from a wide bracket.
+        p = 1.0 / (1.0 + np.exp(-np.clip(b + z, -50.0, 50.0)))
+        mean_p = float(p.mean())
+        err = np.log(mean_p) - target
+        if abs(err) < 1e-10:
+            break
+        if err > 0:
+            hi = b
+        else:
+            lo = b
+        slope = float((p * (1.0 - p)).mean()) / mean_p
+        step = b - err / slope if slope > 0 else np.nan
+        b = step if lo < step < hi else 0.5 * (lo + hi)
+    return b
+
+
+def _parse_start(start: str) -> datetime:
+    try:
+        return datetime.strptime(start, "%Y-%m-%d").replace(tzinfo=UTC)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"start must be a date string 'YYYY-MM-DD', got {start!r}") from exc
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _strings(labels: tuple[str, ...], codes: np.ndarray) -> pl.Series:
+    """Map integer codes to a Utf8 column without materialising Python strings per row."""
+    return pl.Series(labels, dtype=pl.Utf8).gather(codes)
+
+
+def generate_log(
+    rows: int = 1_000_000,
+    days: int = 14,
+    start: str = "2024-01-01",
+    users: int = 20_000,
+    items: int = 50_000,
+    authors: int = 5_000,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Generate a synthetic impression log (one row per impression), sorted by ``ts``.
+
+    See the module docstring for the generative model and ``TASKS`` for the labels. Columns:
+    ids (``user_id``, ``item_id``, ``author_id``, ``ts``, ``date``), user / item / context
+    features, one Int8 label per task and its true probability ``p_<task>`` (Float32).
+    """
+    _check_positive(rows=rows, days=days, users=users, items=items, authors=authors)
+    start_dt = _parse_start(start)
+    rng = np.random.default_rng(seed)
+
+    # --- users (fixed attributes) -------------------------------------------------------
+    u_gender = _choice(_GENDER_P, users, rng)
+    u_age = _choice(_AGE_P, users, rng)
+    u_tier = _choice(_CITY_TIER_P, users, rng)
+    u_active = _choice(_ACTIVE_P, users, rng)
+    u_follows = np.floor(rng.lognormal(3.0, 1.5, users)).astype(np.int64)
+    # New users registered within the last month; the others up to ~8 years ago.
+    u_register = np.where(
+        u_active == ACTIVE_DEGREES.index("new"),
+        rng.integers(0, 31, users),
+        np.minimum(31 + np.floor(rng.lognormal(6.0, 0.9, users)), 3000),
+    ).astype(np.int64)
+    u_ios = rng.random(users) < np.asarray(_IOS_BY_TIER)[u_tier]
+    # Latent = attribute embeddings (60% of the variance) + idiosyncratic part (40%).
+    u_lat = (
+        _embedding(6, 0.2, rng)[u_age]
+        + _embedding(3, 0.2, rng)[u_gender]
+        + _embedding(4, 0.2, rng)[u_active]
+        + _embedding(users, 0.4, rng)
+    )
+    u_prop = {g: rng.normal(0.0, _PROPENSITY_STD[g], users) for g in GROUPS}
+    u_volume = _zipf_weights(users, 0.7, 50.0, rng) * np.asarray(_ACTIVE_VOLUME)[u_active]
+
+    # --- authors and items (fixed attributes) -------------------------------------------
+    a_category = rng.integers(0, N_CATEGORIES, authors)
+    a_quality = rng.normal(0.0, 0.45, authors)
+    i_author = _sample(_zipf_weights(authors, 0.8, 5.0, rng), items, rng)
+    i_category = np.where(
+        rng.random(items) < 0.75, a_category[i_author], rng.integers(0, N_CATEGORIES, items)
+    ).astype(np.int64)
+    # Categories differ in typical length (e.g. music clips vs. tutorials).
+    cat_log_dur = rng.normal(np.log(25.0), 0.5, N_CATEGORIES)
+    i_duration = np.clip(np.exp(cat_log_dur[i_category] + rng.normal(0.0, 0.7, items)), 5, 300)
+    i_upload = rng.integers(0, 61, items)
+    i_quality = a_quality[i_author] + rng.normal(0.0, 0.45, items)
+    i_lat = (
+        _embedding(N_CATEGORIES, 0.3, rng)[i_category]
+        + _embedding(authors, 0.35, rng)[i_author]
+        + _embedding(items, 0.35, rng)
+    )
+    # Better content gets more exposure, on top of the power-law popularity.
+    i_popularity = _zipf_weights(items, 0.95, 10.0, rng) * np.exp(0.5 * i_quality)
+
+    # --- interaction matrices --------------------------------------------------------------
+    w_group = {g: _bilinear(rng) for g in GROUPS}
+    w_task = {t.name: _bilinear(rng) for t in TASKS}
+
+    # --- impressions ------------------------------------------------------------------------
+    user = _sample(u_volume, rows, rng)
+    item = _sample(i_popularity, rows, rng)
+    weekday = np.array([(start_dt + timedelta(days=d)).weekday() for d in range(days)])
+    day = _sample(np.where(weekday >= 5, _WEEKEND_BOOST, 1.0), rows, rng)
+    hour = _sample(np.asarray(_HOUR_TRAFFIC), rows, rng)
+    start_ts = int(start_dt.timestamp())
+    ts = start_ts + day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, rows)
+    page = _choice(_PAGE_P, rows, rng)
+    # Users mostly stick to their main device.
+    ios = np.where(rng.random(rows) < 0.95, u_ios[user], ~u_ios[user])
+    duration_missing = rng.random(rows) < _MISSING_DURATION_RATE
+
+    # --- logits ------------------------------------------------------------------------------
+    ilat = i_lat[item]
+    s_group = {g: _score(u_lat, user, ilat, w_group[g]) for g in GROUPS}
+    dur_z = (np.log(i_duration[item]) - np.log(25.0)) / 0.8
+    age_months = (i_upload[item] + day) / 30.0
+    follows_z = (np.log1p(u_follows[user]) - 3.0) / 1.5
+    # Evening leisure time: +1 at 9pm, -1 at 9am.
+    evening = np.cos(2.0 * np.pi * (hour - 21) / 24.0)
+    active = u_active[user]
+    quality = i_quality[item]
+
+    probs: dict[str, np.ndarray] = {}
+    page_effect = np.zeros((len(PAGES), len(TASKS)))
+    page_effect[1:] = [_COEF["page_follow"], _COEF["page_nearby"], _COEF["page_single"]]
+    for j, task in enumerate(TASKS):
+        c = {name: values[j] for name, values in _COEF.items()}
+        z = (
+            c["group_w"] * s_group[task.group]
+            + c["task_w"] * _score(u_lat, user, ilat, w_task[task.name])
+            + c["watch_w"] * s_group["watch"]
+            + c["quality"] * quality
+            + u_prop[task.group][user]
+            + c["hour"] * evening
+            + page_effect[page, j]
+            + c["ios"] * ios
+            + c["duration"] * dur_z
+            + c["freshness"] * age_months
+            + c["activity"] * np.asarray(_ACTIVE_EFFECT)[active]
+            + c["follows"] * follows_z
+        )
+        bias = _calibrate_bias(z, task.rate)
+        probs[task.name] = (1.0 / (1.0 + np.exp(-(bias + z)))).astype(np.float32)
+    # Labels are drawn from the stored float32 probabilities, so p_t is exactly the truth.
+    labels = {name: (rng.random(rows) < p).astype(np.int8) for name, p in probs.items()}
+
+    # --- assemble, sorted by time (ties broken by ids for a total, deterministic order) ---
+    order = np.lexsort((item, user, ts))
+    user, item, ts, day, hour, page, ios = (
+        a[order] for a in (user, item, ts, day, hour, page, ios)
+    )
+    duration = np.where(duration_missing[order], np.nan, i_duration[item])
+    dates = tuple((start_dt + timedelta(days=d)).strftime("%Y-%m-%d") for d in range(days))
+    columns: dict[str, pl.Series] = {
+        "user_id": pl.Series(user, dtype=pl.Int64),
+        "item_id": pl.Series(item, dtype=pl.Int64),
+        "author_id": pl.Series(i_author[item], dtype=pl.Int64),
+        "ts": pl.Series(ts, dtype=pl.Int64),
+        "date": _strings(dates, day),
+        "user_gender": _strings(GENDERS, u_gender[user]),
+        "user_age": _strings(AGES, u_age[user]),
+        "user_city_tier": pl.Series(u_tier[user] + 1, dtype=pl.Int64),
+        "user_active_degree": _strings(ACTIVE_DEGREES, u_active[user]),
+        "user_follow_count": pl.Series(u_follows[user], dtype=pl.Int64),
+        "user_register_days": pl.Series(u_register[user], dtype=pl.Int64),
+        "item_category": pl.Series(i_category[item], dtype=pl.Int64),
+        "item_duration_s": pl.Series(duration, dtype=pl.Float64, nan_to_null=True),
+        "item_upload_days": pl.Series(i_upload[item], dtype=pl.Int64),
+        "hour": pl.Series(hour, dtype=pl.Int64),
+        "page": _strings(PAGES, page),
+        "device": _strings(DEVICES, ios.astype(np.int64)),
+    }
+    for name, y in labels.items():
+        columns[name] = pl.Series(y[order], dtype=pl.Int8)
+    for name, p in probs.items():
+        columns[f"p_{name}"] = pl.Series(p[order], dtype=pl.Float32)
+    return pl.DataFrame({name: s.alias(name) for name, s in columns.items()})
+
+
+def _clear_output_dir(out: Path) -> None:
+    """Remove a previous log at ``out``, refusing if it holds anything but Parquet partitions.
+
+    A stale run with other days would otherwise survive next to the new partitions; but
+    ``out`` could also be a mistyped path to user data, so only delete what we could have
+    written ourselves.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a directory")
+    foreign: list[Path] = []
+    for entry in out.iterdir():
+        if entry.is_symlink():
+            foreign.append(entry)
+        elif entry.is_dir() and entry.name.startswith("date="):
+            foreign.extend(
+                p
+                for p in entry.rglob("*")
+                if p.is_symlink() or not (p.is_dir() or p.suffix == ".parquet")
+            )
+        elif not (entry.is_file() and entry.suffix == ".parquet"):
+            foreign.append(entry)
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:5])
+        raise ValueError(
+            f"refusing to overwrite {out}: it contains files that are not Parquet log "
+            f"partitions ({shown}{', ...' if len(foreign) > 5 else ''})"
+        )
+    shutil.rmtree(out)
+
+
+def write_log(frame: pl.DataFrame, out_dir: str | Path, rows_per_group: int = 65_536) -> Path:
+    """Write ``frame`` as hive-partitioned Parquet ``out_dir/date=YYYY-MM-DD/part-0.parquet``.
+
+    Rows inside a day are sorted by ``ts``; ``date`` only lives in the directory name. An
+    existing log at ``out_dir`` is replaced (see ``_clear_output_dir``). Returns ``out_dir``.
+    """
+    _check_positive(rows_per_group=rows_per_group)
+    missing = {"date", "ts"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"frame lacks required columns: {sorted(missing)}")
+    out = Path(out_dir)
+    _clear_output_dir(out)
+    table = frame.sort(["date", "ts"], maintain_order=True).to_arrow()
+    # Plain (not large / view) strings keep the files readable by every Parquet reader.
+    table = table.cast(
+        pa.schema(
+            pa.field(f.name, pa.string())
+            if pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type)
+            else f
+            for f in table.schema
+        )
+    )
+    ds.write_dataset(
+        table,
+        out,
+        format="parquet",
+        partitioning=ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive"),
+        basename_template="part-{i}.parquet",
+        max_rows_per_group=rows_per_group,
+        min_rows_per_group=rows_per_group,
+        existing_data_behavior="delete_matching",
+        preserve_order=True,
+    )
+    return out
+
+
+def generate(
+    out_dir: str | Path,
+    rows: int = 1_000_000,
+    days: int = 14,
+    start: str = "2024-01-01",
+    users: int = 20_000,
+    items: int = 50_000,
+    authors: int = 5_000,
+    seed: int = 0,
+    rows_per_group: int = 65_536,
+) -> Path:
+    """Generate a synthetic log and write it to ``out_dir``; returns ``out_dir``."""
+    frame = generate_log(
+        rows=rows, days=days, start=start, users=users, items=items, authors=authors, seed=seed
+    )
+    return write_log(frame, out_dir, rows_per_group=rows_per_group)

@@ -1,0 +1,163 @@
+"""The per-task report printed after ``ranker fit`` (and logged to the run as ``report.md``).
+
+Beside the model's validation / test metrics it shows, where the log carries true
+probabilities (synthetic logs: ``truth`` columns), the metrics of those probabilities: the
+best AUC / GAUC any model could reach on that split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from features.datamodule import RankerDataModule
+from ranker.metrics import task_metrics
+from ranker.module import RankerModule
+
+COLUMNS = (
+    ("val", "auc", "val AUC"),
+    ("oracle_val", "auc", "best AUC"),
+    ("val", "gauc", "val GAUC"),
+    ("oracle_val", "gauc", "best GAUC"),
+    ("val", "logloss", "val logloss"),
+    ("val", "calibration", "val calib"),
+    ("test", "auc", "test AUC"),
+    ("test", "gauc", "test GAUC"),
+)
+
+
+@dataclass
+class FitReport:
+    model: str
+    dataset: str
+    tasks: list[str]
+    positive_rates: dict[str, float]
+    metrics: dict[str, dict[str, float]]  # stage -> "<metric>/<task>" -> value
+    run_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def value(self, stage: str, metric: str, task: str) -> float:
+        return self.metrics.get(stage, {}).get(f"{metric}/{task}", math.nan)
+
+    def columns(self) -> list[tuple[str, str, str]]:
+        return [c for c in COLUMNS if c[0] in self.metrics]
+
+    def rows(self) -> list[list[str]]:
+        rows = []
+        for task in [*self.tasks, "mean"]:
+            rate = self.positive_rates.get(task)
+            cells = [task, "" if rate is None else f"{rate:.4f}"]
+            cells += [_fmt(self.value(stage, metric, task)) for stage, metric, _ in self.columns()]
+            rows.append(cells)
+        return rows
+
+    def headers(self) -> list[str]:
+        return ["task", "pos. rate", *(title for _, _, title in self.columns())]
+
+    def markdown(self) -> str:
+        lines = [f"# {self.model} on {self.dataset}", ""]
+        lines += ["| " + " | ".join(self.headers()) + " |"]
+        lines += ["|" + "---|" * len(self.headers())]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
+        lines += ["", *self.notes]
+        return "\n".join(lines) + "\n"
+
+    def oracle_metrics(self) -> dict[str, float]:
+        """The best-achievable metrics, named for MLflow (``oracle/val/auc/click``)."""
+        oracle = self.metrics.get("oracle_val", {})
+        return {
+            f"oracle/val/{k}": v
+            for k, v in oracle.items()
+            if not math.isnan(v) and not k.startswith("count/")
+        }
+
+
+def _fmt(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def oracle_metrics(datamodule: RankerDataModule, split: str) -> dict[str, float] | None:
+    """Metrics of the true probabilities on a split, or None if the log carries none."""
+    tasks = datamodule.config.tasks
+    truth = [t.truth for t in tasks if t.truth]
+    if not truth:
+        return None
+    frame = datamodule.source.scan(split, extra=tuple(truth)).collect(engine="streaming")
+    batch = datamodule.state.transform(frame)
+    probs = np.column_stack(
+        [
+            frame[t.truth].cast(pl.Float64).to_numpy() if t.truth else np.full(len(frame), np.nan)
+            for t in tasks
+        ]
+    )
+    return task_metrics(probs, batch.labels, batch.users, [t.name for t in tasks])
+
+
+def fit_report(module: RankerModule, datamodule: RankerDataModule) -> FitReport:
+    metrics = dict(module.last_metrics)
+    oracle = oracle_metrics(datamodule, "val")
+    if oracle is not None:
+        metrics["oracle_val"] = oracle
+    rates = (
+        {t: metrics["val"].get(f"positive_rate/{t}", math.nan) for t in module.task_names}
+        if "val" in metrics
+        else {}
+    )
+    notes = []
+    if oracle is not None:
+        notes.append(
+            "best AUC / GAUC: the true probabilities of the synthetic log, on the "
+            "same validation rows: the ceiling any model can reach."
+        )
+    if datamodule.config.name == "kuairand":
+        notes.append(
+            "KuaiRand subset bias: only rows where the user liked or hated the video "
+            "were kept (then 15-core filtered), so 'like' (0.81) and the other rates "
+            "are unlike a random exposure log."
+        )
+    return FitReport(
+        model=type(module.network).__name__,
+        dataset=datamodule.config.name,
+        tasks=module.task_names,
+        positive_rates=rates,
+        metrics=metrics,
+        notes=notes,
+    )
+
+
+def print_report(report: FitReport, console: Console | None = None) -> None:
+    console = console or Console()
+    title = f"{report.model} on {report.dataset}"
+    if report.run_id:
+        title += f"  (MLflow run {report.run_id})"
+    table = Table(title=title)
+    for i, header in enumerate(report.headers()):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in report.rows():
+        table.add_row(*row)
+    console.print(table)
+    for note in report.notes:
+        console.print(note, style="dim")
+
+
+def print_synth_summary(frame: pl.DataFrame, path: Path) -> None:
+    from features.synth import TASKS
+
+    table = Table(title=f"synthetic log: {frame.height:,} rows -> {path}")
+    for header in ("task", "group", "target rate", "rate", "mean p"):
+        table.add_column(header, justify="left" if header in ("task", "group") else "right")
+    for task in TASKS:
+        table.add_row(
+            task.name,
+            task.group,
+            f"{task.rate:.4f}",
+            f"{frame[task.name].mean():.4f}",
+            f"{frame[f'p_{task.name}'].mean():.4f}",
+        )
+    Console().print(table)

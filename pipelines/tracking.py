@@ -1,0 +1,55 @@
+"""MLflow wiring: one place decides where runs go.
+
+The embedded default is a SQLite store in the working directory; ``MLFLOW_TRACKING_URI``
+points everything at a real ``mlflow server`` instead. Lightning's own default (a ``./mlruns``
+file store) is refused by current MLflow, so the URI is always passed explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class MLflowLogger(MLFlowLogger):
+    """Lightning's MLflow logger with the project's tracking URI and model logging on.
+
+    Args:
+        experiment_name: MLflow experiment.
+        run_name: MLflow run name (MLflow picks one if empty).
+        tracking_uri: overrides ``MLFLOW_TRACKING_URI`` and the SQLite default.
+        log_model: log the best checkpoint as a run artifact at the end of training.
+        checkpoint_dir: where checkpoints are written locally before they are logged.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "ranker",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        log_model: bool = True,
+        checkpoint_dir: str = "checkpoints",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=tracking_uri or resolve_tracking_uri(),
+            log_model=log_model,
+            **kwargs,
+        )
+        self.checkpoint_dir = checkpoint_dir
+
+    @property
+    def save_dir(self) -> str:
+        # Lightning puts checkpoints under save_dir/<experiment id>/<run id>/; MLflow's own
+        # answer is None for a non-file store, which would scatter them over the working dir.
+        return self.checkpoint_dir

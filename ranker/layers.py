@@ -1,0 +1,97 @@
+"""Building blocks every model of the zoo is made of: the fused embedding, an MLP, a gate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from features.state import InputSpec
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "swish": nn.SiLU, "gelu": nn.GELU}
+
+
+class FusedEmbedding(nn.Module):
+    """All categorical features in one table per embedding width, with per-feature row offsets.
+
+    Feature ``f``'s local index ``i`` (0 = unknown) reads row ``offset[f] + i``. Gradients are
+    sparse, so a step touches only the rows in the batch whatever the vocabulary size. Features
+    sharing a width share a table (usually there is one); the output concatenates every
+    feature's vector, then the numeric inputs.
+    """
+
+    def __init__(self, inputs: InputSpec, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList()
+        widths = sorted(set(inputs.embedding_dims))
+        for width in widths:
+            columns = [i for i, d in enumerate(inputs.embedding_dims) if d == width]
+            sizes = torch.tensor([inputs.cardinalities[i] for i in columns])
+            offsets = torch.cumsum(sizes, 0) - sizes
+            table = nn.Embedding(int(sizes.sum()), width, sparse=True)
+            nn.init.normal_(table.weight, std=init_std)
+            self.tables.append(table)
+            self.register_buffer(f"columns_{width}", torch.tensor(columns), persistent=False)
+            self.register_buffer(f"offsets_{width}", offsets, persistent=False)
+        self.widths = widths
+        self.output_dim = sum(inputs.embedding_dims) + inputs.num_numeric
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for width, table in zip(self.widths, self.tables, strict=True):
+            columns, offsets = getattr(self, f"columns_{width}"), getattr(self, f"offsets_{width}")
+            parts.append(table(cat[:, columns] + offsets).flatten(1))
+        parts.append(num)
+        return torch.cat(parts, dim=1)
+
+
+class MLP(nn.Sequential):
+    """Linear layers with an activation (and optional BatchNorm / dropout) after each."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers.append(nn.Linear(input_dim, width))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(ACTIVATIONS[activation]())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            input_dim = width
+        super().__init__(*layers)
+        self.output_dim = input_dim
+
+
+class Tower(nn.Sequential):
+    """A task's head: an MLP down to one logit."""
+
+    def __init__(self, input_dim: int, hidden: Sequence[int], activation: str = "relu") -> None:
+        mlp = MLP(input_dim, hidden, activation)
+        super().__init__(mlp, nn.Linear(mlp.output_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).squeeze(-1)
+
+
+class Gate(nn.Module):
+    """Softmax weights over ``num_experts`` experts, from the gate's input."""
+
+    def __init__(self, input_dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_dim, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(x), dim=-1)
+
+
+def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum: weights [B, E], expert outputs [B, E, D] -> [B, D]."""
+    return torch.einsum("be,bed->bd", weights, experts)

@@ -1,0 +1,7 @@
+"""The model zoo. Every model: ``forward(cat [B, F_cat], num [B, F_num]) -> logits [B, T]``."""
+
+from ranker.models.base import MultiTaskModel
+from ranker.models.mmoe import MMoE
+from ranker.models.shared_bottom import SharedBottom
+
+__all__ = ["MMoE", "MultiTaskModel", "SharedBottom"]

@@ -1,0 +1,42 @@
+"""Shared-Bottom (Caruana, "Multitask Learning", Machine Learning 1997).
+
+One MLP shared by all tasks, then a tower per task:
+
+    h = f(x),    y_t = sigmoid(tower_t(h))
+
+The baseline every multi-gate model is measured against: all tasks pull the same
+representation, which is where negative transfer between unlike tasks comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from features.config import TaskSpec
+from features.state import InputSpec
+from ranker.layers import MLP, Tower
+from ranker.models.base import MultiTaskModel
+
+
+class SharedBottom(MultiTaskModel):
+    def __init__(
+        self,
+        inputs: InputSpec,
+        tasks: Sequence[TaskSpec],
+        bottom_hidden: Sequence[int] = (256, 128),
+        tower_hidden: Sequence[int] = (64,),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(inputs, tasks)
+        self.bottom = MLP(self.input_dim, bottom_hidden, activation, dropout)
+        self.towers = nn.ModuleList(
+            Tower(self.bottom.output_dim, tower_hidden, activation) for _ in self.tasks
+        )
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bottom(x)
+        return torch.stack([tower(h) for tower in self.towers], dim=1)

@@ -1,0 +1,146 @@
+"""The LightningModule: masked multi-task BCE, sparse + dense optimisers, per-task metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+
+from features.config import TaskSpec
+from features.state import InputSpec
+from ranker.loss import masked_bce
+from ranker.metrics import task_metrics
+from ranker.models.base import MultiTaskModel
+
+# The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
+torch.serialization.add_safe_globals([InputSpec, TaskSpec])
+
+NetworkFactory = Callable[[InputSpec, Sequence[TaskSpec]], MultiTaskModel]
+
+
+class RankerModule(L.LightningModule):
+    """Trains any model of the zoo.
+
+    Args:
+        network: the model, given its inputs and tasks (``class_path`` of a zoo model in YAML).
+        inputs: layout of the categorical / numeric inputs (linked from the DataModule).
+        tasks: the tasks, in label order (linked from the DataModule).
+        learning_rate: AdamW learning rate of the dense part.
+        weight_decay: AdamW weight decay of the dense part.
+        embedding_learning_rate: SparseAdam learning rate of the embedding tables.
+        gradient_clip: max global norm of the dense gradients (0 = off).
+    """
+
+    def __init__(
+        self,
+        network: NetworkFactory,
+        inputs: InputSpec | None = None,
+        tasks: Sequence[TaskSpec] | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-5,
+        embedding_learning_rate: float = 1e-2,
+        gradient_clip: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if inputs is None or tasks is None:
+            raise ValueError("RankerModule needs inputs and tasks (linked from the DataModule)")
+        # Everything needed to rebuild the model goes in the checkpoint; the CLI logs the
+        # resolved config to MLflow itself (the logger would truncate these reprs).
+        self.save_hyperparameters(logger=False)
+        self.inputs, self.tasks = inputs, tuple(tasks)
+        self.network = network(inputs, self.tasks)
+        self.register_buffer("task_weights", torch.tensor([t.weight for t in self.tasks]))
+        self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
+        self._outputs: dict[str, list[tuple[np.ndarray, ...]]] = {}
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self._epoch_start = 0.0
+        self._epoch_samples = 0
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        return self.network(cat, num)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        sparse = list(self.network.embedding.parameters())
+        sparse_ids = {id(p) for p in sparse}
+        dense = [p for p in self.network.parameters() if id(p) not in sparse_ids]
+        return [
+            torch.optim.AdamW(
+                dense, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+            ),
+            torch.optim.SparseAdam(sparse, lr=self.hparams.embedding_learning_rate),
+        ]
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+        self._epoch_start, self._epoch_samples = time.perf_counter(), 0
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        cat, num, labels, _ = batch
+        loss, per_task = masked_bce(self(cat, num), labels, self.task_weights)
+        dense_opt, sparse_opt = self.optimizers()
+        dense_opt.zero_grad()
+        sparse_opt.zero_grad()
+        self.manual_backward(loss)
+        if self.hparams.gradient_clip:
+            self.clip_gradients(dense_opt, gradient_clip_val=self.hparams.gradient_clip)
+        dense_opt.step()
+        sparse_opt.step()
+        self._epoch_samples += len(labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        self.log_dict(
+            {f"train/loss/{n}": v for n, v in zip(self.task_names, per_task, strict=True)},
+            batch_size=len(labels),
+        )
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        if seconds > 0 and self._epoch_samples:
+            self.log("train/samples_per_sec", self._epoch_samples / seconds)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def _collect(self, stage: str, batch: Sequence[torch.Tensor]) -> None:
+        cat, num, labels, users = batch
+        logits = self(cat, num)
+        loss, _ = masked_bce(logits, labels, self.task_weights)
+        self.log(f"{stage}/loss", loss, batch_size=len(labels))
+        probs = torch.sigmoid(logits).float().cpu().numpy()
+        self._outputs.setdefault(stage, []).append(
+            (probs, labels.cpu().numpy(), users.cpu().numpy())
+        )
+
+    def _report(self, stage: str) -> None:
+        outputs = self._outputs.pop(stage, [])
+        if not outputs:
+            return
+        probs, labels, users = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
+        metrics = task_metrics(probs, labels, users, self.task_names)
+        self.last_metrics[stage] = metrics
+        loggable = {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("count/")}
+        headline = f"{stage}/gauc/mean"
+        self.log(headline, loggable.pop(headline), prog_bar=True)
+        self.log_dict(loggable)
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._collect("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("val")
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._collect("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test")

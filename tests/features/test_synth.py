@@ -1,0 +1,286 @@
+"""Tests for the synthetic behaviour-log generator (features/synth.py)."""
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import rankdata
+
+from features.synth import TASKS, SynthTask, generate, generate_log, write_log
+
+BIG_ROWS = 300_000
+# Small world for the I/O and determinism tests: fast, yet several row groups per day.
+SMALL = {"rows": 20_000, "days": 3, "users": 2_000, "items": 5_000, "authors": 500}
+
+EXPECTED_SCHEMA = {
+    "user_id": pl.Int64,
+    "item_id": pl.Int64,
+    "author_id": pl.Int64,
+    "ts": pl.Int64,
+    "date": pl.Utf8,
+    "user_gender": pl.Utf8,
+    "user_age": pl.Utf8,
+    "user_city_tier": pl.Int64,
+    "user_active_degree": pl.Utf8,
+    "user_follow_count": pl.Int64,
+    "user_register_days": pl.Int64,
+    "item_category": pl.Int64,
+    "item_duration_s": pl.Float64,
+    "item_upload_days": pl.Int64,
+    "hour": pl.Int64,
+    "page": pl.Utf8,
+    "device": pl.Utf8,
+    **{t.name: pl.Int8 for t in TASKS},
+    **{f"p_{t.name}": pl.Float32 for t in TASKS},
+}
+
+
+@pytest.fixture(scope="module")
+def big() -> pl.DataFrame:
+    return generate_log(rows=BIG_ROWS, seed=1)
+
+
+@pytest.fixture(scope="module")
+def small() -> pl.DataFrame:
+    return generate_log(**SMALL, seed=7)
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUC (ties get average ranks)."""
+    ranks = rankdata(score)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = p.astype(np.float64)
+    return np.log(p / (1.0 - p))
+
+
+def _canonical(frame: pl.DataFrame) -> pl.DataFrame:
+    """Comparable form: string date, fixed column order, total row order."""
+    frame = frame.with_columns(pl.col("date").cast(pl.Utf8))
+    return frame.select(list(EXPECTED_SCHEMA)).sort(["date", "ts", "user_id", "item_id"])
+
+
+# --- API / schema ------------------------------------------------------------------------
+
+
+def test_tasks_definition() -> None:
+    assert all(isinstance(t, SynthTask) for t in TASKS)
+    assert [t.name for t in TASKS] == [
+        "click", "effective_view", "long_view",
+        "like", "comment", "forward", "follow", "collect",
+    ]  # fmt: skip
+    assert {t.group for t in TASKS} == {"watch", "interaction"}
+    assert all(0.0 < t.rate < 1.0 for t in TASKS)
+
+
+def test_schema_and_domains(big: pl.DataFrame) -> None:
+    assert dict(big.schema) == EXPECTED_SCHEMA
+    assert big.height == BIG_ROWS
+    assert set(big["user_gender"].unique()) <= {"M", "F", "U"}
+    assert set(big["user_age"].unique()) <= {"<18", "18-24", "25-30", "31-40", "41-50", "50+"}
+    assert set(big["user_active_degree"].unique()) <= {"high", "middle", "low", "new"}
+    assert set(big["page"].unique()) == {"featured", "follow", "nearby", "single"}
+    assert set(big["device"].unique()) == {"android", "ios"}
+    assert big["user_city_tier"].is_between(1, 5).all()
+    assert big["hour"].is_between(0, 23).all()
+    assert big["item_category"].is_between(0, 39).all()
+    assert big["item_upload_days"].is_between(0, 60).all()
+    assert big["item_duration_s"].drop_nulls().is_between(5.0, 300.0).all()
+    assert (big["user_follow_count"] >= 0).all()
+    assert (big["user_register_days"] >= 0).all()
+    # Only item duration has missing values, ~2% of rows.
+    nulls = {c: n for c, n in zip(big.columns, big.null_count().row(0), strict=True) if n}
+    assert set(nulls) == {"item_duration_s"}
+    assert 0.015 < nulls["item_duration_s"] / BIG_ROWS < 0.025
+    # Evening traffic dominates the early morning.
+    hours = big["hour"].to_numpy()
+    assert (hours == 21).sum() > 3 * (hours == 4).sum()
+
+
+def test_time_columns_consistent(big: pl.DataFrame) -> None:
+    assert big["ts"].is_sorted()
+    day_of_ts = pl.from_epoch(big["ts"], time_unit="s").dt.strftime("%Y-%m-%d")
+    assert (day_of_ts == big["date"]).all()
+    hour_of_ts = (big["ts"] % 86_400) // 3_600
+    assert (hour_of_ts == big["hour"]).all()
+    assert big["date"].n_unique() == 14
+    assert big["date"].min() == "2024-01-01"
+    assert big["date"].max() == "2024-01-14"
+    assert big["ts"].min() >= int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
+
+
+def test_entity_attributes_are_fixed(big: pl.DataFrame) -> None:
+    user_cols = [c for c in big.columns if c.startswith("user_") and c != "user_id"]
+    per_user = big.group_by("user_id").agg(pl.col(user_cols).n_unique())
+    assert (per_user.select(user_cols).max().row(0)) == (1,) * len(user_cols)
+    item_cols = ["author_id", "item_category", "item_upload_days"]
+    per_item = big.group_by("item_id").agg(
+        pl.col(item_cols).n_unique(), pl.col("item_duration_s").drop_nulls().n_unique()
+    )
+    assert per_item.select(item_cols).max().row(0) == (1,) * len(item_cols)
+    assert per_item["item_duration_s"].max() <= 1
+
+
+def test_popularity_is_heavy_tailed(big: pl.DataFrame) -> None:
+    item_counts = big["item_id"].value_counts()["count"].to_numpy()
+    user_counts = big["user_id"].value_counts()["count"].to_numpy()
+    assert item_counts.max() > 20 * np.median(item_counts)
+    assert user_counts.max() > 10 * np.median(user_counts)
+
+
+# --- labels -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", TASKS, ids=[t.name for t in TASKS])
+def test_rates_near_targets(big: pl.DataFrame, task: SynthTask) -> None:
+    y = big[task.name].to_numpy()
+    p = big[f"p_{task.name}"].to_numpy()
+    assert set(np.unique(y)) <= {0, 1}
+    assert p.min() > 0.0
+    assert p.max() < 1.0
+    std = math.sqrt(task.rate * (1 - task.rate) / BIG_ROWS)
+    rel = 0.15 if task.rate < 0.005 else 0.10
+    assert abs(y.mean() - task.rate) <= max(rel * task.rate, 4 * std)
+    # The bias is calibrated on the rows, so mean p is (nearly) the target exactly, and the
+    # realised rate only differs from it by Bernoulli noise.
+    assert p.mean() == pytest.approx(task.rate, rel=1e-3)
+    assert abs(y.mean() - p.mean()) <= 4 * std
+
+
+def test_group_correlation(big: pl.DataFrame) -> None:
+    logits = np.column_stack([_logit(big[f"p_{t.name}"].to_numpy()) for t in TASKS])
+    corr = np.corrcoef(logits, rowvar=False)
+    groups = [t.group for t in TASKS]
+    n = len(TASKS)
+    within = [corr[i, j] for i in range(n) for j in range(i + 1, n) if groups[i] == groups[j]]
+    across = [corr[i, j] for i in range(n) for j in range(i + 1, n) if groups[i] != groups[j]]
+    assert np.mean(within) > np.mean(across) + 0.2
+    # The interaction group still shares some of the watch signal.
+    assert np.mean(across) > 0.0
+
+
+def test_true_probability_auc(big: pl.DataFrame) -> None:
+    aucs = {t.name: _auc(big[t.name].to_numpy(), big[f"p_{t.name}"].to_numpy()) for t in TASKS}
+    assert 0.65 < aucs["click"] < 0.9
+    for t in TASKS:
+        assert 0.6 < aucs[t.name] < 0.95, (t.name, aucs[t.name])
+    dense = [aucs[t.name] for t in TASKS if t.group == "watch"]
+    sparse = [aucs[t.name] for t in TASKS if t.group == "interaction"]
+    assert np.mean(sparse) > np.mean(dense)
+
+
+# --- determinism ------------------------------------------------------------------------
+
+
+def test_same_seed_same_frame(small: pl.DataFrame) -> None:
+    assert generate_log(**SMALL, seed=7).equals(small)
+
+
+def test_different_seed_differs(small: pl.DataFrame) -> None:
+    other = generate_log(**SMALL, seed=8)
+    assert not other.equals(small)
+    assert not np.array_equal(other["p_click"].to_numpy(), small["p_click"].to_numpy())
+
+
+# --- Parquet output -------------------------------------------------------------------------
+
+
+def test_write_log_roundtrip(small: pl.DataFrame, tmp_path: Path) -> None:
+    out = write_log(small, tmp_path / "log", rows_per_group=1_000)
+    assert out == tmp_path / "log"
+    day_dirs = sorted(p.name for p in out.iterdir())
+    assert day_dirs == ["date=2024-01-01", "date=2024-01-02", "date=2024-01-03"]
+    for day_dir in out.iterdir():
+        assert [p.name for p in day_dir.iterdir()] == ["part-0.parquet"]
+        pf = pq.ParquetFile(day_dir / "part-0.parquet")
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        assert len(sizes) > 1
+        assert max(sizes) <= 1_000
+        assert "date" not in pf.schema_arrow.names
+        assert pl.read_parquet(day_dir / "part-0.parquet")["ts"].is_sorted()
+
+    back = pl.read_parquet(out, hive_partitioning=True)
+    assert _canonical(back).equals(_canonical(small))
+
+
+def test_write_log_is_byte_deterministic(small: pl.DataFrame, tmp_path: Path) -> None:
+    a = write_log(small, tmp_path / "a", rows_per_group=4_096)
+    b = write_log(small, tmp_path / "b", rows_per_group=4_096)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*.parquet"))
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.parquet"))
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+
+
+def test_write_log_replaces_previous_log(tmp_path: Path) -> None:
+    out = tmp_path / "log"
+    write_log(generate_log(**{**SMALL, "days": 5}, seed=3), out)
+    frame = generate_log(**SMALL, seed=4)
+    write_log(frame, out)
+    assert len(list(out.iterdir())) == SMALL["days"]
+    assert _canonical(pl.read_parquet(out, hive_partitioning=True)).equals(_canonical(frame))
+
+
+def test_write_log_refuses_foreign_files(small: pl.DataFrame, tmp_path: Path) -> None:
+    out = tmp_path / "log"
+    out.mkdir()
+    keep = out / "notes.txt"
+    keep.write_text("precious")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        write_log(small, out)
+    assert keep.read_text() == "precious"
+
+    nested = tmp_path / "log2"
+    write_log(small, nested)
+    (nested / "date=2024-01-01" / "README").write_text("x")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        write_log(small, nested)
+
+    a_file = tmp_path / "file.parquet"
+    a_file.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a directory"):
+        write_log(small, a_file)
+
+
+def test_generate_writes_same_as_write_log(tmp_path: Path) -> None:
+    out = generate(tmp_path / "gen", **SMALL, seed=11, rows_per_group=2_000)
+    assert out == tmp_path / "gen"
+    assert len(list(out.iterdir())) == SMALL["days"]
+    expected = _canonical(generate_log(**SMALL, seed=11))
+    assert _canonical(pl.read_parquet(out, hive_partitioning=True)).equals(expected)
+
+
+# --- argument validation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rows": 0}, "rows must be a positive integer"),
+        ({"rows": -5}, "rows must be a positive integer"),
+        ({"days": 0}, "days must be a positive integer"),
+        ({"users": 0}, "users must be a positive integer"),
+        ({"items": -1}, "items must be a positive integer"),
+        ({"authors": 0}, "authors must be a positive integer"),
+        ({"start": "2024-13-01"}, "start must be a date string 'YYYY-MM-DD'"),
+        ({"start": "yesterday"}, "start must be a date string 'YYYY-MM-DD'"),
+        ({"start": "2024/01/01"}, "start must be a date string 'YYYY-MM-DD'"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        generate_log(**{"rows": 100, **kwargs})  # type: ignore[arg-type]
+
+
+def test_bad_rows_per_group(small: pl.DataFrame, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rows_per_group must be a positive integer"):
+        write_log(small, tmp_path / "x", rows_per_group=0)
+    assert not (tmp_path / "x").exists()
