@@ -224,7 +224,10 @@ class FeatureState:
             if frame.schema[self.user_key].is_integer()
             else user.hash(seed=0).reinterpret(signed=True)
         )
-        out = frame.select([*cat_exprs, *raw_bucketized, *dense, *labels, user.alias("user:")])
+        # A missing user key (anonymous traffic) becomes user -1: one group for GAUC.
+        out = frame.select(
+            [*cat_exprs, *raw_bucketized, *dense, *labels, user.fill_null(-1).alias("user:")]
+        )
 
         n = out.height
         cat = np.empty((n, len(self.categorical) + len(self.bucketized)), dtype=np.int64)

@@ -131,8 +131,13 @@ def fit_report(module: RankerModule, datamodule: RankerDataModule) -> FitReport:
     )
 
 
+def wide_console() -> Console:
+    # Tables of per-task metrics are wide; a pipe or CI log would otherwise get 80 columns.
+    return Console(width=max(Console().width, 140))
+
+
 def print_report(report: FitReport, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or wide_console()
     title = f"{report.model} on {report.dataset}"
     if report.run_id:
         title += f"  (MLflow run {report.run_id})"
@@ -160,4 +165,4 @@ def print_synth_summary(frame: pl.DataFrame, path: Path) -> None:
             f"{frame[task.name].mean():.4f}",
             f"{frame[f'p_{task.name}'].mean():.4f}",
         )
-    Console().print(table)
+    wide_console().print(table)

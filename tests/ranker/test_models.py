@@ -1,0 +1,108 @@
+"""The zoo's contract: one signature, sparse embedding gradients, learning on a few steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from features.config import TaskSpec
+from features.state import InputSpec
+from ranker.layers import FusedEmbedding
+from ranker.loss import masked_bce
+from ranker.models import MMoE, SharedBottom
+
+INPUTS = InputSpec(
+    cat_names=("user", "item", "hour"),
+    cardinalities=(50, 80, 24),
+    embedding_dims=(8, 8, 4),
+    num_names=("age", "duration"),
+)
+TASKS = (
+    TaskSpec("click", "click", "watch"),
+    TaskSpec("long_view", "long_view", "watch"),
+    TaskSpec("like", "like", "interaction", weight=2.0),
+)
+MODELS = {
+    "shared_bottom": lambda: SharedBottom(INPUTS, TASKS, bottom_hidden=(32, 16)),
+    "mmoe": lambda: MMoE(INPUTS, TASKS, num_experts=3, expert_hidden=(32, 16)),
+}
+
+
+def batch(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cat = torch.stack([torch.randint(0, c, (n,), generator=g) for c in INPUTS.cardinalities], dim=1)
+    return cat, torch.randn(n, INPUTS.num_numeric, generator=g)
+
+
+def test_fused_embedding_offsets_and_sparse_gradients() -> None:
+    embedding = FusedEmbedding(INPUTS)
+    assert len(embedding.tables) == 2  # one table per width
+    assert embedding.tables[1].num_embeddings == 50 + 80  # the 8-wide features share one
+    cat, num = batch(4)
+    out = embedding(cat, num)
+    assert out.shape == (4, 8 + 8 + 4 + 2)
+    # tables in width order (hour first); "item" reads row offset(item) + index
+    wide = embedding.tables[1].weight
+    torch.testing.assert_close(out[:, :4], embedding.tables[0].weight[cat[:, 2]])
+    torch.testing.assert_close(out[:, 12:20], wide[50 + cat[:, 1]])
+    out.sum().backward()
+    assert wide.grad.is_sparse
+    touched = wide.grad.coalesce().indices().unique()
+    assert len(touched) <= 8  # only the rows of the batch
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_signature_and_finite_outputs(name: str) -> None:
+    model = MODELS[name]()
+    cat, num = batch()
+    logits = model(cat, num)
+    assert logits.shape == (64, len(TASKS)) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_few_steps_lower_the_loss(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    cat, num = batch(256, seed=1)
+    # labels that depend on the inputs, so there is something to learn
+    labels = torch.stack([(cat[:, 0] % 2 == 0), (cat[:, 1] % 3 == 0), (num[:, 0] > 1)], 1)
+    labels = labels.float()
+    weights = torch.tensor([t.weight for t in TASKS])
+    sparse = list(model.embedding.parameters())
+    dense = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+    optimizers = [torch.optim.AdamW(dense, lr=1e-2), torch.optim.SparseAdam(sparse, lr=1e-2)]
+    first = None
+    for _ in range(30):
+        loss, _ = masked_bce(model(cat, num), labels, weights)
+        first = first if first is not None else loss.item()
+        for opt in optimizers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+    assert loss.item() < 0.7 * first
+
+
+def test_masked_loss_ignores_null_labels() -> None:
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0], [-2.0, 0.0]])
+    labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("nan"), float("nan")]])
+    weights = torch.tensor([1.0, 3.0])
+    total, per_task = masked_bce(logits, labels, weights)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected_0 = (bce(logits[0, 0], labels[0, 0]) + bce(logits[1, 0], labels[1, 0])) / 2
+    expected_1 = bce(logits[1, 1], labels[1, 1])
+    torch.testing.assert_close(per_task, torch.stack([expected_0, expected_1]))
+    torch.testing.assert_close(total, expected_0 + 3 * expected_1)
+    # a missing label gets no gradient, whatever its logit
+    logits.requires_grad_(True)
+    masked_bce(logits, labels, weights)[0].backward()
+    assert logits.grad[0, 1] == 0 and logits.grad[2].abs().sum() == 0
+
+
+def test_a_task_with_no_observed_label_contributes_zero() -> None:
+    labels = torch.full((4, 2), float("nan"))
+    labels[:, 0] = 1.0
+    total, per_task = masked_bce(torch.zeros(4, 2), labels, torch.ones(2))
+    assert per_task[1] == 0 and math.isclose(total.item(), math.log(2), rel_tol=1e-6)
