@@ -13,6 +13,7 @@ Each loader worker (and each DDP rank) reads a disjoint share of the row groups.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from features.config import DatasetConfig, SplitName, TaskSpec
 from features.source import LogSource, Piece
 from features.state import Batch, FeatureState, InputSpec
+
+# ParquetBatches.__len__ is built for several workers (an upper bound); Lightning's caution
+# about lengths of iterable datasets does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 TensorBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -53,6 +58,13 @@ def to_tensors(batch: Batch) -> TensorBatch:
     )
 
 
+def _world() -> tuple[int, int]:
+    """(world size, rank) under torch.distributed, else (1, 0)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 class ParquetBatches(IterableDataset):
     """Batches of one split, streamed row group by row group."""
 
@@ -67,8 +79,10 @@ class ParquetBatches(IterableDataset):
         shuffle: bool,
         shuffle_buffer: int = 262_144,
         seed: int = 0,
+        num_workers: int = 0,
     ) -> None:
         self.source, self.state, self.split = source, state, split
+        self.num_workers = max(num_workers, 1)
         self.pieces, self.rows = pieces, rows
         self.batch_size, self.shuffle = batch_size, shuffle
         self.shuffle_buffer, self.seed = max(shuffle_buffer, batch_size), seed
@@ -79,8 +93,13 @@ class ParquetBatches(IterableDataset):
         self.epoch.fill_(epoch)
 
     def __len__(self) -> int:
-        # Exact when one stream reads the split: only the last batch is partial.
-        return math.ceil(self.rows / self.batch_size)
+        # Each stream (worker) ends with at most one partial batch: exact for one stream, an
+        # upper bound otherwise. Never an underestimate, which would cut epochs short.
+        return math.ceil(self.rows / self.batch_size) + self.streams - 1
+
+    @property
+    def streams(self) -> int:
+        return self.num_workers * _world()[0]
 
     def _my_pieces(self) -> list[Piece]:
         order = np.arange(len(self.pieces))
@@ -88,9 +107,7 @@ class ParquetBatches(IterableDataset):
             order = np.random.default_rng([self.seed, int(self.epoch)]).permutation(order)
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        ranks, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        ranks, rank = _world()
         share = rank * workers + worker_id
         return [self.pieces[i] for i in order[share :: ranks * workers]]
 
@@ -196,6 +213,7 @@ class RankerDataModule(L.LightningDataModule):
                 shuffle=train,
                 shuffle_buffer=self.shuffle_buffer,
                 seed=self.seed,
+                num_workers=self.num_workers,
             )
         return self._datasets[split]
 

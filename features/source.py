@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from features.config import SPLITS, ConfigError, DatasetConfig, SplitName
 
@@ -72,9 +73,7 @@ class LogSource:
     # -- schema -------------------------------------------------------------------------------
 
     def _scan(self) -> pl.LazyFrame:
-        return pl.scan_parquet(
-            self.files, hive_partitioning=self.config.path.is_dir(), missing_columns="insert"
-        )
+        return pl.scan_parquet(self.files, hive_partitioning=self.config.path.is_dir())
 
     def _log_schema(self) -> pl.Schema:
         try:
@@ -131,10 +130,19 @@ class LogSource:
             (c.item_key, "item key"),
             (c.time_column, "time column"),
             *((t.label, f"label of task '{t.name}'") for t in c.tasks),
+            *((t.truth, f"true probability of task '{t.name}'") for t in c.tasks if t.truth),
+            *((s.column, f"feature '{s.name}'") for s in c.features if s.column in self.schema),
         ]
         for column, role in required:
             if column not in self.schema:
                 raise ConfigError(f"column '{column}' ({role}) is missing from {self.where}")
+        # The schema above is the first file's; name the exact file that lacks a column.
+        partition_keys = set(self.schema) - set(pq.read_schema(self.files[0]).names)
+        for file in self.files[1:]:
+            names = set(pq.read_schema(file).names) | partition_keys
+            for column, role in required:
+                if column not in names:
+                    raise ConfigError(f"column '{column}' ({role}) is missing from {file}")
         for spec in c.features:
             if spec.column not in self.joined_schema:
                 tables = ", ".join(str(t.path) for t in c.side_tables)
@@ -210,18 +218,18 @@ class LogSource:
             .then(pl.lit("test"))
             .otherwise(pl.lit("outside"))
         )
-        bad = [
-            (pl.col(t.label).is_not_null() & ~pl.col(t.label).cast(pl.Float64).is_in([0.0, 1.0]))
-            .sum()
-            .alias(t.label)
-            for t in c.tasks
-        ]
         labels = list(dict.fromkeys(t.label for t in c.tasks))
+        invalid = [
+            (pl.col(label).is_not_null() & ~pl.col(label).cast(pl.Float64).is_in([0.0, 1.0]))
+            .sum()
+            .alias(label)
+            for label in labels
+        ]
         stats = (
             self._scan()
             .select([c.time_column, *labels])
             .group_by(split_of.alias("split"))
-            .agg(pl.len().alias("rows"), *_unique(bad))
+            .agg(pl.len().alias("rows"), *invalid)
             .collect(engine="streaming")
         )
         for label in labels:
@@ -285,13 +293,6 @@ class LogSource:
         """One row group's rows of the split, side tables joined."""
         frame = self.read_piece_columns(piece, tuple(self.columns_needed(extra)))
         return self.join_side_tables(frame.filter(self.split_filter(split)))
-
-
-def _unique(exprs: list[pl.Expr]) -> list[pl.Expr]:
-    names: dict[str, pl.Expr] = {}
-    for expr in exprs:
-        names.setdefault(expr.meta.output_name(), expr)
-    return list(names.values())
 
 
 def _boundary(value: str | int, dtype: pl.DataType) -> object:

@@ -99,10 +99,10 @@ def lookup_expr(state: CategoricalState, dtype: pl.DataType) -> pl.Expr:
     return value.replace_strict(vocab, indices, default=0, return_dtype=pl.Int64).fill_null(0)
 
 
-def numeric_expr(spec: FeatureSpec) -> pl.Expr:
-    x = pl.col(spec.column).cast(pl.Float64)
+def numeric_expr(column: str, transform: str) -> pl.Expr:
+    x = pl.col(column).cast(pl.Float64)
     x = pl.when(x.is_finite()).then(x)  # inf / nan count as missing
-    return x.clip(lower_bound=0).log1p() if spec.transform == "log1p" else x
+    return x.clip(lower_bound=0).log1p() if transform == "log1p" else x
 
 
 class FeatureState:
@@ -163,10 +163,10 @@ class FeatureState:
                 plans.append((spec, dtype))
             elif spec.transform == "quantile_bucket":
                 qs = np.linspace(0, 1, spec.buckets + 1)[1:-1]
-                x = numeric_expr(spec)
+                x = numeric_expr(spec.column, spec.transform)
                 stats += [x.quantile(float(q)).alias(f"{spec.name}:q{i}") for i, q in enumerate(qs)]
             else:
-                x = numeric_expr(spec)
+                x = numeric_expr(spec.column, spec.transform)
                 stats += [x.mean().alias(f"{spec.name}:mean"), x.std().alias(f"{spec.name}:std")]
         results = pl.collect_all([*queries, train.select(stats or [pl.len()])], engine="streaming")
         vocabularies = dict(zip([s.name for s, _ in plans], results[:-1], strict=True))
@@ -205,13 +205,11 @@ class FeatureState:
     def transform(self, frame: pl.DataFrame) -> Batch:
         """Raw rows (side tables joined) -> arrays. Unknown values map to index 0."""
         cat_exprs = [lookup_expr(s, frame.schema[s.column]).alias(s.name) for s in self.categorical]
-        spec_of = {
-            n.name: FeatureSpec(n.name, "numeric", "user", n.column, transform=n.transform)
-            for n in self.numeric
-        }
-        raw_bucketized = [numeric_expr(spec_of[n.name]).alias(n.name) for n in self.bucketized]
+        raw_bucketized = [
+            numeric_expr(n.column, n.transform).alias(n.name) for n in self.bucketized
+        ]
         dense = [
-            ((numeric_expr(spec_of[n.name]) - n.mean) / n.std).fill_null(0.0).alias(n.name)
+            ((numeric_expr(n.column, n.transform) - n.mean) / n.std).fill_null(0.0).alias(n.name)
             for n in self.dense
         ]
         labels = [

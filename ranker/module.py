@@ -56,7 +56,7 @@ class RankerModule(L.LightningModule):
         self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
         self._outputs: dict[str, list[tuple[np.ndarray, ...]]] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
-        self._epoch_start = 0.0
+        self._epoch_start = self._last_batch_end = 0.0
         self._epoch_samples = 0
 
     @property
@@ -84,6 +84,10 @@ class RankerModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
         self._epoch_start, self._epoch_samples = time.perf_counter(), 0
+        self._last_batch_end = self._epoch_start
+
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        self._last_batch_end = time.perf_counter()
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         cat, num, labels, _ = batch
@@ -105,7 +109,8 @@ class RankerModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        seconds = time.perf_counter() - self._epoch_start
+        # Up to the last training batch: Lightning runs validation before this hook.
+        seconds = self._last_batch_end - self._epoch_start
         if seconds > 0 and self._epoch_samples:
             self.log("train/samples_per_sec", self._epoch_samples / seconds)
 

@@ -177,3 +177,12 @@ def test_missing_side_table_column(tmp_path: Path) -> None:
             LogSource(DatasetConfig.from_yaml(path))
     finally:
         path.unlink()
+
+
+def test_column_missing_from_one_file_names_that_file(tiny_log: Path, tmp_path: Path) -> None:
+    log = copy_log(tiny_log, tmp_path)
+    last = sorted(log.rglob("*.parquet"))[-1]
+    pl.read_parquet(last).drop("page").write_parquet(last)
+    with pytest.raises(ConfigError) as err:
+        RankerDataModule(str(write_config(tmp_path, log)))
+    assert "column 'page' (feature 'page')" in str(err.value) and str(last) in str(err.value)
