@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,12 @@ class CategoricalState:
     def cardinality(self) -> int:
         return len(self.values) + 1
 
+    @cached_property
+    def lookup(self) -> tuple[pl.Series, pl.Series]:
+        """(vocabulary, its indices) as Series, built once: transform runs per batch."""
+        vocab = pl.Series(self.values, dtype=pl.Int64 if self.dtype == "int" else pl.String)
+        return vocab, pl.Series(np.arange(1, len(vocab) + 1, dtype=np.int64))
+
 
 @dataclass
 class NumericState:
@@ -91,11 +98,9 @@ def lookup_expr(state: CategoricalState, dtype: pl.DataType) -> pl.Expr:
     if state.dtype == "int":
         numeric = dtype.is_integer() or dtype == pl.Boolean
         value = pl.col(state.column).cast(pl.Int64, strict=numeric)
-        vocab = pl.Series(state.values, dtype=pl.Int64)
     else:
         value = pl.col(state.column).cast(pl.String)
-        vocab = pl.Series(state.values, dtype=pl.String)
-    indices = pl.Series(np.arange(1, len(vocab) + 1, dtype=np.int64))
+    vocab, indices = state.lookup
     return value.replace_strict(vocab, indices, default=0, return_dtype=pl.Int64).fill_null(0)
 
 
