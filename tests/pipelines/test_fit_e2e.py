@@ -198,3 +198,38 @@ def test_bad_dataset_config_is_one_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "unknown key(s) ['user_kee']" in result.stderr and str(config) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fit_on_kuairand_with_shared_bottom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'kr.db'}")
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "trainer.yaml"),
+            "--config",
+            str(CONFIGS / "model" / "shared_bottom.yaml"),
+            "--data.dataset",
+            str(CONFIGS / "data" / "kuairand.yaml"),
+            "--data.batch_size",
+            "1024",
+            "--data.num_workers",
+            "0",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.logger.init_args.checkpoint_dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'kr.db'}")
+    run = client.search_runs([client.get_experiment_by_name("ranker").experiment_id])[0]
+    metrics = run.data.metrics
+    assert metrics["data/rows/test"] == 3_835
+    for task in ("click", "long_view", "like", "profile_enter", "comment", "forward", "follow"):
+        assert f"test/gauc/{task}" in metrics
+    assert metrics["test/auc/click"] > 0.55
+    assert not any(k.startswith("oracle/") for k in metrics)  # real data: no true probabilities
+    printed = capsys.readouterr().out
+    assert "SharedBottom on kuairand" in printed and "liked or hated" in printed
