@@ -41,7 +41,7 @@ class RankerModule(L.LightningModule):
         tasks: Sequence[TaskSpec] | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-5,
-        embedding_learning_rate: float = 1e-2,
+        embedding_learning_rate: float = 5e-2,
         gradient_clip: float = 0.0,
     ) -> None:
         super().__init__()
