@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import time
 from pathlib import Path
 
@@ -79,9 +80,10 @@ def main() -> None:
     parser.add_argument("--log", type=Path, default=ROOT / "data" / "bench1m")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--model", default="mmoe")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=2048)
     args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable
     if not args.log.exists():
         generate(args.log, rows=args.rows)
     torch.manual_seed(0)

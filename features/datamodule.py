@@ -159,7 +159,7 @@ class RankerDataModule(L.LightningDataModule):
         log_path: str | None = None,
         batch_size: int = 2048,
         eval_batch_size: int = 16384,
-        num_workers: int = 1,
+        num_workers: int = 0,
         shuffle_buffer: int = 262_144,
         seed: int = 0,
     ) -> None:
