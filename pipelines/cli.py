@@ -45,6 +45,8 @@ class LogConfigToMLflow(SaveConfigCallback):
                 client.log_artifact(run_id, str(datamodule.config.source), "dataset")
             for split, rows in datamodule.split_rows.items():
                 client.log_metric(run_id, f"data/rows/{split}", rows)
+        params = sum(p.numel() for p in pl_module.network.parameters())
+        client.log_metric(run_id, "model/params", params)
         client.set_tag(run_id, "model", type(pl_module.network).__name__)
         client.set_tag(run_id, "dataset", datamodule.config.name if datamodule else "")
 

@@ -70,10 +70,10 @@ class FitReport:
 
     def oracle_metrics(self) -> dict[str, float]:
         """The best-achievable metrics, named for MLflow (``oracle/val/auc/click``)."""
-        oracle = self.metrics.get("oracle_val", {})
         return {
-            f"oracle/val/{k}": v
-            for k, v in oracle.items()
+            f"oracle/{split}/{k}": v
+            for split in ("val", "test")
+            for k, v in self.metrics.get(f"oracle_{split}", {}).items()
             if not math.isnan(v) and not k.startswith("count/")
         }
 
@@ -104,6 +104,7 @@ def fit_report(module: RankerModule, datamodule: RankerDataModule) -> FitReport:
     oracle = oracle_metrics(datamodule, "val")
     if oracle is not None:
         metrics["oracle_val"] = oracle
+        metrics["oracle_test"] = oracle_metrics(datamodule, "test")
     rates = (
         {t: metrics["val"].get(f"positive_rate/{t}", math.nan) for t in module.task_names}
         if "val" in metrics

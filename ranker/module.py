@@ -113,6 +113,7 @@ class RankerModule(L.LightningModule):
         seconds = self._last_batch_end - self._epoch_start
         if seconds > 0 and self._epoch_samples:
             self.log("train/samples_per_sec", self._epoch_samples / seconds)
+            self.log("train/epoch_seconds", seconds)
 
     # -- evaluation ---------------------------------------------------------------------------
 

@@ -9,11 +9,16 @@ from torch import nn
 
 from features.config import TaskSpec
 from features.state import InputSpec
+from ranker.experts import Internals
 from ranker.layers import FusedEmbedding
 
 
 class MultiTaskModel(nn.Module):
-    """Embeds the inputs once; subclasses map the embedded ``x`` to one logit per task."""
+    """Embeds the inputs once; subclasses map the embedded ``x`` to one logit per task.
+
+    ``forward`` is the exported path. ``forward_with_internals`` also returns every expert's
+    output and every gate's weights (see ``ranker.experts.Internals``) for diagnostics.
+    """
 
     def __init__(self, inputs: InputSpec, tasks: Sequence[TaskSpec]) -> None:
         super().__init__()
@@ -25,8 +30,19 @@ class MultiTaskModel(nn.Module):
     def input_dim(self) -> int:
         return self.embedding.output_dim
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embedding(cat, num))
+    @property
+    def task_keys(self) -> list[str]:
+        """Representation names of the tasks: ``task:<name>``."""
+        return [f"task:{t.name}" for t in self.tasks]
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(cat, num), None)
+
+    def forward_with_internals(
+        self, cat: torch.Tensor, num: torch.Tensor
+    ) -> tuple[torch.Tensor, Internals]:
+        internals = Internals()
+        return self.head(self.embedding(cat, num), internals), internals
+
+    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
         raise NotImplementedError

@@ -19,7 +19,8 @@ from torch import nn
 
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.layers import MLP, Gate, Tower, mix
+from ranker.experts import ExpertLayer, GateSpec, Internals, PoolSpec
+from ranker.layers import Tower
 from ranker.models.base import MultiTaskModel
 
 
@@ -32,20 +33,21 @@ class MMoE(MultiTaskModel):
         expert_hidden: Sequence[int] = (256, 128),
         tower_hidden: Sequence[int] = (64,),
         activation: str = "relu",
-        dropout: float = 0.0,
     ) -> None:
         super().__init__(inputs, tasks)
-        self.experts = nn.ModuleList(
-            MLP(self.input_dim, expert_hidden, activation, dropout) for _ in range(num_experts)
+        self.layer = ExpertLayer(
+            "mmoe",
+            pools=[PoolSpec("shared", ("x",), num_experts)],
+            gates=[GateSpec(key, ("x",), ("shared",)) for key in self.task_keys],
+            input_dims={"x": self.input_dim},
+            expert_hidden=expert_hidden,
+            activation=activation,
         )
-        expert_dim = self.experts[0].output_dim
-        self.gates = nn.ModuleList(Gate(self.input_dim, num_experts) for _ in self.tasks)
-        self.towers = nn.ModuleList(Tower(expert_dim, tower_hidden, activation) for _ in self.tasks)
+        self.towers = nn.ModuleList(
+            Tower(self.layer.output_dim, tower_hidden, activation) for _ in self.tasks
+        )
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, D]
-        logits = [
-            tower(mix(gate(x), experts))
-            for gate, tower in zip(self.gates, self.towers, strict=True)
-        ]
+    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
+        reps = self.layer({"x": x}, internals)
+        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
         return torch.stack(logits, dim=1)

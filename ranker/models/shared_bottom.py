@@ -17,6 +17,7 @@ from torch import nn
 
 from features.config import TaskSpec
 from features.state import InputSpec
+from ranker.experts import Internals
 from ranker.layers import MLP, Tower
 from ranker.models.base import MultiTaskModel
 
@@ -37,6 +38,8 @@ class SharedBottom(MultiTaskModel):
             Tower(self.bottom.output_dim, tower_hidden, activation) for _ in self.tasks
         )
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
         h = self.bottom(x)
+        if internals is not None:  # the bottom is the one (shared) expert every task uses
+            internals.experts["bottom/shared"] = h.unsqueeze(1)
         return torch.stack([tower(h) for tower in self.towers], dim=1)

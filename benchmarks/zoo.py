@@ -1,0 +1,158 @@
+"""The model zoo on one dataset with one budget: one table, every result an MLflow run.
+
+    python benchmarks/zoo.py --log data/zoo2m --rows 2000000          # generated log
+    python benchmarks/zoo.py --dataset configs/data/kuairand.yaml     # real data
+    python benchmarks/zoo.py ... --models home home_no_norm home_flat  # the HoME ablations
+    python benchmarks/zoo.py ... --table-only                          # re-print from MLflow
+
+Each model is trained by ``ranker fit`` (a subprocess: the same command a user runs) with
+``configs/model/<model>.yaml``, the same data, epochs, batch size and seeds, into the MLflow
+experiment ``--experiment``. The table gives per-task test AUC and GAUC of each run's best
+checkpoint (by validation mean GAUC), their means, the parameter count and the training time;
+on a generated log, the row of the true probabilities; on KuaiRand, the data's bias.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+from rich.table import Table
+
+from features.config import DatasetConfig
+from features.synth import generate
+from pipelines.report import wide_console
+from pipelines.tracking import resolve_tracking_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = ["shared_bottom", "mmoe", "cgc", "ple", "adatt", "home"]
+KUAIRAND_BIAS = (
+    "KuaiRand subset bias: only rows where the user liked or hated the video were kept (then "
+    "15-core filtered), so 'like' (0.81) and the other rates are unlike a random exposure log."
+)
+
+
+def train(model: str, seed: int, args: argparse.Namespace) -> None:
+    command = [
+        str(Path(sys.executable).parent / "ranker"),
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "trainer.yaml"),
+        "--config",
+        str(ROOT / "configs" / "model" / f"{model}.yaml"),
+        "--data.dataset",
+        str(args.dataset),
+        "--data.batch_size",
+        str(args.batch_size),
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--seed_everything",
+        str(seed),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.experiment_name",
+        args.experiment,
+        "--trainer.logger.init_args.run_name",
+        f"{model}-s{seed}",
+        "--trainer.logger.init_args.checkpoint_dir",
+        str(args.checkpoints),
+    ]
+    if args.log:
+        command += ["--data.log_path", str(args.log)]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if result.returncode:
+        sys.exit(f"{model} (seed {seed}) failed:\n{result.stderr[-4000:]}")
+    print(f"{model:22s} seed {seed}: {time.perf_counter() - start:7.1f} s", flush=True)
+
+
+def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table:
+    client = MlflowClient(resolve_tracking_uri())
+    experiment = client.get_experiment_by_name(args.experiment)
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    by_model: dict[str, list] = {}
+    for run in runs:
+        model, _, seed = run.info.run_name.rpartition("-s")
+        if model in args.models and int(seed) in args.seeds and run.info.status == "FINISHED":
+            by_model.setdefault(model, []).append(run)
+
+    columns = [(metric_name, t) for t in [*tasks, "mean"]]
+    out = Table(
+        title=f"test {metric_name.upper()}, experiment {args.experiment}: best val "
+        f"checkpoint of {args.epochs} epochs, seeds {args.seeds}"
+    )
+    out.add_column("model")
+    for _, task in columns:
+        out.add_column(task, justify="right")
+    out.add_column("params", justify="right")
+    out.add_column("train s", justify="right")
+
+    def cell(values: list[float]) -> str:
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return "-"
+        mean = f"{np.mean(values):.4f}"
+        return mean if len(values) == 1 else f"{mean}±{np.std(values):.4f}"
+
+    for model in args.models:
+        runs = by_model.get(model, [])
+        if not runs:
+            continue
+        metric = [r.data.metrics for r in runs]
+        seconds = [
+            sum(m.value for m in client.get_metric_history(r.info.run_id, "train/epoch_seconds"))
+            for r in runs
+        ]
+        out.add_row(
+            model,
+            *(cell([m.get(f"test/{k}/{t}", math.nan) for m in metric]) for k, t in columns),
+            f"{int(metric[0].get('model/params', 0)):,}",
+            f"{np.mean(seconds):.0f}",
+        )
+    oracle = [r.data.metrics for rs in by_model.values() for r in rs[:1]]
+    if oracle and "oracle/test/auc/mean" in oracle[0]:
+        out.add_row(
+            "best achievable",
+            *(f"{oracle[0].get(f'oracle/test/{k}/{t}', math.nan):.4f}" for k, t in columns),
+            "",
+            "",
+            style="bold",
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", type=Path, default=ROOT / "configs/data/synthetic.yaml")
+    parser.add_argument("--log", type=Path, help="log path (generated first if missing)")
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--models", nargs="+", default=ZOO)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--experiment", default="zoo")
+    parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    config = DatasetConfig.from_yaml(args.dataset)
+    if args.log and not args.log.exists():
+        generate(args.log, rows=args.rows)
+    if not args.table_only:
+        for model in args.models:
+            for seed in args.seeds:
+                train(model, seed, args)
+    for metric in ("auc", "gauc"):
+        wide_console().print(table(args, config.task_names, metric))
+    if config.name == "kuairand":
+        wide_console().print(KUAIRAND_BIAS)
+
+
+if __name__ == "__main__":
+    main()

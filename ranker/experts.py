@@ -1,0 +1,223 @@
+"""Experts and gates: the one mechanism MMoE, CGC / PLE, AdaTT and HoME are built from.
+
+A model is a stack of ``ExpertLayer``s. A layer holds named **expert pools** and named
+**gates**:
+
+- a pool is ``n`` experts reading one *representation* (a named tensor: the embedded input
+  ``x``, a task's or a group's output of the layer below, or the concatenation of several);
+- a gate reads a representation and mixes the experts of the pools it lists, producing a new
+  representation under its own name. A gate never sees a pool it does not list, so structural
+  masks (PLE's task-specific experts, HoME's hierarchy) hold by construction.
+
+Options serve the papers' mechanisms: ``normalize`` (HoME's expert normalisation: BatchNorm
+on every expert's output), ``activation`` (Swish), ``feature_gate_rank`` (HoME's LoRA-style
+per-expert feature gate), and a gate's ``residual`` over its own pool (HoME's self gate,
+AdaTT's native-expert residual). Every expert output and gate weight can be recorded in an
+``Internals`` for diagnostics, outside the ONNX path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ranker.layers import ACTIVATIONS, mix
+
+Residual = Literal["self_gate", "native"]
+
+
+@dataclass
+class Internals:
+    """What diagnostics read: every expert's output and every gate's weights, for one batch.
+
+    ``experts["<layer>/<pool>"]`` is ``[B, n, D]``; ``gates["<layer>/<gate>"]`` is
+    ``(expert names, weights [B, E])`` with expert names ``"<layer>/<pool>/<i>"``.
+    """
+
+    experts: dict[str, torch.Tensor] = field(default_factory=dict)
+    gates: dict[str, tuple[list[str], torch.Tensor]] = field(default_factory=dict)
+
+
+class FeatureGate(nn.Module):
+    """HoME's feature gate: ``x * 2 * sigmoid(x B A)`` with a rank-``r`` ``B A``.
+
+    ``A`` starts at zero, so the gate starts as the identity (``2 * sigmoid(0) = 1``) and each
+    expert learns its own view of the input from there.
+    """
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)  # B
+        self.up = nn.Linear(rank, dim, bias=False)  # A
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 * torch.sigmoid(self.up(self.down(x)))
+
+
+class Expert(nn.Sequential):
+    """Linear layers with an activation after each; ``normalize`` puts BatchNorm before it."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden: Sequence[int],
+        activation: str = "relu",
+        normalize: bool = False,
+        feature_gate_rank: int = 0,
+    ) -> None:
+        layers: list[nn.Module] = []
+        if feature_gate_rank:
+            layers.append(FeatureGate(input_dim, feature_gate_rank))
+        for width in hidden:
+            layers.append(nn.Linear(input_dim, width))
+            if normalize:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(ACTIVATIONS[activation]())
+            input_dim = width
+        super().__init__(*layers)
+        self.output_dim = input_dim
+
+
+class ExpertPool(nn.Module):
+    """``n`` experts on the same input: ``[B, D_in] -> [B, n, D]``."""
+
+    def __init__(self, num_experts: int, input_dim: int, **expert: object) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(Expert(input_dim, **expert) for _ in range(num_experts))
+        self.output_dim = self.experts[0].output_dim
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([expert(x) for expert in self.experts], dim=1)
+
+
+class SelfGate(nn.Module):
+    """HoME's self gate: a residual from a task's own experts, so they always get gradient.
+
+    One expert: ``sigmoid(w x) * E(x)``; several: ``softmax(W x) . [E_1(x) .. E_n(x)]``.
+    """
+
+    def __init__(self, input_dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_dim, num_experts)
+
+    def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(x)
+        weights = torch.sigmoid(logits) if own.shape[1] == 1 else torch.softmax(logits, -1)
+        return mix(weights, own)
+
+
+class NativeResidual(nn.Module):
+    """AdaTT's residual: a learned linear combination of a task's native experts (the expert
+    itself when there is one), input-independent."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.weights = None
+        if num_experts > 1:  # initialised as the reference implementation does
+            bound = (1 / num_experts) ** 0.5
+            self.weights = nn.Parameter(torch.empty(num_experts).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            return own[:, 0]
+        return torch.einsum("e,bed->bd", self.weights, own)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str
+    inputs: tuple[str, ...]  # representations concatenated into the experts' input
+    num_experts: int
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    name: str  # the representation this gate produces
+    inputs: tuple[str, ...]  # representations concatenated into the gate's input
+    pools: tuple[str, ...]  # the pools whose experts it mixes, in this order
+    residual: Residual | None = None  # added: self gate / native residual over `own`
+    own: str | None = None  # the pool the residual reads
+
+
+class ExpertLayer(nn.Module):
+    """One level of experts and gates; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        pools: Sequence[PoolSpec],
+        gates: Sequence[GateSpec],
+        input_dims: dict[str, int],
+        expert_hidden: Sequence[int],
+        activation: str = "relu",
+        normalize: bool = False,
+        feature_gate_rank: int = 0,
+    ) -> None:
+        super().__init__()
+        self.name = name  # prefixes what it records: "<layer>/<pool>", "<layer>/<gate>"
+        self.pool_specs, self.gate_specs = tuple(pools), tuple(gates)
+        expert = {
+            "hidden": tuple(expert_hidden),
+            "activation": activation,
+            "normalize": normalize,
+            "feature_gate_rank": feature_gate_rank,
+        }
+        self.pools = nn.ModuleDict(
+            {
+                p.name: ExpertPool(p.num_experts, sum(input_dims[i] for i in p.inputs), **expert)
+                for p in self.pool_specs
+            }
+        )
+        size = {p.name: p.num_experts for p in self.pool_specs}
+        width = {g.name: sum(input_dims[i] for i in g.inputs) for g in self.gate_specs}
+        self.gates = nn.ModuleDict(
+            {
+                g.name: nn.Linear(width[g.name], sum(size[p] for p in g.pools))
+                for g in self.gate_specs
+            }
+        )
+        self.residuals = nn.ModuleDict(
+            {
+                g.name: SelfGate(width[g.name], size[g.own])
+                if g.residual == "self_gate"
+                else NativeResidual(size[g.own])
+                for g in self.gate_specs
+                if g.residual
+            }
+        )
+        self.output_dim = expert_hidden[-1]
+
+    def forward(
+        self, reps: dict[str, torch.Tensor], internals: Internals | None = None
+    ) -> dict[str, torch.Tensor]:
+        joined: dict[tuple[str, ...], torch.Tensor] = {}  # each concatenation built once
+
+        def read(keys: tuple[str, ...]) -> torch.Tensor:
+            if keys not in joined:
+                parts = [reps[k] for k in keys]
+                joined[keys] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            return joined[keys]
+
+        outputs = {p.name: self.pools[p.name](read(p.inputs)) for p in self.pool_specs}
+        new = {}
+        for g in self.gate_specs:
+            x = read(g.inputs)
+            experts = torch.cat([outputs[p] for p in g.pools], dim=1)
+            weights = torch.softmax(self.gates[g.name](x), dim=-1)
+            new[g.name] = mix(weights, experts)
+            if g.residual:
+                new[g.name] = new[g.name] + self.residuals[g.name](x, outputs[g.own])
+            if internals is not None:
+                names = [f"{self.name}/{p}/{i}" for p in g.pools for i in range(len(self.pools[p]))]
+                internals.gates[f"{self.name}/{g.name}"] = (names, weights)
+        if internals is not None:
+            internals.experts.update({f"{self.name}/{p}": o for p, o in outputs.items()})
+        return new
