@@ -1,0 +1,193 @@
+"""The zoo: every model and config, HoME's mechanisms and masks, by construction."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from features.config import TaskSpec
+from features.state import InputSpec
+from ranker.experts import FeatureGate
+from ranker.loss import masked_bce
+from ranker.models import PLE, AdaTT, HoME, MultiTaskModel
+from tests.conftest import CONFIGS
+
+INPUTS = InputSpec(("user", "item", "hour"), (40, 60, 24), (8, 8, 4), ("age", "duration"))
+TASKS = (
+    TaskSpec("click", "click", "watch"),
+    TaskSpec("long_view", "long_view", "watch"),
+    TaskSpec("like", "like", "interaction"),
+    TaskSpec("comment", "comment", "interaction"),
+)
+SMALL = {"expert_hidden": [16, 8], "tower_hidden": [8]}
+MODEL_CONFIGS = sorted((CONFIGS / "model").glob("*.yaml"))
+
+
+def from_config(path: Path, **overrides: object) -> MultiTaskModel:
+    """The network a model config describes (what LightningCLI builds), on the test inputs."""
+    network = yaml.safe_load(path.read_text())["model"]["network"]
+    module, _, name = network["class_path"].rpartition(".")
+    kwargs = {**network.get("init_args", {}), **overrides}
+    return getattr(importlib.import_module(module), name)(INPUTS, TASKS, **kwargs)
+
+
+def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cat = torch.stack([torch.randint(0, c, (n,), generator=g) for c in INPUTS.cardinalities], 1)
+    return cat, torch.randn(n, INPUTS.num_numeric, generator=g)
+
+
+def small(path: Path) -> MultiTaskModel:
+    overrides = dict(SMALL)
+    if "shared_bottom" in path.name:
+        overrides = {"bottom_hidden": [16, 8], "tower_hidden": [8]}
+    return from_config(path, **overrides)
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_builds_with_the_signature(path: Path) -> None:
+    model = from_config(path)
+    cat, num = batch()
+    logits = model(cat, num)
+    assert logits.shape == (32, len(TASKS)) and torch.isfinite(logits).all()
+    again, internals = model.forward_with_internals(cat, num)
+    torch.testing.assert_close(logits, again)
+    for name, (experts, weights) in internals.gates.items():
+        assert weights.shape == (32, len(experts)), name
+        torch.testing.assert_close(weights.sum(1), torch.ones(32))
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_gradient_reaches_every_parameter(path: Path) -> None:
+    model = small(path)
+    cat, num = batch()
+    first_step = {}
+    for step in range(2):
+        model.zero_grad()
+        model(cat, num).sum().backward()
+        for name, p in model.named_parameters():
+            if step == 0:
+                first_step[name] = p.grad is not None and bool(p.grad.to_dense().abs().sum() > 0)
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * 0.1)  # a step away from the initialisation
+    for name, p in model.named_parameters():
+        reached = first_step[name] or bool(p.grad.to_dense().abs().sum() > 0)
+        # The feature gate's B gets gradient once A has left zero (LoRA), i.e. from step 2.
+        assert reached, f"no gradient reached {name}"
+
+
+def test_every_expert_gate_and_feature_gate_gets_gradient_at_the_first_step() -> None:
+    model = from_config(CONFIGS / "model" / "home.yaml", **SMALL)
+    model(*batch()).sum().backward()
+    for name, p in model.named_parameters():
+        if "embedding" in name or name.endswith("down.weight"):
+            continue  # sparse rows / the gate's B, zero-gradient while A = 0 by design
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_feature_gate_is_the_identity_at_initialisation() -> None:
+    gate = FeatureGate(12, rank=3)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(gate(x), x)
+    model = from_config(CONFIGS / "model" / "home.yaml", **SMALL)
+    gates = [m for m in model.modules() if isinstance(m, FeatureGate)]
+    assert len(gates) == sum(len(pool) for layer in model.layers for pool in layer.pools.values())
+
+
+def perturb(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+
+
+def test_home_task_gates_never_see_another_groups_experts() -> None:
+    model = from_config(CONFIGS / "model" / "home.yaml", **SMALL).eval()
+    cat, num = batch()
+    _, internals = model.forward_with_internals(cat, num)
+    watch, interaction = ("click", "long_view"), ("like", "comment")
+    for task in watch:
+        experts = internals.gates[f"task/task:{task}"][0]
+        assert not [e for e in experts if "interaction" in e or any(t in e for t in interaction)]
+        assert {e.split("/")[1] for e in experts} == {f"task:{task}", "group:watch", "shared"}
+    for group, other in (("watch", "interaction"), ("interaction", "watch")):
+        experts = internals.gates[f"meta/group:{group}"][0]
+        assert {e.split("/")[1] for e in experts} == {"shared", f"group:{group}"}
+        assert not [e for e in experts if other in e]
+    assert len(internals.gates["meta/shared"][0]) == 2 + 2 + 2  # the shared gate sees all
+    # Changing the interaction group's task-layer experts leaves the watch tasks untouched.
+    before = model(cat, num)
+    task_layer = model.layers[1]
+    perturb(task_layer.pools["group:interaction"])
+    perturb(task_layer.pools["task:like"])
+    after = model(cat, num)
+    torch.testing.assert_close(after[:, :2], before[:, :2])
+    assert not torch.allclose(after[:, 2], before[:, 2])
+
+
+def test_home_with_every_switch_off_is_a_flat_cgc() -> None:
+    sizes = {"shared_experts": 2, "task_experts": 1, **SMALL, "activation": "relu"}
+    home = HoME(
+        INPUTS,
+        TASKS,
+        group_experts=2,
+        expert_norm=False,
+        hierarchy=False,
+        feature_gate_rank=0,
+        self_gate=False,
+        **sizes,
+    )
+    cgc = PLE(INPUTS, TASKS, levels=1, **sizes)
+    home_params, cgc_params = home.state_dict(), cgc.state_dict()
+    assert [v.shape for v in home_params.values()] == [v.shape for v in cgc_params.values()]
+    home.load_state_dict(dict(zip(home_params, cgc_params.values(), strict=True)))
+    cat, num = batch()
+    torch.testing.assert_close(home(cat, num), cgc(cat, num))
+
+
+def test_batchnorm_experts_behave_in_eval_mode() -> None:
+    model = from_config(CONFIGS / "model" / "home.yaml", **SMALL)
+    cat, num = batch(64)
+    for _ in range(3):
+        model(cat, num)  # training mode: running statistics move
+    model.eval()
+    whole = model(cat, num)
+    alone = torch.cat([model(cat[i : i + 1], num[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(whole[:4], alone)  # a row's score does not depend on its batch
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(n.num_batches_tracked > 0 for n in norms)
+
+
+def test_adatt_gates_fuse_every_tasks_experts_with_a_native_residual() -> None:
+    model = AdaTT(INPUTS, TASKS, levels=2, task_experts=2, shared_experts=1, **SMALL)
+    _, internals = model.forward_with_internals(*batch())
+    experts = internals.gates["level0/task:click"][0]
+    assert len(experts) == len(TASKS) * 2 + 1
+    assert "level0/shared" in internals.gates and "level1/shared" not in internals.gates
+    assert set(model.levels[0].residuals) == {*(f"task:{t.name}" for t in TASKS), "shared"}
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_a_few_steps_lower_the_loss(path: Path) -> None:
+    torch.manual_seed(0)
+    model = small(path)
+    cat, num = batch(256, seed=1)
+    labels = torch.stack(
+        [cat[:, 0] % 2 == 0, cat[:, 1] % 3 == 0, num[:, 0] > 1, num[:, 1] > 0.5], 1
+    ).float()
+    sparse = list(model.embedding.parameters())
+    dense = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+    optimizers = [torch.optim.AdamW(dense, lr=1e-2), torch.optim.SparseAdam(sparse, lr=1e-2)]
+    losses = []
+    for _ in range(40):
+        loss, _ = masked_bce(model(cat, num), labels, torch.ones(len(TASKS)))
+        losses.append(loss.item())
+        for opt in optimizers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+    assert losses[-1] < 0.7 * losses[0]
