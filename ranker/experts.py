@@ -43,59 +43,74 @@ class Internals:
 
 
 class FeatureGate(nn.Module):
-    """HoME's feature gate: ``x * 2 * sigmoid(x B A)`` with a rank-``r`` ``B A``.
+    """HoME's feature gate for ``n`` experts: ``x_k = x * 2 * sigmoid(x B_k A_k)``, rank ``r``.
 
-    ``A`` starts at zero, so the gate starts as the identity (``2 * sigmoid(0) = 1``) and each
-    expert learns its own view of the input from there.
+    ``A_k`` starts at zero, so every gate starts as the identity (``2 * sigmoid(0) = 1``) and
+    each expert learns its own view of the input from there. ``[B, D] -> [B, n, D]``.
     """
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, num_experts: int = 1) -> None:
         super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)  # B
-        self.up = nn.Linear(rank, dim, bias=False)  # A
-        nn.init.zeros_(self.up.weight)
+        self.down = nn.Parameter(torch.empty(num_experts, dim, rank))  # B_k
+        self.up = nn.Parameter(torch.zeros(num_experts, rank, dim))  # A_k
+        nn.init.uniform_(self.down, -(dim**-0.5), dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 2 * torch.sigmoid(self.up(self.down(x)))
+        low = torch.einsum("bd,ndr->bnr", x, self.down)
+        return x.unsqueeze(1) * 2 * torch.sigmoid(torch.einsum("bnr,nrd->bnd", low, self.up))
 
 
-class Expert(nn.Sequential):
-    """Linear layers with an activation after each; ``normalize`` puts BatchNorm before it."""
+class ExpertPool(nn.Module):
+    """``n`` experts on the same input, computed together: ``[B, D_in] -> [B, n, D]``.
+
+    Each expert is a stack of ``Linear -> (BatchNorm) -> activation`` layers; ``normalize`` is
+    HoME's expert normalisation. The ``n`` experts' weights are stacked so a layer is one
+    batched matmul for the whole pool, not ``n`` small ones.
+    """
 
     def __init__(
         self,
+        num_experts: int,
         input_dim: int,
         hidden: Sequence[int],
         activation: str = "relu",
         normalize: bool = False,
         feature_gate_rank: int = 0,
     ) -> None:
-        layers: list[nn.Module] = []
-        if feature_gate_rank:
-            layers.append(FeatureGate(input_dim, feature_gate_rank))
+        super().__init__()
+        self.num_experts = num_experts
+        self.feature_gate = (
+            FeatureGate(input_dim, feature_gate_rank, num_experts) if feature_gate_rank else None
+        )
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.norms = nn.ModuleList()
         for width in hidden:
-            layers.append(nn.Linear(input_dim, width))
-            if normalize:
-                layers.append(nn.BatchNorm1d(width))
-            layers.append(ACTIVATIONS[activation]())
+            bound = input_dim**-0.5  # nn.Linear's default initialisation, per expert
+            self.weights.append(nn.Parameter(torch.empty(num_experts, input_dim, width)))
+            self.biases.append(nn.Parameter(torch.empty(num_experts, width)))
+            nn.init.uniform_(self.weights[-1], -bound, bound)
+            nn.init.uniform_(self.biases[-1], -bound, bound)
+            # One BatchNorm over all n * width features = a BatchNorm per expert.
+            self.norms.append(nn.BatchNorm1d(num_experts * width) if normalize else nn.Identity())
             input_dim = width
-        super().__init__(*layers)
+        self.activation = ACTIVATIONS[activation]()
         self.output_dim = input_dim
 
-
-class ExpertPool(nn.Module):
-    """``n`` experts on the same input: ``[B, D_in] -> [B, n, D]``."""
-
-    def __init__(self, num_experts: int, input_dim: int, **expert: object) -> None:
-        super().__init__()
-        self.experts = nn.ModuleList(Expert(input_dim, **expert) for _ in range(num_experts))
-        self.output_dim = self.experts[0].output_dim
-
     def __len__(self) -> int:
-        return len(self.experts)
+        return self.num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([expert(x) for expert in self.experts], dim=1)
+        if self.feature_gate is not None:
+            h = torch.einsum("bnd,ndh->bnh", self.feature_gate(x), self.weights[0])
+        else:
+            h = torch.einsum("bd,ndh->bnh", x, self.weights[0])
+        for layer, (bias, norm) in enumerate(zip(self.biases, self.norms, strict=True)):
+            if layer:
+                h = torch.einsum("bnd,ndh->bnh", h, self.weights[layer])
+            h = h + bias
+            h = norm(h.flatten(1)).view_as(h)
+            h = self.activation(h)
+        return h
 
 
 class SelfGate(nn.Module):

@@ -11,7 +11,7 @@ import yaml
 
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.experts import FeatureGate
+from ranker.experts import ExpertPool, FeatureGate
 from ranker.loss import masked_bce
 from ranker.models import PLE, AdaTT, HoME, MultiTaskModel
 from tests.conftest import CONFIGS
@@ -84,18 +84,49 @@ def test_every_expert_gate_and_feature_gate_gets_gradient_at_the_first_step() ->
     model = from_config(CONFIGS / "model" / "home.yaml", **SMALL)
     model(*batch()).sum().backward()
     for name, p in model.named_parameters():
-        if "embedding" in name or name.endswith("down.weight"):
+        if "embedding" in name or name.endswith("feature_gate.down"):
             continue  # sparse rows / the gate's B, zero-gradient while A = 0 by design
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_feature_gate_is_the_identity_at_initialisation() -> None:
-    gate = FeatureGate(12, rank=3)
+    gate = FeatureGate(12, rank=3, num_experts=4)
     x = torch.randn(5, 12)
-    torch.testing.assert_close(gate(x), x)
+    torch.testing.assert_close(gate(x), x.unsqueeze(1).expand(5, 4, 12))
     model = from_config(CONFIGS / "model" / "home.yaml", **SMALL)
-    gates = [m for m in model.modules() if isinstance(m, FeatureGate)]
-    assert len(gates) == sum(len(pool) for layer in model.layers for pool in layer.pools.values())
+    pools = [pool for layer in model.layers for pool in layer.pools.values()]
+    assert all(p.feature_gate is not None and p.feature_gate.up.shape[0] == len(p) for p in pools)
+    with torch.no_grad():
+        gate.up.normal_()
+    views = gate(x)
+    assert not torch.allclose(views[:, 0], views[:, 1])  # each expert its own view
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_pool_computes_each_expert_as_its_own_mlp(normalize: bool) -> None:
+    torch.manual_seed(0)
+    pool = ExpertPool(
+        3, 10, hidden=(7, 5), activation="swish", normalize=normalize, feature_gate_rank=2
+    )
+    with torch.no_grad():
+        pool.feature_gate.up.normal_()
+    x = torch.randn(16, 10)
+    out = pool(x)
+    assert out.shape == (16, 3, 5)
+    for k in range(3):  # expert k, written out on its own
+        g = pool.feature_gate
+        h = x * 2 * torch.sigmoid(x @ g.down[k] @ g.up[k])
+        for layer in range(2):
+            h = h @ pool.weights[layer][k] + pool.biases[layer][k]
+            if normalize:
+                width = h.shape[1]
+                norm = pool.norms[layer]
+                mean, var = h.mean(0), h.var(0, unbiased=False)
+                h = (h - mean) / torch.sqrt(var + norm.eps)
+                h = h * norm.weight[k * width : (k + 1) * width]
+                h = h + norm.bias[k * width : (k + 1) * width]
+            h = torch.nn.functional.silu(h)
+        torch.testing.assert_close(out[:, k], h)
 
 
 def perturb(module: torch.nn.Module) -> None:
