@@ -55,8 +55,6 @@ def train(model: str, seed: int, args: argparse.Namespace) -> None:
         str(args.epochs),
         "--seed_everything",
         str(seed),
-        "--trainer.enable_progress_bar",
-        "false",
         "--trainer.logger.init_args.experiment_name",
         args.experiment,
         "--trainer.logger.init_args.run_name",

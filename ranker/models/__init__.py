@@ -1,5 +1,13 @@
 """The model zoo. Every model: ``forward(cat [B, F_cat], num [B, F_num]) -> logits [B, T]``."""
 
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from features.config import TaskSpec
+from features.state import InputSpec
 from ranker.models.adatt import AdaTT
 from ranker.models.base import MultiTaskModel
 from ranker.models.home import HoME
@@ -7,4 +15,14 @@ from ranker.models.mmoe import MMoE
 from ranker.models.ple import PLE
 from ranker.models.shared_bottom import SharedBottom
 
-__all__ = ["PLE", "AdaTT", "HoME", "MMoE", "MultiTaskModel", "SharedBottom"]
+__all__ = ["PLE", "AdaTT", "HoME", "MMoE", "MultiTaskModel", "SharedBottom", "build"]
+
+
+def build(
+    network: Mapping[str, Any], inputs: InputSpec, tasks: Sequence[TaskSpec], **overrides: Any
+) -> MultiTaskModel:
+    """The model a ``model.network`` config block (``class_path`` + ``init_args``) describes,
+    as LightningCLI builds it, for code that has no CLI (benchmarks, tests, loading)."""
+    module, _, name = network["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(inputs, tasks, **{**network.get("init_args", {}), **overrides})

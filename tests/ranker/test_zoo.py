@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.experts import ExpertPool, FeatureGate
 from ranker.loss import masked_bce
-from ranker.models import PLE, AdaTT, HoME, MultiTaskModel
+from ranker.models import PLE, AdaTT, HoME, MultiTaskModel, build
 from tests.conftest import CONFIGS
 
 INPUTS = InputSpec(("user", "item", "hour"), (40, 60, 24), (8, 8, 4), ("age", "duration"))
@@ -30,9 +29,7 @@ MODEL_CONFIGS = sorted((CONFIGS / "model").glob("*.yaml"))
 def from_config(path: Path, **overrides: object) -> MultiTaskModel:
     """The network a model config describes (what LightningCLI builds), on the test inputs."""
     network = yaml.safe_load(path.read_text())["model"]["network"]
-    module, _, name = network["class_path"].rpartition(".")
-    kwargs = {**network.get("init_args", {}), **overrides}
-    return getattr(importlib.import_module(module), name)(INPUTS, TASKS, **kwargs)
+    return build(network, INPUTS, TASKS, **overrides)
 
 
 def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
