@@ -1,4 +1,4 @@
-"""Building blocks every model of the zoo is made of: the fused embedding, an MLP, a gate."""
+"""Building blocks of the zoo: the fused embedding, an MLP, a tower, the gated mix."""
 
 from __future__ import annotations
 
@@ -79,17 +79,6 @@ class Tower(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).squeeze(-1)
-
-
-class Gate(nn.Module):
-    """Softmax weights over ``num_experts`` experts, from the gate's input."""
-
-    def __init__(self, input_dim: int, num_experts: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(input_dim, num_experts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.linear(x), dim=-1)
 
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
