@@ -97,7 +97,7 @@ def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table
         if not values:
             return "-"
         mean = f"{np.mean(values):.4f}"
-        return mean if len(values) == 1 else f"{mean}±{np.std(values):.4f}"
+        return mean if len(values) == 1 else f"{mean}±{np.std(values):.3f}"
 
     for model in args.models:
         runs = by_model.get(model, [])
@@ -126,6 +126,20 @@ def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table
     return out
 
 
+def markdown(result: Table) -> str:
+    """The same table as markdown, for RESULTS.md."""
+    header = [str(c.header) for c in result.columns]
+    cells = [[str(v) for v in c.cells] for c in result.columns]
+    lines = [
+        f"**{result.title}**",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in zip(*cells, strict=True)]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", type=Path, default=ROOT / "configs/data/synthetic.yaml")
@@ -138,6 +152,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="zoo")
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables too")
     args = parser.parse_args()
     config = DatasetConfig.from_yaml(args.dataset)
     if args.log and not args.log.exists():
@@ -147,7 +162,10 @@ def main() -> None:
             for seed in args.seeds:
                 train(model, seed, args)
     for metric in ("auc", "gauc"):
-        wide_console().print(table(args, config.task_names, metric))
+        result = table(args, config.task_names, metric)
+        wide_console().print(result)
+        if args.markdown:
+            print(markdown(result))
     if config.name == "kuairand":
         wide_console().print(KUAIRAND_BIAS)
 
