@@ -1,0 +1,434 @@
+"""Expert health: the three anomalies HoME (Wang et al., arXiv 2408.05430) names, measured.
+
+HoME reports three ways a multi-gate mixture of experts goes wrong in production:
+
+* **Expert collapse**: an expert's output distribution drifts away from its peers' (ReLU
+  experts with more than 90% exact zeros, or outputs on a very different scale), so the gates
+  stop weighing the experts fairly and some experts die.
+* **Expert degradation**: a *shared* expert ends up used by one task only, i.e. it has
+  degenerated into that task's specific expert and shares nothing.
+* **Expert underfitting**: a sparse task's gate ignores its own specific experts and takes
+  almost everything from the shared ones, so its own experts never learn.
+
+This module measures them on a held-out split from the ``Internals`` a model records
+(``MultiTaskModel.forward_with_internals``):
+
+``ExpertStats``
+    A streaming accumulator. Per expert (each ``i`` of each pool ``"<layer>/<pool>"``): the
+    number of output elements seen, how many are exactly ``0``, and their sum, sum of squares
+    and sum of squared deviations (float64, merged across batches with Chan et al.'s pairwise
+    update, so the mean and the population std (``ddof=0``) over *all* its output elements are
+    exact whatever the batching, and a constant expert has std exactly 0). Per gate
+    ``"<layer>/<gate>"``: the sum over rows of its weights ``[E]`` and the row count.
+
+``collect(model, batches)``
+    Runs the model in eval mode without gradients over the batches and accumulates the stats.
+
+``health(stats, tasks, ...)`` -> ``HealthReport``, with these definitions:
+
+* collapse (per expert): ``zero_share > zero_share_limit`` (default 0.9), or its std is more
+  than ``scale_ratio_limit`` (default 10) times smaller or larger than the median std of the
+  experts of its layer (all pools of that layer, itself included; compared only when the layer
+  has at least 3 experts and the median is positive); an expert with std 0 (constant output)
+  is always collapsed.
+* gate matrix: ``weights[t, e]`` is task t's mean gate weight on expert e (0 where its gate
+  does not see e). Only task gates (``"<layer>/task:<name>"``) count; when a task has task
+  gates on several layers (PLE and AdaTT levels) the **last** layer's gate is used: the one
+  whose output feeds the task's tower. Tasks without a task gate (Shared-Bottom) have no row.
+* degradation (per shared expert, i.e. an expert of a pool named ``"shared"`` that appears in
+  a task gate): ``share = max_t w[t, e] / sum_t w[t, e]``; degraded when
+  ``share > degradation_limit`` (default 0.8) and at least 2 task gates see the expert.
+* underfitting (per task): ``own_mass`` = mean total gate weight on the task's own experts
+  (pool ``"task:<name>"`` of its gate's layer; NaN when it has none, e.g. MMoE);
+  ``uniform_mass`` = (#own experts) / (#experts its gate sees); underfitting when
+  ``own_mass < underfit_fraction * uniform_mass`` (default: less than half an even share).
+  The task's positive rate, when given, is reported beside it: underfitting is expected to hit
+  the sparse tasks.
+
+Everything is vectorised per pool / gate; nothing here reads or writes files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ranker.experts import Internals
+from ranker.models.base import MultiTaskModel
+
+__all__ = [
+    "ExpertRow",
+    "ExpertStats",
+    "HealthReport",
+    "SharedExpertRow",
+    "TaskRow",
+    "collect",
+    "health",
+]
+
+_NAN = float("nan")
+
+
+def _reduce_device(x: torch.Tensor) -> torch.Tensor:
+    """Detached float64 view of ``x`` on a device that has float64 (MPS has not: CPU)."""
+    x = x.detach()
+    if x.device.type == "mps":
+        x = x.cpu()
+    return x.to(torch.float64)
+
+
+class ExpertStats:
+    """Streaming per-expert and per-gate statistics over batches; see the module docstring.
+
+    Per pool ``"<layer>/<pool>"`` (arrays of length n, the pool's experts): ``count``
+    (elements), ``zeros`` (elements exactly 0), ``sum``, ``sum_sq`` and ``m2`` (sum of squared
+    deviations from the mean, the stable way to the std). Per gate ``"<layer>/<gate>"``:
+    ``gate_experts`` (expert names), ``gate_sum`` ``[E]`` and ``gate_rows``.
+    """
+
+    def __init__(self) -> None:
+        self.count: dict[str, np.ndarray] = {}
+        self.zeros: dict[str, np.ndarray] = {}
+        self.sum: dict[str, np.ndarray] = {}
+        self.sum_sq: dict[str, np.ndarray] = {}
+        self.m2: dict[str, np.ndarray] = {}
+        self.gate_experts: dict[str, list[str]] = {}
+        self.gate_sum: dict[str, np.ndarray] = {}
+        self.gate_rows: dict[str, int] = {}
+        self.batches = 0
+
+    def update(self, internals: Internals) -> None:
+        """Add one batch's expert outputs and gate weights."""
+        for key, out in internals.experts.items():
+            if out.dim() != 3:
+                raise ValueError(f"expert output {key!r} must be [B, n, D], got {tuple(out.shape)}")
+            x = _reduce_device(out)
+            b, n, d = x.shape
+            cnt = b * d
+            total = x.sum(dim=(0, 2))
+            mean_b = total / cnt if cnt else torch.zeros_like(total)
+            m2_b = (x - mean_b[None, :, None]).square().sum(dim=(0, 2))
+            zeros = (x == 0).sum(dim=(0, 2))
+            sum_sq = x.square().sum(dim=(0, 2))
+            total, m2_b, sum_sq = (t.cpu().numpy() for t in (total, m2_b, sum_sq))
+            zeros = zeros.cpu().numpy().astype(np.int64)
+            if key not in self.count:
+                self.count[key] = np.zeros(n, dtype=np.int64)
+                self.zeros[key] = np.zeros(n, dtype=np.int64)
+                self.sum[key] = np.zeros(n)
+                self.sum_sq[key] = np.zeros(n)
+                self.m2[key] = np.zeros(n)
+            elif self.count[key].shape[0] != n:
+                raise ValueError(f"pool {key!r} had {self.count[key].shape[0]} experts, now {n}")
+            if cnt == 0:
+                continue
+            # Chan et al.: merge (n_a, mean_a, M2_a) with the batch's (n_b, mean_b, M2_b).
+            n_a = self.count[key].astype(np.float64)
+            mean_a = np.divide(self.sum[key], n_a, out=np.zeros(n), where=n_a > 0)
+            delta = total / cnt - mean_a
+            self.m2[key] += m2_b + delta**2 * n_a * cnt / (n_a + cnt)
+            self.count[key] += cnt
+            self.zeros[key] += zeros
+            self.sum[key] += total
+            self.sum_sq[key] += sum_sq
+        for key, (names, weights) in internals.gates.items():
+            w = _reduce_device(weights).sum(dim=0).cpu().numpy()
+            if key not in self.gate_sum:
+                self.gate_experts[key] = list(names)
+                self.gate_sum[key] = np.zeros(len(names))
+                self.gate_rows[key] = 0
+            elif self.gate_experts[key] != list(names):
+                raise ValueError(f"gate {key!r} changed its experts between batches")
+            self.gate_sum[key] += w
+            self.gate_rows[key] += int(weights.shape[0])
+        self.batches += 1
+
+    @property
+    def pools(self) -> list[str]:
+        return list(self.count)
+
+    @property
+    def gates(self) -> list[str]:
+        return list(self.gate_sum)
+
+    def expert_names(self, pool: str) -> list[str]:
+        return [f"{pool}/{i}" for i in range(self.count[pool].shape[0])]
+
+    def zero_share(self, pool: str) -> np.ndarray:
+        c = self.count[pool].astype(np.float64)
+        return np.divide(self.zeros[pool], c, out=np.full(c.shape, _NAN), where=c > 0)
+
+    def mean(self, pool: str) -> np.ndarray:
+        c = self.count[pool].astype(np.float64)
+        return np.divide(self.sum[pool], c, out=np.full(c.shape, _NAN), where=c > 0)
+
+    def std(self, pool: str) -> np.ndarray:
+        """Population std (``ddof=0``) over all output elements of each expert."""
+        c = self.count[pool].astype(np.float64)
+        var = np.divide(self.m2[pool], c, out=np.full(c.shape, _NAN), where=c > 0)
+        return np.sqrt(np.maximum(var, 0.0))
+
+    def gate_mean(self, gate: str) -> np.ndarray:
+        """Mean weight per expert of the gate, ``[E]`` (rows sum to 1, so this does too)."""
+        rows = self.gate_rows[gate]
+        return self.gate_sum[gate] / rows if rows else np.full(len(self.gate_sum[gate]), _NAN)
+
+
+def collect(
+    model: MultiTaskModel,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    max_batches: int | None = None,
+) -> ExpertStats:
+    """``ExpertStats`` of ``model`` over ``batches`` (``cat, num = batch[0], batch[1]``).
+
+    Runs in eval mode (BatchNorm on running statistics, no dropout) without gradients, at most
+    ``max_batches`` batches; every module's training mode is restored afterwards.
+    """
+    stats = ExpertStats()
+    modes = [(m, m.training) for m in model.modules()]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                cat, num = batch[0].to(device), batch[1].to(device)
+                _, internals = model.forward_with_internals(cat, num)
+                stats.update(internals)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return stats
+
+
+@dataclass
+class ExpertRow:
+    name: str  # "<layer>/<pool>/<i>"
+    layer: str
+    pool: str
+    zero_share: float
+    mean: float
+    std: float
+    collapsed: bool
+    reason: str  # why it is collapsed; "" when it is not
+
+
+@dataclass
+class SharedExpertRow:
+    name: str
+    top_task: str  # the task that takes the largest part of its task-gate weight
+    share: float  # max_t w[t, e] / sum_t w[t, e]
+    tasks_seen: int  # how many task gates see it
+    degraded: bool
+
+
+@dataclass
+class TaskRow:
+    name: str
+    gate: str | None  # the task gate used ("<layer>/task:<name>"); None if it has none
+    own_experts: int
+    seen_experts: int
+    own_mass: float  # mean gate weight on its own experts; NaN without own experts
+    uniform_mass: float  # own_experts / seen_experts
+    positive_rate: float
+    underfitting: bool
+
+
+@dataclass
+class HealthReport:
+    experts: list[ExpertRow]
+    gate_matrix: dict[str, Any]  # tasks, experts, weights [T, E], seen [T, E]
+    shared_experts: list[SharedExpertRow]
+    tasks: list[TaskRow]
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def collapsed(self) -> list[str]:
+        return [r.name for r in self.experts if r.collapsed]
+
+    @property
+    def degraded(self) -> list[str]:
+        return [r.name for r in self.shared_experts if r.degraded]
+
+    @property
+    def underfitting(self) -> list[str]:
+        return [r.name for r in self.tasks if r.underfitting]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: lists and plain numbers, NaN as ``None``."""
+        gm = self.gate_matrix
+        return _clean(
+            {
+                "experts": [asdict(r) for r in self.experts],
+                "gate_matrix": {
+                    "tasks": list(gm["tasks"]),
+                    "experts": list(gm["experts"]),
+                    "weights": np.asarray(gm["weights"]).tolist(),
+                    "seen": np.asarray(gm["seen"]).tolist(),
+                },
+                "shared_experts": [asdict(r) for r in self.shared_experts],
+                "tasks": [asdict(r) for r in self.tasks],
+                "flags": list(self.flags),
+            }
+        )
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _expert_rows(
+    stats: ExpertStats, zero_share_limit: float, scale_ratio_limit: float
+) -> list[ExpertRow]:
+    rows: list[ExpertRow] = []
+    by_layer: dict[str, list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for key in stats.pools:
+        layer, _, pool = key.partition("/")
+        by_layer.setdefault(layer, []).append(
+            (key, pool, stats.zero_share(key), stats.mean(key), stats.std(key))
+        )
+    for layer, pools in by_layer.items():
+        stds = np.concatenate([p[4] for p in pools])
+        median = float(np.median(stds)) if stds.size >= 3 else _NAN
+        compare = stds.size >= 3 and median > 0
+        for key, pool, zero, mean, std in pools:
+            for i, name in enumerate(stats.expert_names(key)):
+                z, m, s = float(zero[i]), float(mean[i]), float(std[i])
+                reasons = []
+                if z > zero_share_limit:
+                    reasons.append(f"{_pct(z)} zero activations")
+                if s == 0:
+                    reasons.append("constant output (std 0)")
+                elif compare and s * scale_ratio_limit < median:
+                    reasons.append(
+                        f"std {median / s:.1f}x smaller than its layer's median {median:.3g}"
+                    )
+                elif compare and s > scale_ratio_limit * median:
+                    reasons.append(
+                        f"std {s / median:.1f}x larger than its layer's median {median:.3g}"
+                    )
+                reason = "; ".join(reasons)
+                rows.append(ExpertRow(name, layer, pool, z, m, s, bool(reasons), reason))
+    return rows
+
+
+def _task_gates(stats: ExpertStats, tasks: Sequence[str]) -> dict[str, str]:
+    """Task name -> its last task gate ``"<layer>/task:<name>"`` (the one feeding its tower)."""
+    chosen: dict[str, str] = {}
+    for gate in stats.gates:  # insertion order = forward order, so the last layer wins
+        _, _, name = gate.partition("/")
+        if name.startswith("task:") and name[len("task:") :] in tasks:
+            chosen[name[len("task:") :]] = gate
+    return {t: chosen[t] for t in tasks if t in chosen}
+
+
+def health(
+    stats: ExpertStats,
+    tasks: Sequence[str],
+    positive_rates: Mapping[str, float] | None = None,
+    zero_share_limit: float = 0.9,
+    scale_ratio_limit: float = 10.0,
+    degradation_limit: float = 0.8,
+    underfit_fraction: float = 0.5,
+) -> HealthReport:
+    """Collapse, degradation and underfitting from ``stats``; see the module docstring.
+
+    ``tasks`` are task names (objects with a ``name``, e.g. ``TaskSpec``, are accepted too);
+    ``positive_rates`` maps task names to their positive rate, reported beside underfitting.
+    """
+    task_names = [getattr(t, "name", t) for t in tasks]
+    rates = dict(positive_rates or {})
+    flags: list[str] = []
+
+    experts = _expert_rows(stats, zero_share_limit, scale_ratio_limit)
+    for r in experts:
+        if r.collapsed:
+            flags.append(f"collapse: {r.name} has {r.reason} (mean {r.mean:.3g}, std {r.std:.3g})")
+
+    # Gate matrix over each task's last task gate.
+    gate_of = _task_gates(stats, task_names)
+    matrix_tasks = list(gate_of)
+    columns: dict[str, int] = {}
+    for gate in gate_of.values():
+        for name in stats.gate_experts[gate]:
+            columns.setdefault(name, len(columns))
+    weights = np.zeros((len(matrix_tasks), len(columns)))
+    seen = np.zeros((len(matrix_tasks), len(columns)), dtype=bool)
+    for t, task in enumerate(matrix_tasks):
+        gate = gate_of[task]
+        idx = np.array([columns[n] for n in stats.gate_experts[gate]], dtype=np.int64)
+        weights[t, idx] = stats.gate_mean(gate)
+        seen[t, idx] = True
+    expert_names = list(columns)
+    gate_matrix = {
+        "tasks": matrix_tasks,
+        "experts": expert_names,
+        "weights": weights,
+        "seen": seen,
+    }
+
+    # Degradation: shared experts taken over by one task.
+    shared: list[SharedExpertRow] = []
+    if matrix_tasks:
+        totals = weights.sum(axis=0)
+        top = weights.argmax(axis=0)
+        shares = np.divide(
+            weights.max(axis=0), totals, out=np.full(totals.shape, _NAN), where=totals > 0
+        )
+        n_seen = seen.sum(axis=0)
+        for e, name in enumerate(expert_names):
+            if name.rsplit("/", 1)[0].partition("/")[2] != "shared":
+                continue
+            share, count = float(shares[e]), int(n_seen[e])
+            degraded = bool(count >= 2 and share > degradation_limit)
+            row = SharedExpertRow(name, matrix_tasks[top[e]], share, count, degraded)
+            shared.append(row)
+            if degraded:
+                flags.append(
+                    f"degradation: shared expert {name} is {_pct(share)} used by "
+                    f"'{row.top_task}' (of its gate weight over {count} tasks)"
+                )
+
+    # Underfitting: a task's gate ignoring its own experts.
+    rows: list[TaskRow] = []
+    for task in task_names:
+        rate = float(rates.get(task, _NAN))
+        gate = gate_of.get(task)
+        if gate is None:
+            rows.append(TaskRow(task, None, 0, 0, _NAN, _NAN, rate, False))
+            continue
+        layer = gate.partition("/")[0]
+        names = stats.gate_experts[gate]
+        own = np.array([n.rsplit("/", 1)[0] == f"{layer}/task:{task}" for n in names])
+        n_own = int(own.sum())
+        own_mass = float(stats.gate_mean(gate)[own].sum()) if n_own else _NAN
+        uniform = n_own / len(names) if names else _NAN
+        under = bool(n_own and own_mass < underfit_fraction * uniform)
+        rows.append(TaskRow(task, gate, n_own, len(names), own_mass, uniform, rate, under))
+        if under:
+            shown = "n/a" if math.isnan(rate) else f"{rate:.3g}"
+            flags.append(
+                f"underfitting: '{task}' (positive rate {shown}) puts {_pct(own_mass)} of its "
+                f"gate weight on its own experts (even share {_pct(uniform)})"
+            )
+
+    return HealthReport(experts, gate_matrix, shared, rows, flags)
