@@ -18,17 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.experts import ExpertLayer, GateSpec, Internals, PoolSpec
-from ranker.layers import Tower
-from ranker.models.base import MultiTaskModel
+from ranker.experts import ExpertLayer, GateSpec, PoolSpec
+from ranker.models.base import ExpertModel
 
 
-class AdaTT(MultiTaskModel):
+class AdaTT(ExpertModel):
     def __init__(
         self,
         inputs: InputSpec,
@@ -46,7 +42,6 @@ class AdaTT(MultiTaskModel):
             raise ValueError("AdaTT needs levels >= 1 and task_experts >= 1")
         residual = "native" if native_residual else None
         modules = [*self.task_keys, "shared"] if shared_experts else list(self.task_keys)
-        self.levels = nn.ModuleList()
         dims = {"x": self.input_dim}
         for j in range(levels):
             source = {k: "x" if j == 0 else k for k in modules}
@@ -57,15 +52,6 @@ class AdaTT(MultiTaskModel):
             fused = list(self.task_keys) if j == levels - 1 else modules
             gates = [GateSpec(k, (source[k],), every, residual, own=k) for k in fused]
             layer = ExpertLayer(f"level{j}", pools, gates, dims, expert_hidden, activation)
-            self.levels.append(layer)
+            self.layers.append(layer)
             dims = dict.fromkeys(modules, layer.output_dim)
-        self.towers = nn.ModuleList(
-            Tower(self.levels[-1].output_dim, tower_hidden, activation) for _ in self.tasks
-        )
-
-    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
-        reps = {"x": x}
-        for level in self.levels:
-            reps = level(reps, internals)
-        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
-        return torch.stack(logits, dim=1)
+        self.add_towers(tower_hidden, activation)

@@ -10,7 +10,7 @@ from torch import nn
 from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.experts import Internals
-from ranker.layers import FusedEmbedding
+from ranker.layers import FusedEmbedding, Tower
 
 
 class MultiTaskModel(nn.Module):
@@ -46,3 +46,26 @@ class MultiTaskModel(nn.Module):
 
     def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
         raise NotImplementedError
+
+
+class ExpertModel(MultiTaskModel):
+    """Experts and gates (MMoE, CGC / PLE, AdaTT, HoME): a stack of ``ExpertLayer``s over the
+    embedded ``x``, then one tower per task on the representation ``task:<name>``.
+
+    Subclasses append their layers to ``self.layers`` and call ``add_towers``.
+    """
+
+    def __init__(self, inputs: InputSpec, tasks: Sequence[TaskSpec]) -> None:
+        super().__init__(inputs, tasks)
+        self.layers = nn.ModuleList()
+
+    def add_towers(self, hidden: Sequence[int], activation: str) -> None:
+        width = self.layers[-1].output_dim
+        self.towers = nn.ModuleList(Tower(width, hidden, activation) for _ in self.tasks)
+
+    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
+        reps = {"x": x}
+        for layer in self.layers:
+            reps = layer(reps, internals)
+        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
+        return torch.stack(logits, dim=1)

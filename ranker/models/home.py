@@ -31,17 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.experts import ExpertLayer, GateSpec, Internals, PoolSpec
-from ranker.layers import Tower
-from ranker.models.base import MultiTaskModel
+from ranker.experts import ExpertLayer, GateSpec, PoolSpec
+from ranker.models.base import ExpertModel
 
 
-class HoME(MultiTaskModel):
+class HoME(ExpertModel):
     def __init__(
         self,
         inputs: InputSpec,
@@ -66,7 +62,6 @@ class HoME(MultiTaskModel):
             "feature_gate_rank": feature_gate_rank,
         }
         residual = "self_gate" if self_gate else None
-        self.layers = nn.ModuleList()
         if hierarchy:
             meta = ExpertLayer(
                 "meta",
@@ -103,13 +98,4 @@ class HoME(MultiTaskModel):
             gates = [GateSpec(k, ("x",), (k, "shared"), residual, own=k) for k in self.task_keys]
             dims = {"x": self.input_dim}
         self.layers.append(ExpertLayer("task", pools, gates, dims, **expert))
-        self.towers = nn.ModuleList(
-            Tower(self.layers[-1].output_dim, tower_hidden, activation) for _ in self.tasks
-        )
-
-    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
-        reps = {"x": x}
-        for layer in self.layers:
-            reps = layer(reps, internals)
-        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
-        return torch.stack(logits, dim=1)
+        self.add_towers(tower_hidden, activation)

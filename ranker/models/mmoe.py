@@ -14,17 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.experts import ExpertLayer, GateSpec, Internals, PoolSpec
-from ranker.layers import Tower
-from ranker.models.base import MultiTaskModel
+from ranker.experts import ExpertLayer, GateSpec, PoolSpec
+from ranker.models.base import ExpertModel
 
 
-class MMoE(MultiTaskModel):
+class MMoE(ExpertModel):
     def __init__(
         self,
         inputs: InputSpec,
@@ -35,19 +31,14 @@ class MMoE(MultiTaskModel):
         activation: str = "relu",
     ) -> None:
         super().__init__(inputs, tasks)
-        self.layer = ExpertLayer(
-            "mmoe",
-            pools=[PoolSpec("shared", ("x",), num_experts)],
-            gates=[GateSpec(key, ("x",), ("shared",)) for key in self.task_keys],
-            input_dims={"x": self.input_dim},
-            expert_hidden=expert_hidden,
-            activation=activation,
+        self.layers.append(
+            ExpertLayer(
+                "mmoe",
+                pools=[PoolSpec("shared", ("x",), num_experts)],
+                gates=[GateSpec(key, ("x",), ("shared",)) for key in self.task_keys],
+                input_dims={"x": self.input_dim},
+                expert_hidden=expert_hidden,
+                activation=activation,
+            )
         )
-        self.towers = nn.ModuleList(
-            Tower(self.layer.output_dim, tower_hidden, activation) for _ in self.tasks
-        )
-
-    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
-        reps = self.layer({"x": x}, internals)
-        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
-        return torch.stack(logits, dim=1)
+        self.add_towers(tower_hidden, activation)

@@ -20,17 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.experts import ExpertLayer, GateSpec, Internals, PoolSpec
-from ranker.layers import Tower
-from ranker.models.base import MultiTaskModel
+from ranker.experts import ExpertLayer, GateSpec, PoolSpec
+from ranker.models.base import ExpertModel
 
 
-class PLE(MultiTaskModel):
+class PLE(ExpertModel):
     def __init__(
         self,
         inputs: InputSpec,
@@ -45,7 +41,6 @@ class PLE(MultiTaskModel):
         super().__init__(inputs, tasks)
         if levels < 1:
             raise ValueError(f"PLE needs at least one level, got {levels}")
-        self.levels = nn.ModuleList()
         dims = {"x": self.input_dim}
         for j in range(levels):
             # Level 0 reads the embedded input; level j > 0 the same-named output of level j-1.
@@ -56,15 +51,6 @@ class PLE(MultiTaskModel):
             if j < levels - 1:
                 gates.append(GateSpec("shared", (source["shared"],), (*self.task_keys, "shared")))
             layer = ExpertLayer(f"level{j}", pools, gates, dims, expert_hidden, activation)
-            self.levels.append(layer)
+            self.layers.append(layer)
             dims = dict.fromkeys([*self.task_keys, "shared"], layer.output_dim)
-        self.towers = nn.ModuleList(
-            Tower(self.levels[-1].output_dim, tower_hidden, activation) for _ in self.tasks
-        )
-
-    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
-        reps = {"x": x}
-        for level in self.levels:
-            reps = level(reps, internals)
-        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
-        return torch.stack(logits, dim=1)
+        self.add_towers(tower_hidden, activation)

@@ -8,30 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from features.config import TaskSpec
-from features.state import InputSpec
 from ranker.diagnostics import ExpertStats, collect, health
 from ranker.experts import Internals
 from ranker.models import PLE, AdaTT, HoME, MMoE, MultiTaskModel, SharedBottom, build
+from tests.ranker.common import INPUTS, SMALL, TASKS, batch
 
-INPUTS = InputSpec(("user", "item", "hour"), (40, 60, 24), (8, 8, 4), ("age", "duration"))
-TASKS = (
-    TaskSpec("click", "click", "watch"),
-    TaskSpec("long_view", "long_view", "watch"),
-    TaskSpec("like", "like", "interaction"),
-    TaskSpec("comment", "comment", "interaction"),
-)
 NAMES = [t.name for t in TASKS]
-SMALL = {"expert_hidden": [16, 8], "tower_hidden": [8]}
 RATES = {"click": 0.3, "long_view": 0.2, "like": 0.02, "comment": 0.008}
 
 
 def batches(count: int = 2, n: int = 48, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(count):
-        cat = torch.stack([torch.randint(0, c, (n,), generator=g) for c in INPUTS.cardinalities], 1)
-        num = torch.randn(n, INPUTS.num_numeric, generator=g)
+    for i in range(count):
+        cat, num = batch(n, seed=seed * 1000 + i)
         out.append((cat, num, torch.rand(n, len(TASKS), generator=g)))
     return out
 
@@ -72,7 +62,7 @@ def test_a_healthy_home_has_no_collapse_and_no_zeros() -> None:
 
 def test_a_dead_expert_is_collapsed_and_only_it() -> None:
     model = mmoe("relu")
-    pool = model.layer.pools["shared"]
+    pool = model.layers[0].pools["shared"]
     with torch.no_grad():
         pool.biases[-1][2].fill_(-1e4)  # every pre-activation of expert 2 negative
     report = report_of(model)
@@ -86,7 +76,7 @@ def test_a_dead_expert_is_collapsed_and_only_it() -> None:
 
 def test_an_expert_on_another_scale_is_collapsed() -> None:
     model = mmoe("relu")
-    pool = model.layer.pools["shared"]
+    pool = model.layers[0].pools["shared"]
     with torch.no_grad():
         pool.weights[-1][1].mul_(1000)
         pool.biases[-1][1].mul_(1000)
@@ -102,7 +92,7 @@ def test_an_expert_on_another_scale_is_collapsed() -> None:
 def test_a_shared_expert_taken_by_one_task_is_degraded(make) -> None:
     model = make()
     assert report_of(model).degraded == []  # unmodified: every shared expert is shared
-    layer = model.layer if isinstance(model, MMoE) else model.levels[-1]
+    layer = model.layers[-1]
     with torch.no_grad():
         for task in NAMES:
             gate = layer.gates[f"task:{task}"]
@@ -133,7 +123,7 @@ def test_a_sparse_task_ignoring_its_own_experts_is_underfitting() -> None:
     assert comment.positive_rate == 0.008 and comment.gate == "level0/task:comment"
 
     with torch.no_grad():
-        model.levels[0].gates["task:comment"].bias[0] = -30.0  # own expert first in CGC
+        model.layers[0].gates["task:comment"].bias[0] = -30.0  # own expert first in CGC
     report = report_of(model)
     assert report.underfitting == ["comment"]
     comment = next(r for r in report.tasks if r.name == "comment")

@@ -8,21 +8,12 @@ import pytest
 import torch
 import yaml
 
-from features.config import TaskSpec
-from features.state import InputSpec
 from ranker.experts import ExpertPool, FeatureGate
 from ranker.loss import masked_bce
 from ranker.models import PLE, AdaTT, HoME, MultiTaskModel, build
 from tests.conftest import CONFIGS
+from tests.ranker.common import INPUTS, SMALL, TASKS, batch
 
-INPUTS = InputSpec(("user", "item", "hour"), (40, 60, 24), (8, 8, 4), ("age", "duration"))
-TASKS = (
-    TaskSpec("click", "click", "watch"),
-    TaskSpec("long_view", "long_view", "watch"),
-    TaskSpec("like", "like", "interaction"),
-    TaskSpec("comment", "comment", "interaction"),
-)
-SMALL = {"expert_hidden": [16, 8], "tower_hidden": [8]}
 MODEL_CONFIGS = sorted((CONFIGS / "model").glob("*.yaml"))
 
 
@@ -30,12 +21,6 @@ def from_config(path: Path, **overrides: object) -> MultiTaskModel:
     """The network a model config describes (what LightningCLI builds), on the test inputs."""
     network = yaml.safe_load(path.read_text())["model"]["network"]
     return build(network, INPUTS, TASKS, **overrides)
-
-
-def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    cat = torch.stack([torch.randint(0, c, (n,), generator=g) for c in INPUTS.cardinalities], 1)
-    return cat, torch.randn(n, INPUTS.num_numeric, generator=g)
 
 
 def small(path: Path) -> MultiTaskModel:
@@ -195,7 +180,7 @@ def test_adatt_gates_fuse_every_tasks_experts_with_a_native_residual() -> None:
     experts = internals.gates["level0/task:click"][0]
     assert len(experts) == len(TASKS) * 2 + 1
     assert "level0/shared" in internals.gates and "level1/shared" not in internals.gates
-    assert set(model.levels[0].residuals) == {*(f"task:{t.name}" for t in TASKS), "shared"}
+    assert set(model.layers[0].residuals) == {*(f"task:{t.name}" for t in TASKS), "shared"}
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
