@@ -17,13 +17,14 @@ import warnings
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from features.config import DatasetConfig, SplitName, TaskSpec
+from features.config import ConfigError, DatasetConfig, SplitName, TaskSpec
 from features.source import LogSource, Piece
 from features.state import Batch, FeatureState, InputSpec
 
@@ -164,6 +165,8 @@ class RankerDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        # In the checkpoint ("datamodule_hyper_parameters"): where the model's data lives.
+        self.save_hyperparameters(logger=False)
         config = DatasetConfig.from_yaml(dataset)
         self.config = config.with_path(log_path) if log_path else config
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -187,6 +190,28 @@ class RankerDataModule(L.LightningDataModule):
 
     def save_state(self, directory: str | Path) -> Path:
         return self.state.save(directory)
+
+    def use_state(self, state: FeatureState) -> None:
+        """Score with a FeatureState fitted earlier (a checkpoint's) instead of refitting."""
+        if [t.name for t in state.tasks] != [t.name for t in self.tasks]:
+            raise ConfigError(
+                f"the feature state predicts {[t.name for t in state.tasks]} but "
+                f"{self.config.source} defines tasks {[t.name for t in self.tasks]}"
+            )
+        self.__dict__["state"] = state  # fills the cached property
+        self._datasets.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every checkpoint: a checkpoint alone can score raw rows (evaluate, export),
+        # and says (as absolute paths) which dataset config and log it was trained on.
+        return {
+            "feature_state": self.state.to_dict(),
+            "dataset": str(self.config.source.resolve()) if self.config.source else None,
+            "log_path": str(self.config.path.resolve()),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.use_state(FeatureState.from_dict(state_dict["feature_state"]))
 
     @cached_property
     def split_pieces(self) -> dict[str, list[Piece]]:

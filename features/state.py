@@ -257,24 +257,35 @@ class FeatureState:
 
     # -- persistence --------------------------------------------------------------------------
 
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        categorical = []
-        for s in self.categorical:
-            entry = asdict(s)
-            if len(s.values) > INLINE_VOCAB_LIMIT:
-                file = f"vocab_{s.name}.parquet"
-                pl.DataFrame({"value": s.values}).write_parquet(directory / file)
-                entry["values"] = file
-            categorical.append(entry)
-        doc = {
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, strings and numbers: JSON-able, and loadable from a weights-only
+        checkpoint (where the DataModule stores it beside the model)."""
+        return {
             "version": 1,
             "user_key": self.user_key,
-            "categorical": categorical,
+            "categorical": [asdict(s) for s in self.categorical],
             "numeric": [asdict(n) for n in self.numeric],
             "tasks": [asdict(t) for t in self.tasks],
         }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> FeatureState:
+        return cls(
+            [CategoricalState(**c) for c in doc["categorical"]],
+            [NumericState(**n) for n in doc["numeric"]],
+            [TaskSpec(**t) for t in doc["tasks"]],
+            doc["user_key"],
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        doc = self.to_dict()
+        for entry in doc["categorical"]:
+            if len(entry["values"]) > INLINE_VOCAB_LIMIT:
+                file = f"vocab_{entry['name']}.parquet"
+                pl.DataFrame({"value": entry["values"]}).write_parquet(directory / file)
+                entry["values"] = file
         path = directory / STATE_FILE
         path.write_text(json.dumps(doc, indent=1))
         return path
@@ -284,14 +295,7 @@ class FeatureState:
         directory = Path(directory)
         path = directory / STATE_FILE if directory.is_dir() else directory
         doc = json.loads(path.read_text())
-        categorical = []
         for entry in doc["categorical"]:
             if isinstance(entry["values"], str):
                 entry["values"] = pl.read_parquet(path.parent / entry["values"])["value"].to_list()
-            categorical.append(CategoricalState(**entry))
-        return cls(
-            categorical,
-            [NumericState(**n) for n in doc["numeric"]],
-            [TaskSpec(**t) for t in doc["tasks"]],
-            doc["user_key"],
-        )
+        return cls.from_dict(doc)

@@ -3,6 +3,8 @@
     ranker synth --out data/synthetic --rows 1000000      # generate a behaviour log
     ranker fit --config configs/trainer.yaml --config configs/model/mmoe.yaml \\
                --data.dataset configs/data/synthetic.yaml  # train, track in MLflow, report
+    ranker evaluate --run <run id | checkpoint> [--split test]  # HTML + markdown report
+    ranker compare <run> <run> ... [--split test]          # side by side, per task
 
 ``fit`` / ``validate`` / ``test`` are LightningCLI subcommands: every model and DataModule
 argument is a flag or a YAML key, checked before anything runs.
@@ -13,12 +15,13 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import CLI
+from jsonargparse import CLI, ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from features.config import ConfigError
+from features.config import SPLITS, ConfigError
 from features.datamodule import RankerDataModule
 from pipelines.report import fit_report, print_report
 from pipelines.tracking import MLflowLogger
@@ -26,7 +29,15 @@ from ranker.module import RankerModule
 
 
 class LogConfigToMLflow(SaveConfigCallback):
-    """Records the resolved config (artifact + flattened params) and the FeatureState."""
+    """Records the resolved config (artifact + flattened params) and the FeatureState, and
+    stamps every checkpoint with its MLflow run (so ``ranker evaluate <ckpt>`` finds it)."""
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        logger = trainer.logger
+        if isinstance(logger, MLflowLogger):
+            checkpoint["mlflow"] = {"run_id": logger.run_id, "tracking_uri": logger.tracking_uri}
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         logger = trainer.logger
@@ -129,11 +140,29 @@ def synth(
     print_synth_summary(frame, path)
 
 
+def compare_cli(args: list[str]) -> None:
+    from pipelines.evaluate import compare
+
+    parser = ArgumentParser(prog="ranker compare", description=compare.__doc__)
+    parser.add_argument("runs", nargs="+", help="MLflow run ids or checkpoint paths (2 or more)")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split to compare on")
+    parser.add_argument("--out", type=Path, default=None, help="report directory")
+    parser.add_argument("--tracking_uri", default=None, help="MLflow store")
+    options = parser.parse_args(args)
+    compare(options.runs, options.split, options.out, options.tracking_uri)
+
+
 def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     try:
         if words and words[0] == "synth":
             CLI(synth, args=words[1:])
+        elif words and words[0] == "evaluate":
+            from pipelines.evaluate import evaluate
+
+            CLI(evaluate, args=words[1:])
+        elif words and words[0] == "compare":
+            compare_cli(words[1:])
         else:
             fit_cli(argv)  # None: LightningCLI reads sys.argv itself
     except ConfigError as err:

@@ -39,10 +39,11 @@ class MLflowLogger(MLFlowLogger):
         checkpoint_dir: str = "checkpoints",
         **kwargs: Any,
     ) -> None:
+        self.tracking_uri = tracking_uri or resolve_tracking_uri()
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
-            tracking_uri=tracking_uri or resolve_tracking_uri(),
+            tracking_uri=self.tracking_uri,
             log_model=log_model,
             **kwargs,
         )

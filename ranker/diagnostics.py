@@ -21,8 +21,9 @@ This module measures them on a held-out split from the ``Internals`` a model rec
     exact whatever the batching, and a constant expert has std exactly 0). Per gate
     ``"<layer>/<gate>"``: the sum over rows of its weights ``[E]`` and the row count.
 
-``collect(model, batches)``
-    Runs the model in eval mode without gradients over the batches and accumulates the stats.
+``observe(model, batches, stats)`` / ``collect(model, batches)``
+    Run the model in eval mode without gradients over the batches and accumulate the stats
+    (``observe`` yields the logits too, for metrics computed in the same pass).
 
 ``health(stats, tasks, ...)`` -> ``HealthReport``, with these definitions:
 
@@ -30,7 +31,8 @@ This module measures them on a held-out split from the ``Internals`` a model rec
   than ``scale_ratio_limit`` (default 10) times smaller or larger than the median std of the
   experts of its layer (all pools of that layer, itself included; compared only when the layer
   has at least 3 experts and the median is positive); an expert with std 0 (constant output)
-  is always collapsed.
+  is always collapsed. A gate of 2+ experts whose mean weight on one expert exceeds
+  ``gate_pin_limit`` (default 0.9) is collapsed too: it is pinned, its other experts starve.
 * gate matrix: ``weights[t, e]`` is task t's mean gate weight on expert e (0 where its gate
   does not see e). Only task gates (``"<layer>/task:<name>"``) count; when a task has task
   gates on several layers (PLE and AdaTT levels) the **last** layer's gate is used: the one
@@ -51,7 +53,7 @@ Everything is vectorised per pool / gate; nothing here reads or writes files.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,11 +66,13 @@ from ranker.models.base import MultiTaskModel
 __all__ = [
     "ExpertRow",
     "ExpertStats",
+    "GateRow",
     "HealthReport",
     "SharedExpertRow",
     "TaskRow",
     "collect",
     "health",
+    "observe",
 ]
 
 _NAN = float("nan")
@@ -89,9 +93,14 @@ class ExpertStats:
     (elements), ``zeros`` (elements exactly 0), ``sum``, ``sum_sq`` and ``m2`` (sum of squared
     deviations from the mean, the stable way to the std). Per gate ``"<layer>/<gate>"``:
     ``gate_experts`` (expert names), ``gate_sum`` ``[E]`` and ``gate_rows``.
+
+    With ``sample_rows > 0`` it also keeps, per pool, the outputs of a uniform random sample
+    of ``sample_rows`` rows (``samples[pool]``, float32 ``[k, n, D]``; reservoir sampling by
+    random keys, so the sample does not depend on how rows were batched): the distribution
+    plots of the evaluation report are drawn from it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sample_rows: int = 0, seed: int = 0) -> None:
         self.count: dict[str, np.ndarray] = {}
         self.zeros: dict[str, np.ndarray] = {}
         self.sum: dict[str, np.ndarray] = {}
@@ -101,6 +110,22 @@ class ExpertStats:
         self.gate_sum: dict[str, np.ndarray] = {}
         self.gate_rows: dict[str, int] = {}
         self.batches = 0
+        self.sample_rows = sample_rows
+        self.samples: dict[str, np.ndarray] = {}
+        self._sample_keys: dict[str, np.ndarray] = {}
+        self._rng = np.random.default_rng(seed)
+
+    def _sample(self, key: str, out: torch.Tensor) -> None:
+        """Keep the rows with the ``sample_rows`` smallest random keys seen so far."""
+        keys = self._rng.random(out.shape[0])
+        # Only the batch's own k smallest keys can enter: copy just those rows off the device.
+        take = np.argsort(keys)[: self.sample_rows]
+        rows = out[torch.from_numpy(take).to(out.device)].detach().float().cpu().numpy()
+        keys = np.concatenate([self._sample_keys.get(key, np.zeros(0)), keys[take]])
+        if key in self.samples:
+            rows = np.concatenate([self.samples[key], rows])
+        keep = np.argsort(keys)[: self.sample_rows]
+        self._sample_keys[key], self.samples[key] = keys[keep], rows[keep]
 
     def update(self, internals: Internals) -> None:
         """Add one batch's expert outputs and gate weights."""
@@ -127,6 +152,8 @@ class ExpertStats:
                 raise ValueError(f"pool {key!r} had {self.count[key].shape[0]} experts, now {n}")
             if cnt == 0:
                 continue
+            if self.sample_rows:
+                self._sample(key, out)
             # Chan et al.: merge (n_a, mean_a, M2_a) with the batch's (n_b, mean_b, M2_b).
             n_a = self.count[key].astype(np.float64)
             mean_a = np.divide(self.sum[key], n_a, out=np.zeros(n), where=n_a > 0)
@@ -179,17 +206,18 @@ class ExpertStats:
         return self.gate_sum[gate] / rows if rows else np.full(len(self.gate_sum[gate]), _NAN)
 
 
-def collect(
+def observe(
     model: MultiTaskModel,
     batches: Iterable[tuple[torch.Tensor, ...]],
+    stats: ExpertStats,
     max_batches: int | None = None,
-) -> ExpertStats:
-    """``ExpertStats`` of ``model`` over ``batches`` (``cat, num = batch[0], batch[1]``).
+) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """Score ``batches`` (``cat, num = batch[0], batch[1]``), adding each batch's internals to
+    ``stats``; yields ``(logits, batch)`` so a caller can compute metrics in the same pass.
 
     Runs in eval mode (BatchNorm on running statistics, no dropout) without gradients, at most
     ``max_batches`` batches; every module's training mode is restored afterwards.
     """
-    stats = ExpertStats()
     modes = [(m, m.training) for m in model.modules()]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -199,12 +227,26 @@ def collect(
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
-                cat, num = batch[0].to(device), batch[1].to(device)
-                _, internals = model.forward_with_internals(cat, num)
+                logits, internals = model.forward_with_internals(
+                    batch[0].to(device), batch[1].to(device)
+                )
                 stats.update(internals)
+                yield logits, batch
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+def collect(
+    model: MultiTaskModel,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    max_batches: int | None = None,
+    sample_rows: int = 0,
+) -> ExpertStats:
+    """``ExpertStats`` of ``model`` over ``batches``; see ``observe``."""
+    stats = ExpertStats(sample_rows=sample_rows)
+    for _ in observe(model, batches, stats, max_batches):
+        pass
     return stats
 
 
@@ -242,16 +284,29 @@ class TaskRow:
 
 
 @dataclass
+class GateRow:
+    name: str  # "<layer>/<gate>"
+    experts: int
+    top_expert: str
+    top_weight: float  # mean weight on its most used expert
+    pinned: bool  # top_weight > gate_pin_limit: the other experts are starved
+
+
+@dataclass
 class HealthReport:
     experts: list[ExpertRow]
     gate_matrix: dict[str, Any]  # tasks, experts, weights [T, E], seen [T, E]
     shared_experts: list[SharedExpertRow]
     tasks: list[TaskRow]
     flags: list[str] = field(default_factory=list)
+    gates: list[GateRow] = field(default_factory=list)
 
     @property
     def collapsed(self) -> list[str]:
-        return [r.name for r in self.experts if r.collapsed]
+        """Collapsed experts, and gates pinned to one expert."""
+        return [r.name for r in self.experts if r.collapsed] + [
+            r.name for r in self.gates if r.pinned
+        ]
 
     @property
     def degraded(self) -> list[str]:
@@ -267,6 +322,7 @@ class HealthReport:
         return _clean(
             {
                 "experts": [asdict(r) for r in self.experts],
+                "gates": [asdict(r) for r in self.gates],
                 "gate_matrix": {
                     "tasks": list(gm["tasks"]),
                     "experts": list(gm["experts"]),
@@ -349,6 +405,7 @@ def health(
     scale_ratio_limit: float = 10.0,
     degradation_limit: float = 0.8,
     underfit_fraction: float = 0.5,
+    gate_pin_limit: float = 0.9,
 ) -> HealthReport:
     """Collapse, degradation and underfitting from ``stats``; see the module docstring.
 
@@ -363,6 +420,19 @@ def health(
     for r in experts:
         if r.collapsed:
             flags.append(f"collapse: {r.name} has {r.reason} (mean {r.mean:.3g}, std {r.std:.3g})")
+    gates = []
+    for gate in stats.gates:
+        mean = stats.gate_mean(gate)
+        top = int(np.argmax(mean))
+        pinned = bool(mean.size >= 2 and mean[top] > gate_pin_limit)
+        gates.append(
+            GateRow(gate, int(mean.size), stats.gate_experts[gate][top], float(mean[top]), pinned)
+        )
+        if pinned:
+            flags.append(
+                f"collapse: gate {gate} puts {_pct(mean[top])} of its weight on "
+                f"{stats.gate_experts[gate][top]} (of {mean.size} experts)"
+            )
 
     # Gate matrix over each task's last task gate.
     gate_of = _task_gates(stats, task_names)
@@ -378,7 +448,17 @@ def health(
         idx = np.array([columns[n] for n in stats.gate_experts[gate]], dtype=np.int64)
         weights[t, idx] = stats.gate_mean(gate)
         seen[t, idx] = True
-    expert_names = list(columns)
+
+    # Columns grouped as the models are drawn: shared, then group pools, then task pools.
+    def column_order(name: str) -> tuple[int, int, int]:
+        pool = name.rsplit("/", 1)[0].partition("/")[2]
+        kind = 0 if pool == "shared" else 1 if pool.startswith("group:") else 2
+        task = task_names.index(pool[5:]) if pool[5:] in task_names else len(task_names)
+        return kind, task if kind == 2 else 0, columns[name]
+
+    expert_names = sorted(columns, key=column_order)
+    order = np.array([columns[n] for n in expert_names], dtype=np.int64)
+    weights, seen = weights[:, order], seen[:, order]
     gate_matrix = {
         "tasks": matrix_tasks,
         "experts": expert_names,
@@ -431,4 +511,4 @@ def health(
                 f"gate weight on its own experts (even share {_pct(uniform)})"
             )
 
-    return HealthReport(experts, gate_matrix, shared, rows, flags)
+    return HealthReport(experts, gate_matrix, shared, rows, flags, gates)

@@ -31,7 +31,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["METRICS", "auc", "calibration", "ece", "gauc", "logloss", "task_metrics"]
+__all__ = [
+    "METRICS",
+    "auc",
+    "calibration",
+    "ece",
+    "gauc",
+    "logloss",
+    "reliability",
+    "task_metrics",
+]
 
 METRICS: tuple[str, ...] = ("auc", "gauc", "logloss", "calibration", "ece")
 
@@ -210,6 +219,34 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     sum_p = np.bincount(idx, weights=p, minlength=bins)
     sum_y = np.bincount(idx, weights=y, minlength=bins)
     return float(np.abs(sum_p - sum_y).sum() / n)
+
+
+def reliability(
+    probs: np.ndarray, labels: np.ndarray, bins: int = 20
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability diagram points: ``(rows, mean prob, mean label)`` per bin.
+
+    Bins hold equal numbers of rows (prediction quantiles: row ``i`` of the sorted predictions
+    goes to bin ``floor(i * bins / N)``), so a rare task's diagram is not one crowded bin near
+    0 as it would be with equal-width bins. Fewer rows than bins give fewer, non-empty bins.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    p = _as_f64(probs, "probs")
+    y = _as_f64(labels, "labels")
+    _check_same_len(p, y)
+    n = p.shape[0]
+    if n == 0:
+        empty = np.zeros(0)
+        return empty.astype(np.int64), empty, empty
+    order = np.argsort(p, kind="stable")
+    idx = np.arange(n) * min(bins, n) // n
+    rows = np.bincount(idx)
+    return (
+        rows,
+        np.bincount(idx, weights=p[order]) / rows,
+        np.bincount(idx, weights=y[order]) / rows,
+    )
 
 
 def _nanmean(values: Sequence[float]) -> float:

@@ -219,3 +219,40 @@ def test_collect_restores_training_mode_and_stops_at_max_batches() -> None:
     model.eval()
     collect(model, batches(1, n=16))
     assert not any(m.training for m in model.modules())
+
+
+def test_a_dead_expert_and_a_pinned_gate_are_collapsed_and_a_healthy_model_is_not() -> None:
+    assert report_of(mmoe()).collapsed == []
+    model = mmoe("relu")
+    with torch.no_grad():
+        model.layers[0].pools["shared"].biases[-1][3].fill_(-1e4)  # every pre-activation < 0
+        gate = model.layers[0].gates["task:click"]
+        gate.weight.zero_()
+        gate.bias.copy_(torch.tensor([0.0, 8.0, 0.0, 0.0]))  # click takes ~99.8% from expert 1
+    report = report_of(model)
+    assert report.collapsed == ["mmoe/shared/3", "mmoe/task:click"]
+    pinned = next(g for g in report.gates if g.pinned)
+    assert pinned.top_expert == "mmoe/shared/1" and pinned.top_weight > 0.99
+    assert any(f.startswith("collapse: gate mmoe/task:click puts 99.") for f in report.flags)
+    assert "gates" in report.to_dict()
+
+
+def test_the_output_sample_is_uniform_rows_and_independent_of_batching() -> None:
+    model = mmoe()
+    data = batches(4, n=40)
+    by_batch = collect(model, data, sample_rows=50)
+    whole = collect(
+        model, [tuple(torch.cat(parts) for parts in zip(*data, strict=True))], sample_rows=50
+    )
+    sample = by_batch.samples["mmoe/shared"]
+    assert sample.shape == (50, 4, 8)
+    np.testing.assert_array_equal(sample, whole.samples["mmoe/shared"])
+    # every sampled row is one of the real output rows, and no row twice
+    model.eval()
+    with torch.no_grad():
+        outputs = torch.cat(
+            [model.forward_with_internals(c, n)[1].experts["mmoe/shared"] for c, n, _ in data]
+        ).numpy()
+    matches = (sample[:, None] == outputs[None]).all(axis=(2, 3))
+    assert (matches.sum(axis=1) == 1).all() and len(set(matches.argmax(axis=1))) == 50
+    assert collect(model, data).samples == {}  # off by default

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ranker.metrics import METRICS, auc, calibration, ece, gauc, logloss, task_metrics
+from ranker.metrics import (
+    METRICS,
+    auc,
+    calibration,
+    ece,
+    gauc,
+    logloss,
+    reliability,
+    task_metrics,
+)
 
 SEEDS = range(12)
 
@@ -274,3 +283,24 @@ def test_task_metrics_shape_validation() -> None:
         task_metrics(np.zeros((3, 2)), np.zeros((3, 2)), np.zeros(3, dtype=np.int64), ["a"])
     with pytest.raises(ValueError):
         task_metrics(np.zeros((3, 1)), np.zeros((3, 1)), np.zeros(2, dtype=np.int64), ["a"])
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 999, 5000])
+def test_reliability_bins_hold_equal_row_counts_of_sorted_predictions(n: int) -> None:
+    rng = np.random.default_rng(n)
+    p = rng.beta(0.5, 20, n)  # a rare task: most predictions near 0
+    y = (rng.random(n) < p).astype(float)
+    rows, pred, rate = reliability(p, y, bins=20)
+    order = np.argsort(p, kind="stable")
+    expected_bins = min(20, n)
+    assert len(rows) == expected_bins and rows.sum() == n and rows.max() - rows.min() <= 1
+    start = 0
+    for b in range(expected_bins):  # the straightforward reference: walk the sorted rows
+        members = order[start : start + rows[b]]
+        assert pred[b] == pytest.approx(p[members].mean())
+        assert rate[b] == pytest.approx(y[members].mean())
+        start += rows[b]
+    assert np.all(np.diff(pred) >= 0)
+    assert (rows * rate).sum() == pytest.approx(y.sum())
+    empty = reliability(np.zeros(0), np.zeros(0))
+    assert all(len(a) == 0 for a in empty)

@@ -1,0 +1,448 @@
+"""``ranker evaluate``: score a trained model on a split and write its evaluation report.
+
+    ranker evaluate --run <MLflow run id | checkpoint path> [--split test]
+
+The checkpoint is self-contained: the model's weights and hyper-parameters, the FeatureState it
+was trained with, and the dataset config and log it read. Evaluation streams the split once:
+each batch's scores feed the per-task metrics and its expert outputs and gate weights feed the
+expert-health statistics (``ranker.diagnostics``). The report (HTML with embedded plots,
+markdown, ``evaluation.json``) is written under ``--out`` and, when the model has an MLflow run
+in the tracking store, logged to that run (``evaluation/<split>/``) with its metrics
+(``eval/<split>/<metric>/<task>``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from features.config import ConfigError, SplitName
+from features.datamodule import RankerDataModule
+from features.state import FeatureState
+from pipelines.render import (
+    comparison_html,
+    comparison_markdown,
+    evaluation_html,
+    evaluation_markdown,
+    print_comparison,
+    print_evaluation,
+)
+from pipelines.report import oracle_metrics
+from pipelines.tracking import resolve_tracking_uri
+from ranker.diagnostics import ExpertStats, health, observe
+from ranker.metrics import reliability, task_metrics
+from ranker.module import RankerModule
+
+# Downloads are a checkpoint or a small JSON: no progress bars in the report's terminal output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+EVALUATION_FILE = "evaluation.json"
+RELIABILITY_BINS = 20
+SAMPLE_ROWS = 2048  # rows of expert outputs kept for the distribution plots
+
+
+class EvaluationError(ConfigError):
+    """What was given to ``evaluate`` / ``compare`` cannot be evaluated (reported, exit 2)."""
+
+
+@dataclass
+class Evaluation:
+    """Everything a report shows, as plain data (``evaluation.json``; ``compare`` reads it)."""
+
+    label: str  # what the user named: a run id or a checkpoint path
+    run_id: str | None
+    checkpoint: str
+    model: str
+    params: int
+    dataset: str
+    log_path: str
+    split: str
+    rows: int
+    tasks: list[str]
+    groups: dict[str, str]
+    metrics: dict[str, float]  # "<metric>/<task>", "<metric>/mean", positive_rate/, count/
+    oracle: dict[str, float] | None  # the true probabilities' metrics (generated logs)
+    reliability: dict[str, dict[str, list[float]]]  # task -> rows / pred / rate per bin
+    health: dict[str, Any]  # ranker.diagnostics.HealthReport.to_dict()
+    limits: dict[str, float]
+    seconds: dict[str, float]
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def short_id(self) -> str:
+        return self.run_id[:8] if self.run_id else Path(self.checkpoint).stem
+
+    @property
+    def name(self) -> str:
+        """Short name for tables: model and run (or checkpoint file)."""
+        return f"{self.model} ({self.short_id})"
+
+    @property
+    def flags(self) -> list[str]:
+        return list(self.health.get("flags", []))
+
+    def value(self, metric: str, task: str) -> float:
+        v = self.metrics.get(f"{metric}/{task}")
+        return math.nan if v is None else float(v)
+
+    def to_json(self) -> str:
+        return json.dumps(_json_safe(asdict(self)), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Evaluation:
+        doc = json.loads(text)
+        for key in ("metrics", "oracle"):
+            if doc.get(key) is not None:
+                doc[key] = {k: math.nan if v is None else v for k, v in doc[key].items()}
+        return cls(**doc)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# -- finding the checkpoint ---------------------------------------------------------------------
+
+
+@dataclass
+class Located:
+    """A checkpoint on local disk, and its MLflow run in the current store (if it has one)."""
+
+    label: str
+    path: Path
+    run_id: str | None
+    origin: str  # where the checkpoint came from: the path given, or runs:/<id>/<artifact>
+
+
+def _run(client: MlflowClient, run_id: str) -> Any | None:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _checkpoint_artifact(client: MlflowClient, run_id: str, download: Path) -> str | None:
+    """Artifact path of the run's best checkpoint (Lightning logs ``<stem>/<stem>.ckpt``)."""
+    found: list[str] = []
+    for entry in client.list_artifacts(run_id):
+        if entry.is_dir:
+            found += [f.path for f in client.list_artifacts(run_id, entry.path)]
+        found.append(entry.path)
+    checkpoints = sorted(p for p in found if p.endswith(".ckpt"))
+    if len(checkpoints) <= 1:
+        return checkpoints[0] if checkpoints else None
+    for path in checkpoints:  # several: the one Lightning aliased "best"
+        aliases = str(Path(path).parent / "aliases.txt")
+        if aliases in found:
+            local = client.download_artifacts(run_id, aliases, str(download))
+            if "best" in Path(local).read_text():
+                return path
+    return checkpoints[-1]
+
+
+def locate(ref: str, client: MlflowClient, download: Path) -> Located:
+    """A checkpoint path or an MLflow run id -> a local checkpoint file and its run."""
+    path = Path(ref)
+    if path.is_file():
+        return Located(ref, path, None, ref)  # its run, if any, is read from the checkpoint
+    if path.is_dir():
+        raise EvaluationError(f"{ref} is a directory; give a .ckpt file or an MLflow run id")
+    if ref.endswith(".ckpt") or "/" in ref or "\\" in ref:
+        raise EvaluationError(f"no checkpoint file at {ref}")
+    if _run(client, ref) is None:
+        raise EvaluationError(
+            f"no MLflow run '{ref}' in the tracking store {client.tracking_uri} "
+            "(set MLFLOW_TRACKING_URI or --tracking_uri to the store that holds it)"
+        )
+    artifact = _checkpoint_artifact(client, ref, download)
+    if artifact is None:
+        raise EvaluationError(
+            f"MLflow run '{ref}' has no checkpoint artifact (did training finish, with the "
+            "logger's log_model on?)"
+        )
+    local = Path(client.download_artifacts(ref, artifact, str(download)))
+    return Located(ref, local, ref, f"runs:/{ref}/{artifact}")
+
+
+# -- loading the model and its data -------------------------------------------------------------
+
+
+def load(
+    located: Located,
+    client: MlflowClient,
+    download: Path,
+    dataset: str | None = None,
+    log_path: str | None = None,
+    batch_size: int = 16384,
+) -> tuple[RankerModule, RankerDataModule]:
+    """The model in eval mode and a DataModule scoring with the model's own FeatureState."""
+    try:
+        checkpoint = torch.load(located.path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # not a zip / pickle torch can read safely
+        raise EvaluationError(f"{located.origin} is not a readable checkpoint: {err}") from None
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
+        raise EvaluationError(f"{located.origin} is not a ranker training checkpoint")
+    meta = checkpoint.get("mlflow")
+    if located.run_id is None and meta and _run(client, meta["run_id"]):
+        located.run_id = meta["run_id"]
+    module = RankerModule.load_from_checkpoint(located.path, map_location="cpu").eval()
+    saved = checkpoint.get("RankerDataModule", {})
+    hparams = checkpoint.get("datamodule_hyper_parameters", {})
+    dataset = dataset or saved.get("dataset") or hparams.get("dataset")
+    log_path = log_path or saved.get("log_path") or hparams.get("log_path")
+    if not dataset:
+        raise EvaluationError(f"{located.label}: the checkpoint names no dataset; pass --dataset")
+    data = RankerDataModule(dataset, log_path=log_path, eval_batch_size=batch_size)
+
+    if "feature_state" in saved:
+        state = FeatureState.from_dict(saved["feature_state"])
+    elif located.run_id:  # checkpoints written before the state was embedded
+        local = client.download_artifacts(located.run_id, "feature_state", str(download))
+        state = FeatureState.load(local)
+    else:
+        raise EvaluationError(
+            f"{located.path} carries no FeatureState and has no MLflow run to fetch it from"
+        )
+    trained = [(t.name, t.label) for t in module.tasks]
+    defined = [(t.name, t.label) for t in data.tasks]
+    if trained != defined:
+        raise EvaluationError(
+            f"{located.label} was trained on tasks {trained}, but {data.config.source} defines "
+            f"{defined}"
+        )
+    data.use_state(state)
+    return module, data
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+
+def score(
+    module: RankerModule, data: RankerDataModule, split: SplitName
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, ExpertStats]:
+    """One pass over the split: probabilities, labels and users, and the expert statistics."""
+    stats = ExpertStats(sample_rows=SAMPLE_ROWS)
+    probs, labels, users = [], [], []
+    for logits, batch in observe(module.network, data.dataset(split), stats):
+        probs.append(torch.sigmoid(logits).float().cpu().numpy())
+        labels.append(batch[2].numpy())
+        users.append(batch[3].numpy())
+    if not probs:
+        raise EvaluationError(f"the {split} split of {data.config.path} has no rows")
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(users), stats
+
+
+def reliability_curves(
+    probs: np.ndarray, labels: np.ndarray, tasks: list[str]
+) -> dict[str, dict[str, list[float]]]:
+    curves = {}
+    for t, task in enumerate(tasks):
+        observed = ~np.isnan(labels[:, t])
+        rows, pred, rate = reliability(probs[observed, t], labels[observed, t], RELIABILITY_BINS)
+        curves[task] = {"rows": rows.tolist(), "pred": pred.tolist(), "rate": rate.tolist()}
+    return curves
+
+
+def evaluate(
+    *,
+    run: str,
+    split: Literal["train", "val", "test"] = "test",
+    dataset: str | None = None,
+    log_path: str | None = None,
+    out: Path | None = None,
+    batch_size: int = 16384,
+    tracking_uri: str | None = None,
+    log: bool = True,
+    quiet: bool = False,
+) -> Evaluation:
+    """Score a trained model on a split; write and log its evaluation report.
+
+    Args:
+        run: an MLflow run id, or the path of a checkpoint (``.ckpt``).
+        split: the split to score.
+        dataset: dataset config to read instead of the one the model was trained on.
+        log_path: log to read instead of the dataset config's (or the training run's).
+        out: report directory (default ``reports/<run or checkpoint>/<split>``).
+        batch_size: rows scored per batch.
+        tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        log: log the report and metrics to the model's MLflow run, when it has one.
+        quiet: print nothing.
+    """
+    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        located = locate(run, client, Path(tmp))
+        module, data = load(located, client, Path(tmp), dataset, log_path, batch_size)
+        seconds["load"] = time.perf_counter() - start
+
+        tick = time.perf_counter()
+        probs, labels, users, stats = score(module, data, split)
+        seconds["score"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    tasks = module.task_names
+    metrics = task_metrics(probs, labels, users, tasks)
+    curves = reliability_curves(probs, labels, tasks)
+    seconds["metrics"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    oracle = oracle_metrics(data, split)
+    seconds["oracle"] = time.perf_counter() - tick
+
+    rates = {t: metrics[f"positive_rate/{t}"] for t in tasks}
+    limits = {
+        "zero_share": 0.9,
+        "scale_ratio": 10.0,
+        "gate_pin": 0.9,
+        "degradation": 0.8,
+        "underfit": 0.5,
+    }
+    report = health(
+        stats,
+        tasks,
+        rates,
+        zero_share_limit=limits["zero_share"],
+        scale_ratio_limit=limits["scale_ratio"],
+        degradation_limit=limits["degradation"],
+        underfit_fraction=limits["underfit"],
+        gate_pin_limit=limits["gate_pin"],
+    )
+    evaluation = Evaluation(
+        label=run,
+        run_id=located.run_id,
+        checkpoint=located.origin,
+        model=type(module.network).__name__,
+        params=sum(p.numel() for p in module.network.parameters()),
+        dataset=data.config.name,
+        log_path=str(data.config.path),
+        split=split,
+        rows=len(probs),
+        tasks=tasks,
+        groups={t.name: t.group for t in module.tasks},
+        metrics=metrics,
+        oracle=oracle,
+        reliability=curves,
+        health=report.to_dict(),
+        limits=limits,
+        seconds=seconds,
+    )
+
+    label = located.run_id or located.path.stem
+    directory = out or Path("reports") / label / split
+    seconds["total"] = time.perf_counter() - start  # to a scored, diagnosed split
+    tick = time.perf_counter()
+    write_evaluation(evaluation, directory, stats.samples)
+    seconds["report"] = time.perf_counter() - tick
+    (directory / EVALUATION_FILE).write_text(evaluation.to_json())  # with the report's time
+    logged = log and located.run_id is not None
+    if logged:
+        log_evaluation(client, evaluation, directory)
+    if not quiet:
+        print_evaluation(evaluation, directory, logged)
+    return evaluation
+
+
+def write_evaluation(
+    evaluation: Evaluation, directory: Path, samples: dict[str, np.ndarray] | None = None
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "report.html").write_text(evaluation_html(evaluation, samples or {}))
+    (directory / "report.md").write_text(evaluation_markdown(evaluation))
+    (directory / EVALUATION_FILE).write_text(evaluation.to_json())
+
+
+def log_evaluation(client: MlflowClient, evaluation: Evaluation, directory: Path) -> None:
+    """The report under ``evaluation/<split>/`` and the metrics as ``eval/<split>/...``."""
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"eval/{evaluation.split}/{key}", float(value), now, 0)
+        for key, value in evaluation.metrics.items()
+        if not key.startswith("count/") and value is not None and math.isfinite(value)
+    ]
+    for begin in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(evaluation.run_id, metrics=metrics[begin : begin + 1000])
+    client.log_artifacts(evaluation.run_id, str(directory), f"evaluation/{evaluation.split}")
+
+
+def logged_evaluation(client: MlflowClient, run_id: str, split: str) -> Evaluation | None:
+    """The evaluation an earlier ``ranker evaluate`` logged to the run, if any."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path=f"evaluation/{split}/{EVALUATION_FILE}",
+                dst_path=tmp,
+                tracking_uri=client.tracking_uri,
+            )
+        except (MlflowException, OSError):
+            return None
+        return Evaluation.from_json(Path(path).read_text())
+
+
+# -- comparing runs -----------------------------------------------------------------------------
+
+
+def compare(
+    runs: list[str],
+    split: Literal["train", "val", "test"] = "test",
+    out: Path | None = None,
+    tracking_uri: str | None = None,
+    quiet: bool = False,
+) -> list[Evaluation]:
+    """Side-by-side per-task metrics and expert-health flags of several runs.
+
+    A run's evaluation that ``ranker evaluate`` logged for this split is reused; a run without
+    one (or a checkpoint path) is evaluated first, which logs it.
+    """
+    if len(runs) < 2:
+        raise EvaluationError(f"compare needs at least two runs, got {len(runs)}")
+    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    evaluations = []
+    for ref in runs:
+        is_run = not Path(ref).exists() and _run(client, ref) is not None
+        earlier = logged_evaluation(client, ref, split) if is_run else None
+        evaluations.append(
+            earlier or evaluate(run=ref, split=split, tracking_uri=client.tracking_uri, quiet=True)
+        )
+    base = evaluations[0]
+    for e in evaluations[1:]:
+        if e.tasks != base.tasks:
+            raise EvaluationError(
+                f"runs trained on different tasks cannot be compared: {base.label} has "
+                f"{base.tasks}, {e.label} has {e.tasks}"
+            )
+    notes = []
+    if len({(e.log_path, e.rows) for e in evaluations}) > 1:
+        notes.append(
+            "The runs were scored on different data: "
+            + "; ".join(f"{e.name}: {e.log_path} ({e.rows:,} rows)" for e in evaluations)
+        )
+    directory = out or Path("reports") / "compare" / "-".join(e.short_id for e in evaluations)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "comparison.html").write_text(comparison_html(evaluations, notes))
+    (directory / "comparison.md").write_text(comparison_markdown(evaluations, notes))
+    if not quiet:
+        print_comparison(evaluations, directory)
+    return evaluations
