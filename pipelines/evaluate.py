@@ -43,7 +43,7 @@ from pipelines.render import (
 )
 from pipelines.report import oracle_metrics
 from pipelines.tracking import resolve_tracking_uri
-from ranker.diagnostics import ExpertStats, health, observe
+from ranker.diagnostics import ExpertStats, HealthLimits, health, observe
 from ranker.metrics import reliability, task_metrics
 from ranker.module import RankerModule
 
@@ -312,23 +312,8 @@ def evaluate(
     seconds["oracle"] = time.perf_counter() - tick
 
     rates = {t: metrics[f"positive_rate/{t}"] for t in tasks}
-    limits = {
-        "zero_share": 0.9,
-        "scale_ratio": 10.0,
-        "gate_pin": 0.9,
-        "degradation": 0.8,
-        "underfit": 0.5,
-    }
-    report = health(
-        stats,
-        tasks,
-        rates,
-        zero_share_limit=limits["zero_share"],
-        scale_ratio_limit=limits["scale_ratio"],
-        degradation_limit=limits["degradation"],
-        underfit_fraction=limits["underfit"],
-        gate_pin_limit=limits["gate_pin"],
-    )
+    limits = HealthLimits()
+    report = health(stats, tasks, rates, limits)
     evaluation = Evaluation(
         label=run,
         run_id=located.run_id,
@@ -345,7 +330,7 @@ def evaluate(
         oracle=oracle,
         reliability=curves,
         health=report.to_dict(),
-        limits=limits,
+        limits=asdict(limits),
         seconds=seconds,
     )
 

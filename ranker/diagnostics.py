@@ -27,23 +27,23 @@ This module measures them on a held-out split from the ``Internals`` a model rec
 
 ``health(stats, tasks, ...)`` -> ``HealthReport``, with these definitions:
 
-* collapse (per expert): ``zero_share > zero_share_limit`` (default 0.9), or its std is more
-  than ``scale_ratio_limit`` (default 10) times smaller or larger than the median std of the
+* collapse (per expert): ``zero_share > limits.zero_share`` (default 0.9), or its std is more
+  than ``limits.scale_ratio`` (default 10) times smaller or larger than the median std of the
   experts of its layer (all pools of that layer, itself included; compared only when the layer
   has at least 3 experts and the median is positive); an expert with std 0 (constant output)
   is always collapsed. A gate of 2+ experts whose mean weight on one expert exceeds
-  ``gate_pin_limit`` (default 0.9) is collapsed too: it is pinned, its other experts starve.
+  ``limits.gate_pin`` (default 0.9) is collapsed too: it is pinned, its other experts starve.
 * gate matrix: ``weights[t, e]`` is task t's mean gate weight on expert e (0 where its gate
   does not see e). Only task gates (``"<layer>/task:<name>"``) count; when a task has task
   gates on several layers (PLE and AdaTT levels) the **last** layer's gate is used: the one
   whose output feeds the task's tower. Tasks without a task gate (Shared-Bottom) have no row.
 * degradation (per shared expert, i.e. an expert of a pool named ``"shared"`` that appears in
   a task gate): ``share = max_t w[t, e] / sum_t w[t, e]``; degraded when
-  ``share > degradation_limit`` (default 0.8) and at least 2 task gates see the expert.
+  ``share > limits.degradation`` (default 0.8) and at least 2 task gates see the expert.
 * underfitting (per task): ``own_mass`` = mean total gate weight on the task's own experts
   (pool ``"task:<name>"`` of its gate's layer; NaN when it has none, e.g. MMoE);
   ``uniform_mass`` = (#own experts) / (#experts its gate sees); underfitting when
-  ``own_mass < underfit_fraction * uniform_mass`` (default: less than half an even share).
+  ``own_mass < limits.underfit * uniform_mass`` (default: less than half an even share).
   The task's positive rate, when given, is reported beside it: underfitting is expected to hit
   the sparse tasks.
 
@@ -67,6 +67,7 @@ __all__ = [
     "ExpertRow",
     "ExpertStats",
     "GateRow",
+    "HealthLimits",
     "HealthReport",
     "SharedExpertRow",
     "TaskRow",
@@ -283,13 +284,24 @@ class TaskRow:
     underfitting: bool
 
 
+@dataclass(frozen=True)
+class HealthLimits:
+    """Where an expert, gate or task is flagged (see the module docstring)."""
+
+    zero_share: float = 0.9  # collapse: share of exact-zero activations above this
+    scale_ratio: float = 10.0  # collapse: std this many times off its layer's median
+    gate_pin: float = 0.9  # collapse: a gate's mean weight on one expert above this
+    degradation: float = 0.8  # a shared expert's largest task taking more than this
+    underfit: float = 0.5  # own-expert gate mass below this fraction of an even share
+
+
 @dataclass
 class GateRow:
     name: str  # "<layer>/<gate>"
     experts: int
     top_expert: str
     top_weight: float  # mean weight on its most used expert
-    pinned: bool  # top_weight > gate_pin_limit: the other experts are starved
+    pinned: bool  # top_weight > limits.gate_pin: the other experts are starved
 
 
 @dataclass
@@ -401,11 +413,7 @@ def health(
     stats: ExpertStats,
     tasks: Sequence[str],
     positive_rates: Mapping[str, float] | None = None,
-    zero_share_limit: float = 0.9,
-    scale_ratio_limit: float = 10.0,
-    degradation_limit: float = 0.8,
-    underfit_fraction: float = 0.5,
-    gate_pin_limit: float = 0.9,
+    limits: HealthLimits = HealthLimits(),
 ) -> HealthReport:
     """Collapse, degradation and underfitting from ``stats``; see the module docstring.
 
@@ -416,7 +424,7 @@ def health(
     rates = dict(positive_rates or {})
     flags: list[str] = []
 
-    experts = _expert_rows(stats, zero_share_limit, scale_ratio_limit)
+    experts = _expert_rows(stats, limits.zero_share, limits.scale_ratio)
     for r in experts:
         if r.collapsed:
             flags.append(f"collapse: {r.name} has {r.reason} (mean {r.mean:.3g}, std {r.std:.3g})")
@@ -424,7 +432,7 @@ def health(
     for gate in stats.gates:
         mean = stats.gate_mean(gate)
         top = int(np.argmax(mean))
-        pinned = bool(mean.size >= 2 and mean[top] > gate_pin_limit)
+        pinned = bool(mean.size >= 2 and mean[top] > limits.gate_pin)
         gates.append(
             GateRow(gate, int(mean.size), stats.gate_experts[gate][top], float(mean[top]), pinned)
         )
@@ -479,7 +487,7 @@ def health(
             if name.rsplit("/", 1)[0].partition("/")[2] != "shared":
                 continue
             share, count = float(shares[e]), int(n_seen[e])
-            degraded = bool(count >= 2 and share > degradation_limit)
+            degraded = bool(count >= 2 and share > limits.degradation)
             row = SharedExpertRow(name, matrix_tasks[top[e]], share, count, degraded)
             shared.append(row)
             if degraded:
@@ -502,7 +510,7 @@ def health(
         n_own = int(own.sum())
         own_mass = float(stats.gate_mean(gate)[own].sum()) if n_own else _NAN
         uniform = n_own / len(names) if names else _NAN
-        under = bool(n_own and own_mass < underfit_fraction * uniform)
+        under = bool(n_own and own_mass < limits.underfit * uniform)
         rows.append(TaskRow(task, gate, n_own, len(names), own_mass, uniform, rate, under))
         if under:
             shown = "n/a" if math.isnan(rate) else f"{rate:.3g}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ranker.diagnostics import ExpertStats, collect, health
+from ranker.diagnostics import ExpertStats, HealthLimits, collect, health
 from ranker.experts import Internals
 from ranker.models import PLE, AdaTT, HoME, MMoE, MultiTaskModel, SharedBottom, build
 from tests.ranker.common import INPUTS, SMALL, TASKS, batch
@@ -85,7 +85,7 @@ def test_an_expert_on_another_scale_is_collapsed() -> None:
     row = next(r for r in report.experts if r.name == "mmoe/shared/1")
     assert "larger than its layer's median" in row.reason
     # A looser limit lets it pass.
-    assert report_of(model, scale_ratio_limit=1e4).collapsed == []
+    assert report_of(model, limits=HealthLimits(scale_ratio=1e4)).collapsed == []
 
 
 @pytest.mark.parametrize("make", [mmoe, cgc], ids=["mmoe", "cgc"])
