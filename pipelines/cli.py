@@ -5,6 +5,8 @@
                --data.dataset configs/data/synthetic.yaml  # train, track in MLflow, report
     ranker evaluate --run <run id | checkpoint> [--split test]  # HTML + markdown report
     ranker compare <run> <run> ... [--split test]          # side by side, per task
+    ranker export --run <run id | checkpoint>             # ONNX, parity-checked, registered
+    ranker promote --name ranker-synthetic --alias champion
 
 ``fit`` / ``validate`` / ``test`` are LightningCLI subcommands: every model and DataModule
 argument is a flag or a YAML key, checked before anything runs.
@@ -163,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
             CLI(evaluate, args=words[1:])
         elif words and words[0] == "compare":
             compare_cli(words[1:])
+        elif words and words[0] in ("export", "promote"):
+            from pipelines import export
+
+            CLI(getattr(export, words[0]), args=words[1:])
         else:
             fit_cli(argv)  # None: LightningCLI reads sys.argv itself
     except ConfigError as err:

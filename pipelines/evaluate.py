@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,9 +29,9 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from features.config import ConfigError, SplitName
+from features.config import SplitName
 from features.datamodule import RankerDataModule
-from features.state import FeatureState
+from pipelines.checkpoints import RunError, find_run, load, locate
 from pipelines.render import (
     comparison_html,
     comparison_markdown,
@@ -47,16 +46,9 @@ from ranker.diagnostics import ExpertStats, HealthLimits, health, observe
 from ranker.metrics import reliability, task_metrics
 from ranker.module import RankerModule
 
-# Downloads are a checkpoint or a small JSON: no progress bars in the report's terminal output.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 EVALUATION_FILE = "evaluation.json"
 RELIABILITY_BINS = 20
 SAMPLE_ROWS = 2048  # rows of expert outputs kept for the distribution plots
-
-
-class EvaluationError(ConfigError):
-    """What was given to ``evaluate`` / ``compare`` cannot be evaluated (reported, exit 2)."""
 
 
 @dataclass
@@ -123,119 +115,6 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-# -- finding the checkpoint ---------------------------------------------------------------------
-
-
-@dataclass
-class Located:
-    """A checkpoint on local disk, and its MLflow run in the current store (if it has one)."""
-
-    label: str
-    path: Path
-    run_id: str | None
-    origin: str  # where the checkpoint came from: the path given, or runs:/<id>/<artifact>
-
-
-def _run(client: MlflowClient, run_id: str) -> Any | None:
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        return None
-
-
-def _checkpoint_artifact(client: MlflowClient, run_id: str, download: Path) -> str | None:
-    """Artifact path of the run's best checkpoint (Lightning logs ``<stem>/<stem>.ckpt``)."""
-    found: list[str] = []
-    for entry in client.list_artifacts(run_id):
-        if entry.is_dir:
-            found += [f.path for f in client.list_artifacts(run_id, entry.path)]
-        found.append(entry.path)
-    checkpoints = sorted(p for p in found if p.endswith(".ckpt"))
-    if len(checkpoints) <= 1:
-        return checkpoints[0] if checkpoints else None
-    for path in checkpoints:  # several: the one Lightning aliased "best"
-        aliases = str(Path(path).parent / "aliases.txt")
-        if aliases in found:
-            local = client.download_artifacts(run_id, aliases, str(download))
-            if "best" in Path(local).read_text():
-                return path
-    return checkpoints[-1]
-
-
-def locate(ref: str, client: MlflowClient, download: Path) -> Located:
-    """A checkpoint path or an MLflow run id -> a local checkpoint file and its run."""
-    path = Path(ref)
-    if path.is_file():
-        return Located(ref, path, None, ref)  # its run, if any, is read from the checkpoint
-    if path.is_dir():
-        raise EvaluationError(f"{ref} is a directory; give a .ckpt file or an MLflow run id")
-    if ref.endswith(".ckpt") or "/" in ref or "\\" in ref:
-        raise EvaluationError(f"no checkpoint file at {ref}")
-    if _run(client, ref) is None:
-        raise EvaluationError(
-            f"no MLflow run '{ref}' in the tracking store {client.tracking_uri} "
-            "(set MLFLOW_TRACKING_URI or --tracking_uri to the store that holds it)"
-        )
-    artifact = _checkpoint_artifact(client, ref, download)
-    if artifact is None:
-        raise EvaluationError(
-            f"MLflow run '{ref}' has no checkpoint artifact (did training finish, with the "
-            "logger's log_model on?)"
-        )
-    local = Path(client.download_artifacts(ref, artifact, str(download)))
-    return Located(ref, local, ref, f"runs:/{ref}/{artifact}")
-
-
-# -- loading the model and its data -------------------------------------------------------------
-
-
-def load(
-    located: Located,
-    client: MlflowClient,
-    download: Path,
-    dataset: str | None = None,
-    log_path: str | None = None,
-    batch_size: int = 16384,
-) -> tuple[RankerModule, RankerDataModule]:
-    """The model in eval mode and a DataModule scoring with the model's own FeatureState."""
-    try:
-        checkpoint = torch.load(located.path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # not a zip / pickle torch can read safely
-        raise EvaluationError(f"{located.origin} is not a readable checkpoint: {err}") from None
-    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
-        raise EvaluationError(f"{located.origin} is not a ranker training checkpoint")
-    meta = checkpoint.get("mlflow")
-    if located.run_id is None and meta and _run(client, meta["run_id"]):
-        located.run_id = meta["run_id"]
-    module = RankerModule.load_from_checkpoint(located.path, map_location="cpu").eval()
-    saved = checkpoint.get("RankerDataModule", {})
-    hparams = checkpoint.get("datamodule_hyper_parameters", {})
-    dataset = dataset or saved.get("dataset") or hparams.get("dataset")
-    log_path = log_path or saved.get("log_path") or hparams.get("log_path")
-    if not dataset:
-        raise EvaluationError(f"{located.label}: the checkpoint names no dataset; pass --dataset")
-    data = RankerDataModule(dataset, log_path=log_path, eval_batch_size=batch_size)
-
-    if "feature_state" in saved:
-        state = FeatureState.from_dict(saved["feature_state"])
-    elif located.run_id:  # checkpoints written before the state was embedded
-        local = client.download_artifacts(located.run_id, "feature_state", str(download))
-        state = FeatureState.load(local)
-    else:
-        raise EvaluationError(
-            f"{located.path} carries no FeatureState and has no MLflow run to fetch it from"
-        )
-    trained = [(t.name, t.label) for t in module.tasks]
-    defined = [(t.name, t.label) for t in data.tasks]
-    if trained != defined:
-        raise EvaluationError(
-            f"{located.label} was trained on tasks {trained}, but {data.config.source} defines "
-            f"{defined}"
-        )
-    data.use_state(state)
-    return module, data
-
-
 # -- scoring ------------------------------------------------------------------------------------
 
 
@@ -250,7 +129,7 @@ def score(
         labels.append(batch[2].numpy())
         users.append(batch[3].numpy())
     if not probs:
-        raise EvaluationError(f"the {split} split of {data.config.path} has no rows")
+        raise RunError(f"the {split} split of {data.config.path} has no rows")
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(users), stats
 
 
@@ -272,7 +151,7 @@ def evaluate(
     dataset: str | None = None,
     log_path: str | None = None,
     out: Path | None = None,
-    batch_size: int = 16384,
+    batch_size: int = 2048,
     tracking_uri: str | None = None,
     log: bool = True,
     quiet: bool = False,
@@ -285,7 +164,8 @@ def evaluate(
         dataset: dataset config to read instead of the one the model was trained on.
         log_path: log to read instead of the dataset config's (or the training run's).
         out: report directory (default ``reports/<run or checkpoint>/<split>``).
-        batch_size: rows scored per batch.
+        batch_size: rows scored per batch (2,048: HoME scores 1.27x faster than at 16,384
+            on a 2-core CPU, the activations staying in cache).
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
         log: log the report and metrics to the model's MLflow run, when it has one.
         quiet: print nothing.
@@ -402,11 +282,11 @@ def compare(
     one (or a checkpoint path) is evaluated first, which logs it.
     """
     if len(runs) < 2:
-        raise EvaluationError(f"compare needs at least two runs, got {len(runs)}")
+        raise RunError(f"compare needs at least two runs, got {len(runs)}")
     client = MlflowClient(tracking_uri or resolve_tracking_uri())
     evaluations = []
     for ref in runs:
-        is_run = not Path(ref).exists() and _run(client, ref) is not None
+        is_run = not Path(ref).exists() and find_run(client, ref) is not None
         earlier = logged_evaluation(client, ref, split) if is_run else None
         evaluations.append(
             earlier or evaluate(run=ref, split=split, tracking_uri=client.tracking_uri, quiet=True)
@@ -414,7 +294,7 @@ def compare(
     base = evaluations[0]
     for e in evaluations[1:]:
         if e.tasks != base.tasks:
-            raise EvaluationError(
+            raise RunError(
                 f"runs trained on different tasks cannot be compared: {base.label} has "
                 f"{base.tasks}, {e.label} has {e.tasks}"
             )

@@ -216,7 +216,7 @@ def observe(
     """Score ``batches`` (``cat, num = batch[0], batch[1]``), adding each batch's internals to
     ``stats``; yields ``(logits, batch)`` so a caller can compute metrics in the same pass.
 
-    Runs in eval mode (BatchNorm on running statistics, no dropout) without gradients, at most
+    Runs in eval mode (BatchNorm on running statistics, no dropout) in inference mode, at most
     ``max_batches`` batches; every module's training mode is restored afterwards.
     """
     modes = [(m, m.training) for m in model.modules()]
@@ -224,7 +224,7 @@ def observe(
     device = param.device if param is not None else torch.device("cpu")
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break

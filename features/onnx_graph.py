@@ -1,0 +1,214 @@
+"""The FeatureState's transform as an ONNX graph, so an exported model takes raw values.
+
+``FeatureState.transform`` (polars) and this graph are the same function: raw column values in,
+the model's ``cat`` int64 ``[N, F_cat]`` and ``num`` float32 ``[N, F_num]`` out.
+
+* One graph input per raw column, named after the column, 1-D. Item columns have ``N`` rows
+  (the candidates); user and context columns have 1 row (one request) or ``N`` (offline batch
+  scoring); the graph broadcasts them to ``N``.
+* Categorical columns: int64 for integer vocabularies, string otherwise; ``ai.onnx.ml``
+  ``LabelEncoder`` maps each value to its vocabulary index, anything else to 0 (unknown).
+  A missing value is sent as ``NULL_INT`` / ``NULL_STRING``, which no vocabulary holds.
+* Numeric columns: float64 (the transform is computed in float64, as polars does, then cast to
+  float32); NaN or +-inf = missing. ``log1p`` is ``log(1 + max(x, 0))``; ``standardize`` /
+  ``log1p`` then ``(x - mean) / std`` with missing -> 0; ``quantile_bucket`` is the number of
+  boundaries ``<= x`` plus 1, missing -> 0.
+
+The column layout is written to the model's metadata (``ranker.inputs``) for the service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import polars as pl
+from onnx import TensorProto, helper, numpy_helper
+
+from features.config import FeatureSpec
+from features.state import CategoricalState, FeatureState, NumericState
+
+OPSET = 18
+ML_OPSET = 3
+NULL_INT = -(2**63)  # int64 min: a missing integer id
+NULL_STRING = "\x00"  # a missing string category
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """One graph input: a raw column of the log (or of a request)."""
+
+    name: str  # the column
+    side: str  # user | item | context
+    dtype: str  # int64 | string | float64
+
+    @property
+    def per_candidate(self) -> bool:
+        return self.side == "item"
+
+
+def raw_inputs(state: FeatureState, features: tuple[FeatureSpec, ...]) -> list[RawInput]:
+    """The graph's inputs in feature order, one per distinct column."""
+    side = {f.name: f.side for f in features}
+    inputs: dict[str, RawInput] = {}
+    for s in [*state.categorical, *state.numeric]:
+        if isinstance(s, CategoricalState):
+            dtype = "int64" if s.dtype == "int" else "string"
+        else:
+            dtype = "float64"
+        found = inputs.setdefault(s.column, RawInput(s.column, side[s.name], dtype))
+        if found.dtype != dtype:
+            raise ValueError(f"column {s.column!r} is used both as {found.dtype} and {dtype}")
+    return list(inputs.values())
+
+
+def _tensor_type(dtype: str) -> int:
+    return {
+        "int64": TensorProto.INT64,
+        "string": TensorProto.STRING,
+        "float64": TensorProto.DOUBLE,
+    }[dtype]
+
+
+class _Graph:
+    """A small helper to add nodes and constants with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1  # prefixed: names stay apart from the model graph's when merged
+        return f"features/{hint}_{self._count}"
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, **attrs: object) -> str:
+        out = self.name(hint)
+        domain = "ai.onnx.ml" if op_type == "LabelEncoder" else ""
+        self.nodes.append(helper.make_node(op_type, inputs, [out], domain=domain, **attrs))
+        return out
+
+
+def _lookup(g: _Graph, x: str, state: CategoricalState) -> str:
+    """Vocabulary index of each value (1..V), 0 for anything else."""
+    indices = list(range(1, len(state.values) + 1))
+    if state.dtype == "int":
+        keys = {"keys_int64s": [int(v) for v in state.values]}
+    else:
+        keys = {"keys_strings": [str(v) for v in state.values]}
+    if not state.values:  # LabelEncoder needs keys; every value is unknown
+        zero = numpy_helper.from_array(np.array([0], dtype=np.int64))
+        return g.op("ConstantOfShape", [g.op("Shape", [x], "shape")], "unknown", value=zero)
+    return g.op(
+        "LabelEncoder", [x], f"{state.name}_index", values_int64s=indices, default_int64=0, **keys
+    )
+
+
+def _missing(g: _Graph, x: str) -> str:
+    return g.op("Or", [g.op("IsNaN", [x], "nan"), g.op("IsInf", [x], "inf")], "missing")
+
+
+def _bucket(g: _Graph, x: str, state: NumericState) -> str:
+    """Quantile bucket: #boundaries <= x, plus 1; 0 when missing."""
+    column = g.op("Unsqueeze", [x, g.const(np.array([1], dtype=np.int64), "axis1")], "col")
+    bounds = g.const(np.asarray(state.boundaries, dtype=np.float64)[None, :], "boundaries")
+    below = g.op(
+        "Cast", [g.op("LessOrEqual", [bounds, column], "le")], "le64", to=TensorProto.INT64
+    )
+    count = g.op(
+        "ReduceSum", [below, g.const(np.array([1], dtype=np.int64), "axis1")], "n", keepdims=0
+    )
+    index = g.op("Add", [count, g.const(np.int64(1), "one")], "bucket")
+    return g.op("Where", [_missing(g, x), g.const(np.int64(0), "zero"), index], "bucket_or_0")
+
+
+def _dense(g: _Graph, x: str, state: NumericState) -> str:
+    value = x
+    if state.transform == "log1p":
+        clipped = g.op("Max", [x, g.const(np.float64(0), "zero")], "clip")
+        value = g.op("Log", [g.op("Add", [clipped, g.const(np.float64(1), "one")], "p1")], "log1p")
+    centred = g.op("Sub", [value, g.const(np.float64(state.mean), "mean")], "centred")
+    scaled = g.op("Div", [centred, g.const(np.float64(state.std), "std")], "scaled")
+    filled = g.op("Where", [_missing(g, value), g.const(np.float64(0), "zero"), scaled], "filled")
+    return g.op("Cast", [filled], "f32", to=TensorProto.FLOAT)
+
+
+def preprocessing_model(state: FeatureState, features: tuple[FeatureSpec, ...]) -> onnx.ModelProto:
+    """Raw columns -> ``cat`` [N, F_cat] int64 and ``num`` [N, F_num] float32."""
+    inputs = raw_inputs(state, features)
+    g = _Graph()
+    # N: the longest input (the candidates); 1-row user / context inputs broadcast to it.
+    shapes = [g.op("Shape", [i.name], "shape") for i in inputs]
+    rows = g.op("ReduceMax", [g.op("Concat", shapes, "shapes", axis=0)], "rows", keepdims=1)
+    axis1 = g.const(np.array([1], dtype=np.int64), "axis1")
+
+    def as_column(x: str) -> str:  # [1 or N] -> [N, 1]
+        return g.op("Unsqueeze", [g.op("Expand", [x, rows], "expanded"), axis1], "column")
+
+    cat_columns = [as_column(_lookup(g, s.column, s)) for s in state.categorical]
+    cat_columns += [as_column(_bucket(g, s.column, s)) for s in state.bucketized]
+    num_columns = [as_column(_dense(g, s.column, s)) for s in state.dense]
+    g.nodes.append(helper.make_node("Concat", cat_columns, ["cat"], axis=1))
+    if num_columns:
+        g.nodes.append(helper.make_node("Concat", num_columns, ["num"], axis=1))
+    else:  # no dense features: an [N, 0] tensor
+        shape = g.op("Concat", [rows, g.const(np.array([0], dtype=np.int64), "zero")], "s", axis=0)
+        g.nodes.append(
+            helper.make_node(
+                "ConstantOfShape",
+                [shape],
+                ["num"],
+                value=numpy_helper.from_array(np.array([0], dtype=np.float32)),
+            )
+        )
+    dims = {True: "candidates", False: "request_rows"}
+    graph = helper.make_graph(
+        g.nodes,
+        "ranker_features",
+        [
+            helper.make_tensor_value_info(i.name, _tensor_type(i.dtype), [dims[i.per_candidate]])
+            for i in inputs
+        ],
+        [
+            helper.make_tensor_value_info(
+                "cat", TensorProto.INT64, ["candidates", len(cat_columns)]
+            ),
+            helper.make_tensor_value_info(
+                "num", TensorProto.FLOAT, ["candidates", len(num_columns)]
+            ),
+        ],
+        g.initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def input_metadata(inputs: list[RawInput]) -> list[dict[str, str]]:
+    return [asdict(i) for i in inputs]
+
+
+def raw_feeds(frame: pl.DataFrame, inputs: list[RawInput]) -> dict[str, np.ndarray]:
+    """A frame of raw rows as graph inputs: typed arrays, missing values as the graph expects."""
+    feeds: dict[str, np.ndarray] = {}
+    for i in inputs:
+        column = frame[i.name]
+        if i.dtype == "int64":
+            numeric = column.dtype.is_integer() or column.dtype == pl.Boolean
+            column = column.cast(pl.Int64, strict=numeric)  # unparsable -> missing, as in training
+            feeds[i.name] = column.fill_null(NULL_INT).to_numpy()
+        elif i.dtype == "string":
+            values = column.cast(pl.String).fill_null(NULL_STRING).to_numpy()
+            feeds[i.name] = values.astype(object)
+        else:
+            feeds[i.name] = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    return feeds

@@ -1,0 +1,140 @@
+"""From what a user names (an MLflow run id or a checkpoint path) to a loaded model and data.
+
+A checkpoint is self-contained: the model's weights and hyper-parameters, the FeatureState it
+was trained with (saved by the DataModule), the absolute paths of its dataset config and log,
+and its MLflow run id. Runs are found in the current tracking store; their best checkpoint is
+the ``.ckpt`` artifact Lightning's MLflow logger wrote (aliased ``best``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from features.config import ConfigError
+from features.datamodule import RankerDataModule
+from features.state import FeatureState
+from ranker.module import RankerModule
+
+# Downloads are a checkpoint or a small file: no progress bars in the commands' output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class RunError(ConfigError):
+    """A run or checkpoint that cannot be used as asked (reported like a config error, exit 2)."""
+
+
+@dataclass
+class Located:
+    """A checkpoint on local disk, and its MLflow run in the current store (if it has one)."""
+
+    label: str
+    path: Path
+    run_id: str | None
+    origin: str  # where the checkpoint came from: the path given, or runs:/<id>/<artifact>
+
+
+def find_run(client: MlflowClient, run_id: str) -> Any | None:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _checkpoint_artifact(client: MlflowClient, run_id: str, download: Path) -> str | None:
+    """Artifact path of the run's best checkpoint (Lightning logs ``<stem>/<stem>.ckpt``)."""
+    found: list[str] = []
+    for entry in client.list_artifacts(run_id):
+        if entry.is_dir:
+            found += [f.path for f in client.list_artifacts(run_id, entry.path)]
+        found.append(entry.path)
+    checkpoints = sorted(p for p in found if p.endswith(".ckpt"))
+    if len(checkpoints) <= 1:
+        return checkpoints[0] if checkpoints else None
+    for path in checkpoints:  # several: the one Lightning aliased "best"
+        aliases = str(Path(path).parent / "aliases.txt")
+        if aliases in found:
+            local = client.download_artifacts(run_id, aliases, str(download))
+            if "best" in Path(local).read_text():
+                return path
+    return checkpoints[-1]
+
+
+def locate(ref: str, client: MlflowClient, download: Path) -> Located:
+    """A checkpoint path or an MLflow run id -> a local checkpoint file and its run."""
+    path = Path(ref)
+    if path.is_file():
+        return Located(ref, path, None, ref)  # its run, if any, is read from the checkpoint
+    if path.is_dir():
+        raise RunError(f"{ref} is a directory; give a .ckpt file or an MLflow run id")
+    if ref.endswith(".ckpt") or "/" in ref or "\\" in ref:
+        raise RunError(f"no checkpoint file at {ref}")
+    if find_run(client, ref) is None:
+        raise RunError(
+            f"no MLflow run '{ref}' in the tracking store {client.tracking_uri} "
+            "(set MLFLOW_TRACKING_URI or --tracking_uri to the store that holds it)"
+        )
+    artifact = _checkpoint_artifact(client, ref, download)
+    if artifact is None:
+        raise RunError(
+            f"MLflow run '{ref}' has no checkpoint artifact (did training finish, with the "
+            "logger's log_model on?)"
+        )
+    local = Path(client.download_artifacts(ref, artifact, str(download)))
+    return Located(ref, local, ref, f"runs:/{ref}/{artifact}")
+
+
+# -- loading the model and its data -------------------------------------------------------------
+
+
+def load(
+    located: Located,
+    client: MlflowClient,
+    download: Path,
+    dataset: str | None = None,
+    log_path: str | None = None,
+    batch_size: int = 16384,
+) -> tuple[RankerModule, RankerDataModule]:
+    """The model in eval mode and a DataModule scoring with the model's own FeatureState."""
+    try:
+        checkpoint = torch.load(located.path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # not a zip / pickle torch can read safely
+        raise RunError(f"{located.origin} is not a readable checkpoint: {err}") from None
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
+        raise RunError(f"{located.origin} is not a ranker training checkpoint")
+    meta = checkpoint.get("mlflow")
+    if located.run_id is None and meta and find_run(client, meta["run_id"]):
+        located.run_id = meta["run_id"]
+    module = RankerModule.load_from_checkpoint(located.path, map_location="cpu").eval()
+    saved = checkpoint.get("RankerDataModule", {})
+    hparams = checkpoint.get("datamodule_hyper_parameters", {})
+    dataset = dataset or saved.get("dataset") or hparams.get("dataset")
+    log_path = log_path or saved.get("log_path") or hparams.get("log_path")
+    if not dataset:
+        raise RunError(f"{located.label}: the checkpoint names no dataset; pass --dataset")
+    data = RankerDataModule(dataset, log_path=log_path, eval_batch_size=batch_size)
+
+    if "feature_state" in saved:
+        state = FeatureState.from_dict(saved["feature_state"])
+    elif located.run_id:  # checkpoints written before the state was embedded
+        local = client.download_artifacts(located.run_id, "feature_state", str(download))
+        state = FeatureState.load(local)
+    else:
+        raise RunError(
+            f"{located.path} carries no FeatureState and has no MLflow run to fetch it from"
+        )
+    trained = [(t.name, t.label) for t in module.tasks]
+    defined = [(t.name, t.label) for t in data.tasks]
+    if trained != defined:
+        raise RunError(
+            f"{located.label} was trained on tasks {trained}, but {data.config.source} defines "
+            f"{defined}"
+        )
+    data.use_state(state)
+    return module, data

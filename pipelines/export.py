@@ -1,0 +1,334 @@
+"""``ranker export`` / ``ranker promote``: a trained run as a registered, self-contained ONNX model.
+
+    ranker export --run <run id | checkpoint> [--name ranker-synthetic]
+    ranker promote --name ranker-synthetic --alias champion [--version 3]
+
+The exported graph is the FeatureState's transform (``features.onnx_graph``: raw values in,
+vocabulary lookup and numeric transforms inside) followed by the network and a sigmoid
+(``torch.onnx.export``, dynamo), merged into one model: raw columns in, ``probabilities``
+``[N, T]`` out. Before anything is logged, the model is scored on real rows of the log by
+onnxruntime and by the torch model fed by the training transform; the largest difference of
+probabilities must be within ``tolerance`` or the export fails. The model is then logged to the
+run with MLflow's ONNX flavour (signature and input example) and registered as a new version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import polars as pl
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from onnx import compose
+
+from features.config import SPLITS
+from features.datamodule import RankerDataModule
+from features.onnx_graph import (
+    NULL_INT,
+    NULL_STRING,
+    input_metadata,
+    preprocessing_model,
+    raw_feeds,
+    raw_inputs,
+)
+from pipelines.checkpoints import RunError, load, locate
+from pipelines.report import wide_console
+from pipelines.tracking import resolve_tracking_uri
+from ranker.models.base import MultiTaskModel
+from ranker.module import RankerModule
+
+OUTPUT = "probabilities"
+CHUNK = 16384
+
+
+class Probabilities(torch.nn.Module):
+    """The network with its sigmoid: what a scorer wants out."""
+
+    def __init__(self, network: MultiTaskModel) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.network(cat, num))
+
+
+def network_model(module: RankerModule) -> onnx.ModelProto:
+    """``cat``, ``num`` -> probabilities, exported with a dynamic batch (traced with 4 rows)."""
+    spec = module.inputs
+    rows = 4  # the dynamo exporter specialises a batch of 1; any size >= 2 stays symbolic
+    cat = torch.stack([torch.arange(rows) % c for c in spec.cardinalities], dim=1)
+    num = torch.zeros(rows, spec.num_numeric)
+    batch = torch.export.Dim("candidates")
+    # The exporter narrates each step on stdout and warns about optional packages; keep the
+    # command's output to what the user asked for (errors still raise).
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            Probabilities(module.network).eval(),
+            (cat, num),
+            dynamo=True,
+            input_names=["cat", "num"],
+            output_names=[OUTPUT],
+            dynamic_shapes={"cat": {0: batch}, "num": {0: batch}},
+            opset_version=18,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def build(module: RankerModule, data: RankerDataModule) -> onnx.ModelProto:
+    """The whole scorer: raw columns -> probabilities, with the layout in its metadata."""
+    features = preprocessing_model(data.state, data.config.features)
+    network = network_model(module)
+    features.ir_version = network.ir_version
+    model = compose.merge_models(features, network, io_map=[("cat", "cat"), ("num", "num")])
+    onnx.helper.set_model_props(
+        model,
+        {
+            "ranker.tasks": json.dumps([t.name for t in module.tasks]),
+            "ranker.inputs": json.dumps(
+                input_metadata(raw_inputs(data.state, data.config.features))
+            ),
+            "ranker.user_key": data.config.user_key,
+            "ranker.item_key": data.config.item_key,
+            "ranker.null_int": str(NULL_INT),
+            "ranker.null_string": NULL_STRING,
+            "ranker.model": type(module.network).__name__,
+            "ranker.dataset": data.config.name,
+        },
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def parity_rows(data: RankerDataModule, rows: int) -> pl.DataFrame:
+    """Up to ``rows`` real rows: the test split first, then validation, then training."""
+    parts, missing = [], rows
+    for split in reversed(SPLITS):
+        if missing <= 0:
+            break
+        part = data.source.scan(split).head(missing).collect(engine="streaming")
+        parts.append(part)
+        missing -= part.height
+    return pl.concat(parts, how="vertical_relaxed")
+
+
+def torch_probabilities(
+    module: RankerModule, data: RankerDataModule, frame: pl.DataFrame
+) -> np.ndarray:
+    batch = data.state.transform(frame)
+    wrapped = Probabilities(module.network).eval()
+    out = []
+    with torch.no_grad():
+        for begin in range(0, len(batch), CHUNK):
+            cat = torch.from_numpy(batch.cat[begin : begin + CHUNK])
+            num = torch.from_numpy(batch.num[begin : begin + CHUNK])
+            out.append(wrapped(cat, num).numpy())
+    return np.concatenate(out)
+
+
+def onnx_probabilities(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    rows = len(next(iter(feeds.values())))
+    return np.concatenate(
+        [
+            session.run([OUTPUT], {k: v[begin : begin + CHUNK] for k, v in feeds.items()})[0]
+            for begin in range(0, rows, CHUNK)
+        ]
+    )
+
+
+@dataclass
+class Parity:
+    rows: int
+    max_abs_diff: float
+    mean_abs_diff: float
+
+
+def check_parity(
+    model: onnx.ModelProto,
+    module: RankerModule,
+    data: RankerDataModule,
+    rows: int,
+    tolerance: float,
+) -> Parity:
+    frame = parity_rows(data, rows)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = raw_inputs(data.state, data.config.features)
+    expected = torch_probabilities(module, data, frame)
+    got = onnx_probabilities(session, raw_feeds(frame, inputs))
+    diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    parity = Parity(frame.height, float(diff.max()), float(diff.mean()))
+    if not parity.max_abs_diff <= tolerance:  # NaN fails too
+        raise RunError(
+            f"ONNX parity failed on {parity.rows:,} rows of {data.config.path}: max |difference| "
+            f"of probabilities {parity.max_abs_diff:.3g} > {tolerance:g}"
+        )
+    return parity
+
+
+@dataclass
+class Exported:
+    path: Path
+    parity: Parity
+    run_id: str | None
+    name: str | None
+    version: str | None
+    model_uri: str | None
+    seconds: float
+
+
+def export(
+    *,
+    run: str,
+    name: str | None = None,
+    dataset: str | None = None,
+    log_path: str | None = None,
+    out: Path | None = None,
+    parity: int = 20_000,
+    tolerance: float = 1e-5,
+    register: bool = True,
+    tracking_uri: str | None = None,
+    quiet: bool = False,
+) -> Exported:
+    """Export a trained model to ONNX (raw features in, probabilities out), check parity on
+    real rows, log it to its MLflow run and register it as a new version.
+
+    Args:
+        run: an MLflow run id, or the path of a checkpoint (``.ckpt``) with a run.
+        name: registered model name (default ``ranker-<dataset>``).
+        dataset: dataset config to use instead of the one the model was trained on.
+        log_path: log to take parity rows from instead of the training log.
+        out: where to write the ``.onnx`` file (default ``exports/<run>/model.onnx``).
+        parity: real rows scored by both onnxruntime and torch (at least 10,000 when the log
+            has them).
+        tolerance: the largest allowed |difference| of probabilities.
+        register: log the model to the run and register it (else only write the file).
+        tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        quiet: print nothing.
+    """
+    start = time.perf_counter()
+    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        located = locate(run, client, Path(tmp))
+        module, data = load(located, client, Path(tmp), dataset, log_path)
+    model = build(module, data)
+    checked = check_parity(model, module, data, parity, tolerance)
+    path = out or Path("exports") / (located.run_id or located.path.stem) / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+
+    name = name or f"ranker-{data.config.name}"
+    version = model_uri = None
+    if register:
+        if located.run_id is None:
+            raise RunError(f"{run} has no MLflow run to log the model to; pass --register false")
+        version, model_uri = log_and_register(client, located.run_id, model, data, name, checked)
+    exported = Exported(
+        path,
+        checked,
+        located.run_id,
+        name if register else None,
+        version,
+        model_uri,
+        time.perf_counter() - start,
+    )
+    if not quiet:
+        print_export(exported)
+    return exported
+
+
+def log_and_register(
+    client: MlflowClient,
+    run_id: str,
+    model: onnx.ModelProto,
+    data: RankerDataModule,
+    name: str,
+    parity: Parity,
+) -> tuple[str, str]:
+    """Log with the ONNX flavour (signature, input example) and register a new version."""
+    inputs = raw_inputs(data.state, data.config.features)
+    example_frame = parity_rows(data, 3)
+    example = raw_feeds(example_frame, inputs)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    signature = infer_signature(example, session.run([OUTPUT], example)[0])
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(
+                model,
+                name="onnx",
+                signature=signature,
+                input_example=example,
+                registered_model_name=name,
+                onnx_execution_providers=["CPUExecutionProvider"],
+            )
+            mlflow.log_metrics(
+                {
+                    "export/parity_rows": parity.rows,
+                    "export/parity_max_abs_diff": parity.max_abs_diff,
+                    "export/parity_mean_abs_diff": parity.mean_abs_diff,
+                }
+            )
+    except MlflowException as err:
+        raise RunError(f"could not log or register the model: {err.message}") from None
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(name, version, "run_id", run_id)
+    return version, f"models:/{name}/{version}"
+
+
+def print_export(e: Exported) -> None:
+    console = wide_console()
+    console.print(
+        f"parity: {e.parity.rows:,} real rows, max |difference| {e.parity.max_abs_diff:.2e}, "
+        f"mean {e.parity.mean_abs_diff:.2e}"
+    )
+    console.print(f"ONNX model: {e.path} ({e.path.stat().st_size / 1e6:.1f} MB)")
+    if e.version:
+        console.print(f"registered: {e.model_uri} (run {e.run_id})")
+    console.print(f"exported in {e.seconds:.1f} s", style="dim")
+
+
+def promote(
+    *,
+    name: str,
+    alias: str = "champion",
+    version: str | None = None,
+    tracking_uri: str | None = None,
+) -> str:
+    """Point an alias (``models:/<name>@<alias>``) at a registered version.
+
+    Args:
+        name: registered model name.
+        alias: the alias to move.
+        version: the version (default: the latest).
+        tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+    """
+    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        raise RunError(f"cannot read registered model '{name}': {err.message}") from None
+    if not versions:
+        raise RunError(f"no registered model '{name}' in {client.tracking_uri}")
+    known = sorted(int(v.version) for v in versions)
+    chosen = version or str(known[-1])
+    if not chosen.isdigit() or int(chosen) not in known:
+        raise RunError(f"'{name}' has no version {chosen} (versions: {known})")
+    client.set_registered_model_alias(name, alias, chosen)
+    wide_console().print(f"models:/{name}@{alias} -> version {chosen}")
+    return chosen

@@ -1,0 +1,198 @@
+"""ONNX export: the graph computes the training transform and the model, on real rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import polars as pl
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from features.datamodule import RankerDataModule
+from features.onnx_graph import NULL_INT, preprocessing_model, raw_feeds, raw_inputs
+from pipelines.checkpoints import RunError
+from pipelines.cli import main
+from pipelines.export import build, check_parity, export, parity_rows, promote
+from ranker.models import build as build_network
+from ranker.module import RankerModule
+from tests.conftest import KUAIRAND_CONFIG, SYNTHETIC_CONFIG
+from tests.pipelines.conftest import Runs
+
+
+def session_of(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def kuairand() -> RankerDataModule:
+    return RankerDataModule(str(KUAIRAND_CONFIG))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tiny_log: Path) -> RankerDataModule:
+    return RankerDataModule(str(SYNTHETIC_CONFIG), log_path=str(tiny_log))
+
+
+def with_bad_values(frame: pl.DataFrame, data: RankerDataModule) -> pl.DataFrame:
+    """Unknown ids, missing values and non-finite numbers in the first rows."""
+    state = data.state
+    n = frame.height
+    rows = np.arange(n)
+    out = frame
+    for s in state.categorical:
+        column = frame[s.column]
+        if s.dtype == "int":
+            unknown = pl.Series([10**12 + i for i in range(n)], dtype=pl.Int64)
+        else:
+            unknown = pl.Series([f"never seen {i}" for i in range(n)])
+        out = out.with_columns(
+            pl.when(pl.lit(rows % 7 == 1))
+            .then(None)
+            .when(pl.lit(rows % 7 == 2))
+            .then(unknown.cast(column.dtype, strict=False))
+            .otherwise(pl.col(s.column))
+            .alias(s.column)
+        )
+    for s in state.numeric:
+        x = pl.col(s.column).cast(pl.Float64)
+        out = out.with_columns(
+            pl.when(pl.lit(rows % 5 == 1))
+            .then(None)
+            .when(pl.lit(rows % 5 == 2))
+            .then(float("inf"))
+            .when(pl.lit(rows % 5 == 3))
+            .then(float("nan"))
+            .when(pl.lit(rows % 5 == 4))
+            .then(-x)  # negative: log1p clips at 0
+            .otherwise(x)
+            .alias(s.column)
+        )
+    return out
+
+
+@pytest.mark.parametrize("which", ["synthetic", "kuairand"])
+def test_the_feature_graph_equals_the_training_transform(which: str, request) -> None:
+    data: RankerDataModule = request.getfixturevalue(which)
+    frame = with_bad_values(parity_rows(data, 5000), data)
+    expected = data.state.transform(frame)
+    inputs = raw_inputs(data.state, data.config.features)
+    cat, num = session_of(preprocessing_model(data.state, data.config.features)).run(
+        ["cat", "num"], raw_feeds(frame, inputs)
+    )
+    np.testing.assert_array_equal(cat, expected.cat)
+    np.testing.assert_array_equal(num, expected.num)  # float64 math, then float32, as polars
+    assert (cat[1::7, 0] == 0).all() and (cat[2::7, 0] == 0).all()  # missing / unknown -> 0
+
+
+def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataModule) -> None:
+    frame = parity_rows(synthetic, 200)
+    inputs = raw_inputs(synthetic.state, synthetic.config.features)
+    session = session_of(preprocessing_model(synthetic.state, synthetic.config.features))
+    feeds = raw_feeds(frame, inputs)
+    request = {i.name: feeds[i.name][:1] if not i.per_candidate else feeds[i.name] for i in inputs}
+    cat, num = session.run(["cat", "num"], request)
+    user_first = frame.head(1).select([i.name for i in inputs if not i.per_candidate])
+    broadcast = frame.with_columns([pl.lit(user_first[c][0]).alias(c) for c in user_first.columns])
+    expected = synthetic.state.transform(broadcast)
+    np.testing.assert_array_equal(cat, expected.cat)
+    np.testing.assert_array_equal(num, expected.num)
+    assert {i.side for i in inputs} == {"user", "item", "context"}
+    assert session.get_inputs()[0].type in ("tensor(int64)", "tensor(string)", "tensor(double)")
+
+
+@pytest.mark.parametrize(
+    ("which", "network"),
+    [
+        ("synthetic", {"class_path": "ranker.models.HoME", "init_args": {"expert_hidden": [32]}}),
+        ("kuairand", {"class_path": "ranker.models.MMoE", "init_args": {"num_experts": 3}}),
+    ],
+)
+def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict, request) -> None:
+    data: RankerDataModule = request.getfixturevalue(which)
+    torch.manual_seed(0)
+    module = RankerModule(
+        lambda inputs, tasks: build_network(network, inputs, tasks),
+        inputs=data.input_spec,
+        tasks=data.tasks,
+    ).eval()
+    with torch.no_grad():  # BatchNorm statistics away from their initial values
+        for p in module.network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = build(module, data)
+    parity = check_parity(model, module, data, rows=10_000, tolerance=1e-5)
+    assert parity.rows == 10_000 and parity.max_abs_diff <= 1e-5
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["ranker.tasks"]) == [t.name for t in data.tasks]
+    assert [i["name"] for i in json.loads(meta["ranker.inputs"])] == [
+        i.name for i in session_of(model).get_inputs()
+    ]
+    assert int(meta["ranker.null_int"]) == NULL_INT
+    with pytest.raises(RunError, match="ONNX parity failed on 10,000 rows"):
+        check_parity(model, module, data, rows=10_000, tolerance=-1.0)
+
+
+def test_export_registers_a_version_and_promote_moves_the_alias(
+    runs: Runs, synthetic: RankerDataModule, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "ranker-test-export"
+    first = export(run=runs.home, name=name, out=tmp_path / "a.onnx", tracking_uri=runs.uri)
+    assert first.parity.rows == 20_000 and first.parity.max_abs_diff <= 1e-5
+    second = export(run=runs.mmoe, name=name, out=tmp_path / "b.onnx", tracking_uri=runs.uri)
+    assert (first.version, second.version) == ("1", "2")
+    client = MlflowClient(runs.uri)
+    assert client.get_model_version(name, "1").run_id == runs.home
+    assert client.get_run(runs.home).data.metrics["export/parity_rows"] == 20_000
+
+    # The logged model is the file, with its signature; it scores through MLflow's loader.
+    mlflow.set_tracking_uri(runs.uri)
+    logged = mlflow.onnx.load_model(f"models:/{name}/1")
+    feeds = raw_feeds(
+        parity_rows(synthetic, 100), raw_inputs(synthetic.state, synthetic.config.features)
+    )
+    np.testing.assert_array_equal(
+        session_of(logged).run(None, feeds)[0],
+        session_of(onnx.load(str(first.path))).run(None, feeds)[0],
+    )
+    info = mlflow.models.get_model_info(f"models:/{name}/1")
+    assert {s["name"] for s in info.signature.inputs.to_dict()} == {
+        i.name for i in logged.graph.input
+    }
+
+    assert promote(name=name, alias="champion", version="1", tracking_uri=runs.uri) == "1"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    main(["promote", "--name", name, "--alias", "champion", "--tracking_uri", runs.uri])
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"  # the latest
+    assert f"models:/{name}@champion -> version 2" in capsys.readouterr().out
+
+
+def test_promote_errors_name_what_is_wrong(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["promote", "--name", "no-such-model", "--tracking_uri", runs.uri])
+    assert "no registered model 'no-such-model'" in capsys.readouterr().err
+    export(
+        run=runs.mmoe,
+        name="ranker-test-promote",
+        register=True,
+        tracking_uri=runs.uri,
+        quiet=True,
+        out=Path(runs.checkpoints) / "p.onnx",
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "promote",
+                "--name",
+                "ranker-test-promote",
+                "--version",
+                "7",
+                "--tracking_uri",
+                runs.uri,
+            ]
+        )
+    assert "has no version 7 (versions: [1])" in capsys.readouterr().err
