@@ -129,13 +129,16 @@ def _bucket(g: _Graph, x: str, state: NumericState) -> str:
 
 
 def _dense(g: _Graph, x: str, state: NumericState) -> str:
-    value = x
+    # Missing is decided on the raw value, as polars does (non-finite -> null first): the
+    # transform then only sees finite numbers (Max(NaN, 0) is 0 on some ORT kernels).
+    missing = _missing(g, x)
+    value = g.op("Where", [missing, g.const(np.float64(0), "zero"), x], "finite")
     if state.transform == "log1p":
-        clipped = g.op("Max", [x, g.const(np.float64(0), "zero")], "clip")
+        clipped = g.op("Max", [value, g.const(np.float64(0), "zero")], "clip")
         value = g.op("Log", [g.op("Add", [clipped, g.const(np.float64(1), "one")], "p1")], "log1p")
     centred = g.op("Sub", [value, g.const(np.float64(state.mean), "mean")], "centred")
     scaled = g.op("Div", [centred, g.const(np.float64(state.std), "std")], "scaled")
-    filled = g.op("Where", [_missing(g, value), g.const(np.float64(0), "zero"), scaled], "filled")
+    filled = g.op("Where", [missing, g.const(np.float64(0), "zero"), scaled], "filled")
     return g.op("Cast", [filled], "f32", to=TensorProto.FLOAT)
 
 

@@ -1,29 +1,15 @@
-"""The ``ranker`` command.
-
-    ranker synth --out data/synthetic --rows 1000000      # generate a behaviour log
-    ranker fit --config configs/trainer.yaml --config configs/model/mmoe.yaml \\
-               --data.dataset configs/data/synthetic.yaml  # train, track in MLflow, report
-    ranker evaluate --run <run id | checkpoint> [--split test]  # HTML + markdown report
-    ranker compare <run> <run> ... [--split test]          # side by side, per task
-    ranker export --run <run id | checkpoint>             # ONNX, parity-checked, registered
-    ranker promote --name ranker-synthetic --alias champion
-
-``fit`` / ``validate`` / ``test`` are LightningCLI subcommands: every model and DataModule
-argument is a flag or a YAML key, checked before anything runs.
-"""
+"""``ranker fit`` (and ``validate`` / ``test``): LightningCLI over RankerModule and
+RankerDataModule, logging to MLflow; every model and DataModule argument is a flag or a YAML
+key, checked before anything runs."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from jsonargparse import CLI, ArgumentParser
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from features.config import SPLITS, ConfigError
 from features.datamodule import RankerDataModule
 from pipelines.report import fit_report, print_report
 from pipelines.tracking import MLflowLogger
@@ -106,75 +92,3 @@ def fit_cli(args: list[str] | None) -> None:
         save_config_kwargs={"save_to_log_dir": False},
         auto_configure_optimizers=False,
     )
-
-
-def synth(
-    out: Path = Path("data/synthetic"),
-    rows: int = 1_000_000,
-    days: int = 14,
-    start: str = "2024-01-01",
-    users: int = 20_000,
-    items: int = 50_000,
-    authors: int = 5_000,
-    seed: int = 0,
-    rows_per_group: int = 65_536,
-) -> None:
-    """Generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet by date).
-
-    Args:
-        out: output directory (replaced if it holds an earlier log).
-        rows: impressions.
-        days: days, one partition each.
-        start: first date, YYYY-MM-DD.
-        users: distinct users.
-        items: distinct items.
-        authors: distinct authors.
-        seed: random seed; the same arguments give the same log.
-        rows_per_group: Parquet row-group size.
-    """
-    from features.synth import generate_log, write_log
-    from pipelines.report import print_synth_summary
-
-    frame = generate_log(
-        rows=rows, days=days, start=start, users=users, items=items, authors=authors, seed=seed
-    )
-    path = write_log(frame, out, rows_per_group=rows_per_group)
-    print_synth_summary(frame, path)
-
-
-def compare_cli(args: list[str]) -> None:
-    from pipelines.evaluate import compare
-
-    parser = ArgumentParser(prog="ranker compare", description=compare.__doc__)
-    parser.add_argument("runs", nargs="+", help="MLflow run ids or checkpoint paths (2 or more)")
-    parser.add_argument("--split", choices=SPLITS, default="test", help="split to compare on")
-    parser.add_argument("--out", type=Path, default=None, help="report directory")
-    parser.add_argument("--tracking_uri", default=None, help="MLflow store")
-    options = parser.parse_args(args)
-    compare(options.runs, options.split, options.out, options.tracking_uri)
-
-
-def main(argv: list[str] | None = None) -> None:
-    words = sys.argv[1:] if argv is None else argv
-    try:
-        if words and words[0] == "synth":
-            CLI(synth, args=words[1:])
-        elif words and words[0] == "evaluate":
-            from pipelines.evaluate import evaluate
-
-            CLI(evaluate, args=words[1:])
-        elif words and words[0] == "compare":
-            compare_cli(words[1:])
-        elif words and words[0] in ("export", "promote"):
-            from pipelines import export
-
-            CLI(getattr(export, words[0]), args=words[1:])
-        else:
-            fit_cli(argv)  # None: LightningCLI reads sys.argv itself
-    except ConfigError as err:
-        print(f"ranker: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -50,6 +50,7 @@ from pipelines.report import wide_console
 from pipelines.tracking import resolve_tracking_uri
 from ranker.models.base import MultiTaskModel
 from ranker.module import RankerModule
+from serving.registry import ITEM_TABLE, USER_TABLE
 
 OUTPUT = "probabilities"
 CHUNK = 16384
@@ -152,6 +153,27 @@ def onnx_probabilities(session: ort.InferenceSession, feeds: dict[str, np.ndarra
     )
 
 
+def feature_snapshots(data: RankerDataModule) -> dict[str, pl.DataFrame]:
+    """Per user and per item, the latest non-missing value of each of its side's columns in
+    the whole log: the tables the service fills requests from."""
+    c = data.config
+    inputs = raw_inputs(data.state, c.features)
+    log = pl.concat([data.source.scan(split) for split in SPLITS], how="vertical_relaxed")
+    tables = {}
+    for side, key, file in (("user", c.user_key, USER_TABLE), ("item", c.item_key, ITEM_TABLE)):
+        columns = [i.name for i in inputs if i.side == side and i.name != key]
+        latest = (
+            log.select([c.time_column, key, *columns])
+            .sort(c.time_column)
+            .group_by(key)
+            .agg([pl.col(name).drop_nulls().last() for name in columns])
+            .sort(key)
+        )
+        tables[file] = latest
+    frames = pl.collect_all(list(tables.values()), engine="streaming")
+    return dict(zip(tables, frames, strict=True))
+
+
 @dataclass
 class Parity:
     rows: int
@@ -231,6 +253,9 @@ def export(
     path = out or Path("exports") / (located.run_id or located.path.stem) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
+    snapshots = feature_snapshots(data)
+    for file, frame in snapshots.items():
+        frame.write_parquet(path.parent / file)
 
     name = name or f"ranker-{data.config.name}"
     version = model_uri = None
@@ -238,6 +263,8 @@ def export(
         if located.run_id is None:
             raise RunError(f"{run} has no MLflow run to log the model to; pass --register false")
         version, model_uri = log_and_register(client, located.run_id, model, data, name, checked)
+        for file in snapshots:
+            client.log_artifact(located.run_id, str(path.parent / file), "serving")
     exported = Exported(
         path,
         checked,
@@ -298,6 +325,10 @@ def print_export(e: Exported) -> None:
         f"mean {e.parity.mean_abs_diff:.2e}"
     )
     console.print(f"ONNX model: {e.path} ({e.path.stat().st_size / 1e6:.1f} MB)")
+    for file in (USER_TABLE, ITEM_TABLE):
+        table = e.path.parent / file
+        rows = pl.scan_parquet(table).select(pl.len()).collect().item()
+        console.print(f"  feature table: {table} ({rows:,} rows)")
     if e.version:
         console.print(f"registered: {e.model_uri} (run {e.run_id})")
     console.print(f"exported in {e.seconds:.1f} s", style="dim")

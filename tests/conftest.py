@@ -1,12 +1,17 @@
-"""Shared fixtures: a tiny generated log (written once per session) and the real KuaiRand data."""
+"""Shared fixtures: a tiny generated log (written once per session), the real KuaiRand data, and
+a few real tiny runs in a real SQLite MLflow store (trained once, for the pipeline and serving
+tests)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from features.synth import generate
+from pipelines.commands import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -22,3 +27,68 @@ def tiny_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(
         out, rows=30_000, users=600, items=1_500, authors=200, seed=7, rows_per_group=1_000
     )
+
+
+@dataclass
+class Runs:
+    uri: str
+    mmoe: str
+    home: str
+    two_tasks: str  # trained on a dataset with only two of the tasks
+    checkpoints: Path
+
+
+def fit(log: Path, uri: str, checkpoints: Path, model: str, *extra: str) -> str:
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "trainer.yaml"),
+            "--config",
+            str(CONFIGS / "model" / f"{model}.yaml"),
+            "--data.dataset",
+            str(SYNTHETIC_CONFIG),
+            "--data.log_path",
+            str(log),
+            "--data.batch_size",
+            "512",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks",
+            "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
+            "{monitor: val/gauc/mean, mode: max, save_top_k: 1}}]",
+            "--trainer.logger.init_args.tracking_uri",
+            uri,
+            "--trainer.logger.init_args.checkpoint_dir",
+            str(checkpoints),
+            "--model.network.init_args.expert_hidden",
+            "[32, 16]",
+            *extra,
+        ]
+    )
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ranker")
+    return client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])[
+        0
+    ].info.run_id
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_log: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    root = tmp_path_factory.mktemp("runs")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    checkpoints = root / "checkpoints"
+    mmoe = fit(tiny_log, uri, checkpoints, "mmoe", "--model.network.init_args.num_experts", "3")
+    home = fit(tiny_log, uri, checkpoints, "home")
+    two = root / "two_tasks.yaml"
+    config = SYNTHETIC_CONFIG.read_text()
+    kept = [line for line in config.splitlines() if "truth: p_" not in line]
+    kept += [
+        "  - {name: click, label: click, group: watch}",
+        "  - {name: like, label: like, group: interaction}",
+    ]
+    two.write_text("\n".join(kept).replace("path: ../../data/synthetic", f"path: {tiny_log}"))
+    two_tasks = fit(tiny_log, uri, checkpoints, "mmoe", "--data.dataset", str(two))
+    return Runs(uri, mmoe, home, two_tasks, checkpoints)

@@ -13,9 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.checkpoints import RunError
-from pipelines.cli import main
+from pipelines.commands import main
 from pipelines.evaluate import compare, evaluate
-from tests.pipelines.conftest import Runs
+from tests.conftest import Runs
 
 TASKS = ("click", "effective_view", "long_view", "like", "comment", "forward", "follow", "collect")
 RANKER = Path(sys.executable).parent / "ranker"

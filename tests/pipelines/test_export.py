@@ -17,12 +17,11 @@ from mlflow.tracking import MlflowClient
 from features.datamodule import RankerDataModule
 from features.onnx_graph import NULL_INT, preprocessing_model, raw_feeds, raw_inputs
 from pipelines.checkpoints import RunError
-from pipelines.cli import main
+from pipelines.commands import main
 from pipelines.export import build, check_parity, export, parity_rows, promote
 from ranker.models import build as build_network
 from ranker.module import RankerModule
-from tests.conftest import KUAIRAND_CONFIG, SYNTHETIC_CONFIG
-from tests.pipelines.conftest import Runs
+from tests.conftest import KUAIRAND_CONFIG, SYNTHETIC_CONFIG, Runs
 
 
 def session_of(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -62,14 +61,16 @@ def with_bad_values(frame: pl.DataFrame, data: RankerDataModule) -> pl.DataFrame
     for s in state.numeric:
         x = pl.col(s.column).cast(pl.Float64)
         out = out.with_columns(
-            pl.when(pl.lit(rows % 5 == 1))
+            pl.when(pl.lit(rows % 6 == 1))
             .then(None)
-            .when(pl.lit(rows % 5 == 2))
+            .when(pl.lit(rows % 6 == 2))
             .then(float("inf"))
-            .when(pl.lit(rows % 5 == 3))
+            .when(pl.lit(rows % 6 == 3))
             .then(float("nan"))
-            .when(pl.lit(rows % 5 == 4))
+            .when(pl.lit(rows % 6 == 4))
             .then(-x)  # negative: log1p clips at 0
+            .when(pl.lit(rows % 6 == 5))
+            .then(float("-inf"))
             .otherwise(x)
             .alias(s.column)
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.cli import main
+from pipelines.commands import main
 from tests.conftest import CONFIGS, ROOT, SYNTHETIC_CONFIG
 
 TASKS = ("click", "effective_view", "long_view", "like", "comment", "forward", "follow", "collect")

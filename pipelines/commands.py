@@ -1,0 +1,102 @@
+"""The ``ranker`` command.
+
+    ranker synth --out data/synthetic --rows 1000000      # generate a behaviour log
+    ranker fit --config configs/trainer.yaml --config configs/model/mmoe.yaml \\
+               --data.dataset configs/data/synthetic.yaml  # train, track in MLflow, report
+    ranker evaluate --run <run id | checkpoint> [--split test]  # HTML + markdown report
+    ranker compare <run> <run> ... [--split test]          # side by side, per task
+    ranker export --run <run id | checkpoint>             # ONNX, parity-checked, registered
+    ranker promote --name ranker-synthetic --alias champion
+
+    ranker serve --model models:/ranker-synthetic@champion  # the scoring service
+
+Each command imports only what it needs: ``serve`` runs without torch or lightning.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jsonargparse import CLI, ArgumentParser
+
+from features.config import SPLITS, ConfigError
+
+
+def synth(
+    out: Path = Path("data/synthetic"),
+    rows: int = 1_000_000,
+    days: int = 14,
+    start: str = "2024-01-01",
+    users: int = 20_000,
+    items: int = 50_000,
+    authors: int = 5_000,
+    seed: int = 0,
+    rows_per_group: int = 65_536,
+) -> None:
+    """Generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet by date).
+
+    Args:
+        out: output directory (replaced if it holds an earlier log).
+        rows: impressions.
+        days: days, one partition each.
+        start: first date, YYYY-MM-DD.
+        users: distinct users.
+        items: distinct items.
+        authors: distinct authors.
+        seed: random seed; the same arguments give the same log.
+        rows_per_group: Parquet row-group size.
+    """
+    from features.synth import generate_log, write_log
+    from pipelines.report import print_synth_summary
+
+    frame = generate_log(
+        rows=rows, days=days, start=start, users=users, items=items, authors=authors, seed=seed
+    )
+    path = write_log(frame, out, rows_per_group=rows_per_group)
+    print_synth_summary(frame, path)
+
+
+def compare_cli(args: list[str]) -> None:
+    from pipelines.evaluate import compare
+
+    parser = ArgumentParser(prog="ranker compare", description=compare.__doc__)
+    parser.add_argument("runs", nargs="+", help="MLflow run ids or checkpoint paths (2 or more)")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split to compare on")
+    parser.add_argument("--out", type=Path, default=None, help="report directory")
+    parser.add_argument("--tracking_uri", default=None, help="MLflow store")
+    options = parser.parse_args(args)
+    compare(options.runs, options.split, options.out, options.tracking_uri)
+
+
+def main(argv: list[str] | None = None) -> None:
+    words = sys.argv[1:] if argv is None else argv
+    command, args = (words[0], words[1:]) if words else ("", [])
+    try:
+        if command == "synth":
+            CLI(synth, args=args)
+        elif command == "evaluate":
+            from pipelines.evaluate import evaluate
+
+            CLI(evaluate, args=args)
+        elif command == "compare":
+            compare_cli(args)
+        elif command in ("export", "promote"):
+            from pipelines import export
+
+            CLI(getattr(export, command), args=args)
+        elif command == "serve":
+            from serving.cli import serve
+
+            CLI(serve, args=args)
+        else:
+            from pipelines.cli import fit_cli
+
+            fit_cli(argv)  # None: LightningCLI reads sys.argv itself
+    except ConfigError as err:
+        print(f"ranker: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

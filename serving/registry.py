@@ -1,0 +1,114 @@
+"""Where a served model comes from: a local ``.onnx`` file or the MLflow model registry.
+
+``models:/<name>@<alias>`` (followed by hot reload) or ``models:/<name>/<version>``. A
+registered version's feature tables are the ``serving/`` artifacts of the run that exported it;
+a local file's are the ``user_features.parquet`` / ``item_features.parquet`` beside it. Tables
+given on the command line win.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from serving.model import ModelError, Scorer
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from serving.app import Settings
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+USER_TABLE, ITEM_TABLE = "user_features.parquet", "item_features.parquet"
+
+
+def parse(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    name, _, version = rest.partition("/")
+    if not name or not version:
+        raise ModelError(f"'{uri}' is neither models:/<name>@<alias> nor models:/<name>/<version>")
+    return name, None, version
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    from mlflow.tracking import MlflowClient  # only registry models need mlflow
+
+    return MlflowClient(
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    )
+
+
+def resolve_version(model: str, tracking_uri: str | None) -> str:
+    """The version a model reference points at now (``local`` for a file)."""
+    if not model.startswith("models:/"):
+        return "local"
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse(model)
+    client = _client(tracking_uri)
+    try:
+        if alias:
+            return str(client.get_model_version_by_alias(name, alias).version)
+        return str(client.get_model_version(name, version).version)
+    except MlflowException as err:
+        raise ModelError(f"cannot resolve {model}: {err.message}") from None
+
+
+def load_scorer(settings: Settings, version: str | None = None) -> Scorer:
+    """Download (if registered) and load the model and its feature tables."""
+    model = settings.model
+    if not model.startswith("models:/"):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelError(f"no model file at {path}")
+        user = settings.user_table or _beside(path, USER_TABLE)
+        item = settings.item_table or _beside(path, ITEM_TABLE)
+        return Scorer(path, path.stem, "local", str(path), settings.threads, user, item)
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, _, _ = parse(model)
+    version = version or resolve_version(model, settings.tracking_uri)
+    client = _client(settings.tracking_uri)
+    target = Path(tempfile.mkdtemp(prefix=f"ranker-{name}-{version}-"))
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}",
+            dst_path=str(target / "model"),
+            tracking_uri=client.tracking_uri,
+        )
+        files = sorted(Path(local).rglob("*.onnx"))
+        if not files:
+            raise ModelError(f"models:/{name}/{version} holds no .onnx file")
+        run_id = client.get_model_version(name, version).run_id
+        tables = {}
+        for table in (USER_TABLE, ITEM_TABLE):
+            try:
+                tables[table] = Path(
+                    client.download_artifacts(run_id, f"serving/{table}", str(target))
+                )
+            except (MlflowException, OSError):
+                tables[table] = None
+    except MlflowException as err:
+        raise ModelError(f"cannot download models:/{name}/{version}: {err.message}") from None
+    return Scorer(
+        files[0],
+        name,
+        version,
+        f"models:/{name}/{version}",
+        settings.threads,
+        settings.user_table or tables[USER_TABLE],
+        settings.item_table or tables[ITEM_TABLE],
+    )
+
+
+def _beside(path: Path, name: str) -> Path | None:
+    candidate = path.parent / name
+    return candidate if candidate.exists() else None
