@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from typing import Literal
@@ -63,4 +64,8 @@ def serve(
     except ModelError as err:
         print(f"ranker serve: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    # Everything loaded so far (model, tables, libraries) lives as long as the process: move it
+    # out of the collector's reach so a full collection does not pause requests scanning it.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -91,11 +91,14 @@ def _typed(series: pl.Series, dtype: str, null: Mapping[str, Any]) -> np.ndarray
     return series.cast(pl.Float64).fill_null(math.nan).to_numpy()
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
     """One request is one small batch: run its operators one after another on ``threads``
     intra-op threads (parallel inter-op scheduling only adds hand-offs for graphs this
-    narrow), with every graph optimisation on."""
+    narrow), with every graph optimisation on. Threads spin-wait between operators: on two
+    cores that halves in-process latency at 500 candidates and did not lengthen the HTTP tail
+    (``benchmarks/serve.py`` measures each choice; RESULTS.md has the figures)."""
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
