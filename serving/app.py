@@ -35,6 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.model import Fusion, ModelError, RequestError, Scorer
 from serving.registry import load_scorer, resolve_version
@@ -165,6 +166,45 @@ class Holder:
         self._stop.set()
 
 
+class BodyLimit:
+    """A 413 for a body over ``limit`` bytes, declared (Content-Length) or streamed (chunked),
+    before the app reads it all. It counts what it refuses in ``requests``; a request it cuts
+    short is marked in its scope so the inner measurement does not count it twice."""
+
+    def __init__(self, app: ASGIApp, limit: int, requests: Counter) -> None:
+        self.app, self.limit, self.requests = app, limit, requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit and not scope.get("ranker.refused"):
+                await self._refuse(scope, receive, send)
+                return {"type": "http.disconnect"}  # the app stops reading; its answer is dropped
+            return message
+
+        async def guarded(message: Message) -> None:
+            if not scope.get("ranker.refused"):
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["ranker.refused"] = True
+        self.requests.labels(scope["path"], "413").inc()
+        await _error(413, ["body"], f"body over {self.limit} bytes")(scope, receive, send)
+
+
 def _error(status: int, loc: list, message: str) -> JSONResponse:
     return JSONResponse({"detail": [{"loc": loc, "msg": message}]}, status_code=status)
 
@@ -190,19 +230,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.holder = holder
 
     @app.middleware("http")
-    async def limit_and_measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Any]]
-    ) -> Any:
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         start = time.perf_counter()
         endpoint = request.url.path
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            response = _error(413, ["body"], f"body over {settings.max_body_bytes} bytes")
-        else:
-            response = await call_next(request)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        response = await call_next(request)
+        if not request.scope.get("ranker.refused"):  # BodyLimit counted it
+            metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, requests=metrics.requests)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -193,10 +194,19 @@ def test_a_body_over_the_limit_is_413_and_the_service_lives_on(server: Server) -
         big = {"user": {"id": 1}, "candidates": [{"id": 1, "features": {"author_id": 1}}] * 8000}
         answer = http.post("/v1/rank", json=big)
         assert answer.status_code == 413 and answer.json()["detail"][0]["loc"] == ["body"]
+        # the same body streamed without a declared length (chunked)
+        payload = json.dumps(big).encode()
+        chunks = (payload[i : i + 65536] for i in range(0, len(payload), 65536))
+        headers = {"content-type": "application/json"}
+        answer = http.post("/v1/rank", content=chunks, headers=headers)
+        assert "content-length" not in answer.request.headers
+        assert answer.status_code == 413 and answer.json()["detail"][0]["loc"] == ["body"]
         assert http.get("/healthz").status_code == 200
+        small = {"user": {"id": 1}, "candidates": [{"id": 2}]}
+        assert http.post("/v1/rank", json=small).status_code == 200
         assert (
-            http.post("/v1/rank", json={"user": {"id": 1}, "candidates": [{"id": 2}]}).status_code
-            == 200
+            'ranker_requests_total{endpoint="/v1/rank",status="413"} 2.0'
+            in http.get("/metrics").text
         )
 
 
