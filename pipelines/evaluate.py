@@ -42,7 +42,7 @@ from pipelines.render import (
 )
 from pipelines.report import oracle_metrics
 from pipelines.tracking import resolve_tracking_uri
-from ranker.diagnostics import ExpertStats, HealthLimits, health, observe
+from ranker.diagnostics import ExpertStats, HealthLimits, health, json_safe, observe
 from ranker.metrics import reliability, task_metrics
 from ranker.module import RankerModule
 
@@ -92,7 +92,7 @@ class Evaluation:
         return math.nan if v is None else float(v)
 
     def to_json(self) -> str:
-        return json.dumps(_json_safe(asdict(self)), indent=1)
+        return json.dumps(json_safe(asdict(self)), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Evaluation:
@@ -101,18 +101,6 @@ class Evaluation:
             if doc.get(key) is not None:
                 doc[key] = {k: math.nan if v is None else v for k, v in doc[key].items()}
         return cls(**doc)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # -- scoring ------------------------------------------------------------------------------------

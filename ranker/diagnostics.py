@@ -73,6 +73,7 @@ __all__ = [
     "TaskRow",
     "collect",
     "health",
+    "json_safe",
     "observe",
 ]
 
@@ -331,7 +332,7 @@ class HealthReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: lists and plain numbers, NaN as ``None``."""
         gm = self.gate_matrix
-        return _clean(
+        return json_safe(
             {
                 "experts": [asdict(r) for r in self.experts],
                 "gates": [asdict(r) for r in self.gates],
@@ -348,11 +349,12 @@ class HealthReport:
         )
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """Dicts, lists and plain numbers for JSON: numpy scalars unwrapped, NaN / inf as None."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):

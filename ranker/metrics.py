@@ -204,13 +204,18 @@ def calibration(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(p.mean()) / mean_y if mean_y != 0.0 else _NAN
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error with ``bins`` equal-width bins on [0, 1]."""
+def _binned_inputs(probs: np.ndarray, labels: np.ndarray, bins: int) -> tuple[np.ndarray, ...]:
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     p = _as_f64(probs, "probs")
     y = _as_f64(labels, "labels")
     _check_same_len(p, y)
+    return p, y
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error with ``bins`` equal-width bins on [0, 1]."""
+    p, y = _binned_inputs(probs, labels, bins)
     n = p.shape[0]
     if n == 0:
         return _NAN
@@ -230,11 +235,7 @@ def reliability(
     goes to bin ``floor(i * bins / N)``), so a rare task's diagram is not one crowded bin near
     0 as it would be with equal-width bins. Fewer rows than bins give fewer, non-empty bins.
     """
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
-    p = _as_f64(probs, "probs")
-    y = _as_f64(labels, "labels")
-    _check_same_len(p, y)
+    p, y = _binned_inputs(probs, labels, bins)
     n = p.shape[0]
     if n == 0:
         empty = np.zeros(0)
