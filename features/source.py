@@ -33,11 +33,12 @@ def parquet_files(path: Path) -> list[Path]:
     if not files:
         raise ConfigError(f"no Parquet files (*.parquet) under {path}")
     for file in files:
-        _check_magic(file)
+        _check_file(file)
     return files
 
 
-def _check_magic(file: Path) -> None:
+def _check_file(file: Path) -> None:
+    """Parquet magic at both ends and a footer that parses (a truncated file fails here)."""
     with file.open("rb") as handle:
         head = handle.read(4)
         size = handle.seek(0, 2)
@@ -45,6 +46,10 @@ def _check_magic(file: Path) -> None:
         tail = handle.read(4)
     if size < 12 or head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
         raise ConfigError(f"{file} is not a Parquet file (no PAR1 header/footer)")
+    try:
+        pq.read_metadata(file)
+    except (pa.ArrowException, OSError) as err:
+        raise ConfigError(f"{file} is a corrupt or truncated Parquet file: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -225,13 +230,16 @@ class LogSource:
             .alias(label)
             for label in labels
         ]
-        stats = (
-            self._scan()
-            .select([c.time_column, *labels])
-            .group_by(split_of.alias("split"))
-            .agg(pl.len().alias("rows"), *invalid)
-            .collect(engine="streaming")
-        )
+        try:
+            stats = (
+                self._scan()
+                .select([c.time_column, *labels])
+                .group_by(split_of.alias("split"))
+                .agg(pl.len().alias("rows"), *invalid)
+                .collect(engine="streaming")
+            )
+        except (pl.exceptions.PolarsError, OSError) as err:
+            raise self._unreadable([c.time_column, *labels], err) from None
         for label in labels:
             invalid = int(stats[label].sum())
             if invalid:
@@ -250,6 +258,15 @@ class LogSource:
                     f"test_end={s.test_end})"
                 )
         return rows
+
+    def _unreadable(self, columns: list[str], err: Exception) -> ConfigError:
+        """The error for a scan that failed: find the file (only on this error path)."""
+        for file in self.files:
+            try:
+                pq.read_table(file, columns=[c for c in columns if c in pq.read_schema(file).names])
+            except (pa.ArrowException, OSError) as file_err:
+                return ConfigError(f"cannot read {file} (corrupt Parquet data?): {file_err}")
+        return ConfigError(f"cannot read {self.where}: {err}")
 
     # -- pieces for streaming -----------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -186,3 +187,24 @@ def test_column_missing_from_one_file_names_that_file(tiny_log: Path, tmp_path: 
     with pytest.raises(ConfigError) as err:
         RankerDataModule(str(write_config(tmp_path, log)))
     assert "column 'page' (feature 'page')" in str(err.value) and str(last) in str(err.value)
+
+
+def test_truncated_parquet_file_is_named(tiny_log: Path, tmp_path: Path) -> None:
+    log = copy_log(tiny_log, tmp_path)
+    victim = first_file(log)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] + data[-8:])  # magic intact, footer cut
+    with pytest.raises(ConfigError, match=f"{victim} is a corrupt or truncated Parquet file"):
+        RankerDataModule(str(write_config(tmp_path, log)))
+
+
+def test_corrupt_data_pages_are_named_not_a_hang(tiny_log: Path, tmp_path: Path) -> None:
+    log = copy_log(tiny_log, tmp_path)
+    victim = sorted(log.rglob("*.parquet"))[3]
+    data = bytearray(victim.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    body = len(data) - footer
+    data[4:body] = np.random.default_rng(0).integers(0, 256, body - 4, dtype=np.uint8).tobytes()
+    victim.write_bytes(bytes(data))  # the footer still parses; every page is garbage
+    with pytest.raises(ConfigError, match=f"cannot read {victim}"):
+        RankerDataModule(str(write_config(tmp_path, log)))
