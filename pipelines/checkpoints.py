@@ -99,7 +99,7 @@ def load(
     download: Path,
     dataset: str | None = None,
     log_path: str | None = None,
-    batch_size: int = 16384,
+    batch_size: int = 2048,
 ) -> tuple[RankerModule, RankerDataModule]:
     """The model in eval mode and a DataModule scoring with the model's own FeatureState."""
     try:
