@@ -89,6 +89,9 @@ class ParquetBatches(IterableDataset):
         self.shuffle_buffer, self.seed = max(shuffle_buffer, batch_size), seed
         # Shared memory, so persistent (spawned) workers see the epoch the trainer sets.
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # (world size, rank), read in the training process when its loader is made: spawned
+        # loader workers have no process group of their own to ask.
+        self.world = _world()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.fill_(epoch)
@@ -100,7 +103,7 @@ class ParquetBatches(IterableDataset):
 
     @property
     def streams(self) -> int:
-        return self.num_workers * _world()[0]
+        return self.num_workers * self.world[0]
 
     def _my_pieces(self) -> list[Piece]:
         order = np.arange(len(self.pieces))
@@ -108,7 +111,7 @@ class ParquetBatches(IterableDataset):
             order = np.random.default_rng([self.seed, int(self.epoch)]).permutation(order)
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        ranks, rank = _world()
+        ranks, rank = self.world
         share = rank * workers + worker_id
         return [self.pieces[i] for i in order[share :: ranks * workers]]
 
@@ -248,8 +251,10 @@ class RankerDataModule(L.LightningDataModule):
 
     def _loader(self, split: SplitName) -> DataLoader:
         workers = self.num_workers
+        dataset = self.dataset(split)
+        dataset.world = _world()  # the process group exists by the time loaders are made
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=None,  # batches arrive whole
             num_workers=workers,
             # polars' thread pool does not survive fork(); spawn and keep the workers.

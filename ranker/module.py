@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -121,7 +122,7 @@ class RankerModule(L.LightningModule):
         cat, num, labels, users = batch
         logits = self(cat, num)
         loss, _ = masked_bce(logits, labels, self.task_weights)
-        self.log(f"{stage}/loss", loss, batch_size=len(labels))
+        self.log(f"{stage}/loss", loss, batch_size=len(labels), sync_dist=True)
         probs = torch.sigmoid(logits).float().cpu().numpy()
         self._outputs.setdefault(stage, []).append(
             (probs, labels.cpu().numpy(), users.cpu().numpy())
@@ -129,15 +130,29 @@ class RankerModule(L.LightningModule):
 
     def _report(self, stage: str) -> None:
         outputs = self._outputs.pop(stage, [])
-        if not outputs:
+        if outputs:
+            probs, labels, users = (np.concatenate(p) for p in zip(*outputs, strict=True))
+        else:  # this rank read no row group of the split; it still joins the gather
+            tasks = len(self.tasks)
+            probs, labels = np.zeros((0, tasks), np.float32), np.zeros((0, tasks), np.float32)
+            users = np.zeros(0, np.int64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Exact metrics under DDP: GAUC's users span ranks, so every rank gathers every
+            # prediction (not an average of per-rank metrics).
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (probs, labels, users))
+            probs, labels, users = (np.concatenate(p) for p in zip(*gathered, strict=True))
+        if len(probs) == 0:
             return
-        probs, labels, users = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
         metrics = task_metrics(probs, labels, users, self.task_names)
         self.last_metrics[stage] = metrics
         loggable = {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("count/")}
         headline = f"{stage}/gauc/mean"
-        self.log(headline, loggable.pop(headline), prog_bar=True)
-        self.log_dict(loggable)
+        # Every rank holds the same gathered values: no reduction needed (nor warned about).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            self.log(headline, loggable.pop(headline), prog_bar=True)
+            self.log_dict(loggable)
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._collect("val", batch)
