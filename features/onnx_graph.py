@@ -33,6 +33,7 @@ OPSET = 18
 ML_OPSET = 3
 NULL_INT = -(2**63)  # int64 min: a missing integer id
 NULL_STRING = "\x00"  # a missing string category
+MISSING = {"int64": NULL_INT, "string": NULL_STRING, "float64": float("nan")}
 
 
 @dataclass(frozen=True)
@@ -200,18 +201,17 @@ def input_metadata(inputs: list[RawInput]) -> list[dict[str, str]]:
     return [asdict(i) for i in inputs]
 
 
+def as_input(series: pl.Series, dtype: str) -> np.ndarray:
+    """A raw column as the graph takes it: typed, missing values as the graph's markers
+    (unparsable integers count as missing, as in training)."""
+    if dtype == "int64":
+        numeric = series.dtype.is_integer() or series.dtype == pl.Boolean
+        return series.cast(pl.Int64, strict=numeric).fill_null(NULL_INT).to_numpy()
+    if dtype == "string":
+        return series.cast(pl.String).fill_null(NULL_STRING).to_numpy().astype(object)
+    return series.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
 def raw_feeds(frame: pl.DataFrame, inputs: list[RawInput]) -> dict[str, np.ndarray]:
-    """A frame of raw rows as graph inputs: typed arrays, missing values as the graph expects."""
-    feeds: dict[str, np.ndarray] = {}
-    for i in inputs:
-        column = frame[i.name]
-        if i.dtype == "int64":
-            numeric = column.dtype.is_integer() or column.dtype == pl.Boolean
-            column = column.cast(pl.Int64, strict=numeric)  # unparsable -> missing, as in training
-            feeds[i.name] = column.fill_null(NULL_INT).to_numpy()
-        elif i.dtype == "string":
-            values = column.cast(pl.String).fill_null(NULL_STRING).to_numpy()
-            feeds[i.name] = values.astype(object)
-        else:
-            feeds[i.name] = column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    return feeds
+    """A frame of raw rows as graph inputs."""
+    return {i.name: as_input(frame[i.name], i.dtype) for i in inputs}

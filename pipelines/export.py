@@ -46,7 +46,7 @@ from features.onnx_graph import (
     raw_inputs,
 )
 from pipelines.checkpoints import RunError, load, locate
-from pipelines.report import wide_console
+from pipelines.render import wide_console
 from pipelines.tracking import resolve_tracking_uri
 from ranker.models.base import MultiTaskModel
 from ranker.module import RankerModule
@@ -181,15 +181,18 @@ class Parity:
     mean_abs_diff: float
 
 
+def cpu_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def check_parity(
-    model: onnx.ModelProto,
+    session: ort.InferenceSession,
     module: RankerModule,
     data: RankerDataModule,
     rows: int,
     tolerance: float,
 ) -> Parity:
     frame = parity_rows(data, rows)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     inputs = raw_inputs(data.state, data.config.features)
     expected = torch_probabilities(module, data, frame)
     got = onnx_probabilities(session, raw_feeds(frame, inputs))
@@ -249,7 +252,8 @@ def export(
         located = locate(run, client, Path(tmp))
         module, data = load(located, client, Path(tmp), dataset, log_path)
     model = build(module, data)
-    checked = check_parity(model, module, data, parity, tolerance)
+    session = cpu_session(model)  # one session for the parity check and the signature
+    checked = check_parity(session, module, data, parity, tolerance)
     path = out or Path("exports") / (located.run_id or located.path.stem) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
@@ -262,7 +266,9 @@ def export(
     if register:
         if located.run_id is None:
             raise RunError(f"{run} has no MLflow run to log the model to; pass --register false")
-        version, model_uri = log_and_register(client, located.run_id, model, data, name, checked)
+        version, model_uri = log_and_register(
+            client, located.run_id, model, session, data, name, checked
+        )
         for file in snapshots:
             client.log_artifact(located.run_id, str(path.parent / file), "serving")
     exported = Exported(
@@ -283,6 +289,7 @@ def log_and_register(
     client: MlflowClient,
     run_id: str,
     model: onnx.ModelProto,
+    session: ort.InferenceSession,
     data: RankerDataModule,
     name: str,
     parity: Parity,
@@ -291,7 +298,6 @@ def log_and_register(
     inputs = raw_inputs(data.state, data.config.features)
     example_frame = parity_rows(data, 3)
     example = raw_feeds(example_frame, inputs)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     signature = infer_signature(example, session.run([OUTPUT], example)[0])
     mlflow.set_tracking_uri(client.tracking_uri)
     try:

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
+from rich.console import Console
 from rich.table import Table as RichTable
 
 from pipelines import plots
-from pipelines.report import wide_console
 
 if TYPE_CHECKING:
     from pipelines.evaluate import Evaluation
@@ -30,6 +30,11 @@ METRIC_COLUMNS = (
     ("calibration", "calibration", "one"),
     ("ece", "ECE", "low"),
 )
+
+
+def wide_console() -> Console:
+    # Tables of per-task metrics are wide; a pipe or CI log would otherwise get 80 columns.
+    return Console(width=max(Console().width, 140))
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from rich.console import Console
-from rich.table import Table
 
 from features.datamodule import RankerDataModule
+from pipelines.render import Table, wide_console
 from ranker.metrics import task_metrics
 from ranker.module import RankerModule
 
@@ -60,12 +60,14 @@ class FitReport:
     def headers(self) -> list[str]:
         return ["task", "pos. rate", *(title for _, _, title in self.columns())]
 
+    def table(self) -> Table:
+        table = Table(self.headers())
+        for row in self.rows():
+            table.add(row)
+        return table
+
     def markdown(self) -> str:
-        lines = [f"# {self.model} on {self.dataset}", ""]
-        lines += ["| " + " | ".join(self.headers()) + " |"]
-        lines += ["|" + "---|" * len(self.headers())]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
-        lines += ["", *self.notes]
+        lines = [f"# {self.model} on {self.dataset}", "", self.table().markdown(), "", *self.notes]
         return "\n".join(lines) + "\n"
 
     def oracle_metrics(self) -> dict[str, float]:
@@ -132,22 +134,12 @@ def fit_report(module: RankerModule, datamodule: RankerDataModule) -> FitReport:
     )
 
 
-def wide_console() -> Console:
-    # Tables of per-task metrics are wide; a pipe or CI log would otherwise get 80 columns.
-    return Console(width=max(Console().width, 140))
-
-
 def print_report(report: FitReport, console: Console | None = None) -> None:
     console = console or wide_console()
     title = f"{report.model} on {report.dataset}"
     if report.run_id:
         title += f"  (MLflow run {report.run_id})"
-    table = Table(title=title)
-    for i, header in enumerate(report.headers()):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in report.rows():
-        table.add_row(*row)
-    console.print(table)
+    console.print(report.table().rich(title=title))
     for note in report.notes:
         console.print(note, style="dim")
 
@@ -155,15 +147,15 @@ def print_report(report: FitReport, console: Console | None = None) -> None:
 def print_synth_summary(frame: pl.DataFrame, path: Path) -> None:
     from features.synth import TASKS
 
-    table = Table(title=f"synthetic log: {frame.height:,} rows -> {path}")
-    for header in ("task", "group", "target rate", "rate", "mean p"):
-        table.add_column(header, justify="left" if header in ("task", "group") else "right")
+    table = Table(["task", "group", "target rate", "rate", "mean p"])
     for task in TASKS:
-        table.add_row(
-            task.name,
-            task.group,
-            f"{task.rate:.4f}",
-            f"{frame[task.name].mean():.4f}",
-            f"{frame[f'p_{task.name}'].mean():.4f}",
+        table.add(
+            [
+                task.name,
+                task.group,
+                f"{task.rate:.4f}",
+                f"{frame[task.name].mean():.4f}",
+                f"{frame[f'p_{task.name}'].mean():.4f}",
+            ]
         )
-    wide_console().print(table)
+    wide_console().print(table.rich(title=f"synthetic log: {frame.height:,} rows -> {path}"))

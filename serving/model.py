@@ -2,15 +2,15 @@
 
 Everything the service needs is in the model file's metadata (``ranker.*``, written by
 ``ranker export``): the raw input columns with their side (user / item / context) and dtype,
-the user and item key columns, the tasks, and the values that stand for "missing". User and
-item feature tables (Parquet snapshots, latest value per key) fill in whatever a request does
-not send; inline values override them. This module imports neither torch nor lightning.
+the user and item key columns, the tasks. Columns are typed and missing values marked by the
+same code that feeds the graph at export (``features.onnx_graph.as_input``). User and item
+feature tables (Parquet snapshots, latest value per key) fill in whatever a request does not
+send; inline values override them. This module imports neither torch nor lightning.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import polars as pl
+
+from features.onnx_graph import MISSING, NULL_INT, NULL_STRING, as_input
 
 OUTPUT = "probabilities"
 INT64 = (-(2**63), 2**63 - 1)
@@ -52,7 +54,7 @@ class FeatureTable:
     ``lookup(ids)`` finds N ids with one ``searchsorted``: no per-row Python.
     """
 
-    def __init__(self, path: Path, key: str, columns: Sequence[Column], null: Mapping[str, Any]):
+    def __init__(self, path: Path, key: str, columns: Sequence[Column]) -> None:
         frame = pl.read_parquet(path)
         if key not in frame.columns:
             raise ModelError(f"feature table {path} has no key column '{key}'")
@@ -60,8 +62,8 @@ class FeatureTable:
         self.columns = [c for c in columns if c.name in frame.columns and c.name != key]
         frame = frame.unique(subset=key, keep="last").sort(key)
         key_dtype = "int64" if frame[key].dtype.is_integer() else "string"
-        self.keys = _typed(frame[key], key_dtype, null)
-        self.values = {c.name: _typed(frame[c.name], c.dtype, null) for c in self.columns}
+        self.keys = as_input(frame[key], key_dtype)
+        self.values = {c.name: as_input(frame[c.name], c.dtype) for c in self.columns}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -79,16 +81,6 @@ class FeatureTable:
             return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
         rows = np.searchsorted(self.keys, wanted).clip(0, len(self.keys) - 1)
         return rows, self.keys[rows] == wanted
-
-
-def _typed(series: pl.Series, dtype: str, null: Mapping[str, Any]) -> np.ndarray:
-    """A column as the graph takes it (missing values as the graph's missing markers)."""
-    if dtype == "int64":
-        numeric = series.dtype.is_integer() or series.dtype == pl.Boolean
-        return series.cast(pl.Int64, strict=numeric).fill_null(null["int64"]).to_numpy()
-    if dtype == "string":
-        return series.cast(pl.String).fill_null(null["string"]).to_numpy().astype(object)
-    return series.cast(pl.Float64).fill_null(math.nan).to_numpy()
 
 
 def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOptions:
@@ -131,7 +123,8 @@ class Scorer:
         self.tasks = json.loads(meta["ranker.tasks"])
         self.columns = [Column(**c) for c in json.loads(meta["ranker.inputs"])]
         self.user_key, self.item_key = meta["ranker.user_key"], meta["ranker.item_key"]
-        self.null = {"int64": int(meta["ranker.null_int"]), "string": meta["ranker.null_string"]}
+        if (int(meta["ranker.null_int"]), meta["ranker.null_string"]) != (NULL_INT, NULL_STRING):
+            raise ModelError(f"{self.path} marks missing values differently from this service")
         self.model_class = meta.get("ranker.model", "")
         try:
             self.session = ort.InferenceSession(
@@ -153,7 +146,7 @@ class Scorer:
         if not path.exists():
             raise ModelError(f"{side} feature table {path} does not exist")
         columns = [c for c in self.columns if c.side == side]
-        return FeatureTable(path, key, columns, self.null)
+        return FeatureTable(path, key, columns)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -174,7 +167,7 @@ class Scorer:
     def _value(self, column: Column, value: Any, loc: Sequence[str | int]) -> Any:
         """A client's value as the column's type; None = missing."""
         if value is None:
-            return self.null.get(column.dtype, math.nan)
+            return MISSING[column.dtype]
         if column.dtype == "int64":
             if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
                 return self._int64(int(value))  # bool is an int too
@@ -189,7 +182,7 @@ class Scorer:
 
     def _int64(self, value: int) -> int:
         """Beyond int64 no vocabulary holds it: the unknown bucket."""
-        return value if INT64[0] < value <= INT64[1] else self.null["int64"]
+        return value if INT64[0] < value <= INT64[1] else NULL_INT
 
     def _id(self, column: Column, value: Any) -> Any:
         """An id as the key column's type. The schema allows ints and strings; a string that
@@ -199,7 +192,7 @@ class Scorer:
         if isinstance(value, str):
             text = value.strip()
             digits = text[1:] if text[:1] in "+-" else text
-            return self._int64(int(text)) if digits.isdigit() else self.null["int64"]
+            return self._int64(int(text)) if digits.isdigit() else NULL_INT
         return self._int64(value)
 
     def _ids(self, column: Column, ids: Sequence[Any]) -> np.ndarray:
@@ -249,7 +242,7 @@ class Scorer:
                 if name == self.item_key:
                     feeds[name] = self._ids(column, candidate_ids)
                     continue
-                missing = self.null.get(column.dtype, math.nan)
+                missing = MISSING[column.dtype]
                 array = np.full(n, missing, dtype=np_type)
                 table = self.item_table
                 if table is not None and name in table.values:
@@ -271,7 +264,7 @@ class Scorer:
                 elif column.side == "user" and found_user and name in self.user_table.values:
                     value = self.user_table.values[name][user_row]
                 else:
-                    value = self.null.get(column.dtype, math.nan)
+                    value = MISSING[column.dtype]
                 feeds[name] = np.array([value], dtype=np_type)
         return feeds
 

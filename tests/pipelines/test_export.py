@@ -126,7 +126,7 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
         for p in module.network.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model = build(module, data)
-    parity = check_parity(model, module, data, rows=10_000, tolerance=1e-5)
+    parity = check_parity(session_of(model), module, data, rows=10_000, tolerance=1e-5)
     assert parity.rows == 10_000 and parity.max_abs_diff <= 1e-5
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["ranker.tasks"]) == [t.name for t in data.tasks]
@@ -135,7 +135,7 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
     ]
     assert int(meta["ranker.null_int"]) == NULL_INT
     with pytest.raises(RunError, match="ONNX parity failed on 10,000 rows"):
-        check_parity(model, module, data, rows=10_000, tolerance=-1.0)
+        check_parity(session_of(model), module, data, rows=10_000, tolerance=-1.0)
 
 
 def test_export_registers_a_version_and_promote_moves_the_alias(
