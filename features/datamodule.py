@@ -7,11 +7,18 @@ per-row Python and no per-sample collation; the DataLoader passes batches throug
 
 Shuffling is two-level and bounded: the order of row groups is permuted every epoch, and rows
 are permuted within a buffer of ``shuffle_buffer`` rows. Memory holds the buffer, never the log.
-Each loader worker (and each DDP rank) reads a disjoint share of the row groups.
+
+Sharding: every DDP rank and loader worker is one *stream*. An epoch's rows (row groups in
+the epoch's order) are cut into as many contiguous shares as there are streams, equal to one
+row, and every stream yields the same number of batches (``batch_size`` at most, sizes within
+one row of each other). So each row is read once per epoch, no rank waits at the end of an
+epoch for another, and a stream's batches are known in advance: a run resumed mid-epoch skips
+exactly the batches it had already trained on.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Iterator
@@ -24,15 +31,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from features.config import ConfigError, DatasetConfig, SplitName, TaskSpec
+from features.config import SPLITS, ConfigError, DatasetConfig, SplitName, TaskSpec
 from features.source import LogSource, Piece
 from features.state import Batch, FeatureState, InputSpec
 
-# ParquetBatches.__len__ is built for several workers (an upper bound); Lightning's caution
-# about lengths of iterable datasets does not apply.
+# ParquetBatches.__len__ is exact with any number of workers (each stream's batches are planned);
+# Lightning's caution about lengths of iterable datasets does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+# Lightning asks the DataLoader for a resumable state; this DataModule's own state (saved in the
+# checkpoint) resumes the epoch where it stopped, so its warning does not apply either.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 TensorBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# (piece index, first row, end row) of the piece's split rows
+Span = tuple[int, int, int]
 
 
 def _concat(batches: list[Batch]) -> Batch:
@@ -66,8 +78,36 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
+def shares(rows: np.ndarray, order: np.ndarray, streams: int) -> list[list[Span]]:
+    """The rows of the pieces, taken in ``order``, cut into ``streams`` contiguous shares whose
+    sizes differ by at most one row; a piece on a boundary is read by both neighbours."""
+    sizes = rows[order]
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    total = int(ends[-1]) if len(ends) else 0
+    bounds = np.arange(streams + 1, dtype=np.int64) * total // streams
+    result = []
+    for low, high in itertools.pairwise(bounds):
+        first = int(np.searchsorted(ends, low, side="right"))
+        last = int(np.searchsorted(starts, high, side="left"))
+        spans = []
+        for j in range(first, last):
+            begin, end = max(low, starts[j]) - starts[j], min(high, ends[j]) - starts[j]
+            if end > begin:
+                spans.append((int(order[j]), int(begin), int(end)))
+        result.append(spans)
+    return result
+
+
+def batch_sizes(rows: int, batches: int) -> np.ndarray:
+    """``rows`` cut into ``batches`` sizes that differ by at most one."""
+    sizes = np.full(batches, rows // batches, dtype=np.int64)
+    sizes[: rows % batches] += 1
+    return sizes
+
+
 class ParquetBatches(IterableDataset):
-    """Batches of one split, streamed row group by row group."""
+    """Batches of one split, streamed row group by row group, an equal share per stream."""
 
     def __init__(
         self,
@@ -75,7 +115,7 @@ class ParquetBatches(IterableDataset):
         state: FeatureState,
         split: SplitName,
         pieces: list[Piece],
-        rows: int,
+        piece_rows: list[int],
         batch_size: int,
         shuffle: bool,
         shuffle_buffer: int = 262_144,
@@ -83,65 +123,82 @@ class ParquetBatches(IterableDataset):
         num_workers: int = 0,
     ) -> None:
         self.source, self.state, self.split = source, state, split
-        self.num_workers = max(num_workers, 1)
-        self.pieces, self.rows = pieces, rows
+        self.workers = max(num_workers, 1)
+        self.pieces, self.piece_rows = pieces, np.asarray(piece_rows, dtype=np.int64)
+        self.rows = int(self.piece_rows.sum())
         self.batch_size, self.shuffle = batch_size, shuffle
         self.shuffle_buffer, self.seed = max(shuffle_buffer, batch_size), seed
-        # Shared memory, so persistent (spawned) workers see the epoch the trainer sets.
+        # Shared memory, so persistent (spawned) workers see what the trainer sets: the epoch,
+        # and how many of its batches this rank already trained on (when resumed mid-epoch).
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.skip = torch.zeros(1, dtype=torch.int64).share_memory_()
         # (world size, rank), read in the training process when its loader is made: spawned
         # loader workers have no process group of their own to ask.
         self.world = _world()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch.fill_(epoch)
-
-    def __len__(self) -> int:
-        # Each stream (worker) ends with at most one partial batch: exact for one stream, an
-        # upper bound otherwise. Never an underestimate, which would cut epochs short.
-        return math.ceil(self.rows / self.batch_size) + self.streams - 1
+        self.skip.fill_(skip)
 
     @property
     def streams(self) -> int:
-        return self.num_workers * self.world[0]
+        return self.workers * self.world[0]
 
-    def _my_pieces(self) -> list[Piece]:
-        order = np.arange(len(self.pieces))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, int(self.epoch)]).permutation(order)
+    @property
+    def batches_per_stream(self) -> int:
+        return math.ceil(math.ceil(self.rows / self.streams) / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_stream * self.workers  # exact, and equal on every rank
+
+    def check(self) -> None:
+        """Refuse a split too small to give every stream its batches (a rank would hang)."""
+        smallest = self.rows // self.streams // max(self.batches_per_stream, 1)
+        if smallest < (2 if self.shuffle else 1):  # one-row training batches break BatchNorm
+            raise ConfigError(
+                f"the {self.split} split has {self.rows} rows, too few for {self.streams} "
+                f"streams ({self.world[0]} rank(s) x {self.workers} loader worker(s)); "
+                "use fewer loader workers or processes"
+            )
+
+    def _stream(self) -> tuple[int, int]:
+        """(index of this stream, batches it skips). A rank's loader takes its W workers'
+        batches in turn, starting again at worker 0 when resumed after n batches: so worker w
+        plays stream (w + n) mod W of the rank, which had given ceil((n - that) / W) of them."""
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        ranks, rank = self.world
-        share = rank * workers + worker_id
-        return [self.pieces[i] for i in order[share :: ranks * workers]]
+        done = int(self.skip)
+        role = (worker_id + done) % workers
+        return self.world[1] * workers + role, max(0, -(-(done - role) // workers))
 
     def __iter__(self) -> Iterator[TensorBatch]:
-        rng = np.random.default_rng([self.seed, int(self.epoch), 1])
+        stream, skip = self._stream()
+        epoch = int(self.epoch)
+        order = np.arange(len(self.pieces))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
+        share = shares(self.piece_rows, order, self.streams)[stream]
+        sizes = batch_sizes(sum(stop - start for _, start, stop in share), self.batches_per_stream)
+        rng = np.random.default_rng([self.seed, epoch, 1, stream])
         buffered: list[Batch] = []
-        rows = 0
-        for piece in self._my_pieces():
-            frame = self.source.read_piece(piece, self.split)
-            if frame.height == 0:
+        pooled = batch = 0
+        for position, (index, start, stop) in enumerate(share):
+            frame = self.source.read_piece(self.pieces[index], self.split)
+            if frame.height != self.piece_rows[index]:
+                raise ConfigError(f"{self.pieces[index].path} changed while training")
+            buffered.append(self.state.transform(frame[start:stop]))
+            pooled += stop - start
+            if pooled < self.shuffle_buffer and position < len(share) - 1:
                 continue
-            buffered.append(self.state.transform(frame))
-            rows += frame.height
-            if rows >= self.shuffle_buffer:
-                pool = _concat(buffered)
-                if self.shuffle:
-                    pool = _slice(pool, rng.permutation(len(pool)))
-                full = len(pool) - len(pool) % self.batch_size
-                for start in range(0, full, self.batch_size):
-                    yield to_tensors(_slice(pool, slice(start, start + self.batch_size)))
-                buffered, rows = [_slice(pool, slice(full, None))], len(pool) - full
-        if rows:
             pool = _concat(buffered)
             if self.shuffle:
                 pool = _slice(pool, rng.permutation(len(pool)))
-            for start in range(0, len(pool), self.batch_size):
-                part = _slice(pool, slice(start, start + self.batch_size))
-                if self.shuffle and len(part) < 2:
-                    continue  # a one-row training batch breaks BatchNorm; one row is no loss
-                yield to_tensors(part)
+            used = 0
+            while batch < len(sizes) and used + sizes[batch] <= len(pool):
+                if batch >= skip:
+                    yield to_tensors(_slice(pool, slice(used, used + sizes[batch])))
+                used, batch = used + sizes[batch], batch + 1
+            buffered, pooled = [_slice(pool, slice(used, None))], len(pool) - used
 
 
 class RankerDataModule(L.LightningDataModule):
@@ -179,6 +236,7 @@ class RankerDataModule(L.LightningDataModule):
         self.source = LogSource(self.config)
         self.split_rows = self.source.validate()
         self._datasets: dict[str, ParquetBatches] = {}
+        self._resume: dict[str, int] | None = None  # from a checkpoint taken while training
 
     @cached_property
     def state(self) -> FeatureState:
@@ -207,26 +265,42 @@ class RankerDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         # Saved in every checkpoint: a checkpoint alone can score raw rows (evaluate, export),
-        # and says (as absolute paths) which dataset config and log it was trained on.
+        # and says (as absolute paths) which dataset config and log it was trained on; while
+        # training, also where in the epoch it was taken (to resume there).
         return {
             "feature_state": self.state.to_dict(),
             "dataset": str(self.config.source.resolve()) if self.config.source else None,
             "log_path": str(self.config.path.resolve()),
+            "progress": self._progress(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.use_state(FeatureState.from_dict(state_dict["feature_state"]))
+        self._resume = state_dict.get("progress")
+
+    def _progress(self) -> dict[str, int] | None:
+        """{epoch, batches of it this rank has trained on} while fitting, else None."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return None
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= len(self.dataset("train")):  # the epoch is over: resume at the next
+            return {"epoch": trainer.current_epoch + 1, "batches": 0}
+        return {"epoch": trainer.current_epoch, "batches": done}
 
     @cached_property
-    def split_pieces(self) -> dict[str, list[Piece]]:
-        """Row groups holding rows of each split, found by reading only the time column."""
+    def split_pieces(self) -> dict[str, tuple[list[Piece], list[int]]]:
+        """Row groups holding rows of each split, and how many, read from the time column only
+        (exact counts: each stream's share and batches are planned from them)."""
         time = self.config.time_column
-        pieces: dict[str, list[Piece]] = {"train": [], "val": [], "test": []}
+        pieces: dict[str, tuple[list[Piece], list[int]]] = {s: ([], []) for s in SPLITS}
         for piece in self.source.pieces:
             frame = self.source.read_piece_columns(piece, (time,))
-            for split, kept in pieces.items():
-                if frame.select(self.source.split_filter(split).any()).item():
-                    kept.append(piece)
+            counts = frame.select(self.source.split_filter(s).sum().alias(s) for s in SPLITS)
+            for split, rows in counts.row(0, named=True).items():
+                if rows:
+                    pieces[split][0].append(piece)
+                    pieces[split][1].append(rows)
         return pieces
 
     def dataset(self, split: SplitName) -> ParquetBatches:
@@ -236,8 +310,7 @@ class RankerDataModule(L.LightningDataModule):
                 self.source,
                 self.state,
                 split,
-                self.split_pieces[split],
-                self.split_rows[split],
+                *self.split_pieces[split],
                 self.batch_size if train else self.eval_batch_size,
                 shuffle=train,
                 shuffle_buffer=self.shuffle_buffer,
@@ -253,6 +326,11 @@ class RankerDataModule(L.LightningDataModule):
         workers = self.num_workers
         dataset = self.dataset(split)
         dataset.world = _world()  # the process group exists by the time loaders are made
+        dataset.check()
+        if split == "train" and self._resume:
+            # Resumed from a checkpoint: the same epoch's plan, less the batches trained on.
+            dataset.set_epoch(self._resume["epoch"], skip=self._resume["batches"])
+            self._resume = None
         return DataLoader(
             dataset,
             batch_size=None,  # batches arrive whole

@@ -90,6 +90,18 @@ def locate(ref: str, client: MlflowClient, download: Path) -> Located:
     return Located(ref, local, ref, f"runs:/{ref}/{artifact}")
 
 
+def checkpoint_run(path: str | Path) -> str | None:
+    """The MLflow run id a training checkpoint was written by (None for a checkpoint without)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise RunError(f"no checkpoint file at {path}") from None
+    except Exception as err:  # not a zip / pickle torch can read safely
+        raise RunError(f"{path} is not a readable checkpoint: {err}") from None
+    meta = checkpoint.get("mlflow") if isinstance(checkpoint, dict) else None
+    return meta["run_id"] if meta else None
+
+
 # -- loading the model and its data -------------------------------------------------------------
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from mlflow.tracking import MlflowClient
 
 from features.datamodule import RankerDataModule
+from pipelines.checkpoints import RunError, checkpoint_run, find_run
 from pipelines.report import fit_report, print_report
-from pipelines.tracking import MLflowLogger
+from pipelines.tracking import MLflowLogger, resolve_tracking_uri
 from ranker.module import RankerModule
 
 
@@ -32,9 +35,18 @@ class LogConfigToMLflow(SaveConfigCallback):
         if not isinstance(logger, MLflowLogger):
             return
         client, run_id = logger.experiment, logger.run_id
-        client.log_text(run_id, self.parser.dump(self.config, skip_none=False), "config.yaml")
+        config = self.parser.dump(self.config, skip_none=False)
         params = {k: str(v)[:500] for k, v in _flatten(self.config.as_dict()).items()}
-        logger.log_hyperparams(params)
+        resumed_from = self.config.get("ckpt_path")
+        if resumed_from:
+            # The same run, continued: MLflow params cannot change, so only new ones are
+            # logged; the resumed command's whole config sits beside the original.
+            logged = client.get_run(run_id).data.params
+            params = {k: v for k, v in params.items() if k not in logged}
+            client.set_tag(run_id, "resumed_from", str(resumed_from))
+        client.log_text(run_id, config, "config.resumed.yaml" if resumed_from else "config.yaml")
+        if params:
+            logger.log_hyperparams(params)
         datamodule = trainer.datamodule
         if isinstance(datamodule, RankerDataModule):
             with tempfile.TemporaryDirectory() as tmp:
@@ -56,12 +68,32 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{name}."))
-        elif key not in ("callbacks", "logger"):
+        elif key not in ("callbacks", "logger", "ckpt_path"):
             flat[name] = value
     return flat
 
 
 class RankerCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path`` continues the checkpoint's MLflow run rather than starting one."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        path = config.get("ckpt_path") if config else None
+        logger = config.trainer.logger if path else None
+        if not isinstance(logger, Namespace) or not logger.class_path.endswith("MLflowLogger"):
+            return
+        if logger.init_args.get("run_id"):
+            return
+        run_id = checkpoint_run(path)
+        if run_id is None:
+            return
+        uri = logger.init_args.get("tracking_uri") or resolve_tracking_uri()
+        if find_run(MlflowClient(uri), run_id) is None:
+            raise RunError(
+                f"{path} was written by MLflow run '{run_id}', which is not in the tracking "
+                f"store {uri} (set MLFLOW_TRACKING_URI to the store that holds it)"
+            )
+        logger.init_args.run_id = run_id
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The model's inputs and tasks come from the fitted data, not from its config.
         parser.link_arguments("data.input_spec", "model.inputs", apply_on="instantiate")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -28,6 +29,8 @@ class MLflowLogger(MLFlowLogger):
         tracking_uri: overrides ``MLFLOW_TRACKING_URI`` and the SQLite default.
         log_model: log the best checkpoint as a run artifact at the end of training.
         checkpoint_dir: where checkpoints are written locally before they are logged.
+        run_id: continue this run instead of starting one (set by ``ranker fit --ckpt_path``
+            from the checkpoint's run).
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class MLflowLogger(MLFlowLogger):
         tracking_uri: str | None = None,
         log_model: bool = True,
         checkpoint_dir: str = "checkpoints",
+        run_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.tracking_uri = tracking_uri or resolve_tracking_uri()
@@ -45,6 +49,7 @@ class MLflowLogger(MLFlowLogger):
             run_name=run_name,
             tracking_uri=self.tracking_uri,
             log_model=log_model,
+            run_id=run_id,
             **kwargs,
         )
         self.checkpoint_dir = checkpoint_dir
@@ -54,3 +59,9 @@ class MLflowLogger(MLFlowLogger):
         # Lightning puts checkpoints under save_dir/<experiment id>/<run id>/; MLflow's own
         # answer is None for a non-file store, which would scatter them over the working dir.
         return self.checkpoint_dir
+
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        # Checkpoints kept only to resume from (save_top_k=0, save_last) stay local; the run
+        # logs its best model.
+        if checkpoint_callback.save_top_k != 0:
+            super().after_save_checkpoint(checkpoint_callback)

@@ -80,12 +80,18 @@ class RankerModule(L.LightningModule):
             torch.optim.SparseAdam(sparse, lr=self.hparams.embedding_learning_rate),
         ]
 
+    def _start_clock(self) -> None:
+        self._epoch_start, self._epoch_samples = time.perf_counter(), 0
+        self._last_batch_end = self._epoch_start
+
+    def on_train_start(self) -> None:
+        self._start_clock()  # a run resumed mid-epoch gets no on_train_epoch_start
+
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
-        self._epoch_start, self._epoch_samples = time.perf_counter(), 0
-        self._last_batch_end = self._epoch_start
+        self._start_clock()
 
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         self._last_batch_end = time.perf_counter()

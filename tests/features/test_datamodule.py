@@ -8,8 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from features.datamodule import RankerDataModule
+from features.config import ConfigError
+from features.datamodule import ParquetBatches, RankerDataModule, batch_sizes, shares
 from tests.conftest import KUAIRAND_CONFIG, SYNTHETIC_CONFIG
 
 
@@ -43,7 +45,9 @@ def test_every_row_once_per_epoch(datamodule: RankerDataModule, split: str) -> N
     assert sum(len(b[0]) for b in batches) == datamodule.split_rows[split]
     np.testing.assert_array_equal(fingerprints(batches), expected_fingerprints(datamodule, split))
     size = datamodule.batch_size if split == "train" else datamodule.eval_batch_size
-    assert all(len(b[0]) == size for b in batches[:-1])
+    sizes = [len(b[0]) for b in batches]
+    assert len(batches) == len(datamodule.dataset(split)) == -(-len(fingerprints(batches)) // size)
+    assert max(sizes) <= size and max(sizes) - min(sizes) <= 1  # rows divided evenly
     cat, num, labels, users = batches[0]
     assert cat.dtype == torch.int64 and num.dtype == torch.float32
     assert labels.dtype == torch.float32 and users.dtype == torch.int64
@@ -65,9 +69,11 @@ def test_training_order_is_shuffled_differently_each_epoch(datamodule: RankerDat
 
 
 def test_only_row_groups_of_the_split_are_read(datamodule: RankerDataModule) -> None:
-    pieces = datamodule.split_pieces
+    pieces = {split: found for split, (found, _) in datamodule.split_pieces.items()}
     assert len(pieces["val"]) < len(datamodule.source.pieces) / 5
     assert not set(map(id, pieces["val"])) & set(map(id, pieces["train"]))
+    for split, (_, rows) in datamodule.split_pieces.items():  # exact counts, all nonzero
+        assert sum(rows) == datamodule.split_rows[split] and min(rows) > 0
 
 
 def test_loader_workers_share_the_row_groups(tiny_log: Path) -> None:
@@ -94,3 +100,79 @@ def test_kuairand_side_tables_join() -> None:
     author = spec.cat_names.index("author_id")
     known = (batch.cat[:, author] > 0).mean()
     assert 0 < known < 0.1  # the video table covers a few percent of the log's videos
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3, 7, 40])
+def test_shares_cover_every_row_once_and_differ_by_one_row(streams: int) -> None:
+    rng = np.random.default_rng(streams)
+    rows = rng.integers(1, 500, size=23)
+    order = rng.permutation(len(rows))
+    taken = np.zeros((len(rows), rows.max()), dtype=int)
+    sizes = []
+    for share in shares(rows, order, streams):
+        for piece, start, stop in share:
+            assert 0 <= start < stop <= rows[piece]
+            taken[piece, start:stop] += 1
+        sizes.append(sum(stop - start for _, start, stop in share))
+    for piece, n in enumerate(rows):
+        assert (taken[piece, :n] == 1).all() and (taken[piece, n:] == 0).all()
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == rows.sum()
+    assert batch_sizes(10, 4).tolist() == [3, 3, 2, 2]
+
+
+def stream_batches(dm: RankerDataModule, ranks: int, rank: int) -> list[tuple[torch.Tensor, ...]]:
+    """One rank's training batches, as that rank's loader yields them."""
+    dataset = dm.dataset("train")
+    dataset.world = (ranks, rank)
+    return list(DataLoader(dataset, batch_size=None))
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_rank_gets_the_same_batches_and_every_row_once(
+    datamodule: RankerDataModule, ranks: int
+) -> None:
+    per_rank = [stream_batches(datamodule, ranks, rank) for rank in range(ranks)]
+    datamodule.dataset("train").world = (1, 0)
+    counts = {len(batches) for batches in per_rank}
+    assert len(counts) == 1  # no rank waits for another at the end of the epoch
+    everything = [b for batches in per_rank for b in batches]
+    np.testing.assert_array_equal(
+        fingerprints(everything), expected_fingerprints(datamodule, "train")
+    )
+
+
+def test_too_many_streams_for_the_rows_is_refused(datamodule: RankerDataModule) -> None:
+    dataset = ParquetBatches(
+        datamodule.source,
+        datamodule.state,
+        "val",
+        *datamodule.split_pieces["val"],
+        batch_size=512,
+        shuffle=True,
+        num_workers=2,
+    )
+    dataset.world = (datamodule.split_rows["val"], 0)
+    with pytest.raises(ConfigError, match="too few for"):
+        dataset.check()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_epoch_yields_exactly_the_batches_not_yet_trained_on(
+    tiny_log: Path, workers: int
+) -> None:
+    dm = RankerDataModule(
+        str(SYNTHETIC_CONFIG),
+        log_path=str(tiny_log),
+        batch_size=500,
+        num_workers=workers,
+        shuffle_buffer=2_000,
+    )
+    dm.set_epoch(1)
+    whole = [b[0] for b in dm.train_dataloader()]
+    assert len(whole) == len(dm.dataset("train"))
+    done = 7
+    dm.load_state_dict({**dm.state_dict(), "progress": {"epoch": 1, "batches": done}})
+    rest = [b[0] for b in dm.train_dataloader()]
+    assert len(rest) == len(whole) - done
+    for resumed, original in zip(rest, whole[done:], strict=True):
+        assert torch.equal(resumed, original)

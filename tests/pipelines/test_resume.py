@@ -1,0 +1,112 @@
+"""Killing `ranker fit` mid-epoch and restarting it from its last checkpoint continues the same
+MLflow run and takes exactly the steps the uninterrupted run took."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import CONFIGS, SYNTHETIC_CONFIG
+
+EVERY = 6  # optimiser steps between resume checkpoints (two per batch)
+
+
+def command(log: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.commands",
+        "fit",
+        "--config",
+        str(CONFIGS / "trainer.yaml"),
+        "--config",
+        str(CONFIGS / "model" / "mmoe.yaml"),
+        "--data.dataset",
+        str(SYNTHETIC_CONFIG),
+        "--data.log_path",
+        str(log),
+        "--data.batch_size",
+        "512",
+        "--data.num_workers",
+        "2",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks",
+        "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
+        "{monitor: val/gauc/mean, mode: max, save_top_k: 1}}, "
+        "{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
+        f"{{save_last: true, save_top_k: 0, every_n_train_steps: {EVERY}}}}}]",
+        "--model.network.init_args.num_experts",
+        "3",
+        "--model.network.init_args.expert_hidden",
+        "[32, 16]",
+        *extra,
+    ]
+
+
+def losses(client: MlflowClient, run_id: str) -> dict[int, set[float]]:
+    found: dict[int, set[float]] = {}
+    for point in client.get_metric_history(run_id, "train/loss"):
+        found.setdefault(point.step, set()).add(point.value)
+    return found
+
+
+def test_killed_fit_resumes_mid_epoch_into_the_same_run(tiny_log: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    whole.mkdir(), broken.mkdir()
+    done = subprocess.run(command(tiny_log), cwd=whole, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # The same run, killed (SIGKILL: no chance to clean up) once a resume checkpoint exists.
+    process = subprocess.Popen(
+        command(tiny_log), cwd=broken, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not list(broken.glob("checkpoints/*/*/checkpoints/last.ckpt")):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (last,) = broken.glob("checkpoints/*/*/checkpoints/last.ckpt")
+    saved = torch.load(last, weights_only=False)  # written by this test
+    progress = saved["RankerDataModule"]["progress"]
+    assert progress["batches"] > 0  # taken mid-epoch
+
+    resumed = subprocess.run(
+        command(tiny_log, "--ckpt_path", str(last)),
+        cwd=broken,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("ranker")
+    runs = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+    assert len(runs) == 2  # the resumed run is the killed one, continued
+    reference, continued = runs[0], runs[1]
+    assert continued.info.run_id == saved["mlflow"]["run_id"]
+    assert continued.info.status == "FINISHED"
+    assert continued.data.tags["resumed_from"] == str(last)
+
+    expected, got = losses(client, reference.info.run_id), losses(client, continued.info.run_id)
+    after = [step for step in expected if step > saved["global_step"]]
+    assert len(after) > 20
+    for step in after:  # every remaining step, the same batch on the same weights
+        assert got[step] == expected[step], step
+    for key in ("val/gauc/mean", "test/auc/mean", "val/auc/click"):
+        assert continued.data.metrics[key] == reference.data.metrics[key], key
