@@ -213,6 +213,9 @@ class RankerDataModule(L.LightningDataModule):
         num_workers: loader processes per split (0 = in the training process).
         shuffle_buffer: rows pooled and permuted together when training.
         seed: shuffling seed.
+        skip_corrupt_files: leave out log files that cannot be read (each file is decoded
+            once up front to find them), reported and counted in the run's metrics, instead
+            of stopping with an error naming the first.
     """
 
     def __init__(
@@ -224,6 +227,7 @@ class RankerDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 262_144,
         seed: int = 0,
+        skip_corrupt_files: bool = False,
     ) -> None:
         super().__init__()
         # In the checkpoint ("datamodule_hyper_parameters"): where the model's data lives.
@@ -233,7 +237,9 @@ class RankerDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         # Everything that can be wrong with the data fails here, before any training.
-        self.source = LogSource(self.config)
+        self.source = LogSource(self.config, skip_corrupt=skip_corrupt_files)
+        for why in self.source.skipped.values():
+            warnings.warn(f"skipped: {why}", stacklevel=2)
         self.split_rows = self.source.validate()
         self._datasets: dict[str, ParquetBatches] = {}
         self._resume: dict[str, int] | None = None  # from a checkpoint taken while training

@@ -25,16 +25,26 @@ from features.config import SPLITS, ConfigError, DatasetConfig, SplitName
 PARQUET_MAGIC = b"PAR1"
 
 
-def parquet_files(path: Path) -> list[Path]:
-    """The Parquet files behind a path, each checked to really be Parquet."""
+def parquet_files(path: Path, skipped: dict[str, str] | None = None) -> list[Path]:
+    """The Parquet files behind a path, each checked to really be Parquet. With ``skipped``
+    (a dict), unreadable files are recorded there (file -> why) instead of raising."""
     if not path.exists():
         raise ConfigError(f"behaviour log {path} does not exist")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if p.is_file())
     if not files:
         raise ConfigError(f"no Parquet files (*.parquet) under {path}")
+    good = []
     for file in files:
-        _check_file(file)
-    return files
+        try:
+            _check_file(file)
+            good.append(file)
+        except ConfigError as err:
+            if skipped is None:
+                raise
+            skipped[str(file)] = str(err)
+    if not good:
+        raise ConfigError(f"every Parquet file under {path} is unreadable, e.g. {files[0]}")
+    return good
 
 
 def _check_file(file: Path) -> None:
@@ -65,15 +75,23 @@ class Piece:
 
 
 class LogSource:
-    """A dataset config bound to its files: schema, side tables, split filters."""
+    """A dataset config bound to its files: schema, side tables, split filters.
 
-    def __init__(self, config: DatasetConfig) -> None:
+    ``skip_corrupt``: leave out log files that cannot be read (bad footer, or any page of a
+    needed column that fails to decode: every file is read once up front to find them) and
+    list them in ``skipped``, instead of stopping at the first.
+    """
+
+    def __init__(self, config: DatasetConfig, skip_corrupt: bool = False) -> None:
         self.config = config
-        self.files = parquet_files(config.path)
+        self.skipped: dict[str, str] = {}
+        self.files = parquet_files(config.path, self.skipped if skip_corrupt else None)
         self.root = config.path if config.path.is_dir() else config.path.parent
         self.schema = self._log_schema()
         self.side_tables = self._load_side_tables()
         self._check_columns()
+        if skip_corrupt:
+            self._skip_unreadable_pages()
 
     # -- schema -------------------------------------------------------------------------------
 
@@ -258,6 +276,21 @@ class LogSource:
                     f"test_end={s.test_end})"
                 )
         return rows
+
+    def _skip_unreadable_pages(self) -> None:
+        """Decode every row group of the columns a fit reads; leave out files that fail."""
+        needed = set(self.columns_needed())
+        for file in list(self.files):
+            try:
+                parquet = pq.ParquetFile(file)
+                columns = [c for c in parquet.schema_arrow.names if c in needed]
+                for group in range(parquet.num_row_groups):
+                    parquet.read_row_group(group, columns=columns)
+            except (pa.ArrowException, OSError) as err:
+                self.skipped[str(file)] = f"cannot read {file} (corrupt Parquet data?): {err}"
+                self.files.remove(file)
+        if not self.files:
+            raise ConfigError(f"every Parquet file under {self.config.path} is unreadable")
 
     def _unreadable(self, columns: list[str], err: Exception) -> ConfigError:
         """The error for a scan that failed: find the file (only on this error path)."""

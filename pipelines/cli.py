@@ -56,6 +56,11 @@ class LogConfigToMLflow(SaveConfigCallback):
                 client.log_artifact(run_id, str(datamodule.config.source), "dataset")
             for split, rows in datamodule.split_rows.items():
                 client.log_metric(run_id, f"data/rows/{split}", rows)
+            skipped = datamodule.source.skipped
+            client.log_metric(run_id, "data/skipped_files", len(skipped))
+            if skipped:
+                listing = "".join(f"{file}\t{why}\n" for file, why in skipped.items())
+                client.log_text(run_id, listing, "data/skipped_files.tsv")
         params = sum(p.numel() for p in pl_module.network.parameters())
         client.log_metric(run_id, "model/params", params)
         client.set_tag(run_id, "model", type(pl_module.network).__name__)

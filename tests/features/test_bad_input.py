@@ -208,3 +208,27 @@ def test_corrupt_data_pages_are_named_not_a_hang(tiny_log: Path, tmp_path: Path)
     victim.write_bytes(bytes(data))  # the footer still parses; every page is garbage
     with pytest.raises(ConfigError, match=f"cannot read {victim}"):
         RankerDataModule(str(write_config(tmp_path, log)))
+
+
+def test_corrupt_files_skipped_and_counted_when_asked(tiny_log: Path, tmp_path: Path) -> None:
+    log = copy_log(tiny_log, tmp_path)
+    files = sorted(log.rglob("*.parquet"))
+    truncated, garbled = files[0], files[3]
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2] + data[-8:])
+    data = bytearray(garbled.read_bytes())
+    body = len(data) - int.from_bytes(data[-8:-4], "little") - 8
+    data[4:body] = np.random.default_rng(0).integers(0, 256, body - 4, dtype=np.uint8).tobytes()
+    garbled.write_bytes(bytes(data))
+    config = str(write_config(tmp_path, log))
+    with pytest.warns(UserWarning, match="skipped") as caught:
+        dm = RankerDataModule(config, skip_corrupt_files=True)
+    assert sorted(dm.source.skipped) == sorted([str(truncated), str(garbled)])
+    messages = " ".join(str(w.message) for w in caught)
+    assert str(truncated) in messages and str(garbled) in messages
+    good = [f for f in files if f not in (truncated, garbled)]
+    train = dm.source.split_filter("train")
+    scan = pl.scan_parquet(good, hive_partitioning=True).filter(train)
+    assert dm.split_rows["train"] == scan.select(pl.len()).collect().item()
+    batches = list(dm.dataset("train"))
+    assert sum(len(b[0]) for b in batches) == dm.split_rows["train"]

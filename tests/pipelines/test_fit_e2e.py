@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def check_run(client: MlflowClient) -> None:
         assert 0.6 < metrics[f"oracle/val/auc/{task}"] < 0.95
     assert metrics["val/auc/mean"] > 0.55  # it learned something in two tiny epochs
     assert metrics["data/rows/train"] > 0 and "train/samples_per_sec" in metrics
+    assert metrics["data/skipped_files"] == 0
     history = client.get_metric_history(run.info.run_id, "val/gauc/mean")
     assert len(history) >= 2  # one per epoch, then the best checkpoint's re-validation
     assert run.data.tags["model"] == "MMoE" and run.data.tags["dataset"] == "synthetic"
@@ -152,14 +154,17 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
             server.kill()
 
 
-def test_fit_against_a_real_mlflow_server(
+def test_fit_against_a_real_mlflow_server_skipping_a_corrupt_file(
     tiny_log: Path, tmp_path: Path, mlflow_server: str
 ) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     work = tmp_path / "work"
-    work.mkdir()
+    log = shutil.copytree(tiny_log, work / "log")
+    victim = sorted(log.rglob("*.parquet"))[0]  # a training day
+    victim.write_bytes(victim.read_bytes()[:-100] + b"PAR1")  # footer cut
+    args = fit_args(log, work / "checkpoints", "--trainer.max_epochs", "1")
     result = subprocess.run(
-        [str(RANKER), *fit_args(tiny_log, work / "checkpoints", "--trainer.max_epochs", "1")],
+        [str(RANKER), *args, "--data.skip_corrupt_files", "true"],
         cwd=work,
         env=env,
         capture_output=True,
@@ -172,7 +177,12 @@ def test_fit_against_a_real_mlflow_server(
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.search_runs([client.get_experiment_by_name("ranker").experiment_id])[0]
     assert "val/gauc/click" in run.data.metrics
-    assert "feature_state/feature_state.json" in all_artifacts(client, run.info.run_id)
+    artifacts = all_artifacts(client, run.info.run_id)
+    assert "feature_state/feature_state.json" in artifacts
+    assert run.data.metrics["data/skipped_files"] == 1  # counted in the run, and named
+    listing = client.download_artifacts(run.info.run_id, "data/skipped_files.tsv", str(tmp_path))
+    assert str(victim) in Path(listing).read_text()
+    assert f"skipped: {victim} is a corrupt or truncated Parquet file" in result.stderr
     assert (tmp_path / "artifacts").exists()  # artifacts travelled through the server
 
 
