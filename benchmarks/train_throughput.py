@@ -79,23 +79,33 @@ def one_epoch(module: object, accelerator: str, **fit_kwargs: object) -> float:
 
 
 def measure(cell: str, model: str, log: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One measurement, with the model and data ``ranker fit`` builds from the same configs
+    (built directly: this runs where MLflow, which the CLI needs, is not installed)."""
     import torch
+    import yaml
     from torch.utils.data import DataLoader
 
     from features.datamodule import RankerDataModule
-    from pipelines.cli import RankerCLI
+    from ranker.models import build
     from ranker.module import RankerModule
 
     torch.manual_seed(0)
-    flags = cli_args(model, log, args.workers, args.batch_size, args.accelerator)
-    cli = RankerCLI(
-        RankerModule,
-        RankerDataModule,
-        args=[*flags, "--trainer.logger", "false"],
-        run=False,
-        save_config_callback=None,
+    data = RankerDataModule(
+        str(ROOT / "configs" / "data" / "synthetic.yaml"),
+        log_path=str(log),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
     )
-    data = cli.datamodule
+    config = yaml.safe_load((ROOT / "configs" / "model" / f"{model}.yaml").read_text())["model"]
+    network = config.pop("network")
+    module = RankerModule(
+        lambda inputs, tasks: build(network, inputs, tasks),
+        inputs=data.input_spec,
+        tasks=data.tasks,
+        **config,
+    )
+    if cell == "trainer":  # end to end without the CLI and MLflow: Trainer.fit on the DataModule
+        return {"samples_per_sec": one_epoch(module, args.accelerator, datamodule=data)}
     if cell == "data":
         start, rows = time.perf_counter(), 0
         for batch in data.train_dataloader():
@@ -107,7 +117,7 @@ def measure(cell: str, model: str, log: Path, args: argparse.Namespace) -> dict[
         if len(batches) == args.ceiling_batches:
             break
     memory = DataLoader(batches, batch_size=None)
-    return {"samples_per_sec": one_epoch(cli.model, args.accelerator, train_dataloaders=memory)}
+    return {"samples_per_sec": one_epoch(module, args.accelerator, train_dataloaders=memory)}
 
 
 # -- the parent: runs each cell in a child, reads its peak RSS ---------------------------------
@@ -153,7 +163,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--ceiling-batches", type=int, default=300)
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--cell", choices=["data", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--fit",
+        choices=["ranker", "trainer"],
+        default="ranker",
+        help="end to end as `ranker fit` (needs MLflow) or as Trainer.fit in a process",
+    )
+    parser.add_argument("--cell", choices=["data", "ceiling", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--log", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,7 +192,8 @@ def main() -> None:
             print(f"generated {log} in {time.perf_counter() - started:.0f} s", flush=True)
         for model in args.models:
             cell = {"rows": rows, "model": model}
-            for name in ("data", "ceiling"):
+            names = ("data", "ceiling", "trainer") if args.fit == "trainer" else ("data", "ceiling")
+            for name in names:
                 command = [
                     sys.executable,
                     __file__,
@@ -201,7 +218,9 @@ def main() -> None:
                     "rss_gb": rss,
                     "wall_s": wall,
                 }
-            cell["fit"] = fit_cell(model, log, args)
+            cell["fit"] = (
+                cell.pop("trainer") if args.fit == "trainer" else fit_cell(model, log, args)
+            )
             results.append(cell)
             print(json.dumps(cell), flush=True)
 
@@ -212,12 +231,13 @@ def main() -> None:
     )
     for column in ("log rows", "model", "path", "samples/s", "vs ceiling", "peak RSS GB", "wall s"):
         table.add_column(column, justify="left" if column in ("model", "path") else "right")
+    end_to_end = "ranker fit" if args.fit == "ranker" else "Trainer.fit"
     for cell in results:
         ceiling = cell["ceiling"]["samples_per_sec"]
         for name, label in (
             ("data", "data path"),
             ("ceiling", "model step (ceiling)"),
-            ("fit", "ranker fit"),
+            ("fit", end_to_end),
         ):
             value = cell[name]
             table.add_row(
@@ -235,7 +255,7 @@ def main() -> None:
         ceiling = cell["ceiling"]["samples_per_sec"]
         fit, data = cell["fit"]["samples_per_sec"], cell["data"]["samples_per_sec"]
         line = (
-            f"{cell['model']} {cell['rows']:,}: ranker fit {fit / ceiling:.0%} of the "
+            f"{cell['model']} {cell['rows']:,}: {end_to_end} {fit / ceiling:.0%} of the "
             f"ceiling (target >= 85%), data path {data / ceiling:.1f}x (target >= 3x)"
         )
         if cell["rows"] == largest and largest != smallest:
@@ -243,7 +263,7 @@ def main() -> None:
             growth = {n: cell[n]["rss_gb"] / base[n]["rss_gb"] for n in ("data", "fit")}
             line += (
                 f"; peak RSS {largest:,} / {smallest:,} rows: data path "
-                f"{growth['data']:.2f}x, ranker fit {growth['fit']:.2f}x (target <= 1.2x)"
+                f"{growth['data']:.2f}x, {end_to_end} {growth['fit']:.2f}x (target <= 1.2x)"
             )
         print(line)
 
