@@ -107,10 +107,19 @@ def measure(cell: str, model: str, log: Path, args: argparse.Namespace) -> dict[
     if cell == "trainer":  # end to end without the CLI and MLflow: Trainer.fit on the DataModule
         return {"samples_per_sec": one_epoch(module, args.accelerator, datamodule=data)}
     if cell == "data":
-        start, rows = time.perf_counter(), 0
+        # Steady state, from the first batch to the last, as the model's own clock counts
+        # (loader workers' start-up is reported apart, the feature fit before either).
+        _ = data.state, data.split_pieces
+        start, rows, first = time.perf_counter(), 0, None
         for batch in data.train_dataloader():
-            rows += len(batch[0])
-        return {"samples_per_sec": rows / (time.perf_counter() - start), "rows": rows}
+            if first is None:
+                first = time.perf_counter()
+            else:
+                rows += len(batch[0])
+        return {
+            "samples_per_sec": rows / (time.perf_counter() - first),
+            "first_batch_s": first - start,
+        }
     batches = []
     for batch in data.train_dataloader():
         batches.append(batch)
@@ -178,18 +187,18 @@ def main() -> None:
         print(json.dumps(measure(args.cell, args.model, args.log, args)))
         return
 
+    # The parent stays small (no generator, no torch): a child's peak RSS counts the pages it
+    # was forked with.
+    from rich.console import Console
     from rich.table import Table
-
-    from features.synth import generate
-    from pipelines.render import wide_console
 
     results = []
     for rows in args.rows:
         log = args.data_dir / f"synth{rows // 1000}k"
         if not log.exists():
-            started = time.perf_counter()
-            generate(log, rows=rows)
-            print(f"generated {log} in {time.perf_counter() - started:.0f} s", flush=True)
+            script = f"from features.synth import generate; generate({str(log)!r}, rows={rows})"
+            _, rss, wall = run_child([sys.executable, "-c", script], {**os.environ, "CWD": ROOT})
+            print(f"generated {log} in {wall:.0f} s, peak RSS {rss:.1f} GB", flush=True)
         for model in args.models:
             cell = {"rows": rows, "model": model}
             names = ("data", "ceiling", "trainer") if args.fit == "trainer" else ("data", "ceiling")
@@ -249,7 +258,7 @@ def main() -> None:
                 f"{value['rss_gb']:.2f}",
                 f"{value['wall_s']:.0f}",
             )
-    wide_console().print(table)
+    Console(width=200).print(table)
     smallest, largest = min(args.rows), max(args.rows)
     for cell in results:
         ceiling = cell["ceiling"]["samples_per_sec"]
