@@ -246,7 +246,7 @@ class RankerDataModule(L.LightningDataModule):
 
     @cached_property
     def state(self) -> FeatureState:
-        return FeatureState.fit(self.source.scan("train"), self.config)
+        return FeatureState.fit(self.source.scan("train"), self.config, self.split_rows["train"])
 
     @property
     def input_spec(self) -> InputSpec:

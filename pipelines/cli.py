@@ -111,6 +111,8 @@ class RankerCLI(LightningCLI):
         best = self.trainer.checkpoint_callback.best_model_path or None
         self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+        if not self.trainer.is_global_zero:
+            return  # under DDP every rank scored (and holds) everything; rank 0 reports
         report = fit_report(self.model, self.datamodule)
         logger = self.trainer.logger
         if isinstance(logger, MLflowLogger):

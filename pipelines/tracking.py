@@ -8,10 +8,13 @@ file store) is refused by current MLflow, so the URI is always passed explicitly
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -44,14 +47,23 @@ class MLflowLogger(MLFlowLogger):
         **kwargs: Any,
     ) -> None:
         self.tracking_uri = tracking_uri or resolve_tracking_uri()
-        super().__init__(
-            experiment_name=experiment_name,
-            run_name=run_name,
-            tracking_uri=self.tracking_uri,
-            log_model=log_model,
-            run_id=run_id,
-            **kwargs,
-        )
+        for attempt in range(20):
+            try:
+                super().__init__(
+                    experiment_name=experiment_name,
+                    run_name=run_name,
+                    tracking_uri=self.tracking_uri,
+                    log_model=log_model,
+                    run_id=run_id,
+                    **kwargs,
+                )
+                break
+            except (MlflowException, SQLAlchemyError):
+                # A new SQLite store creates its tables on first use, and ranks started
+                # together (torchrun) race to do it: the loser tries again once they exist.
+                if not self.tracking_uri.startswith("sqlite:") or attempt == 19:
+                    raise
+                time.sleep(0.25)
         self.checkpoint_dir = checkpoint_dir
 
     @property

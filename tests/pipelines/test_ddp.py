@@ -5,6 +5,7 @@ ranks) equal to one process's."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from mlflow.tracking import MlflowClient
 
 from features.datamodule import RankerDataModule
 from tests.conftest import SYNTHETIC_CONFIG
+from tests.pipelines.test_fit_e2e import fit_args
 from tests.serving.conftest import free_port
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
@@ -61,3 +64,25 @@ def test_ddp_training_takes_every_row_once_in_equal_batch_counts(
     expected = np.sort(pl.DataFrame(cat).hash_rows(seed=1).to_numpy())
     seen = np.sort(np.concatenate([batch for batches in ranks for batch in batches]))
     np.testing.assert_array_equal(seen, expected)  # every training row once, across 4 streams
+
+
+def test_ranker_fit_under_torchrun_is_one_run(tiny_log: Path, tmp_path: Path) -> None:
+    """The README's multi-node command, on one machine: 2 CPU processes, one MLflow run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    port = str(free_port())
+    result = subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", port, "-m", "pipelines.commands",
+         *fit_args(tiny_log, tmp_path / "checkpoints", "--trainer.max_epochs", "1"),
+         "--data.num_workers", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("MMoE on synthetic") == 1  # one report, from rank 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ranker").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["data/rows/train"] > 0 and "test/gauc/mean" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "val/gauc/mean")) >= 2
