@@ -230,20 +230,7 @@ class FeatureState:
             ((numeric_expr(n.column, n.transform) - n.mean) / n.std).fill_null(0.0).alias(n.name)
             for n in self.dense
         ]
-        labels = [
-            pl.col(t.label).cast(pl.Float32).fill_null(float("nan")).alias(f"label:{t.name}")
-            for t in self.tasks
-        ]
-        user = pl.col(self.user_key)
-        user = (
-            user.cast(pl.Int64)
-            if frame.schema[self.user_key].is_integer()
-            else user.hash(seed=0).reinterpret(signed=True)
-        )
-        # A missing user key (anonymous traffic) becomes user -1: one group for GAUC.
-        out = frame.select(
-            [*cat_exprs, *raw_bucketized, *dense, *labels, user.fill_null(-1).alias("user:")]
-        )
+        out = frame.select([*cat_exprs, *raw_bucketized, *dense, *self._target_exprs(frame)])
 
         n = out.height
         cat = np.empty((n, len(self.categorical) + len(self.bucketized)), dtype=np.int64)
@@ -260,12 +247,33 @@ class FeatureState:
             if self.dense
             else np.zeros((n, 0), dtype=np.float32)
         )
-        label_array = out.select([f"label:{t.name}" for t in self.tasks]).to_numpy()
-        return Batch(
-            cat=np.ascontiguousarray(cat),
-            num=np.ascontiguousarray(num),
-            labels=np.ascontiguousarray(label_array, dtype=np.float32),
-            users=np.array(out["user:"].to_numpy(), dtype=np.int64),  # writable for torch
+        labels, users = self._target_arrays(out)
+        return Batch(np.ascontiguousarray(cat), np.ascontiguousarray(num), labels, users)
+
+    def targets(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """The labels and GAUC users of raw rows, as ``transform`` gives them, reading only the
+        label and user columns."""
+        return self._target_arrays(frame.select(self._target_exprs(frame)))
+
+    def _target_exprs(self, frame: pl.DataFrame) -> list[pl.Expr]:
+        labels = [
+            pl.col(t.label).cast(pl.Float32).fill_null(float("nan")).alias(f"label:{t.name}")
+            for t in self.tasks
+        ]
+        user = pl.col(self.user_key)
+        user = (
+            user.cast(pl.Int64)
+            if frame.schema[self.user_key].is_integer()
+            else user.hash(seed=0).reinterpret(signed=True)
+        )
+        # A missing user key (anonymous traffic) becomes user -1: one group for GAUC.
+        return [*labels, user.fill_null(-1).alias("user:")]
+
+    def _target_arrays(self, out: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        labels = out.select([f"label:{t.name}" for t in self.tasks]).to_numpy()
+        return (
+            np.ascontiguousarray(labels, dtype=np.float32),
+            np.array(out["user:"].to_numpy(), dtype=np.int64),  # writable for torch
         )
 
     # -- persistence --------------------------------------------------------------------------

@@ -90,15 +90,18 @@ def oracle_metrics(datamodule: RankerDataModule, split: str) -> dict[str, float]
     truth = [t.truth for t in tasks if t.truth]
     if not truth:
         return None
-    frame = datamodule.source.scan(split, extra=tuple(truth)).collect(engine="streaming")
-    batch = datamodule.state.transform(frame)
+    # Only the labels, users and truths: the whole split is in memory (exact GAUC needs it).
+    columns = dict.fromkeys([datamodule.config.user_key, *(t.label for t in tasks), *truth])
+    scan = datamodule.source.scan(split, extra=tuple(truth)).select(list(columns))
+    frame = scan.collect(engine="streaming")
+    labels, users = datamodule.state.targets(frame)
     probs = np.column_stack(
         [
             frame[t.truth].cast(pl.Float64).to_numpy() if t.truth else np.full(len(frame), np.nan)
             for t in tasks
         ]
     )
-    return task_metrics(probs, batch.labels, batch.users, [t.name for t in tasks])
+    return task_metrics(probs, labels, users, [t.name for t in tasks])
 
 
 def fit_report(module: RankerModule, datamodule: RankerDataModule) -> FitReport:

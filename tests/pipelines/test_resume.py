@@ -13,30 +13,18 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import CONFIGS, SYNTHETIC_CONFIG
+from tests.pipelines.test_fit_e2e import fit_args
 
 EVERY = 6  # optimiser steps between resume checkpoints (two per batch)
 
 
-def command(log: Path, *extra: str) -> list[str]:
+def command(log: Path, work: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
         "pipelines.commands",
-        "fit",
-        "--config",
-        str(CONFIGS / "trainer.yaml"),
-        "--config",
-        str(CONFIGS / "model" / "mmoe.yaml"),
-        "--data.dataset",
-        str(SYNTHETIC_CONFIG),
-        "--data.log_path",
-        str(log),
-        "--data.batch_size",
-        "512",
+        *fit_args(log, work / "checkpoints"),
         "--data.num_workers",
-        "2",
-        "--trainer.max_epochs",
         "2",
         "--trainer.log_every_n_steps",
         "1",
@@ -47,10 +35,6 @@ def command(log: Path, *extra: str) -> list[str]:
         "{monitor: val/gauc/mean, mode: max, save_top_k: 1}}, "
         "{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
         f"{{save_last: true, save_top_k: 0, every_n_train_steps: {EVERY}}}}}]",
-        "--model.network.init_args.num_experts",
-        "3",
-        "--model.network.init_args.expert_hidden",
-        "[32, 16]",
         *extra,
     ]
 
@@ -66,12 +50,18 @@ def test_killed_fit_resumes_mid_epoch_into_the_same_run(tiny_log: Path, tmp_path
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     whole.mkdir(), broken.mkdir()
-    done = subprocess.run(command(tiny_log), cwd=whole, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        command(tiny_log, whole), cwd=whole, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     # The same run, killed (SIGKILL: no chance to clean up) once a resume checkpoint exists.
     process = subprocess.Popen(
-        command(tiny_log), cwd=broken, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        command(tiny_log, broken),
+        cwd=broken,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 300
     while not list(broken.glob("checkpoints/*/*/checkpoints/last.ckpt")):
@@ -86,7 +76,7 @@ def test_killed_fit_resumes_mid_epoch_into_the_same_run(tiny_log: Path, tmp_path
     assert progress["batches"] > 0  # taken mid-epoch
 
     resumed = subprocess.run(
-        command(tiny_log, "--ckpt_path", str(last)),
+        command(tiny_log, broken, "--ckpt_path", str(last)),
         cwd=broken,
         env=env,
         capture_output=True,
