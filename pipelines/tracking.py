@@ -7,20 +7,37 @@ file store) is refused by current MLflow, so the URI is always passed explicitly
 
 from __future__ import annotations
 
+import fcntl
 import os
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from mlflow.exceptions import MlflowException
-from sqlalchemy.exc import SQLAlchemyError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def resolve_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Holds a lock beside a SQLite store while a client opens it: a new store creates and
+    migrates its tables on first use, and ranks started together (torchrun) must not race."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class MLflowLogger(MLFlowLogger):
@@ -47,23 +64,15 @@ class MLflowLogger(MLFlowLogger):
         **kwargs: Any,
     ) -> None:
         self.tracking_uri = tracking_uri or resolve_tracking_uri()
-        for attempt in range(20):
-            try:
-                super().__init__(
-                    experiment_name=experiment_name,
-                    run_name=run_name,
-                    tracking_uri=self.tracking_uri,
-                    log_model=log_model,
-                    run_id=run_id,
-                    **kwargs,
-                )
-                break
-            except (MlflowException, SQLAlchemyError):
-                # A new SQLite store creates its tables on first use, and ranks started
-                # together (torchrun) race to do it: the loser tries again once they exist.
-                if not self.tracking_uri.startswith("sqlite:") or attempt == 19:
-                    raise
-                time.sleep(0.25)
+        with _store_lock(self.tracking_uri):
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name,
+                tracking_uri=self.tracking_uri,
+                log_model=log_model,
+                run_id=run_id,
+                **kwargs,
+            )
         self.checkpoint_dir = checkpoint_dir
 
     @property
