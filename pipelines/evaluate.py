@@ -114,8 +114,8 @@ def score(
     probs, labels, users = [], [], []
     for logits, batch in observe(module.network, data.dataset(split), stats):
         probs.append(torch.sigmoid(logits).float().cpu().numpy())
-        labels.append(batch[2].numpy())
-        users.append(batch[3].numpy())
+        labels.append(batch[2].numpy().copy())  # not views: they keep the loader's buffer alive
+        users.append(batch[3].numpy().copy())
     if not probs:
         raise RunError(f"the {split} split of {data.config.path} has no rows")
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(users), stats
