@@ -279,14 +279,9 @@ class LogSource:
 
     def _skip_unreadable_pages(self) -> None:
         """Decode every row group of the columns a fit reads; leave out files that fail."""
-        needed = set(self.columns_needed())
         for file in list(self.files):
-            try:
-                parquet = pq.ParquetFile(file)
-                columns = [c for c in parquet.schema_arrow.names if c in needed]
-                for group in range(parquet.num_row_groups):
-                    parquet.read_row_group(group, columns=columns)
-            except (pa.ArrowException, OSError) as err:
+            err = _decode_error(file, set(self.columns_needed()))
+            if err is not None:
                 self.skipped[str(file)] = f"cannot read {file} (corrupt Parquet data?): {err}"
                 self.files.remove(file)
         if not self.files:
@@ -295,9 +290,8 @@ class LogSource:
     def _unreadable(self, columns: list[str], err: Exception) -> ConfigError:
         """The error for a scan that failed: find the file (only on this error path)."""
         for file in self.files:
-            try:
-                pq.read_table(file, columns=[c for c in columns if c in pq.read_schema(file).names])
-            except (pa.ArrowException, OSError) as file_err:
+            file_err = _decode_error(file, set(columns))
+            if file_err is not None:
                 return ConfigError(f"cannot read {file} (corrupt Parquet data?): {file_err}")
         return ConfigError(f"cannot read {self.where}: {err}")
 
@@ -343,6 +337,18 @@ class LogSource:
         """One row group's rows of the split, side tables joined."""
         frame = self.read_piece_columns(piece, tuple(self.columns_needed(extra)))
         return self.join_side_tables(frame.filter(self.split_filter(split)))
+
+
+def _decode_error(file: Path, columns: set[str]) -> Exception | None:
+    """Decode these columns of every row group of a file, one at a time: the error, if any."""
+    try:
+        parquet = pq.ParquetFile(file)
+        names = [c for c in parquet.schema_arrow.names if c in columns]
+        for group in range(parquet.num_row_groups):
+            parquet.read_row_group(group, columns=names)
+    except (pa.ArrowException, OSError) as err:
+        return err
+    return None
 
 
 def _boundary(value: str | int, dtype: pl.DataType) -> object:

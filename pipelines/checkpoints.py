@@ -90,15 +90,23 @@ def locate(ref: str, client: MlflowClient, download: Path) -> Located:
     return Located(ref, local, ref, f"runs:/{ref}/{artifact}")
 
 
-def checkpoint_run(path: str | Path) -> str | None:
-    """The MLflow run id a training checkpoint was written by (None for a checkpoint without)."""
+def read_checkpoint(path: str | Path, origin: str | None = None) -> dict[str, Any]:
+    """A ranker training checkpoint's contents (tensors memory-mapped, nothing unsafe run)."""
+    origin = origin or str(path)
+    if not Path(path).is_file():
+        raise RunError(f"no checkpoint file at {origin}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise RunError(f"no checkpoint file at {path}") from None
     except Exception as err:  # not a zip / pickle torch can read safely
-        raise RunError(f"{path} is not a readable checkpoint: {err}") from None
-    meta = checkpoint.get("mlflow") if isinstance(checkpoint, dict) else None
+        raise RunError(f"{origin} is not a readable checkpoint: {err}") from None
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
+        raise RunError(f"{origin} is not a ranker training checkpoint")
+    return checkpoint
+
+
+def checkpoint_run(path: str | Path) -> str | None:
+    """The MLflow run id a training checkpoint was written by (None for a checkpoint without)."""
+    meta = read_checkpoint(path).get("mlflow")
     return meta["run_id"] if meta else None
 
 
@@ -114,12 +122,7 @@ def load(
     batch_size: int = 2048,
 ) -> tuple[RankerModule, RankerDataModule]:
     """The model in eval mode and a DataModule scoring with the model's own FeatureState."""
-    try:
-        checkpoint = torch.load(located.path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # not a zip / pickle torch can read safely
-        raise RunError(f"{located.origin} is not a readable checkpoint: {err}") from None
-    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
-        raise RunError(f"{located.origin} is not a ranker training checkpoint")
+    checkpoint = read_checkpoint(located.path, located.origin)
     meta = checkpoint.get("mlflow")
     if located.run_id is None and meta and find_run(client, meta["run_id"]):
         located.run_id = meta["run_id"]
