@@ -159,6 +159,7 @@ class FeatureState:
         queries: list[pl.LazyFrame] = []
         plans: list[tuple[FeatureSpec, str]] = []
         stats: list[pl.Expr] = []
+        quantiles: list[pl.Expr] = []
         for spec in config.features:
             if spec.kind == "categorical":
                 expr, dtype = categorical_expr(spec.column, schema[spec.column])
@@ -175,20 +176,24 @@ class FeatureState:
                 plans.append((spec, dtype))
             elif spec.transform == "quantile_bucket":
                 qs = np.linspace(0, 1, spec.buckets + 1)[1:-1]
-                x = numeric_expr(spec.column, spec.transform).gather_every(every)
-                stats += [x.quantile(float(q)).alias(f"{spec.name}:q{i}") for i, q in enumerate(qs)]
+                x = numeric_expr(spec.column, spec.transform)
+                quantiles += [
+                    x.quantile(float(q)).alias(f"{spec.name}:q{i}") for i, q in enumerate(qs)
+                ]
             else:
                 x = numeric_expr(spec.column, spec.transform)
                 stats += [x.mean().alias(f"{spec.name}:mean"), x.std().alias(f"{spec.name}:std")]
+        # Every k-th row by a filter on the row index: it streams, where ``gather_every``
+        # (or quantiles beside other aggregations) takes whole columns into memory.
+        sample = train.with_row_index("__row").filter(pl.col("__row") % every == 0)
+        queries += [train.select(stats or [pl.len()]), sample.select(quantiles or [pl.len()])]
         # Each query scans the log itself: shared, the scan would be cached whole in memory
         # (common sub-plan elimination), which grows with the log (1.9 GB at 10M rows).
         results = pl.collect_all(
-            [*queries, train.select(stats or [pl.len()])],
-            engine="streaming",
-            optimizations=pl.QueryOptFlags(comm_subplan_elim=False),
+            queries, engine="streaming", optimizations=pl.QueryOptFlags(comm_subplan_elim=False)
         )
-        vocabularies = dict(zip([s.name for s, _ in plans], results[:-1], strict=True))
-        row = results[-1].row(0, named=True)
+        vocabularies = dict(zip([s.name for s, _ in plans], results[:-2], strict=True))
+        row = results[-2].row(0, named=True) | results[-1].row(0, named=True)
 
         categorical = [
             CategoricalState(

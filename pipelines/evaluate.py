@@ -43,7 +43,7 @@ from pipelines.render import (
 from pipelines.report import oracle_metrics
 from pipelines.tracking import resolve_tracking_uri
 from ranker.diagnostics import ExpertStats, HealthLimits, health, json_safe, observe
-from ranker.metrics import reliability, task_metrics
+from ranker.metrics import Scores, reliability, task_metrics
 from ranker.module import RankerModule
 
 EVALUATION_FILE = "evaluation.json"
@@ -111,14 +111,13 @@ def score(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, ExpertStats]:
     """One pass over the split: probabilities, labels and users, and the expert statistics."""
     stats = ExpertStats(sample_rows=SAMPLE_ROWS)
-    probs, labels, users = [], [], []
-    for logits, batch in observe(module.network, data.dataset(split), stats):
-        probs.append(torch.sigmoid(logits).float().cpu().numpy())
-        labels.append(batch[2].numpy().copy())  # not views: they keep the loader's buffer alive
-        users.append(batch[3].numpy().copy())
-    if not probs:
+    dataset = data.dataset(split)
+    scores = Scores(dataset.rows, len(data.tasks))
+    for logits, batch in observe(module.network, dataset, stats):
+        scores.add(torch.sigmoid(logits).float().cpu().numpy(), batch[2].numpy(), batch[3].numpy())
+    if not scores.size:
         raise RunError(f"the {split} split of {data.config.path} has no rows")
-    return np.concatenate(probs), np.concatenate(labels), np.concatenate(users), stats
+    return *scores.arrays(), stats
 
 
 def reliability_curves(

@@ -33,6 +33,7 @@ import numpy as np
 
 __all__ = [
     "METRICS",
+    "Scores",
     "auc",
     "calibration",
     "ece",
@@ -256,6 +257,45 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(sum(finite) / len(finite)) if finite else _NAN
 
 
+class Scores:
+    """A split's predictions, labels (``[N, T]``) and users (``[N]``), gathered batch by batch
+    into arrays allocated once for ``rows`` (doubled when more come).
+
+    One allocation per array, not one per batch: small arrays kept batch after batch fragment
+    the heap between the loader's large short-lived buffers, and memory then grows with the
+    split several times faster than the scores do (validating 790k rows: +0.28 GB for 57 MB
+    of scores). Rows never written are never touched, so planning for more costs nothing.
+    """
+
+    def __init__(self, rows: int, tasks: int) -> None:
+        rows = max(rows, 1)
+        self._probs = np.empty((rows, tasks), np.float32)
+        self._labels = np.empty((rows, tasks), np.float32)
+        self._users = np.empty(rows, np.int64)
+        self.size = 0
+
+    def add(self, probs: np.ndarray, labels: np.ndarray, users: np.ndarray) -> None:
+        start, end = self.size, self.size + len(users)
+        if end > len(self._users):
+            self._grow(max(end, 2 * len(self._users)))
+        self._probs[start:end] = probs
+        self._labels[start:end] = labels
+        self._users[start:end] = users
+        self.size = end
+
+    def _grow(self, rows: int) -> None:
+        for name in ("_probs", "_labels", "_users"):
+            old = getattr(self, name)
+            new = np.empty((rows, *old.shape[1:]), old.dtype)
+            new[: self.size] = old[: self.size]
+            setattr(self, name, new)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probs, labels, users) of the rows added so far (views)."""
+        n = self.size
+        return self._probs[:n], self._labels[:n], self._users[:n]
+
+
 def task_metrics(
     probs: np.ndarray, labels: np.ndarray, users: np.ndarray, tasks: Sequence[str]
 ) -> dict[str, float]:
@@ -266,8 +306,9 @@ def task_metrics(
     for each metric in ``METRICS``, plus ``"positive_rate/<task>"`` and ``"count/<task>"``
     (number of observed rows), which are not averaged.
     """
-    P = np.asarray(probs, dtype=np.float64)
-    Y = np.asarray(labels, dtype=np.float64)
+    # Columns become float64 one task at a time: two whole [N, T] float64 copies would be
+    # most of the memory evaluation takes.
+    P, Y = np.asarray(probs), np.asarray(labels)
     u = np.asarray(users).reshape(-1)
     tasks = list(tasks)
     n_tasks = len(tasks)
@@ -286,12 +327,12 @@ def task_metrics(
     out: dict[str, float] = {}
     per_metric: dict[str, list[float]] = {m: [] for m in METRICS}
     for t, name in enumerate(tasks):
-        y_all = Y[:, t]
+        # Contiguous copies: strided column views make argsort/reductions much slower.
+        y_all = Y[:, t].astype(np.float64)
         observed = ~np.isnan(y_all)
         full = bool(observed.all())
-        # Contiguous copies: strided column views make argsort/reductions much slower.
-        p = np.ascontiguousarray(P[:, t]) if full else P[observed, t]
-        y = np.ascontiguousarray(y_all) if full else y_all[observed]
+        p = P[:, t].astype(np.float64) if full else P[observed, t].astype(np.float64)
+        y = y_all if full else y_all[observed]
         c = codes if full else codes[observed]
         n = p.shape[0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ import torch
 from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.loss import masked_bce
-from ranker.metrics import task_metrics
+from ranker.metrics import Scores, task_metrics
 from ranker.models.base import MultiTaskModel
 
 # The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
@@ -55,7 +56,7 @@ class RankerModule(L.LightningModule):
         self.network = network(inputs, self.tasks)
         self.register_buffer("task_weights", torch.tensor([t.weight for t in self.tasks]))
         self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
-        self._outputs: dict[str, list[tuple[np.ndarray, ...]]] = {}
+        self._scores: dict[str, Scores] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._epoch_start = self._last_batch_end = 0.0
         self._epoch_samples = 0
@@ -129,21 +130,27 @@ class RankerModule(L.LightningModule):
         logits = self(cat, num)
         loss, _ = masked_bce(logits, labels, self.task_weights)
         self.log(f"{stage}/loss", loss, batch_size=len(labels), sync_dist=True)
-        probs = torch.sigmoid(logits).float().cpu().numpy()
-        # Copies: a batch is a view of its loader's pooled buffer, and a kept view keeps the
-        # whole buffer alive (validating 714k rows peaked at 2.04 GB, 1.15 with copies).
-        self._outputs.setdefault(stage, []).append(
-            (probs, labels.cpu().numpy().copy(), users.cpu().numpy().copy())
+        if stage not in self._scores:
+            self._scores[stage] = Scores(self._planned_rows(stage, len(labels)), len(self.tasks))
+        self._scores[stage].add(
+            torch.sigmoid(logits).float().cpu().numpy(), labels.cpu().numpy(), users.cpu().numpy()
         )
 
+    def _planned_rows(self, stage: str, batch_rows: int) -> int:
+        """Rows this rank will score: its batches times the first's size (the largest)."""
+        trainer = self.trainer
+        batches = trainer.num_val_batches
+        if stage == "test":
+            batches = trainer.num_test_batches
+        elif trainer.sanity_checking:
+            batches = trainer.num_sanity_val_batches
+        total = sum(batches)
+        return batch_rows * int(total) if math.isfinite(total) else batch_rows
+
     def _report(self, stage: str) -> None:
-        outputs = self._outputs.pop(stage, [])
-        if outputs:
-            probs, labels, users = (np.concatenate(p) for p in zip(*outputs, strict=True))
-        else:  # this rank read no row group of the split; it still joins the gather
-            tasks = len(self.tasks)
-            probs, labels = np.zeros((0, tasks), np.float32), np.zeros((0, tasks), np.float32)
-            users = np.zeros(0, np.int64)
+        # A rank that read no row group of the split still joins the gather, with no rows.
+        scores = self._scores.pop(stage, None) or Scores(0, len(self.tasks))
+        probs, labels, users = scores.arrays()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Exact metrics under DDP: GAUC's users span ranks, so every rank gathers every
             # prediction (not an average of per-rank metrics).
