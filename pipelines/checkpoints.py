@@ -9,11 +9,13 @@ the ``.ckpt`` artifact Lightning's MLflow logger wrote (aliased ``best``).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -102,6 +104,20 @@ def read_checkpoint(path: str | Path, origin: str | None = None) -> dict[str, An
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
         raise RunError(f"{origin} is not a ranker training checkpoint")
     return checkpoint
+
+
+def requeued_checkpoint(root: str | Path | None) -> Path | None:
+    """Under SLURM, the newest checkpoint Lightning saved when the job was told to requeue
+    (``hpc_ckpt_<n>.ckpt`` in the trainer's root directory), which a restarted job resumes
+    from; None elsewhere or when there is none."""
+    if not SLURMEnvironment.detect():
+        return None
+    saved = {
+        int(match.group(1)): path
+        for path in Path(root or os.getcwd()).glob("hpc_ckpt_*.ckpt")
+        if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))
+    }
+    return saved[max(saved)] if saved else None
 
 
 def checkpoint_run(path: str | Path) -> str | None:

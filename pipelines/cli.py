@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from mlflow.tracking import MlflowClient
 
 from features.datamodule import RankerDataModule
-from pipelines.checkpoints import RunError, checkpoint_run, find_run
+from pipelines.checkpoints import RunError, checkpoint_run, find_run, requeued_checkpoint
 from pipelines.report import fit_report, print_report
 from pipelines.tracking import MLflowLogger, resolve_tracking_uri
 from ranker.module import RankerModule
@@ -44,6 +44,7 @@ class LogConfigToMLflow(SaveConfigCallback):
             logged = client.get_run(run_id).data.params
             params = {k: v for k, v in params.items() if k not in logged}
             client.set_tag(run_id, "resumed_from", str(resumed_from))
+            client.update_run(run_id, status="RUNNING")  # a requeued job ended it when it left
         client.log_text(run_id, config, "config.resumed.yaml" if resumed_from else "config.yaml")
         if params:
             logger.log_hyperparams(params)
@@ -80,9 +81,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 class RankerCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
-        """``--ckpt_path`` continues the checkpoint's MLflow run rather than starting one."""
+        """``--ckpt_path`` continues the checkpoint's MLflow run rather than starting one; so
+        does a SLURM job requeued by Lightning (it resumes from the checkpoint it saved)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         path = config.get("ckpt_path") if config else None
+        if self.subcommand == "fit" and path is None:
+            requeued = requeued_checkpoint(config.trainer.get("default_root_dir"))
+            if requeued is not None:  # the file Lightning would pick, named: one way to resume
+                path = config.ckpt_path = str(requeued)
         logger = config.trainer.logger if path else None
         if not isinstance(logger, Namespace) or not logger.class_path.endswith("MLflowLogger"):
             return

@@ -152,22 +152,37 @@ class RankerModule(L.LightningModule):
         scores = self._scores.pop(stage, None) or Scores(0, len(self.tasks))
         probs, labels, users = scores.arrays()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Exact metrics under DDP: GAUC's users span ranks, so every rank gathers every
-            # prediction (not an average of per-rank metrics).
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (probs, labels, users))
-            probs, labels, users = (np.concatenate(p) for p in zip(*gathered, strict=True))
-        if len(probs) == 0:
+            metrics = self._gathered_metrics(probs, labels, users)
+        else:
+            metrics = task_metrics(probs, labels, users, self.task_names) if len(probs) else None
+        if metrics is None:
             return
-        metrics = task_metrics(probs, labels, users, self.task_names)
         self.last_metrics[stage] = metrics
         loggable = {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("count/")}
         headline = f"{stage}/gauc/mean"
-        # Every rank holds the same gathered values: no reduction needed (nor warned about).
+        # Every rank holds the same metrics: no reduction needed (nor warned about).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             self.log(headline, loggable.pop(headline), prog_bar=True)
             self.log_dict(loggable)
+
+    def _gathered_metrics(
+        self, probs: np.ndarray, labels: np.ndarray, users: np.ndarray
+    ) -> dict[str, float] | None:
+        """Exact metrics under DDP: GAUC's users span ranks, so rank 0 gathers every prediction
+        (not an average of per-rank metrics), scores them and sends every rank the metrics.
+        Only rank 0 ever holds the whole split."""
+        dist = torch.distributed
+        gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((probs, labels, users), gathered, dst=0)
+        metrics = [None]
+        if gathered is not None:
+            probs, labels, users = (np.concatenate(p) for p in zip(*gathered, strict=True))
+            if len(probs):
+                metrics[0] = task_metrics(probs, labels, users, self.task_names)
+            del gathered, probs, labels, users
+        dist.broadcast_object_list(metrics, src=0)
+        return metrics[0]
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._collect("val", batch)

@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines.checkpoints import requeued_checkpoint
 from tests.pipelines.test_fit_e2e import fit_args
 
 EVERY = 6  # optimiser steps between resume checkpoints (two per batch)
@@ -100,3 +102,72 @@ def test_killed_fit_resumes_mid_epoch_into_the_same_run(tiny_log: Path, tmp_path
         assert got[step] == expected[step], step
     for key in ("val/gauc/mean", "test/auc/mean", "val/auc/click"):
         assert continued.data.metrics[key] == reference.data.metrics[key], key
+
+
+def test_requeued_slurm_job_continues_its_run(tiny_log: Path, tmp_path: Path) -> None:
+    """SLURM's requeue signal: Lightning saves ``hpc_ckpt_1.ckpt`` and asks ``scontrol`` to
+    requeue the job; the job's command, run again, resumes from it into the same MLflow run."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    requeues = tmp_path / "requeues.txt"
+    scontrol = tools / "scontrol"  # no SLURM here: a stand-in records what Lightning asks of it
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {requeues}\n')
+    scontrol.chmod(0o755)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PATH": f"{tools}:{os.environ['PATH']}",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ranker",
+        "SLURM_NODELIST": "127.0.0.1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    job = tmp_path / "job"
+    job.mkdir()
+    process = subprocess.Popen(
+        command(tiny_log, job), cwd=job, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not list(job.glob("checkpoints/*/*/checkpoints/last.ckpt")):  # training is under way
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=SIGUSR1@90` sends
+    hpc = job / "hpc_ckpt_1.ckpt"
+    while not (hpc.exists() and requeues.exists()):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # then SLURM stops the job
+    process.wait(timeout=120)
+    assert requeues.read_text() == "requeue 4242\n"
+    saved = torch.load(hpc, weights_only=False)  # written by this test
+
+    rerun = subprocess.run(command(tiny_log, job), cwd=job, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("ranker")
+    (run,) = client.search_runs([experiment.experiment_id])  # no second run
+    assert run.info.run_id == saved["mlflow"]["run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from"] == str(hpc)
+    assert max(losses(client, run.info.run_id)) > saved["global_step"]
+    assert "test/gauc/mean" in run.data.metrics  # the rerun finished training and reported
+
+
+def test_requeued_checkpoint_is_the_newest_and_only_under_slurm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in (2, 9, 10):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").touch()
+    (tmp_path / "hpc_ckpt_x.ckpt").touch()
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert requeued_checkpoint(tmp_path) is None  # not a SLURM job: Lightning ignores them too
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "ranker")
+    assert requeued_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_10.ckpt"
+    assert requeued_checkpoint(tmp_path / "elsewhere") is None
