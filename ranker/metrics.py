@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 METRICS: tuple[str, ...] = ("auc", "gauc", "logloss", "calibration", "ece")
+ECE_BINS = 15
 
 _NAN = float("nan")
 
@@ -128,12 +129,38 @@ def _sorted_group_auc(
     return num, n_pos, n_neg, size
 
 
-def _auc_sorted(s: np.ndarray, y: np.ndarray) -> float:
+def auc_parts(s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``[num, n_pos, n_neg]`` of rows sorted by score (``AUC = num / (n_pos * n_neg)``).
+    Parts of disjoint score ranges add up, plus ``n_pos`` of a range times ``n_neg`` of the
+    ranges below it: what a score-sharded AUC sums."""
     if s.shape[0] == 0:
-        return _NAN
+        return np.zeros(3)
     num, n_pos, n_neg, _ = _sorted_group_auc(s, y, None)
-    denom = float(n_pos[0]) * float(n_neg[0])
-    return float(num[0] / denom) if denom > 0 else _NAN
+    return np.array([num[0], n_pos[0], n_neg[0]], dtype=np.float64)
+
+
+def _auc_sorted(s: np.ndarray, y: np.ndarray) -> float:
+    num, n_pos, n_neg = auc_parts(s, y)
+    return float(num / (n_pos * n_neg)) if n_pos * n_neg > 0 else _NAN
+
+
+def gauc_parts(
+    scores: np.ndarray,
+    y: np.ndarray,
+    codes: np.ndarray,
+    n_groups: int,
+    score_order: np.ndarray | None = None,
+) -> np.ndarray:
+    """``[sum_u n_u * AUC_u, sum_u n_u]`` over the groups having both classes: parts of
+    disjoint sets of whole groups add up (what a user-sharded GAUC sums)."""
+    if scores.shape[0] == 0:
+        return np.zeros(2)
+    order = _group_score_order(scores, codes, n_groups, score_order)
+    num, n_pos, n_neg, size = _sorted_group_auc(scores[order], y[order], codes[order])
+    valid = (n_pos > 0) & (n_neg > 0)
+    per_group = num[valid] / (n_pos[valid].astype(np.float64) * n_neg[valid])
+    w = size[valid].astype(np.float64)
+    return np.array([np.dot(w, per_group), w.sum()])
 
 
 def _gauc_codes(
@@ -143,16 +170,8 @@ def _gauc_codes(
     n_groups: int,
     score_order: np.ndarray | None = None,
 ) -> float:
-    if scores.shape[0] == 0:
-        return _NAN
-    order = _group_score_order(scores, codes, n_groups, score_order)
-    num, n_pos, n_neg, size = _sorted_group_auc(scores[order], y[order], codes[order])
-    valid = (n_pos > 0) & (n_neg > 0)
-    if not valid.any():
-        return _NAN
-    per_group = num[valid] / (n_pos[valid].astype(np.float64) * n_neg[valid])
-    w = size[valid].astype(np.float64)
-    return float(np.dot(w, per_group) / w.sum())
+    weighted, weight = gauc_parts(scores, y, codes, n_groups, score_order)
+    return float(weighted / weight) if weight > 0 else _NAN
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -187,11 +206,13 @@ def logloss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
     p = _as_f64(probs, "probs")
     y = _as_f64(labels, "labels")
     _check_same_len(p, y)
-    if p.shape[0] == 0:
-        return _NAN
+    return _bce_sum(p, y, eps) / p.shape[0] if p.shape[0] else _NAN
+
+
+def _bce_sum(p: np.ndarray, y: np.ndarray, eps: float = 1e-7) -> float:
     # Clip in float64: 1 - 1e-7 is not representable distinctly enough in float32.
     p = np.clip(p, eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    return float(-np.sum(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
 def calibration(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -214,17 +235,23 @@ def _binned_inputs(probs: np.ndarray, labels: np.ndarray, bins: int) -> tuple[np
     return p, y
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error with ``bins`` equal-width bins on [0, 1]."""
     p, y = _binned_inputs(probs, labels, bins)
-    n = p.shape[0]
-    if n == 0:
+    if p.shape[0] == 0:
         return _NAN
-    idx = np.clip(np.floor(p * bins), 0, bins - 1).astype(np.intp)
-    # n_b/N * |sum_p/n_b - sum_y/n_b| == |sum_p - sum_y| / N: no division by empty bins.
-    sum_p = np.bincount(idx, weights=p, minlength=bins)
-    sum_y = np.bincount(idx, weights=y, minlength=bins)
-    return float(np.abs(sum_p - sum_y).sum() / n)
+    sum_p, sum_y = _ece_sums(p, y, bins)
+    return float(np.abs(sum_p - sum_y).sum() / p.shape[0])
+
+
+def _ece_sums(p: np.ndarray, y: np.ndarray, bins: int) -> np.ndarray:
+    """Per-bin sums of probabilities and of labels, ``[2, bins]``.
+    n_b/N * |sum_p/n_b - sum_y/n_b| == |sum_p - sum_y| / N: no division by empty bins."""
+    # A NaN probability goes to bin 0, where its weight makes the sums (and the ECE) NaN.
+    idx = np.nan_to_num(np.clip(np.floor(p * bins), 0, bins - 1)).astype(np.intp)
+    return np.stack(
+        [np.bincount(idx, weights=p, minlength=bins), np.bincount(idx, weights=y, minlength=bins)]
+    )
 
 
 def reliability(
@@ -296,6 +323,62 @@ class Scores:
         return self._probs[:n], self._labels[:n], self._users[:n]
 
 
+def task_rows(
+    probs: np.ndarray, labels: np.ndarray, task: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | slice]:
+    """One task's observed rows (NaN label = not observed) as float64: (probs, labels, which).
+    Column by column: two whole [N, T] float64 copies would be most of evaluation's memory."""
+    # Contiguous copies: strided column views make argsort/reductions much slower.
+    y = labels[:, task].astype(np.float64)
+    observed = ~np.isnan(y)
+    if observed.all():
+        return probs[:, task].astype(np.float64), y, slice(None)
+    return probs[observed, task].astype(np.float64), y[observed], observed
+
+
+def additive_sums(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A task's sums over rows that add up across any split of the rows: rows, positives,
+    probabilities, cross-entropy, NaN scores, then the ECE bins' sums."""
+    head = [p.shape[0], y.sum(), p.sum(), _bce_sum(p, y), np.isnan(p).sum()]
+    return np.concatenate([head, _ece_sums(p, y, ECE_BINS).ravel()])
+
+
+def ranked(p: np.ndarray, y: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """``[*auc_parts, *gauc_parts]`` of a task's rows (scores without NaN)."""
+    y_bin = y > 0.5
+    order = np.argsort(p)
+    return np.concatenate(
+        [auc_parts(p[order], y_bin[order]), gauc_parts(p, y_bin, codes, n_groups, order)]
+    )
+
+
+def finish(sums: np.ndarray, auc: np.ndarray, gauc: np.ndarray) -> dict[str, float]:
+    """A task's metrics from its ``additive_sums``, ``auc_parts`` and ``gauc_parts``."""
+    n, positives, prob_sum, bce_sum, nans = sums[:5]
+    ece_p, ece_y = sums[5:].reshape(2, -1)
+    can_rank = n > 0 and nans == 0  # NaN scores: no ranking metric rather than a wrong one
+    num, n_pos, n_neg = auc
+    return {
+        "auc": float(num / (n_pos * n_neg)) if can_rank and n_pos * n_neg > 0 else _NAN,
+        "gauc": float(gauc[0] / gauc[1]) if can_rank and gauc[1] > 0 else _NAN,
+        "logloss": float(bce_sum / n) if n else _NAN,
+        "calibration": float((prob_sum / n) / (positives / n)) if n and positives else _NAN,
+        "ece": float(np.abs(ece_p - ece_y).sum() / n) if n else _NAN,
+        "positive_rate": float(positives / n) if n else _NAN,
+        "count": float(n),
+    }
+
+
+def by_task(per_task: Sequence[dict[str, float]], tasks: Sequence[str]) -> dict[str, float]:
+    """``"<metric>/<task>"`` keys, plus ``"<metric>/mean"`` (NaN-ignoring) for ``METRICS``."""
+    out = {
+        f"{m}/{t}": v for t, values in zip(tasks, per_task, strict=True) for m, v in values.items()
+    }
+    for m in METRICS:
+        out[f"{m}/mean"] = _nanmean([values[m] for values in per_task])
+    return out
+
+
 def task_metrics(
     probs: np.ndarray, labels: np.ndarray, users: np.ndarray, tasks: Sequence[str]
 ) -> dict[str, float]:
@@ -306,56 +389,24 @@ def task_metrics(
     for each metric in ``METRICS``, plus ``"positive_rate/<task>"`` and ``"count/<task>"``
     (number of observed rows), which are not averaged.
     """
-    # Columns become float64 one task at a time: two whole [N, T] float64 copies would be
-    # most of the memory evaluation takes.
     P, Y = np.asarray(probs), np.asarray(labels)
     u = np.asarray(users).reshape(-1)
     tasks = list(tasks)
-    n_tasks = len(tasks)
-    if P.ndim == 1 and n_tasks == 1:
+    if P.ndim == 1 and len(tasks) == 1:
         P, Y = P[:, None], Y[:, None]
-    if P.ndim != 2 or P.shape != Y.shape or P.shape[1] != n_tasks:
+    if P.ndim != 2 or P.shape != Y.shape or P.shape[1] != len(tasks):
         raise ValueError(
-            f"probs {P.shape} and labels {Y.shape} must both be [N, {n_tasks}] (one per task)"
+            f"probs {P.shape} and labels {Y.shape} must both be [N, {len(tasks)}] (one per task)"
         )
     if u.shape[0] != P.shape[0]:
         raise ValueError(f"users has {u.shape[0]} rows, probs has {P.shape[0]}")
 
     # Dense user codes once for all tasks; masking keeps codes valid (absent ones are empty).
     codes, n_groups = _dense_codes(u)
-
-    out: dict[str, float] = {}
-    per_metric: dict[str, list[float]] = {m: [] for m in METRICS}
-    for t, name in enumerate(tasks):
-        # Contiguous copies: strided column views make argsort/reductions much slower.
-        y_all = Y[:, t].astype(np.float64)
-        observed = ~np.isnan(y_all)
-        full = bool(observed.all())
-        p = P[:, t].astype(np.float64) if full else P[observed, t].astype(np.float64)
-        y = y_all if full else y_all[observed]
-        c = codes if full else codes[observed]
-        n = p.shape[0]
-
-        if n == 0 or np.isnan(p).any():
-            auc_t = gauc_t = _NAN
-        else:
-            y_bin = y > 0.5
-            order = np.argsort(p)
-            auc_t = _auc_sorted(p[order], y_bin[order])
-            gauc_t = _gauc_codes(p, y_bin, c, n_groups, score_order=order)
-        values = {
-            "auc": auc_t,
-            "gauc": gauc_t,
-            "logloss": logloss(p, y),
-            "calibration": calibration(p, y),
-            "ece": ece(p, y),
-        }
-        for m in METRICS:
-            out[f"{m}/{name}"] = float(values[m])
-            per_metric[m].append(float(values[m]))
-        out[f"positive_rate/{name}"] = float(y.mean()) if n else _NAN
-        out[f"count/{name}"] = float(n)
-
-    for m in METRICS:
-        out[f"{m}/mean"] = _nanmean(per_metric[m])
-    return out
+    per_task = []
+    for t in range(len(tasks)):
+        p, y, which = task_rows(P, Y, t)
+        sums = additive_sums(p, y)
+        parts = ranked(p, y, codes[which], n_groups) if len(p) and not sums[4] else np.zeros(5)
+        per_task.append(finish(sums, parts[:3], parts[3:]))
+    return by_task(per_task, tasks)

@@ -8,7 +8,6 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 
 from features.config import TaskSpec
@@ -16,6 +15,7 @@ from features.state import InputSpec
 from ranker.loss import masked_bce
 from ranker.metrics import Scores, task_metrics
 from ranker.models.base import MultiTaskModel
+from ranker.sharded_metrics import sharded_task_metrics
 
 # The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
 torch.serialization.add_safe_globals([InputSpec, TaskSpec])
@@ -148,11 +148,12 @@ class RankerModule(L.LightningModule):
         return batch_rows * int(total) if math.isfinite(total) else batch_rows
 
     def _report(self, stage: str) -> None:
-        # A rank that read no row group of the split still joins the gather, with no rows.
+        # A rank that read no row group of the split still joins the collectives, with no rows.
         scores = self._scores.pop(stage, None) or Scores(0, len(self.tasks))
         probs, labels, users = scores.arrays()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            metrics = self._gathered_metrics(probs, labels, users)
+            # Exact under DDP (GAUC's users span ranks), no rank holding more than its share.
+            metrics = sharded_task_metrics(probs, labels, users, self.task_names)
         else:
             metrics = task_metrics(probs, labels, users, self.task_names) if len(probs) else None
         if metrics is None:
@@ -165,24 +166,6 @@ class RankerModule(L.LightningModule):
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             self.log(headline, loggable.pop(headline), prog_bar=True)
             self.log_dict(loggable)
-
-    def _gathered_metrics(
-        self, probs: np.ndarray, labels: np.ndarray, users: np.ndarray
-    ) -> dict[str, float] | None:
-        """Exact metrics under DDP: GAUC's users span ranks, so rank 0 gathers every prediction
-        (not an average of per-rank metrics), scores them and sends every rank the metrics.
-        Only rank 0 ever holds the whole split."""
-        dist = torch.distributed
-        gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object((probs, labels, users), gathered, dst=0)
-        metrics = [None]
-        if gathered is not None:
-            probs, labels, users = (np.concatenate(p) for p in zip(*gathered, strict=True))
-            if len(probs):
-                metrics[0] = task_metrics(probs, labels, users, self.task_names)
-            del gathered, probs, labels, users
-        dist.broadcast_object_list(metrics, src=0)
-        return metrics[0]
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._collect("val", batch)
