@@ -22,7 +22,10 @@ as-is (they may be soft) for ``logloss``, ``calibration`` and ``ece``. Every met
 NaN, rather than silently ranking NaNs last.
 
 ``task_metrics`` evaluates every metric in ``METRICS`` per task on ``[N, T]`` arrays where a
-NaN label means "not observed for that task" and is masked for that task only.
+NaN label means "not observed for that task" and is masked for that task only. It builds each
+task's metrics (``finish``) from parts that add up across shards of rows: ``additive_sums``
+(any rows), ``gauc_parts`` (whole users), ``auc_parts`` (score ranges), which is how
+``ranker.sharded_metrics`` computes the same metrics across DDP ranks.
 """
 
 from __future__ import annotations
