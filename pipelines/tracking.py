@@ -86,3 +86,12 @@ class MLflowLogger(MLFlowLogger):
         # logs its best model.
         if checkpoint_callback.save_top_k != 0:
             super().after_save_checkpoint(checkpoint_callback)
+
+    def finalize(self, status: str = "success") -> None:
+        if status == "finished":
+            # Only Lightning's SLURM requeue handler says "finished", from inside a signal
+            # handler that may have interrupted this process's own write to the store (SQLite
+            # then stays locked against it: the job crashed). The run is not over either: the
+            # requeued job continues it.
+            return
+        super().finalize(status)

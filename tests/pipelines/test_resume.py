@@ -141,6 +141,9 @@ def test_requeued_slurm_job_continues_its_run(tiny_log: Path, tmp_path: Path) ->
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (running,) = client.search_runs([client.get_experiment_by_name("ranker").experiment_id])
+    assert running.info.status == "RUNNING"  # to be continued, not ended by the signal
     process.send_signal(signal.SIGTERM)  # then SLURM stops the job
     process.wait(timeout=120)
     assert requeues.read_text() == "requeue 4242\n"
@@ -149,7 +152,6 @@ def test_requeued_slurm_job_continues_its_run(tiny_log: Path, tmp_path: Path) ->
     rerun = subprocess.run(command(tiny_log, job), cwd=job, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
 
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("ranker")
     (run,) = client.search_runs([experiment.experiment_id])  # no second run
     assert run.info.run_id == saved["mlflow"]["run_id"]
