@@ -279,8 +279,9 @@ class LogSource:
 
     def _skip_unreadable_pages(self) -> None:
         """Decode every row group of the columns a fit reads; leave out files that fail."""
+        needed = set(self.columns_needed())
         for file in list(self.files):
-            err = _decode_error(file, set(self.columns_needed()))
+            err = _decode_error(file, needed)
             if err is not None:
                 self.skipped[str(file)] = f"cannot read {file} (corrupt Parquet data?): {err}"
                 self.files.remove(file)

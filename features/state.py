@@ -186,14 +186,17 @@ class FeatureState:
         # Every k-th row by a filter on the row index: it streams, where ``gather_every``
         # (or quantiles beside other aggregations) takes whole columns into memory.
         sample = train.with_row_index("__row").filter(pl.col("__row") % every == 0)
-        queries += [train.select(stats or [pl.len()]), sample.select(quantiles or [pl.len()])]
+        queries += [train.select(stats)] if stats else []
+        queries += [sample.select(quantiles)] if quantiles else []
         # Each query scans the log itself: shared, the scan would be cached whole in memory
         # (common sub-plan elimination), which grows with the log (1.9 GB at 10M rows).
         results = pl.collect_all(
             queries, engine="streaming", optimizations=pl.QueryOptFlags(comm_subplan_elim=False)
         )
-        vocabularies = dict(zip([s.name for s, _ in plans], results[:-2], strict=True))
-        row = results[-2].row(0, named=True) | results[-1].row(0, named=True)
+        vocabularies = dict(zip([s.name for s, _ in plans], results[: len(plans)], strict=True))
+        row: dict[str, object] = {}
+        for summary in results[len(plans) :]:
+            row |= summary.row(0, named=True)
 
         categorical = [
             CategoricalState(

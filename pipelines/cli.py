@@ -118,7 +118,7 @@ class RankerCLI(LightningCLI):
         self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
         if not self.trainer.is_global_zero:
-            return  # under DDP every rank scored (and holds) everything; rank 0 reports
+            return  # under DDP every rank scored its share and holds the metrics; rank 0 reports
         report = fit_report(self.model, self.datamodule)
         logger = self.trainer.logger
         if isinstance(logger, MLflowLogger):

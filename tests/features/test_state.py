@@ -136,3 +136,10 @@ def test_input_spec_layout(state: FeatureState) -> None:
     assert spec.cat_names == ("user", "city", "top", "price")
     assert spec.cardinalities == (4, 2, 3, 5)
     assert spec.num_names == ("age", "views")
+
+
+def test_fit_with_only_categorical_features() -> None:
+    config = make_config(features=[{"name": "user", "kind": "categorical", "side": "user"}])
+    state = FeatureState.fit(TRAIN.lazy(), config)
+    assert state.numeric == []
+    assert state.categorical[0].values == [12, 10, 11]  # most frequent first, ties by value
