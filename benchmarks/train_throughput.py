@@ -115,7 +115,7 @@ def measure(cell: str, model: str, log: Path, args: argparse.Namespace) -> dict[
             if first is None:
                 first = time.perf_counter()
             else:
-                rows += len(batch[0])
+                rows += len(batch)
         return {
             "samples_per_sec": rows / (time.perf_counter() - first),
             "first_batch_s": first - start,

@@ -18,9 +18,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-Kind = Literal["categorical", "numeric"]
+Kind = Literal["categorical", "numeric", "sequence"]
 Side = Literal["user", "item", "context"]
 Transform = Literal["standardize", "log1p", "quantile_bucket"]
+Pooling = Literal["mean", "target_attention"]
 SplitName = Literal["train", "val", "test"]
 SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 
@@ -31,7 +32,19 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """One model input. ``column`` defaults to ``name``."""
+    """One model input. ``column`` defaults to ``name``.
+
+    A ``sequence`` is a user's recent behaviours, most recent last, sharing the vocabulary (and
+    the embeddings) of the categorical feature ``vocabulary_of``; at most ``max_len`` of the
+    most recent are kept. It is either a list column of the log or a side table (``column``),
+    or, with ``from_label``, derived from the log: for each impression, the values of
+    ``vocabulary_of``'s column at the user's last ``max_len`` impressions whose label column
+    ``from_label`` is 1, strictly before the impression's ``timestamp`` (ties excluded).
+    Sequences with the same ``from_label`` and ``timestamp`` are aligned by position (e.g. the
+    items of a history and their authors). ``pooling`` turns it into one vector: the mean, or
+    DIN-style target attention with the embedding of ``target`` (default: ``vocabulary_of``,
+    the candidate) as the query.
+    """
 
     name: str
     kind: Kind
@@ -42,6 +55,12 @@ class FeatureSpec:
     max_size: int | None = None  # keep at most this many most frequent values
     transform: Transform = "standardize"  # numeric only
     buckets: int = 16  # quantile_bucket only
+    max_len: int = 20  # sequence only
+    vocabulary_of: str | None = None  # sequence only: the categorical feature it shares
+    from_label: str | None = None  # sequence only: derived from the log's positives
+    timestamp: str | None = None  # sequence only, derived: sub-day time column of the log
+    pooling: Pooling = "mean"  # sequence only
+    target: str | None = None  # target_attention only: the query feature
 
     def __post_init__(self) -> None:
         if not self.column:
@@ -50,7 +69,14 @@ class FeatureSpec:
     @property
     def embedded(self) -> bool:
         """Categorical features and bucketised numerics are looked up in the embedding table."""
-        return self.kind == "categorical" or self.transform == "quantile_bucket"
+        return self.kind == "categorical" or (
+            self.kind == "numeric" and self.transform == "quantile_bucket"
+        )
+
+    @property
+    def derived(self) -> bool:
+        """A sequence derived from the log's own positives (not a logged list column)."""
+        return self.kind == "sequence" and self.from_label is not None
 
 
 @dataclass(frozen=True)
@@ -99,6 +125,13 @@ class DatasetConfig:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def sequences(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == "sequence"]
+
+    def feature(self, name: str) -> FeatureSpec:
+        return next(f for f in self.features if f.name == name)
 
     def with_path(self, path: str | Path) -> DatasetConfig:
         return dataclasses.replace(self, path=Path(path))
@@ -160,6 +193,12 @@ def _check(config: DatasetConfig, where: str) -> None:
             raise ConfigError(f"{at}: max_size must be >= 1, got {spec.max_size}")
         if spec.transform == "quantile_bucket" and spec.buckets < 2:
             raise ConfigError(f"{at}: buckets must be >= 2, got {spec.buckets}")
+        if spec.kind == "sequence":
+            _check_sequence(config, spec, at)
+        else:
+            for key in SEQUENCE_KEYS:
+                if getattr(spec, key) != getattr(SEQUENCE_DEFAULTS, key):
+                    raise ConfigError(f"{at}: {key} is only for kind: sequence")
     for i, task in enumerate(config.tasks):
         if task.weight < 0:
             raise ConfigError(f"{where}: tasks[{i}] ({task.name}): weight must be >= 0")
@@ -168,6 +207,50 @@ def _check(config: DatasetConfig, where: str) -> None:
         raise ConfigError(f"{where}: split.train_end must come before split.val_end")
     if split.test_end is not None and _order_key(split.val_end) >= _order_key(split.test_end):
         raise ConfigError(f"{where}: split.val_end must come before split.test_end")
+
+
+SEQUENCE_KEYS = ("max_len", "vocabulary_of", "from_label", "timestamp", "pooling", "target")
+SEQUENCE_DEFAULTS = FeatureSpec("_", "sequence", "user")
+
+
+def _check_sequence(config: DatasetConfig, spec: FeatureSpec, at: str) -> None:
+    categorical = {f.name: f for f in config.features if f.kind == "categorical"}
+    if spec.side not in ("user", "context"):
+        raise ConfigError(f"{at}: side: a sequence is a user or context feature, not {spec.side}")
+    if spec.max_len < 1:
+        raise ConfigError(f"{at}: max_len must be >= 1, got {spec.max_len}")
+    for key in ("vocabulary_of", "target"):
+        value = getattr(spec, key)
+        if (key == "vocabulary_of" or value is not None) and value not in categorical:
+            raise ConfigError(
+                f"{at}: {key}: {value!r} names no categorical feature "
+                f"(categorical features: {sorted(categorical)})"
+            )
+    if (
+        spec.embedding_dim != 16
+        and spec.embedding_dim != categorical[spec.vocabulary_of].embedding_dim
+    ):
+        raise ConfigError(
+            f"{at}: embedding_dim: a sequence shares the embeddings of '{spec.vocabulary_of}' "
+            f"({categorical[spec.vocabulary_of].embedding_dim}); leave it out"
+        )
+    if spec.pooling == "target_attention":
+        target = categorical[spec.target or spec.vocabulary_of]
+        if target.embedding_dim != categorical[spec.vocabulary_of].embedding_dim:
+            raise ConfigError(
+                f"{at}: target: '{target.name}' embeds in {target.embedding_dim} dimensions, "
+                f"the sequence in {categorical[spec.vocabulary_of].embedding_dim}"
+            )
+    if spec.from_label is not None and not spec.timestamp:
+        raise ConfigError(
+            f"{at}: timestamp: a history derived from '{spec.from_label}' needs the log's "
+            "timestamp column (sub-day resolution) to order events"
+        )
+    if spec.from_label is None and spec.timestamp is not None:
+        raise ConfigError(f"{at}: timestamp is only for a derived sequence (with from_label)")
+    for key in ("min_count", "max_size", "transform", "buckets"):
+        if getattr(spec, key) != getattr(SEQUENCE_DEFAULTS, key):
+            raise ConfigError(f"{at}: {key} does not apply to a sequence")
 
 
 def _order_key(value: str | int) -> str:

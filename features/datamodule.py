@@ -2,7 +2,7 @@
 
 Batches are cut from whole row groups: each row group of the split is read (pyarrow), joined
 and transformed (polars, vectorised) into contiguous arrays, pooled in a bounded shuffle
-buffer, permuted, and sliced into ready ``(cat, num, labels, users)`` tensors. There is no
+buffer, permuted, and sliced into ready ``TensorBatch``es (named fields). There is no
 per-row Python and no per-sample collation; the DataLoader passes batches through as they are.
 
 Shuffling is two-level and bounded: the order of row groups is permuted every epoch, and rows
@@ -22,6 +22,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -42,33 +43,52 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 # checkpoint) resumes the epoch where it stopped, so its warning does not apply either.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
-TensorBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 # (piece index, first row, end row) of the piece's split rows
 Span = tuple[int, int, int]
+
+
+@dataclass
+class TensorBatch:
+    """One batch as it travels from the DataModule to the model, the metrics and the
+    diagnostics (Lightning moves every tensor to the device)."""
+
+    cat: torch.Tensor  # int64 [B, F_cat], per-feature vocabulary indices
+    num: torch.Tensor  # float32 [B, F_num]
+    labels: torch.Tensor  # float32 [B, T], NaN = not observed
+    users: torch.Tensor  # int64 [B], the GAUC group
+    sequences: dict[str, torch.Tensor] = field(default_factory=dict)  # int64 [B, L], 0 = pad
+    lengths: dict[str, torch.Tensor] = field(default_factory=dict)  # int64 [B], untruncated
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """What a model takes: ``model(*batch.inputs)``."""
+        return self.cat, self.num, self.sequences
 
 
 def _concat(batches: list[Batch]) -> Batch:
     if len(batches) == 1:
         return batches[0]
+    first = batches[0]
     return Batch(
         *(
             np.concatenate([getattr(b, k) for b in batches])
             for k in ("cat", "num", "labels", "users")
-        )
+        ),
+        {k: np.concatenate([b.sequences[k] for b in batches]) for k in first.sequences},
+        {k: np.concatenate([b.lengths[k] for b in batches]) for k in first.lengths},
     )
 
 
 def _slice(batch: Batch, index: slice | np.ndarray) -> Batch:
-    return Batch(batch.cat[index], batch.num[index], batch.labels[index], batch.users[index])
+    return batch.map(lambda a: a[index])
 
 
 def to_tensors(batch: Batch) -> TensorBatch:
-    return (
-        torch.from_numpy(batch.cat),
-        torch.from_numpy(batch.num),
-        torch.from_numpy(batch.labels),
-        torch.from_numpy(batch.users),
-    )
+    t = batch.map(torch.from_numpy)
+    return TensorBatch(t.cat, t.num, t.labels, t.users, t.sequences, t.lengths)
 
 
 def _world() -> tuple[int, int]:
@@ -216,6 +236,8 @@ class RankerDataModule(L.LightningDataModule):
         skip_corrupt_files: leave out log files that cannot be read (each file is decoded
             once up front to find them), reported and counted in the run's metrics, instead
             of stopping with an error naming the first.
+        history_cache: where histories derived from the log are cached (default
+            ``$RANKER_CACHE`` or ``~/.cache/ranker``).
     """
 
     def __init__(
@@ -228,6 +250,7 @@ class RankerDataModule(L.LightningDataModule):
         shuffle_buffer: int = 262_144,
         seed: int = 0,
         skip_corrupt_files: bool = False,
+        history_cache: str | None = None,
     ) -> None:
         super().__init__()
         # In the checkpoint ("datamodule_hyper_parameters"): where the model's data lives.
@@ -237,7 +260,8 @@ class RankerDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         # Everything that can be wrong with the data fails here, before any training.
-        self.source = LogSource(self.config, skip_corrupt=skip_corrupt_files)
+        cache = Path(history_cache) / "histories" if history_cache else None
+        self.source = LogSource(self.config, skip_corrupt_files, cache)
         for why in self.source.skipped.values():
             warnings.warn(f"skipped: {why}", stacklevel=2)
         self.split_rows = self.source.validate()
@@ -246,7 +270,8 @@ class RankerDataModule(L.LightningDataModule):
 
     @cached_property
     def state(self) -> FeatureState:
-        return FeatureState.fit(self.source.scan("train"), self.config, self.split_rows["train"])
+        train = self.source.scan("train", sequences=False)
+        return FeatureState.fit(train, self.config, self.split_rows["train"])
 
     @property
     def input_spec(self) -> InputSpec:

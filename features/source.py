@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from features.config import SPLITS, ConfigError, DatasetConfig, SplitName
+from features.config import SPLITS, ConfigError, DatasetConfig, FeatureSpec, SplitName
+from features.history import check_columns, derive, history_groups
 
 PARQUET_MAGIC = b"PAR1"
 
@@ -80,11 +81,18 @@ class LogSource:
     ``skip_corrupt``: leave out log files that cannot be read (bad footer, or any page of a
     needed column that fails to decode: every file is read once up front to find them) and
     list them in ``skipped``, instead of stopping at the first.
+
+    Derived histories (``features.history``) are computed once, up front, into sidecar files
+    (cached under ``history_cache``); reading the log then reads them beside it.
     """
 
-    def __init__(self, config: DatasetConfig, skip_corrupt: bool = False) -> None:
+    def __init__(
+        self, config: DatasetConfig, skip_corrupt: bool = False, history_cache: Path | None = None
+    ) -> None:
         self.config = config
         self.skipped: dict[str, str] = {}
+        groups = history_groups(config)
+        self.derived = {s.column for g in groups for s in g.specs}  # columns the pre-pass writes
         self.files = parquet_files(config.path, self.skipped if skip_corrupt else None)
         self.root = config.path if config.path.is_dir() else config.path.parent
         self.schema = self._log_schema()
@@ -92,11 +100,25 @@ class LogSource:
         self._check_columns()
         if skip_corrupt:
             self._skip_unreadable_pages()
+        # Derived histories: one pre-pass (cached) writes a sidecar per log file.
+        self.sidecars: dict[str, Path] = {}
+        if groups:
+            for group in groups:
+                check_columns(group, self.schema, self.where)
+            try:
+                written = derive(self.files, config.user_key, groups, history_cache)
+            except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as err:
+                raise self._unreadable(self.columns_needed(), err) from None
+            self.sidecars = {str(f): p for f, p in zip(self.files, written, strict=True)}
 
     # -- schema -------------------------------------------------------------------------------
 
-    def _scan(self) -> pl.LazyFrame:
-        return pl.scan_parquet(self.files, hive_partitioning=self.config.path.is_dir())
+    def _scan(self, derived: bool = False) -> pl.LazyFrame:
+        log = pl.scan_parquet(self.files, hive_partitioning=self.config.path.is_dir())
+        if not (derived and self.sidecars):
+            return log
+        sidecars = pl.scan_parquet([self.sidecars[str(f)] for f in self.files])
+        return pl.concat([log, sidecars], how="horizontal")
 
     def _log_schema(self) -> pl.Schema:
         try:
@@ -167,6 +189,8 @@ class LogSource:
                 if column not in names:
                     raise ConfigError(f"column '{column}' ({role}) is missing from {file}")
         for spec in c.features:
+            if spec.derived:
+                continue  # written by the history pre-pass
             if spec.column not in self.joined_schema:
                 tables = ", ".join(str(t.path) for t in c.side_tables)
                 also = f" or the side tables ({tables})" if tables else ""
@@ -174,6 +198,9 @@ class LogSource:
                     f"column '{spec.column}' (feature '{spec.name}') is missing from "
                     f"{self.where}{also}"
                 )
+        for spec in c.sequences:
+            if not spec.derived:
+                self._check_list_column(spec)
         for task in c.tasks:
             dtype = self.schema[task.label]
             if not (dtype.is_numeric() or dtype == pl.Boolean):
@@ -181,6 +208,25 @@ class LogSource:
                     f"label column '{task.label}' in {self.where} is {dtype}, "
                     "expected 0/1 integers or booleans"
                 )
+
+    def _check_list_column(self, spec: FeatureSpec) -> None:
+        """A logged sequence is a list column whose elements have its vocabulary's type."""
+        dtype = self.joined_schema[spec.column]
+        where = self.where if spec.column in self.schema else "its side table"
+        if not isinstance(dtype, pl.List | pl.Array):
+            raise ConfigError(
+                f"column '{spec.column}' (sequence '{spec.name}') in {where} is {dtype}, "
+                "expected a list column"
+            )
+        vocabulary = self.config.feature(spec.vocabulary_of).column
+        expected = self.joined_schema[vocabulary]
+        element = dtype.inner
+        integer = expected.is_integer() or expected == pl.Boolean
+        if integer != (element.is_integer() or element == pl.Boolean):
+            raise ConfigError(
+                f"column '{spec.column}' (sequence '{spec.name}') in {where} holds {element}, but "
+                f"its vocabulary_of '{spec.vocabulary_of}' ('{vocabulary}') is {expected}"
+            )
 
     # -- splits -------------------------------------------------------------------------------
 
@@ -214,18 +260,23 @@ class LogSource:
             )
         return frame
 
-    def columns_needed(self, extra: tuple[str, ...] = ()) -> list[str]:
-        """Log columns (before joins) that a transform of the split reads."""
+    def columns_needed(self, extra: tuple[str, ...] = (), sequences: bool = True) -> list[str]:
+        """Columns (before joins, derived histories included) that a transform of the split
+        reads; without ``sequences``, what fitting reads."""
         c = self.config
         names = [c.user_key, c.item_key, c.time_column]
-        names += [s.column for s in c.features] + [t.label for t in c.tasks] + list(extra)
-        seen = dict.fromkeys(n for n in names if n in self.schema)
+        names += [s.column for s in c.features if sequences or s.kind != "sequence"]
+        names += [t.label for t in c.tasks] + list(extra)
+        seen = dict.fromkeys(n for n in names if n in self.schema or n in self.derived)
         return list(seen)
 
-    def scan(self, split: SplitName, extra: tuple[str, ...] = ()) -> pl.LazyFrame:
+    def scan(
+        self, split: SplitName, extra: tuple[str, ...] = (), sequences: bool = True
+    ) -> pl.LazyFrame:
         """The split as a lazy frame (streamable), side tables joined."""
-        frame = self._scan().select(self.columns_needed(extra)).filter(self.split_filter(split))
-        return self.join_side_tables(frame)
+        columns = self.columns_needed(extra, sequences)
+        frame = self._scan(any(c in self.derived for c in columns)).select(columns)
+        return self.join_side_tables(frame.filter(self.split_filter(split)))
 
     # -- one validation pass ------------------------------------------------------------------
 
@@ -279,7 +330,7 @@ class LogSource:
 
     def _skip_unreadable_pages(self) -> None:
         """Decode every row group of the columns a fit reads; leave out files that fail."""
-        needed = set(self.columns_needed())
+        needed = set(self.columns_needed()) - self.derived
         for file in list(self.files):
             err = _decode_error(file, needed)
             if err is not None:
@@ -325,9 +376,19 @@ class LogSource:
         return pieces
 
     def read_piece_columns(self, piece: Piece, columns: tuple[str, ...]) -> pl.DataFrame:
-        """Some log columns of one row group, as read (no filter, no joins)."""
+        """Some columns of one row group, as read (no filter, no joins); derived histories
+        come from the same row group of the file's sidecar."""
+        logged = [c for c in columns if c not in self.derived]
+        derived = [c for c in columns if c in self.derived]
         try:
-            table = piece.fragment.to_table(schema=self.dataset.schema, columns=list(columns))
+            table = piece.fragment.to_table(schema=self.dataset.schema, columns=logged)
+            if derived:
+                sidecar = pq.ParquetFile(self.sidecars[piece.path])
+                group = piece.fragment.row_groups[0].id
+                extra = sidecar.read_row_group(group, columns=derived)
+                for name in derived:
+                    table = table.append_column(name, extra[name])
+                table = table.select(list(columns))
         except (pa.ArrowException, OSError) as err:
             raise ConfigError(f"cannot read {piece.path}: {err}") from err
         return pl.from_arrow(table)

@@ -6,10 +6,14 @@ values seen fewer than ``min_count`` times fold into it; at most ``max_size`` mo
 values are kept), each numeric feature its statistics (mean / std after the transform, or
 quantile boundaries for ``quantile_bucket``).
 
+A sequence feature shares the vocabulary of its ``vocabulary_of`` feature: nothing is fitted.
+
 ``transform`` maps raw rows to the arrays every model consumes, vectorised in polars / numpy:
-``cat`` int64 [B, F_cat] (per-feature local indices), ``num`` float32 [B, F_num],
-``labels`` float32 [B, T] (NaN where not observed) and ``users`` int64 [B] for grouped metrics.
-One implementation serves training, evaluation and export.
+``cat`` int64 [B, F_cat] (per-feature local indices), ``num`` float32 [B, F_num], per
+sequence ``ids`` int64 [B, L] (the most recent L values right-aligned, vocabulary indices,
+0 = padding or unknown) and ``lengths`` int64 [B] (before truncation), ``labels`` float32
+[B, T] (NaN where not observed) and ``users`` int64 [B] for grouped metrics. One
+implementation serves training, evaluation and export.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from features.config import DatasetConfig, FeatureSpec, TaskSpec
+from features.contract import flatten_recent, right_aligned
 
 STATE_FILE = "feature_state.json"
 INLINE_VOCAB_LIMIT = 50_000  # larger vocabularies go to a Parquet file beside the JSON
@@ -31,13 +36,28 @@ QUANTILE_SAMPLE = 1_000_000  # rows quantile boundaries are computed from, at mo
 
 
 @dataclass(frozen=True)
+class SequenceInput:
+    """A sequence input of a model: ids ``[B, max_len]`` in the vocabulary (and embedding
+    rows) of the categorical input ``vocabulary``, pooled by ``pooling`` (target attention
+    queries with the embedding of the categorical input ``target``)."""
+
+    name: str
+    vocabulary: str
+    max_len: int
+    pooling: str = "mean"
+    target: str | None = None
+
+
+@dataclass(frozen=True)
 class InputSpec:
-    """What a model needs to know of its inputs: the layout of ``cat`` and ``num``."""
+    """What a model needs to know of its inputs: the layout of ``cat``, ``num`` and the
+    sequences."""
 
     cat_names: tuple[str, ...]
     cardinalities: tuple[int, ...]  # rows per categorical feature, unknown index included
     embedding_dims: tuple[int, ...]
     num_names: tuple[str, ...]
+    sequences: tuple[SequenceInput, ...] = ()
 
     @property
     def num_numeric(self) -> int:
@@ -46,13 +66,28 @@ class InputSpec:
 
 @dataclass
 class Batch:
+    """Transformed rows as numpy arrays (the DataModule turns them into a ``TensorBatch``)."""
+
     cat: np.ndarray  # int64 [B, F_cat]
     num: np.ndarray  # float32 [B, F_num]
     labels: np.ndarray  # float32 [B, T], NaN = not observed
     users: np.ndarray  # int64 [B]
+    sequences: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int64 [B, L]
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int64 [B]
 
     def __len__(self) -> int:
         return len(self.users)
+
+    def map(self, fn: Any) -> Batch:
+        """The same batch with ``fn`` applied to every array (a slice, a concatenation)."""
+        return Batch(
+            fn(self.cat),
+            fn(self.num),
+            fn(self.labels),
+            fn(self.users),
+            {k: fn(v) for k, v in self.sequences.items()},
+            {k: fn(v) for k, v in self.lengths.items()},
+        )
 
 
 @dataclass
@@ -71,6 +106,19 @@ class CategoricalState:
         """(vocabulary, its indices) as Series, built once: transform runs per batch."""
         vocab = pl.Series(self.values, dtype=pl.Int64 if self.dtype == "int" else pl.String)
         return vocab, pl.Series(np.arange(1, len(vocab) + 1, dtype=np.int64))
+
+
+@dataclass
+class SequenceState:
+    """A sequence feature: its column (a list column, as logged or derived) and the
+    categorical feature whose vocabulary it shares."""
+
+    name: str
+    column: str
+    vocabulary: str
+    max_len: int
+    pooling: str = "mean"
+    target: str | None = None
 
 
 @dataclass
@@ -94,13 +142,14 @@ def categorical_expr(column: str, dtype: pl.DataType) -> tuple[pl.Expr, str]:
     return pl.col(column).cast(pl.String), "str"
 
 
-def lookup_expr(state: CategoricalState, dtype: pl.DataType) -> pl.Expr:
-    """Raw values -> vocabulary indices; unknown, missing or unparsable values -> 0."""
+def lookup_expr(state: CategoricalState, dtype: pl.DataType, column: str = "") -> pl.Expr:
+    """Raw values (of ``column``, default the feature's) -> vocabulary indices; unknown,
+    missing or unparsable values -> 0."""
     if state.dtype == "int":
         numeric = dtype.is_integer() or dtype == pl.Boolean
-        value = pl.col(state.column).cast(pl.Int64, strict=numeric)
+        value = pl.col(column or state.column).cast(pl.Int64, strict=numeric)
     else:
-        value = pl.col(state.column).cast(pl.String)
+        value = pl.col(column or state.column).cast(pl.String)
     vocab, indices = state.lookup
     return value.replace_strict(vocab, indices, default=0, return_dtype=pl.Int64).fill_null(0)
 
@@ -118,11 +167,13 @@ class FeatureState:
         numeric: list[NumericState],
         tasks: list[TaskSpec],
         user_key: str,
+        sequences: list[SequenceState] | None = None,
     ) -> None:
         self.categorical = categorical
         self.numeric = numeric
         self.tasks = tasks
         self.user_key = user_key
+        self.sequences = sequences or []
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -142,6 +193,10 @@ class FeatureState:
             cardinalities=tuple(s.cardinality for s in embedded),
             embedding_dims=tuple(dims[s.name] for s in embedded),
             num_names=tuple(s.name for s in self.dense),
+            sequences=tuple(
+                SequenceInput(s.name, s.vocabulary, s.max_len, s.pooling, s.target)
+                for s in self.sequences
+            ),
         )
 
     # -- fitting ------------------------------------------------------------------------------
@@ -161,6 +216,8 @@ class FeatureState:
         stats: list[pl.Expr] = []
         quantiles: list[pl.Expr] = []
         for spec in config.features:
+            if spec.kind == "sequence":
+                continue  # shares the vocabulary of a categorical feature
             if spec.kind == "categorical":
                 expr, dtype = categorical_expr(spec.column, schema[spec.column])
                 counts = (
@@ -224,7 +281,18 @@ class FeatureState:
                         std=float(std) if std and std > 0 else 1.0,
                     )
                 )
-        return cls(categorical, numeric, list(config.tasks), config.user_key)
+        sequences = [
+            SequenceState(
+                spec.name,
+                spec.column,
+                spec.vocabulary_of,
+                spec.max_len,
+                spec.pooling,
+                spec.target or spec.vocabulary_of if spec.pooling == "target_attention" else None,
+            )
+            for spec in config.sequences
+        ]
+        return cls(categorical, numeric, list(config.tasks), config.user_key, sequences)
 
     # -- transform ----------------------------------------------------------------------------
 
@@ -256,7 +324,21 @@ class FeatureState:
             else np.zeros((n, 0), dtype=np.float32)
         )
         labels, users = self._target_arrays(out)
-        return Batch(np.ascontiguousarray(cat), np.ascontiguousarray(num), labels, users)
+        sequences, lengths = {}, {}
+        for seq in self.sequences:
+            sequences[seq.name], lengths[seq.name] = self.sequence_ids(frame[seq.column], seq)
+        return Batch(
+            np.ascontiguousarray(cat), np.ascontiguousarray(num), labels, users, sequences, lengths
+        )
+
+    def sequence_ids(self, lists: pl.Series, seq: SequenceState) -> tuple[np.ndarray, np.ndarray]:
+        """A list column -> (vocabulary indices ``[B, max_len]``, most recent last, 0 = padding
+        or unknown; each row's length before truncation)."""
+        lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
+        values, counts = flatten_recent(lists, seq.max_len)
+        vocabulary = next(c for c in self.categorical if c.name == seq.vocabulary)
+        ids = values.to_frame("v").select(lookup_expr(vocabulary, values.dtype, "v"))
+        return right_aligned(ids.to_series().to_numpy(), counts, seq.max_len, 0), lengths
 
     def targets(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """The labels and GAUC users of raw rows, as ``transform`` gives them, reading only the
@@ -295,6 +377,7 @@ class FeatureState:
             "categorical": [asdict(s) for s in self.categorical],
             "numeric": [asdict(n) for n in self.numeric],
             "tasks": [asdict(t) for t in self.tasks],
+            "sequences": [asdict(s) for s in self.sequences],
         }
 
     @classmethod
@@ -304,6 +387,7 @@ class FeatureState:
             [NumericState(**n) for n in doc["numeric"]],
             [TaskSpec(**t) for t in doc["tasks"]],
             doc["user_key"],
+            [SequenceState(**s) for s in doc.get("sequences", [])],
         )
 
     def save(self, directory: str | Path) -> Path:

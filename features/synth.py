@@ -10,14 +10,21 @@ Generative story
    of observable attributes (user: age, gender, active degree; item: category, author) plus
    idiosyncratic noise. A ranker can therefore recover most of it from attribute features and
    the rest from id embeddings given a few dozen impressions per entity.
-3. **Impressions.** Users (by activity) and items (by popularity) are drawn from Zipf-like
+3. **Drifting interest.** A user's interest is not static: their latent follows a Gaussian
+   random walk over the days, starting at the static latent of step 2 on the first day (see
+   ``_drifting_latents``). Every bilinear score below uses the latent of the impression's day,
+   so a user's recent positive items reveal their *current* interest, while a user-id
+   embedding can only learn its average over the training days (and lags behind on later
+   days). ``drift=0`` keeps the interest static.
+4. **Impressions.** Users (by activity) and items (by popularity) are drawn from Zipf-like
    power laws; day and hour follow weekly / daily traffic cycles (evening peak); page and
    device are the impression context.
-4. **Labels.** For task ``t`` in group ``g``::
+5. **Labels.** For task ``t`` in group ``g``::
 
        logit_t = bias_t + a_t * s_g(u, i) + b_t * s_t(u, i) + c_t * s_watch(u, i) + effects_t
 
-   where ``s = u^T W v`` are bilinear scores: ``s_g`` is shared inside a group (so tasks in a
+   where ``s = u_d^T W v`` are bilinear scores of the user's latent ``u_d`` on the
+   impression's day and the item's latent ``v``: ``s_g`` is shared inside a group (so tasks in a
    group correlate), ``c_t`` lets interaction tasks lean weakly on the watch signal, and
    ``s_t`` is task specific so even sparse tasks carry their own signal. ``effects_t`` covers
    item quality, user propensity, hour, page, device, duration, freshness, activity and
@@ -25,8 +32,9 @@ Generative story
    the task's target rate, and ``label_t ~ Bernoulli(p_t)`` independently given ``p_t``; the
    stored ``p_t`` is thus the Bayes-optimal score and its AUC the best achievable one.
 
-Everything is vectorised numpy driven by one ``np.random.default_rng(seed)``, so the same
-arguments always give the same frame (and the same Parquet files).
+Everything is vectorised numpy driven by one ``np.random.default_rng(seed)`` (the interest
+drift by a stream spawned from it, so ``drift`` changes nothing but the probabilities and
+labels), and the same arguments always give the same frame (and the same Parquet files).
 """
 
 import shutil
@@ -115,6 +123,9 @@ _COEF: dict[str, tuple[float, ...]] = {
 # Std of the per-user propensity for each group (learnable from the user id).
 _PROPENSITY_STD = {"watch": 0.45, "interaction": 0.60}
 
+# Daily std of the users' interest drift per latent coordinate (the static latent's is 1).
+DEFAULT_DRIFT = 0.2
+
 
 def _zipf_weights(n: int, alpha: float, shift: float, rng: np.random.Generator) -> np.ndarray:
     """Power-law weights over randomly permuted ranks, so popularity is not tied to the id."""
@@ -148,10 +159,28 @@ def _bilinear(rng: np.random.Generator) -> np.ndarray:
     return w / np.linalg.norm(w)
 
 
+def _drifting_latents(
+    u_lat: np.ndarray, days: int, drift: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Per-(user, day) latents: a Gaussian random walk per user, started at its static latent.
+
+    Row ``user * days + day`` holds ``u_lat[user] + step[user, 1] + ... + step[user, day]``
+    with independent ``step ~ N(0, drift**2 * I)``; day 0 is the static latent itself. The
+    static latent has unit variance per coordinate, so ``drift`` is the daily step's std in
+    units of the static latent's, and on day ``d`` the drifted part's variance is
+    ``d * drift**2`` times the static part's. ``drift=0`` gives a constant latent.
+    """
+    users, k = u_lat.shape
+    steps = rng.normal(0.0, drift, size=(users, days - 1, k))
+    walk = np.cumsum(steps, axis=1)
+    walk = np.concatenate([np.zeros((users, 1, k)), walk], axis=1)
+    return (u_lat[:, None, :] + walk).reshape(users * days, k)
+
+
 def _score(
     user_lat: np.ndarray, user: np.ndarray, item_rows: np.ndarray, w: np.ndarray
 ) -> np.ndarray:
-    """Row-wise ``u^T W v``.
+    """Row-wise ``u^T W v``; row ``n`` takes user latent ``user_lat[user[n]]``.
 
     ``W`` is applied per user (small) before gathering per row: a (rows x k) @ (k x k) matmul
     is far slower than the gather.
@@ -192,6 +221,15 @@ def _parse_start(start: str) -> datetime:
         raise ValueError(f"start must be a date string 'YYYY-MM-DD', got {start!r}") from exc
 
 
+def _check_drift(drift: float) -> None:
+    if (
+        isinstance(drift, bool)
+        or not isinstance(drift, int | float | np.integer | np.floating)
+        or not (np.isfinite(drift) and drift >= 0)
+    ):
+        raise ValueError(f"drift must be a finite number >= 0, got {drift!r}")
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
@@ -211,16 +249,22 @@ def generate_log(
     items: int = 50_000,
     authors: int = 5_000,
     seed: int = 0,
+    drift: float = DEFAULT_DRIFT,
 ) -> pl.DataFrame:
     """Generate a synthetic impression log (one row per impression), sorted by ``ts``.
 
     See the module docstring for the generative model and ``TASKS`` for the labels. Columns:
     ids (``user_id``, ``item_id``, ``author_id``, ``ts``, ``date``), user / item / context
     features, one Int8 label per task and its true probability ``p_<task>`` (Float32).
+    ``drift`` is the daily std of the users' interest drift per latent coordinate, relative to
+    the static interest's (see ``_drifting_latents``); 0 keeps interests static.
     """
     _check_positive(rows=rows, days=days, users=users, items=items, authors=authors)
+    _check_drift(drift)
     start_dt = _parse_start(start)
     rng = np.random.default_rng(seed)
+    # Spawned (not drawn) from ``rng``: every other draw is the same whatever ``drift`` is.
+    drift_rng = rng.spawn(1)[0]
 
     # --- users (fixed attributes) -------------------------------------------------------
     u_gender = _choice(_GENDER_P, users, rng)
@@ -283,8 +327,13 @@ def generate_log(
     duration_missing = rng.random(rows) < _MISSING_DURATION_RATE
 
     # --- logits ------------------------------------------------------------------------------
+    # Scores use the user's latent on the impression's day (row ``user * days + day``).
+    if drift > 0:
+        user_lat, lat_row = _drifting_latents(u_lat, days, drift, drift_rng), user * days + day
+    else:
+        user_lat, lat_row = u_lat, user
     ilat = i_lat[item]
-    s_group = {g: _score(u_lat, user, ilat, w_group[g]) for g in GROUPS}
+    s_group = {g: _score(user_lat, lat_row, ilat, w_group[g]) for g in GROUPS}
     dur_z = (np.log(i_duration[item]) - np.log(25.0)) / 0.8
     age_months = (i_upload[item] + day) / 30.0
     follows_z = (np.log1p(u_follows[user]) - 3.0) / 1.5
@@ -300,7 +349,7 @@ def generate_log(
         c = {name: values[j] for name, values in _COEF.items()}
         z = (
             c["group_w"] * s_group[task.group]
-            + c["task_w"] * _score(u_lat, user, ilat, w_task[task.name])
+            + c["task_w"] * _score(user_lat, lat_row, ilat, w_task[task.name])
             + c["watch_w"] * s_group["watch"]
             + c["quality"] * quality
             + u_prop[task.group][user]
@@ -428,9 +477,17 @@ def generate(
     authors: int = 5_000,
     seed: int = 0,
     rows_per_group: int = 65_536,
+    drift: float = DEFAULT_DRIFT,
 ) -> Path:
     """Generate a synthetic log and write it to ``out_dir``; returns ``out_dir``."""
     frame = generate_log(
-        rows=rows, days=days, start=start, users=users, items=items, authors=authors, seed=seed
+        rows=rows,
+        days=days,
+        start=start,
+        users=users,
+        items=items,
+        authors=authors,
+        seed=seed,
+        drift=drift,
     )
     return write_log(frame, out_dir, rows_per_group=rows_per_group)

@@ -32,6 +32,7 @@ def synth(
     items: int = 50_000,
     authors: int = 5_000,
     seed: int = 0,
+    drift: float = 0.2,
     rows_per_group: int = 65_536,
 ) -> None:
     """Generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet by date).
@@ -45,13 +46,22 @@ def synth(
         items: distinct items.
         authors: distinct authors.
         seed: random seed; the same arguments give the same log.
+        drift: daily std of each user's interest drift (a random walk of the latent), relative
+            to the static interest; 0 keeps interests static.
         rows_per_group: Parquet row-group size.
     """
     from features.synth import generate_log, write_log
     from pipelines.report import print_synth_summary
 
     frame = generate_log(
-        rows=rows, days=days, start=start, users=users, items=items, authors=authors, seed=seed
+        rows=rows,
+        days=days,
+        start=start,
+        users=users,
+        items=items,
+        authors=authors,
+        seed=seed,
+        drift=drift,
     )
     path = write_log(frame, out, rows_per_group=rows_per_group)
     print_synth_summary(frame, path)

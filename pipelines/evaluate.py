@@ -114,7 +114,9 @@ def score(
     dataset = data.dataset(split)
     scores = Scores(dataset.rows, len(data.tasks))
     for logits, batch in observe(module.network, dataset, stats):
-        scores.add(torch.sigmoid(logits).float().cpu().numpy(), batch[2].numpy(), batch[3].numpy())
+        scores.add(
+            torch.sigmoid(logits).float().cpu().numpy(), batch.labels.numpy(), batch.users.numpy()
+        )
     if not scores.size:
         raise RunError(f"the {split} split of {data.config.path} has no rows")
     return *scores.arrays(), stats

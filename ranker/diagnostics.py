@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from features.datamodule import TensorBatch
 from ranker.experts import Internals
 from ranker.models.base import MultiTaskModel
 
@@ -210,11 +211,11 @@ class ExpertStats:
 
 def observe(
     model: MultiTaskModel,
-    batches: Iterable[tuple[torch.Tensor, ...]],
+    batches: Iterable[TensorBatch],
     stats: ExpertStats,
     max_batches: int | None = None,
-) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
-    """Score ``batches`` (``cat, num = batch[0], batch[1]``), adding each batch's internals to
+) -> Iterator[tuple[torch.Tensor, TensorBatch]]:
+    """Score ``batches``, adding each batch's internals to
     ``stats``; yields ``(logits, batch)`` so a caller can compute metrics in the same pass.
 
     Runs in eval mode (BatchNorm on running statistics, no dropout) in inference mode, at most
@@ -229,8 +230,9 @@ def observe(
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
+                cat, num, sequences = batch.inputs
                 logits, internals = model.forward_with_internals(
-                    batch[0].to(device), batch[1].to(device)
+                    cat.to(device), num.to(device), {k: v.to(device) for k, v in sequences.items()}
                 )
                 stats.update(internals)
                 yield logits, batch
@@ -241,7 +243,7 @@ def observe(
 
 def collect(
     model: MultiTaskModel,
-    batches: Iterable[tuple[torch.Tensor, ...]],
+    batches: Iterable[TensorBatch],
     max_batches: int | None = None,
     sample_rows: int = 0,
 ) -> ExpertStats:

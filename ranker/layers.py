@@ -36,6 +36,17 @@ class FusedEmbedding(nn.Module):
             self.register_buffer(f"offsets_{width}", offsets, persistent=False)
         self.widths = widths
         self.output_dim = sum(inputs.embedding_dims) + inputs.num_numeric
+        # Feature f's (table, first row): for lookups of other ids in its vocabulary.
+        self.rows_of = []
+        for f, width in enumerate(inputs.embedding_dims):
+            before = [i for i, d in enumerate(inputs.embedding_dims[:f]) if d == width]
+            start = sum(inputs.cardinalities[i] for i in before)
+            self.rows_of.append((widths.index(width), start))
+
+    def lookup(self, feature: int, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ids (any shape) in feature ``feature``'s vocabulary: ``[..., D_f]``."""
+        table, start = self.rows_of[feature]
+        return self.tables[table](ids + start)
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         parts = []

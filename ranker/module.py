@@ -11,14 +11,15 @@ import lightning as L
 import torch
 
 from features.config import TaskSpec
-from features.state import InputSpec
+from features.datamodule import TensorBatch
+from features.state import InputSpec, SequenceInput
 from ranker.loss import masked_bce
 from ranker.metrics import Scores, task_metrics
 from ranker.models.base import MultiTaskModel
 from ranker.sharded_metrics import sharded_task_metrics
 
 # The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
-torch.serialization.add_safe_globals([InputSpec, TaskSpec])
+torch.serialization.add_safe_globals([InputSpec, SequenceInput, TaskSpec])
 
 NetworkFactory = Callable[[InputSpec, Sequence[TaskSpec]], MultiTaskModel]
 
@@ -65,8 +66,10 @@ class RankerModule(L.LightningModule):
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        return self.network(cat, num)
+    def forward(
+        self, cat: torch.Tensor, num: torch.Tensor, sequences: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        return self.network(cat, num, sequences)
 
     # -- training -----------------------------------------------------------------------------
 
@@ -97,9 +100,9 @@ class RankerModule(L.LightningModule):
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         self._last_batch_end = time.perf_counter()
 
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        cat, num, labels, _ = batch
-        loss, per_task = masked_bce(self(cat, num), labels, self.task_weights)
+    def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
+        labels = batch.labels
+        loss, per_task = masked_bce(self(*batch.inputs), labels, self.task_weights)
         dense_opt, sparse_opt = self.optimizers()
         dense_opt.zero_grad()
         sparse_opt.zero_grad()
@@ -125,9 +128,9 @@ class RankerModule(L.LightningModule):
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def _collect(self, stage: str, batch: Sequence[torch.Tensor]) -> None:
-        cat, num, labels, users = batch
-        logits = self(cat, num)
+    def _collect(self, stage: str, batch: TensorBatch) -> None:
+        labels, users = batch.labels, batch.users
+        logits = self(*batch.inputs)
         loss, _ = masked_bce(logits, labels, self.task_weights)
         self.log(f"{stage}/loss", loss, batch_size=len(labels), sync_dist=True)
         if stage not in self._scores:
@@ -167,13 +170,13 @@ class RankerModule(L.LightningModule):
             self.log(headline, loggable.pop(headline), prog_bar=True)
             self.log_dict(loggable)
 
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: TensorBatch, batch_idx: int) -> None:
         self._collect("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         self._report("val")
 
-    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: TensorBatch, batch_idx: int) -> None:
         self._collect("test", batch)
 
     def on_test_epoch_end(self) -> None:

@@ -4,6 +4,7 @@ tests)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,14 @@ CONFIGS = ROOT / "configs"
 SYNTHETIC_CONFIG = CONFIGS / "data" / "synthetic.yaml"
 KUAIRAND_CONFIG = CONFIGS / "data" / "kuairand.yaml"
 KUAIRAND_DIR = ROOT.parent / "shared" / "data" / "kuairand"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def history_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Derived histories cached in the session's temporary directory (child processes too)."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["RANKER_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

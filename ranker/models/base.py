@@ -1,4 +1,5 @@
-"""The one signature every model of the zoo has: ``forward(cat, num) -> logits [B, T]``."""
+"""The one signature every model of the zoo has:
+``forward(cat [B, F_cat], num [B, F_num], sequences {name: [B, L]}) -> logits [B, T]``."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.experts import Internals
 from ranker.layers import FusedEmbedding, Tower
+from ranker.sequence import SequencePooling
+
+Sequences = dict[str, torch.Tensor] | None
 
 
 class MultiTaskModel(nn.Module):
     """Embeds the inputs once; subclasses map the embedded ``x`` to one logit per task.
+
+    ``x`` is every categorical feature's embedding, the numeric inputs, then each sequence
+    pooled (``ranker.sequence``): so every model reads sequences without code of its own.
 
     ``forward`` is the exported path. ``forward_with_internals`` also returns every expert's
     output and every gate's weights (see ``ranker.experts.Internals``) for diagnostics.
@@ -25,24 +32,34 @@ class MultiTaskModel(nn.Module):
         self.inputs = inputs
         self.tasks = tuple(tasks)
         self.embedding = FusedEmbedding(inputs)
+        self.pooling = SequencePooling(inputs)
 
     @property
     def input_dim(self) -> int:
-        return self.embedding.output_dim
+        return self.embedding.output_dim + self.pooling.output_dim
+
+    def embed(self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences) -> torch.Tensor:
+        """The input ``x`` ``[B, input_dim]``."""
+        x = self.embedding(cat, num)
+        if not self.inputs.sequences:
+            return x
+        return torch.cat([x, *self.pooling(self.embedding, cat, sequences or {})], dim=1)
 
     @property
     def task_keys(self) -> list[str]:
         """Representation names of the tasks: ``task:<name>``."""
         return [f"task:{t.name}" for t in self.tasks]
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embedding(cat, num), None)
+    def forward(
+        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
+    ) -> torch.Tensor:
+        return self.head(self.embed(cat, num, sequences), None)
 
     def forward_with_internals(
-        self, cat: torch.Tensor, num: torch.Tensor
+        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
     ) -> tuple[torch.Tensor, Internals]:
         internals = Internals()
-        return self.head(self.embedding(cat, num), internals), internals
+        return self.head(self.embed(cat, num, sequences), internals), internals
 
     def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
         raise NotImplementedError

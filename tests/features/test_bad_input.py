@@ -231,4 +231,4 @@ def test_corrupt_files_skipped_and_counted_when_asked(tiny_log: Path, tmp_path: 
     scan = pl.scan_parquet(good, hive_partitioning=True).filter(train)
     assert dm.split_rows["train"] == scan.select(pl.len()).collect().item()
     batches = list(dm.dataset("train"))
-    assert sum(len(b[0]) for b in batches) == dm.split_rows["train"]
+    assert sum(len(b) for b in batches) == dm.split_rows["train"]

@@ -17,7 +17,7 @@ from tests.conftest import KUAIRAND_CONFIG, SYNTHETIC_CONFIG
 
 def fingerprints(batches: list[tuple[torch.Tensor, ...]]) -> np.ndarray:
     """One int per row (its categorical ids hashed), to compare multisets of rows."""
-    cat = torch.cat([b[0] for b in batches]).numpy()
+    cat = torch.cat([b.cat for b in batches]).numpy()
     return np.sort(pl.DataFrame(cat).hash_rows(seed=1).to_numpy())
 
 
@@ -42,13 +42,14 @@ def datamodule(tiny_log: Path) -> RankerDataModule:
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_every_row_once_per_epoch(datamodule: RankerDataModule, split: str) -> None:
     batches = list(datamodule.dataset(split))
-    assert sum(len(b[0]) for b in batches) == datamodule.split_rows[split]
+    assert sum(len(b) for b in batches) == datamodule.split_rows[split]
     np.testing.assert_array_equal(fingerprints(batches), expected_fingerprints(datamodule, split))
     size = datamodule.batch_size if split == "train" else datamodule.eval_batch_size
-    sizes = [len(b[0]) for b in batches]
+    sizes = [len(b) for b in batches]
     assert len(batches) == len(datamodule.dataset(split)) == -(-len(fingerprints(batches)) // size)
     assert max(sizes) <= size and max(sizes) - min(sizes) <= 1  # rows divided evenly
-    cat, num, labels, users = batches[0]
+    first = batches[0]
+    cat, num, labels, users = first.cat, first.num, first.labels, first.users
     assert cat.dtype == torch.int64 and num.dtype == torch.float32
     assert labels.dtype == torch.float32 and users.dtype == torch.int64
     assert cat.is_contiguous() and labels.shape[1] == len(datamodule.tasks)
@@ -57,10 +58,10 @@ def test_every_row_once_per_epoch(datamodule: RankerDataModule, split: str) -> N
 def test_training_order_is_shuffled_differently_each_epoch(datamodule: RankerDataModule) -> None:
     train = datamodule.dataset("train")
     train.set_epoch(0)
-    first = torch.cat([b[0] for b in train])
-    again = torch.cat([b[0] for b in train])
+    first = torch.cat([b.cat for b in train])
+    again = torch.cat([b.cat for b in train])
     train.set_epoch(1)
-    second = torch.cat([b[0] for b in train])
+    second = torch.cat([b.cat for b in train])
     assert torch.equal(first, again)  # deterministic per epoch
     assert not torch.equal(first, second)
     # rows are mixed across row groups, not only row groups reordered
@@ -85,7 +86,7 @@ def test_loader_workers_share_the_row_groups(tiny_log: Path) -> None:
         shuffle_buffer=2_000,
     )
     batches = list(dm.train_dataloader())
-    assert sum(len(b[0]) for b in batches) == dm.split_rows["train"]
+    assert sum(len(b) for b in batches) == dm.split_rows["train"]
     np.testing.assert_array_equal(fingerprints(batches), expected_fingerprints(dm, "train"))
 
 
@@ -168,11 +169,11 @@ def test_resumed_epoch_yields_exactly_the_batches_not_yet_trained_on(
         shuffle_buffer=2_000,
     )
     dm.set_epoch(1)
-    whole = [b[0] for b in dm.train_dataloader()]
+    whole = [b.cat for b in dm.train_dataloader()]
     assert len(whole) == len(dm.dataset("train"))
     done = 7
     dm.load_state_dict({**dm.state_dict(), "progress": {"epoch": 1, "batches": done}})
-    rest = [b[0] for b in dm.train_dataloader()]
+    rest = [b.cat for b in dm.train_dataloader()]
     assert len(rest) == len(whole) - done
     for resumed, original in zip(rest, whole[done:], strict=True):
         assert torch.equal(resumed, original)

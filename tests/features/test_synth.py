@@ -1,5 +1,6 @@
 """Tests for the synthetic behaviour-log generator (features/synth.py)."""
 
+import inspect
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,7 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import rankdata
 
-from features.synth import TASKS, SynthTask, generate, generate_log, write_log
+from features.synth import (
+    DEFAULT_DRIFT,
+    LATENT_DIM,
+    TASKS,
+    SynthTask,
+    _drifting_latents,
+    generate,
+    generate_log,
+    write_log,
+)
+from pipelines.commands import synth
 
 BIG_ROWS = 300_000
 # Small world for the I/O and determinism tests: fast, yet several row groups per day.
@@ -177,6 +188,73 @@ def test_true_probability_auc(big: pl.DataFrame) -> None:
     assert np.mean(sparse) > np.mean(dense)
 
 
+# --- interest drift ---------------------------------------------------------------------
+
+
+def test_drifting_latents_walk() -> None:
+    users, days, drift = 20_000, 5, 0.3
+    u_lat = np.random.default_rng(0).normal(size=(users, LATENT_DIM))
+    table = _drifting_latents(u_lat, days, drift, np.random.default_rng(1))
+    assert table.shape == (users * days, LATENT_DIM)
+    walk = table.reshape(users, days, LATENT_DIM) - u_lat[:, None, :]
+    # Row user * days + day; the walk starts at the static latent on day 0.
+    assert np.array_equal(table[np.arange(users) * days], u_lat)
+    steps = np.diff(walk, axis=1)
+    assert steps.std() == pytest.approx(drift, rel=0.01)
+    assert abs(steps.mean()) < 0.005
+    # Independent steps: the walk's variance grows linearly with the day.
+    np.testing.assert_allclose(walk.var(axis=(0, 2)), drift**2 * np.arange(days), rtol=0.02)
+    step_corr = np.corrcoef(steps[:, 0].ravel(), steps[:, 1].ravel())[0, 1]
+    assert abs(step_corr) < 0.01
+
+
+def test_drifting_latents_zero_drift_is_static() -> None:
+    u_lat = np.random.default_rng(0).normal(size=(50, LATENT_DIM))
+    table = _drifting_latents(u_lat, 7, 0.0, np.random.default_rng(1))
+    assert np.array_equal(table, np.repeat(u_lat, 7, axis=0))
+
+
+def _pair_logit_changes(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Change of the true click logit and the day gap between consecutive impressions of the
+    same (user, item) pair."""
+    user, item = frame["user_id"].to_numpy(), frame["item_id"].to_numpy()
+    order = np.lexsort((frame["ts"].to_numpy(), item, user))
+    user, item = user[order], item[order]
+    logit = _logit(frame["p_click"].to_numpy()[order])
+    day = (frame["ts"].to_numpy()[order] - frame["ts"].min()) // 86_400
+    same = (user[1:] == user[:-1]) & (item[1:] == item[:-1])
+    return np.diff(logit)[same], np.diff(day)[same]
+
+
+def test_drift_makes_user_item_affinity_change_over_days() -> None:
+    """Only a drifting interest makes the same user-item pair's true logit move further apart
+    the more days separate two impressions (context effects are independent of the gap)."""
+    world = {"rows": 150_000, "users": 300, "items": 600, "authors": 100, "seed": 5}
+    ratios = {}
+    for drift in (0.0, DEFAULT_DRIFT):
+        change, gap = _pair_logit_changes(generate_log(**world, drift=drift))
+        near, far = change[gap <= 1], change[gap >= 7]
+        assert min(len(near), len(far)) > 2_000
+        ratios[drift] = far.var() / near.var()
+    assert 0.85 < ratios[0.0] < 1.15
+    assert ratios[DEFAULT_DRIFT] > 2.0
+
+
+def test_drift_changes_only_the_truth(small: pl.DataFrame) -> None:
+    """The walk has its own random stream: drift leaves all other columns as they are."""
+    static = generate_log(**SMALL, seed=7, drift=0.0)
+    truth = [t.name for t in TASKS] + [f"p_{t.name}" for t in TASKS]
+    assert static.drop(truth).equals(small.drop(truth))
+    assert not np.array_equal(static["p_click"].to_numpy(), small["p_click"].to_numpy())
+    assert generate_log(**SMALL, seed=7, drift=0.5).equals(generate_log(**SMALL, seed=7, drift=0.5))
+
+
+def test_cli_drift_default_matches() -> None:
+    assert inspect.signature(synth).parameters["drift"].default == DEFAULT_DRIFT
+    assert inspect.signature(generate).parameters["drift"].default == DEFAULT_DRIFT
+    assert inspect.signature(generate_log).parameters["drift"].default == DEFAULT_DRIFT
+
+
 # --- determinism ------------------------------------------------------------------------
 
 
@@ -273,6 +351,10 @@ def test_generate_writes_same_as_write_log(tmp_path: Path) -> None:
         ({"start": "2024-13-01"}, "start must be a date string 'YYYY-MM-DD'"),
         ({"start": "yesterday"}, "start must be a date string 'YYYY-MM-DD'"),
         ({"start": "2024/01/01"}, "start must be a date string 'YYYY-MM-DD'"),
+        ({"drift": -0.1}, "drift must be a finite number >= 0"),
+        ({"drift": float("nan")}, "drift must be a finite number >= 0"),
+        ({"drift": float("inf")}, "drift must be a finite number >= 0"),
+        ({"drift": "0.2"}, "drift must be a finite number >= 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:

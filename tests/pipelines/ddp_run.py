@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from features.datamodule import RankerDataModule  # noqa: E402
+from features.datamodule import RankerDataModule, TensorBatch  # noqa: E402
 from ranker.models import build  # noqa: E402
 from ranker.module import RankerModule  # noqa: E402
 
@@ -45,8 +45,8 @@ class Recording(RankerModule):
         super().__init__(*args, **kwargs)
         self.seen: list[np.ndarray] = []
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        self.seen.append(fingerprints(batch[0]))
+    def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
+        self.seen.append(fingerprints(batch.cat))
         return super().training_step(batch, batch_idx)
 
 

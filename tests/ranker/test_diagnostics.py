@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from features.datamodule import TensorBatch
 from ranker.diagnostics import ExpertStats, HealthLimits, collect, health
 from ranker.experts import Internals
 from ranker.models import PLE, AdaTT, HoME, MMoE, MultiTaskModel, SharedBottom, build
@@ -17,12 +18,13 @@ NAMES = [t.name for t in TASKS]
 RATES = {"click": 0.3, "long_view": 0.2, "like": 0.02, "comment": 0.008}
 
 
-def batches(count: int = 2, n: int = 48, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+def batches(count: int = 2, n: int = 48, seed: int = 0) -> list[TensorBatch]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(count):
         cat, num = batch(n, seed=seed * 1000 + i)
-        out.append((cat, num, torch.rand(n, len(TASKS), generator=g)))
+        labels = torch.rand(n, len(TASKS), generator=g)
+        out.append(TensorBatch(cat, num, labels, torch.arange(n)))
     return out
 
 
@@ -142,7 +144,7 @@ def test_stats_over_batches_equal_stats_over_the_concatenation() -> None:
     stats = ExpertStats()
     outputs, gates = [], []
     with torch.no_grad():
-        for cat, num, _ in batches(2, n=48):
+        for cat, num in (b.inputs[:2] for b in batches(2, n=48)):
             _, internals = model.forward_with_internals(cat, num)
             stats.update(internals)
             outputs.append(internals.experts["mmoe/shared"])
@@ -242,7 +244,16 @@ def test_the_output_sample_is_uniform_rows_and_independent_of_batching() -> None
     data = batches(4, n=40)
     by_batch = collect(model, data, sample_rows=50)
     whole = collect(
-        model, [tuple(torch.cat(parts) for parts in zip(*data, strict=True))], sample_rows=50
+        model,
+        [
+            TensorBatch(
+                *(
+                    torch.cat([getattr(b, k) for b in data])
+                    for k in ("cat", "num", "labels", "users")
+                )
+            )
+        ],
+        sample_rows=50,
     )
     sample = by_batch.samples["mmoe/shared"]
     assert sample.shape == (50, 4, 8)
@@ -251,7 +262,7 @@ def test_the_output_sample_is_uniform_rows_and_independent_of_batching() -> None
     model.eval()
     with torch.no_grad():
         outputs = torch.cat(
-            [model.forward_with_internals(c, n)[1].experts["mmoe/shared"] for c, n, _ in data]
+            [model.forward_with_internals(b.cat, b.num)[1].experts["mmoe/shared"] for b in data]
         ).numpy()
     matches = (sample[:, None] == outputs[None]).all(axis=(2, 3))
     assert (matches.sum(axis=1) == 1).all() and len(set(matches.argmax(axis=1))) == 50

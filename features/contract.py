@@ -1,0 +1,118 @@
+"""The contract between an exported model and the scoring service, defined once.
+
+``ranker export`` writes it and ``ranker serve`` reads it; both import it from here:
+
+* the graph's inputs: one per raw column (``RawInput``: name, side, dtype, and for a
+  sequence its length), 1-D ``[rows]`` for a scalar column, 2-D ``[rows, length]`` for a
+  sequence; item columns have N rows (the candidates), user and context columns 1 (a request)
+  or N (batch scoring);
+* how a raw value becomes a graph value (``as_input``): integers and strings as logged,
+  numbers as float64; missing values as ``MISSING`` markers that no vocabulary holds; an
+  integer id that does not parse is missing; a sequence keeps its most recent ``length``
+  values, right-aligned (most recent last), padded with the missing marker;
+* the output (``OUTPUT``), the metadata keys (``META``) and the feature-table files.
+
+Light on purpose (numpy and polars): the service imports it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+OUTPUT = "probabilities"
+NULL_INT = -(2**63)  # int64 min: a missing integer id
+NULL_STRING = "\x00"  # a missing string category
+MISSING: dict[str, Any] = {"int64": NULL_INT, "string": NULL_STRING, "float64": float("nan")}
+NUMPY_TYPE: dict[str, Any] = {"int64": np.int64, "string": object, "float64": np.float64}
+INT64 = (-(2**63), 2**63 - 1)
+USER_TABLE, ITEM_TABLE = "user_features.parquet", "item_features.parquet"
+
+
+class META:
+    """Metadata keys of an exported model (``onnx`` ``metadata_props``)."""
+
+    TASKS = "ranker.tasks"  # JSON list of task names, the order of the output's columns
+    INPUTS = "ranker.inputs"  # JSON list of RawInput dicts
+    USER_KEY = "ranker.user_key"
+    ITEM_KEY = "ranker.item_key"
+    NULL_INT = "ranker.null_int"
+    NULL_STRING = "ranker.null_string"
+    MODEL = "ranker.model"
+    DATASET = "ranker.dataset"
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """One graph input: a raw column of the log (or of a request)."""
+
+    name: str  # the column
+    side: str  # user | item | context
+    dtype: str  # int64 | string | float64 (of a sequence: of its elements)
+    length: int = 0  # a sequence's length (its most recent values); 0 = one value a row
+
+    @property
+    def per_candidate(self) -> bool:
+        return self.side == "item"
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.length > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def as_input(series: pl.Series, dtype: str, length: int = 0) -> np.ndarray:
+    """A raw column as the graph takes it: typed, missing values as the markers (integers that
+    do not parse count as missing, as in training); a list column ``[rows, length]``."""
+    if length:
+        values, counts = flatten_recent(series, length)
+        return right_aligned(as_input(values, dtype), counts, length, MISSING[dtype])
+    if dtype == "int64":
+        numeric = series.dtype.is_integer() or series.dtype == pl.Boolean
+        return series.cast(pl.Int64, strict=numeric).fill_null(NULL_INT).to_numpy()
+    if dtype == "string":
+        return series.cast(pl.String).fill_null(NULL_STRING).to_numpy().astype(object)
+    return series.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def flatten_recent(lists: pl.Series, length: int) -> tuple[pl.Series, np.ndarray]:
+    """The most recent ``length`` values of each list (a null list is empty), flattened, and
+    how many each row kept."""
+    kept = lists.list.tail(length)
+    counts = kept.list.len().fill_null(0).to_numpy().astype(np.int64)
+    arrow = kept.to_arrow()
+    if isinstance(arrow, pa.ChunkedArray):
+        arrow = arrow.combine_chunks()
+    return pl.Series(arrow.flatten()), counts
+
+
+def right_aligned(values: np.ndarray, counts: np.ndarray, length: int, fill: Any) -> np.ndarray:
+    """Flattened rows (``counts`` values each) as ``[rows, length]``, each row's values last."""
+    out = np.full((len(counts), length), fill, dtype=values.dtype)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    starts = np.cumsum(counts) - counts
+    columns = length - counts[rows] + (np.arange(len(values)) - starts[rows])
+    out[rows, columns] = values
+    return out
+
+
+def parse_id(value: Any, dtype: str) -> Any:
+    """A client's id as the key column's type. A string that is not an integer, or an integer
+    beyond int64, cannot be in an integer vocabulary: it is missing (the unknown bucket)."""
+    if dtype != "int64":
+        return str(value)
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text[1:] if text[:1] in "+-" else text
+        if not digits.isdigit():
+            return NULL_INT
+        value = int(text)
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else NULL_INT
+    return value if INT64[0] < value <= INT64[1] else NULL_INT

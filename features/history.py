@@ -1,0 +1,279 @@
+"""Behaviour histories derived from the log itself, in bounded memory.
+
+A derived sequence (``kind: sequence`` with ``from_label``) is, for each impression, the values
+of a column (e.g. ``item_id``) at the user's last ``max_len`` impressions whose label
+``from_label`` is 1, strictly before the impression's ``timestamp``: never the impression
+itself, never a later event, never an event at the same timestamp. Sequences with the same
+label and timestamp are computed together and aligned by position.
+
+**Pre-pass.** The derived columns are written once to Parquet *sidecars*, one per log file,
+row for row and row group for row group (so the DataModule reads a log row group and its
+sidecar row group together), cached under a key of the log files (path, size, mtime) and the
+specs. The pass:
+
+1. users are hashed into ``K`` buckets of about ``bucket_rows`` impressions each; for each
+   bucket, one streaming scan of the narrow columns (user, timestamp, label, values) collects
+   its rows;
+2. within a bucket (polars + numpy, no per-row Python): the positives sorted by (user, time)
+   get a global position; an as-of join (backward, exact matches excluded) gives each
+   impression the end of its user's positives strictly before it; the last ``max_len``
+   positions before that end are gathered into list columns;
+3. each bucket is written sorted by (file, row); each log row group's histories are then read
+   back from the buckets by a pushed-down filter and appended to its file's sidecar.
+
+Memory holds one bucket (about ``bucket_rows`` x (40 + 8 x mean history length) bytes) and one
+row group's histories, whatever the size of the log.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.config import ConfigError, DatasetConfig, FeatureSpec
+
+BUCKET_ROWS = 1_000_000
+MANIFEST = "manifest.json"
+
+
+def cache_root() -> Path:
+    """Where derived histories are cached: ``$RANKER_CACHE`` or ``~/.cache/ranker``."""
+    return Path(os.environ.get("RANKER_CACHE") or Path.home() / ".cache" / "ranker") / "histories"
+
+
+@dataclass(frozen=True)
+class HistoryGroup:
+    """Derived sequences that share a label and a timestamp: computed together, aligned."""
+
+    label: str
+    timestamp: str
+    specs: tuple[FeatureSpec, ...]
+    values: tuple[str, ...]  # per spec, the column its values come from
+
+    @property
+    def max_len(self) -> int:
+        return max(s.max_len for s in self.specs)
+
+
+def history_groups(config: DatasetConfig) -> list[HistoryGroup]:
+    groups: dict[tuple[str, str], list[FeatureSpec]] = {}
+    for spec in config.sequences:
+        if spec.derived:
+            groups.setdefault((spec.from_label, spec.timestamp), []).append(spec)
+    return [
+        HistoryGroup(
+            label, ts, tuple(specs), tuple(config.feature(s.vocabulary_of).column for s in specs)
+        )
+        for (label, ts), specs in groups.items()
+    ]
+
+
+def check_columns(group: HistoryGroup, schema: pl.Schema, where: str) -> None:
+    """The label, timestamp and value columns exist in the log and have usable types."""
+    for column, role in (
+        (group.label, "from_label"),
+        (group.timestamp, "timestamp"),
+        *(
+            (v, f"values of sequence '{s.name}'")
+            for v, s in zip(group.values, group.specs, strict=True)
+        ),
+    ):
+        if column not in schema:
+            raise ConfigError(
+                f"column '{column}' ({role} of a derived history) is missing from {where}"
+            )
+    label = schema[group.label]
+    if not (label.is_numeric() or label == pl.Boolean):
+        raise ConfigError(f"from_label column '{group.label}' in {where} is {label}, not 0/1")
+    ts = schema[group.timestamp]
+    if not (ts.is_numeric() or isinstance(ts, pl.Datetime)):
+        raise ConfigError(
+            f"timestamp column '{group.timestamp}' in {where} is {ts}: a derived history needs "
+            "a number or a datetime of sub-day resolution to order events"
+        )
+
+
+# -- the pre-pass -----------------------------------------------------------------------------
+
+
+def derive(
+    files: list[Path],
+    user_key: str,
+    groups: list[HistoryGroup],
+    root: Path | None = None,
+    bucket_rows: int = BUCKET_ROWS,
+) -> list[Path]:
+    """The sidecar of each log file (derived columns, same rows and row groups), from the
+    cache or written now; concurrent callers (DDP ranks) wait for one to write them."""
+    root = root or cache_root()
+    key = _cache_key(files, user_key, groups)
+    directory = root / key
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / f"{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / MANIFEST).exists():
+            shutil.rmtree(directory, ignore_errors=True)  # an interrupted earlier pass
+            work = directory / "buckets"
+            work.mkdir(parents=True)
+            _write_sidecars(files, user_key, groups, directory, work, bucket_rows)
+            shutil.rmtree(work)
+            manifest = {"files": [str(f) for f in files], "groups": _describe(groups)}
+            (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return [directory / f"{i}.parquet" for i in range(len(files))]
+
+
+def _describe(groups: list[HistoryGroup]) -> list[dict[str, object]]:
+    return [
+        {
+            "label": g.label,
+            "timestamp": g.timestamp,
+            "columns": {s.column: [v, s.max_len] for s, v in zip(g.specs, g.values, strict=True)},
+        }
+        for g in groups
+    ]
+
+
+def _cache_key(files: list[Path], user_key: str, groups: list[HistoryGroup]) -> str:
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    doc = json.dumps([stats, user_key, _describe(groups)], sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:24]
+
+
+def _narrow(files: list[Path], user_key: str, groups: list[HistoryGroup]) -> pl.LazyFrame:
+    """Every impression's file, row, user and, per group, time, positive flag and values."""
+    columns = [user_key]
+    for g in groups:
+        columns += [g.label, g.timestamp, *g.values]
+    columns = list(dict.fromkeys(columns))
+    scans = [
+        pl.scan_parquet(f)
+        .select(columns)
+        .with_row_index("__row")
+        .with_columns(pl.lit(i, dtype=pl.Int32).alias("__file"))
+        for i, f in enumerate(files)
+    ]
+    return pl.concat(scans, how="vertical_relaxed")
+
+
+def _write_sidecars(
+    files: list[Path],
+    user_key: str,
+    groups: list[HistoryGroup],
+    directory: Path,
+    work: Path,
+    bucket_rows: int,
+) -> None:
+    narrow = _narrow(files, user_key, groups)
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    buckets = max(1, math.ceil(rows / bucket_rows))
+    bucket = pl.col(user_key).hash(seed=0) % buckets
+    out_columns = [s.column for g in groups for s in g.specs]
+    for k in range(buckets):
+        frame = narrow.filter(bucket == k).collect(engine="streaming")
+        derived = frame.select("__file", "__row")
+        for g in groups:
+            derived = derived.hstack(_histories(frame, user_key, g).get_columns())
+        derived.sort("__file", "__row").write_parquet(work / f"{k}.parquet", row_group_size=65_536)
+        del frame, derived
+    parts = pl.scan_parquet(sorted(work.glob("*.parquet")))
+    for i, file in enumerate(files):
+        metadata = pq.read_metadata(file)
+        writer = None
+        start = 0
+        for g in range(metadata.num_row_groups):
+            size = metadata.row_group(g).num_rows
+            piece = (
+                parts.filter(
+                    (pl.col("__file") == i) & pl.col("__row").is_between(start, start + size - 1)
+                )
+                .sort("__row")
+                .select(out_columns)
+                .collect()
+            )
+            if piece.height != size:
+                raise ConfigError(f"{file} changed while its histories were derived")
+            table = piece.to_arrow()
+            writer = writer or pq.ParquetWriter(directory / f"{i}.parquet", table.schema)
+            writer.write_table(table, row_group_size=max(size, 1))
+            start += size
+        if writer is None:  # a file with no row group
+            pl.DataFrame(schema={c: pl.List(pl.Int64) for c in out_columns}).write_parquet(
+                directory / f"{i}.parquet"
+            )
+        else:
+            writer.close()
+
+
+# -- one bucket -------------------------------------------------------------------------------
+
+
+def _histories(frame: pl.DataFrame, user_key: str, group: HistoryGroup) -> pl.DataFrame:
+    """Each row's derived sequences of ``group`` (rows of whole users, in ``frame``'s order)."""
+    time = pl.col(group.timestamp).to_physical().cast(pl.Float64)
+    events = frame.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("__i"),
+        pl.col(user_key).alias("__user"),
+        time.alias("__t"),
+        (pl.col(group.label).cast(pl.Float64) == 1).fill_null(False).alias("__pos"),
+        *(pl.col(v).alias(f"__v{j}") for j, v in enumerate(group.values)),
+    )
+    usable = pl.col("__user").is_not_null() & pl.col("__t").is_not_null() & ~pl.col("__t").is_nan()
+    positives = (
+        events.filter(pl.col("__pos") & usable).sort("__user", "__t", "__i").with_row_index("__p")
+    )
+    # The end (exclusive) of a user's positives at each of their distinct times, and where
+    # the user's positives start.
+    ends = (
+        positives.group_by("__user", "__t")
+        .agg((pl.col("__p").max() + 1).cast(pl.Int64).alias("__end"))
+        .sort("__t")
+    )
+    starts = positives.group_by("__user").agg(pl.col("__p").min().cast(pl.Int64).alias("__start"))
+    found = (
+        events.filter(usable)
+        .select("__i", "__user", "__t")
+        .sort("__t")
+        .join_asof(
+            ends,
+            on="__t",
+            by="__user",
+            strategy="backward",
+            allow_exact_matches=False,
+            check_sortedness=False,  # sorted by time above; polars cannot check within groups
+        )
+        .join(starts, on="__user", how="left")
+        .select("__i", (pl.col("__end") - pl.col("__start")).fill_null(0).alias("__n"), "__end")
+    )
+    span = (
+        events.select("__i")
+        .join(found, on="__i", how="left", maintain_order="left")
+        .select(pl.col("__n").fill_null(0), pl.col("__end").fill_null(0))
+    )
+    available, end = span["__n"].to_numpy(), span["__end"].to_numpy()
+    out = {}
+    for j, spec in enumerate(group.specs):
+        counts = np.minimum(available, spec.max_len).astype(np.int64)
+        out[spec.column] = _gather_lists(positives[f"__v{j}"], end - counts, counts)
+    return pl.DataFrame(out)
+
+
+def _gather_lists(values: pl.Series, first: np.ndarray, counts: np.ndarray) -> pl.Series:
+    """Row r's list is ``values[first[r] : first[r] + counts[r]]``: one gather, no loop."""
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], counts)
+    flat = values.gather(np.repeat(first, counts) + within).to_arrow()
+    if isinstance(flat, pa.ChunkedArray):
+        flat = flat.combine_chunks()
+    return pl.Series(pa.LargeListArray.from_arrays(pa.array(offsets), flat))

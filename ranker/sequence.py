@@ -1,0 +1,83 @@
+"""Sequence pooling: a user's recent behaviours as one vector per sequence feature, shared by
+every model of the zoo.
+
+A sequence's ids ``[B, L]`` (0 = padding or unknown, masked) are embedded with the rows of the
+categorical feature whose vocabulary they share (``vocabulary``), so a history item and the
+same item as a candidate have one embedding ``e``. Pooling, per feature:
+
+- ``mean``: ``v = sum_j m_j e_j / max(sum_j m_j, 1)``;
+- ``target_attention`` (DIN, Zhou et al., KDD 2018): with the query ``q`` the embedding of the
+  candidate's ``target`` feature,
+
+      a_j = MLP([e_j, q, e_j - q, e_j * q])            # a scalar score per position
+      w   = softmax_j(a_j over unmasked j) * m_j
+      v   = sum_j w_j e_j
+
+An empty (or all-unknown) history gives ``v = 0``, never NaN. The pooled vectors are
+concatenated after the embedded input: ``[B, sum D_s]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from features.state import InputSpec, SequenceInput
+from ranker.layers import FusedEmbedding
+
+
+class TargetAttention(nn.Module):
+    """DIN's activation unit: a score per history position from ``[e, q, e - q, e * q]``."""
+
+    def __init__(self, dim: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, e: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = q.unsqueeze(1).expand_as(e)
+        scores = self.mlp(torch.cat([e, q, e - q, e * q], dim=-1)).squeeze(-1)  # [B, L]
+        weights = torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1) * mask
+        return torch.einsum("bl,bld->bd", weights, e)
+
+
+class SequencePooling(nn.Module):
+    """Every sequence feature of ``inputs`` pooled to one vector, concatenated ``[B, D_seq]``.
+
+    Holds no embedding of its own: it reads the model's ``FusedEmbedding`` (passed in
+    ``forward``), whose sparse rows stay with the sparse optimiser.
+    """
+
+    def __init__(self, inputs: InputSpec, attention_hidden: int = 32) -> None:
+        super().__init__()
+        names = list(inputs.cat_names)
+        self.specs: tuple[SequenceInput, ...] = inputs.sequences
+        self.vocabulary = [names.index(s.vocabulary) for s in self.specs]
+        self.target = [names.index(s.target) if s.target else -1 for s in self.specs]
+        dims = [inputs.embedding_dims[i] for i in self.vocabulary]
+        self.attention = nn.ModuleDict(
+            {
+                s.name: TargetAttention(d, attention_hidden)
+                for s, d in zip(self.specs, dims, strict=True)
+                if s.pooling == "target_attention"
+            }
+        )
+        self.output_dim = sum(dims)
+
+    def forward(
+        self,
+        embedding: FusedEmbedding,
+        cat: torch.Tensor,
+        sequences: dict[str, torch.Tensor],
+    ) -> list[torch.Tensor]:
+        pooled = []
+        for spec, vocabulary, target in zip(self.specs, self.vocabulary, self.target, strict=True):
+            ids = sequences[spec.name]
+            e = embedding.lookup(vocabulary, ids)  # [B, L, D]
+            mask = ids > 0
+            if spec.name in self.attention:
+                query = embedding.lookup(target, cat[:, target])
+                pooled.append(self.attention[spec.name](e, query, mask))
+            else:
+                count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
+                pooled.append(torch.einsum("bl,bld->bd", mask.to(e.dtype), e) / count)
+        return pooled

@@ -1,0 +1,192 @@
+"""Derived histories (features/history.py) against a brute-force reference, row by row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from features.config import ConfigError, DatasetConfig
+from features.source import LogSource
+
+
+def random_log(rows: int = 3_000, users: int = 25, seed: int = 0) -> pl.DataFrame:
+    """Coarse timestamps (many ties in time, within and across users), unsorted rows, null
+    labels and a null timestamp."""
+    rng = np.random.default_rng(seed)
+    day = rng.integers(1, 4, rows)
+    frame = pl.DataFrame(
+        {
+            "user_id": rng.integers(0, users, rows),
+            "item_id": rng.integers(0, 60, rows),
+            "author_id": rng.integers(0, 9, rows),
+            "ts": (day * 100 + rng.integers(0, 40, rows)).astype(np.int64),
+            "date": day.astype(np.int64),
+            "click": rng.random(rows) < 0.4,
+            "like": pl.Series(rng.integers(0, 2, rows).astype(np.int8)),
+        }
+    )
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) % 97 == 5)
+        .then(None)
+        .otherwise(pl.col("like"))
+        .alias("like"),
+        pl.when(pl.int_range(pl.len()) == 11).then(None).otherwise(pl.col("ts")).alias("ts"),
+    )
+    return frame
+
+
+def write(frame: pl.DataFrame, directory: Path, files: int = 3, group: int = 250) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.arange(frame.height), files)):
+        frame[part].write_parquet(directory / f"part-{i}.parquet", row_group_size=group)
+    return directory
+
+
+def config(tmp: Path, log: Path, **overrides: object) -> DatasetConfig:
+    history = {
+        "name": "history",
+        "kind": "sequence",
+        "side": "user",
+        "vocabulary_of": "item_id",
+        "from_label": "click",
+        "timestamp": "ts",
+        "max_len": 5,
+        **overrides,
+    }
+    raw = {
+        "name": "t",
+        "path": str(log),
+        "user_key": "user_id",
+        "item_key": "item_id",
+        "time_column": "date",
+        "split": {"train_end": 1, "val_end": 2, "test_end": 3},
+        "features": [
+            {"name": "user_id", "kind": "categorical", "side": "user"},
+            {"name": "item_id", "kind": "categorical", "side": "item"},
+            {"name": "author_id", "kind": "categorical", "side": "item", "embedding_dim": 8},
+            history,
+            {**history, "name": "authors", "vocabulary_of": "author_id"},
+        ],
+        "tasks": [{"name": "like", "label": "like", "group": "g"}],
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return DatasetConfig.from_yaml(path)
+
+
+def reference(frame: pl.DataFrame, value: str, label: str, max_len: int) -> list[list[int]]:
+    """Per row, by definition: the user's positives strictly earlier in time, most recent
+    last (ties of time in the log's order), the last ``max_len``."""
+    rows = frame.with_row_index("i").to_dicts()
+    out = []
+    for row in rows:
+        if row["ts"] is None or row["user_id"] is None:
+            out.append([])
+            continue
+        earlier = [
+            r
+            for r in rows
+            if r["user_id"] == row["user_id"]
+            and r["ts"] is not None
+            and r["ts"] < row["ts"]
+            and r[label] == 1
+        ]
+        earlier.sort(key=lambda r: (r["ts"], r["i"]))
+        out.append([r[value] for r in earlier][-max_len:] if earlier else [])
+    return out
+
+
+def derived(source: LogSource, column: str) -> list[list[int]]:
+    frame = source._scan(derived=True).select(column).collect()
+    return [list(v) for v in frame[column].to_list()]
+
+
+@pytest.mark.parametrize("bucket_rows", [1_000_000, 700])  # one bucket; several
+def test_derived_history_matches_brute_force(tmp_path: Path, bucket_rows: int, monkeypatch) -> None:
+    frame = random_log()
+    log = write(frame, tmp_path / "log")
+    monkeypatch.setattr("features.history.BUCKET_ROWS", bucket_rows)
+    source = LogSource(config(tmp_path, log), history_cache=tmp_path / "cache")
+    # The rows in the order the source reads them (file by file) is the log's order.
+    assert derived(source, "history") == reference(frame, "item_id", "click", 5)
+    assert derived(source, "authors") == reference(frame, "author_id", "click", 5)
+
+
+def test_history_never_holds_the_impression_or_later(tmp_path: Path) -> None:
+    frame = random_log(seed=3)
+    log = write(frame, tmp_path / "log", files=1)
+    source = LogSource(config(tmp_path, log, max_len=1000), history_cache=tmp_path / "c")
+    got = source._scan(derived=True).select("user_id", "ts", "history").collect()
+    clicks = frame.filter(pl.col("click")).group_by("user_id").agg(pl.col("ts").drop_nulls())
+    first_click = dict(
+        zip(clicks["user_id"], [min(t) for t in clicks["ts"].to_list()], strict=True)
+    )
+    # A user's first click never sees itself.
+    for user, ts in first_click.items():
+        rows = got.filter((pl.col("user_id") == user) & (pl.col("ts") == ts))
+        assert all(len(h) == 0 for h in rows["history"].to_list())
+
+
+def test_sidecars_keep_row_groups_and_are_cached(tmp_path: Path) -> None:
+    log = write(random_log(), tmp_path / "log")
+    cfg = config(tmp_path, log)
+    source = LogSource(cfg, history_cache=tmp_path / "cache")
+    for file, sidecar in source.sidecars.items():
+        a, b = pq.read_metadata(file), pq.read_metadata(sidecar)
+        assert [a.row_group(g).num_rows for g in range(a.num_row_groups)] == [
+            b.row_group(g).num_rows for g in range(b.num_row_groups)
+        ]
+    stamp = {p: p.stat().st_mtime_ns for p in source.sidecars.values()}
+    again = LogSource(cfg, history_cache=tmp_path / "cache")
+    assert {p: p.stat().st_mtime_ns for p in again.sidecars.values()} == stamp
+    # A piece reads its rows' histories from the same row group of the sidecar.
+    piece = source.pieces[5]
+    columns = ("user_id", "ts", "history")
+    whole = source._scan(derived=True).select(columns).collect()
+    offset = sum(p.rows for p in source.pieces[:5])
+    assert source.read_piece_columns(piece, columns).equals(whole[offset : offset + piece.rows])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"vocabulary_of": "nope"}, r"history\): vocabulary_of: 'nope' names no categorical"),
+        ({"max_len": 0}, r"max_len must be >= 1"),
+        ({"timestamp": None}, r"timestamp: a history derived from 'click' needs"),
+        ({"side": "item"}, r"a sequence is a user or context feature"),
+        ({"pooling": "max"}, r"pooling: 'max' is not one of"),
+        ({"target": "user_id", "pooling": "target_attention"}, r"embeds in 16 dimensions"),
+    ],
+)
+def test_bad_sequence_configs(tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        config(tmp_path, tmp_path, **overrides)
+    assert "config.yaml" in str(err.value)
+
+
+def test_bad_timestamp_and_list_columns(tmp_path: Path) -> None:
+    frame = random_log(300)
+    log = write(frame.with_columns(pl.col("ts").cast(pl.String)), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"timestamp column 'ts' .* is String"):
+        LogSource(config(tmp_path, log), history_cache=tmp_path / "c")
+    log = write(
+        frame.with_columns(pl.concat_list(pl.col("item_id").cast(pl.String)).alias("listed")),
+        tmp_path / "b",
+    )
+    raw = config(tmp_path, log)
+    specs = [
+        s
+        if s.kind != "sequence"
+        else s.__class__(
+            **{**s.__dict__, "from_label": None, "timestamp": None, "column": "listed"}
+        )
+        for s in raw.features
+    ]
+    bad = raw.__class__(**{**raw.__dict__, "features": tuple(specs)})
+    with pytest.raises(ConfigError, match=r"'listed' .* holds String, but its vocabulary_of"):
+        LogSource(bad, history_cache=tmp_path / "c")
