@@ -29,10 +29,11 @@ import polars as pl
 import torch
 from mlflow.tracking import MlflowClient
 
+from features.contract import OUTPUT
 from pipelines.checkpoints import load, locate
 from pipelines.export import export, parity_rows
 from pipelines.tracking import resolve_tracking_uri
-from serving.model import OUTPUT, Scorer, session_options
+from serving.model import Scorer, session_options
 
 RANKER = Path(sys.executable).parent / "ranker"
 

@@ -1,14 +1,17 @@
 """The FeatureState's transform as an ONNX graph, so an exported model takes raw values.
 
 ``FeatureState.transform`` (polars) and this graph are the same function: raw column values in,
-the model's ``cat`` int64 ``[N, F_cat]`` and ``num`` float32 ``[N, F_num]`` out.
+the model's ``cat`` int64 ``[N, F_cat]``, ``num`` float32 ``[N, F_num]`` and per sequence
+``sequence:<name>`` int64 ``[N, L]`` out. The inputs follow ``features.contract``:
 
-* One graph input per raw column, named after the column, 1-D. Item columns have ``N`` rows
+* One graph input per raw column, named after the column, 1-D (a sequence: ``[rows, L]``, the
+  most recent ids right-aligned, padded with the missing marker). Item columns have ``N`` rows
   (the candidates); user and context columns have 1 row (one request) or ``N`` (offline batch
   scoring); the graph broadcasts them to ``N``.
 * Categorical columns: int64 for integer vocabularies, string otherwise; ``ai.onnx.ml``
   ``LabelEncoder`` maps each value to its vocabulary index, anything else to 0 (unknown).
-  A missing value is sent as ``NULL_INT`` / ``NULL_STRING``, which no vocabulary holds.
+  A missing value is sent as ``NULL_INT`` / ``NULL_STRING``, which no vocabulary holds. A
+  sequence's ids go through its ``vocabulary_of`` feature's encoder (padding -> 0, masked).
 * Numeric columns: float64 (the transform is computed in float64, as polars does, then cast to
   float32); NaN or +-inf = missing. ``log1p`` is ``log(1 + max(x, 0))``; ``standardize`` /
   ``log1p`` then ``(x - mean) / std`` with missing -> 0; ``quantile_bucket`` is the number of
@@ -19,49 +22,46 @@ The column layout is written to the model's metadata (``ranker.inputs``) for the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import onnx
 import polars as pl
 from onnx import TensorProto, helper, numpy_helper
 
 from features.config import FeatureSpec
+from features.contract import RawInput, as_input
 from features.state import CategoricalState, FeatureState, NumericState
 
 OPSET = 18
 ML_OPSET = 3
-NULL_INT = -(2**63)  # int64 min: a missing integer id
-NULL_STRING = "\x00"  # a missing string category
-MISSING = {"int64": NULL_INT, "string": NULL_STRING, "float64": float("nan")}
 
 
-@dataclass(frozen=True)
-class RawInput:
-    """One graph input: a raw column of the log (or of a request)."""
-
-    name: str  # the column
-    side: str  # user | item | context
-    dtype: str  # int64 | string | float64
-
-    @property
-    def per_candidate(self) -> bool:
-        return self.side == "item"
+def _dtype(state: CategoricalState) -> str:
+    return "int64" if state.dtype == "int" else "string"
 
 
 def raw_inputs(state: FeatureState, features: tuple[FeatureSpec, ...]) -> list[RawInput]:
-    """The graph's inputs in feature order, one per distinct column."""
+    """The graph's inputs in feature order, one per distinct column, sequences last."""
     side = {f.name: f.side for f in features}
+    vocabulary = {c.name: c for c in state.categorical}
     inputs: dict[str, RawInput] = {}
-    for s in [*state.categorical, *state.numeric]:
-        if isinstance(s, CategoricalState):
-            dtype = "int64" if s.dtype == "int" else "string"
-        else:
-            dtype = "float64"
-        found = inputs.setdefault(s.column, RawInput(s.column, side[s.name], dtype))
-        if found.dtype != dtype:
-            raise ValueError(f"column {s.column!r} is used both as {found.dtype} and {dtype}")
+    wanted = [
+        *(RawInput(c.column, side[c.name], _dtype(c)) for c in state.categorical),
+        *(RawInput(n.column, side[n.name], "float64") for n in state.numeric),
+        *(
+            RawInput(s.column, side[s.name], _dtype(vocabulary[s.vocabulary]), s.max_len)
+            for s in state.sequences
+        ),
+    ]
+    for raw in wanted:
+        found = inputs.setdefault(raw.name, raw)
+        if (found.dtype, found.length) != (raw.dtype, raw.length):
+            raise ValueError(f"column {raw.name!r} is used both as {found} and {raw}")
     return list(inputs.values())
+
+
+def sequence_output(name: str) -> str:
+    """The preprocessing graph's output (and the network's input) for a sequence feature."""
+    return f"sequence:{name}"
 
 
 def _tensor_type(dtype: str) -> int:
@@ -147,14 +147,19 @@ def preprocessing_model(state: FeatureState, features: tuple[FeatureSpec, ...]) 
     """Raw columns -> ``cat`` [N, F_cat] int64 and ``num`` [N, F_num] float32."""
     inputs = raw_inputs(state, features)
     g = _Graph()
-    # N: the longest input (the candidates); 1-row user / context inputs broadcast to it.
-    shapes = [g.op("Shape", [i.name], "shape") for i in inputs]
+    # N: the most rows of any input (the candidates); 1-row user / context inputs broadcast.
+    shapes = [g.op("Shape", [i.name], "shape", start=0, end=1) for i in inputs]
     rows = g.op("ReduceMax", [g.op("Concat", shapes, "shapes", axis=0)], "rows", keepdims=1)
     axis1 = g.const(np.array([1], dtype=np.int64), "axis1")
 
     def as_column(x: str) -> str:  # [1 or N] -> [N, 1]
         return g.op("Unsqueeze", [g.op("Expand", [x, rows], "expanded"), axis1], "column")
 
+    vocabulary = {c.name: c for c in state.categorical}
+    for seq in state.sequences:  # [1 or N, L] raw ids -> [N, L] indices
+        shape = g.op("Concat", [rows, g.const(np.array([seq.max_len], np.int64), "L")], "s", axis=0)
+        ids = _lookup(g, seq.column, vocabulary[seq.vocabulary])
+        g.nodes.append(helper.make_node("Expand", [ids, shape], [sequence_output(seq.name)]))
     cat_columns = [as_column(_lookup(g, s.column, s)) for s in state.categorical]
     cat_columns += [as_column(_bucket(g, s.column, s)) for s in state.bucketized]
     num_columns = [as_column(_dense(g, s.column, s)) for s in state.dense]
@@ -176,10 +181,20 @@ def preprocessing_model(state: FeatureState, features: tuple[FeatureSpec, ...]) 
         g.nodes,
         "ranker_features",
         [
-            helper.make_tensor_value_info(i.name, _tensor_type(i.dtype), [dims[i.per_candidate]])
+            helper.make_tensor_value_info(
+                i.name,
+                _tensor_type(i.dtype),
+                [dims[i.per_candidate], *([i.length] if i.is_sequence else [])],
+            )
             for i in inputs
         ],
         [
+            *(
+                helper.make_tensor_value_info(
+                    sequence_output(seq.name), TensorProto.INT64, ["candidates", seq.max_len]
+                )
+                for seq in state.sequences
+            ),
             helper.make_tensor_value_info(
                 "cat", TensorProto.INT64, ["candidates", len(cat_columns)]
             ),
@@ -197,21 +212,6 @@ def preprocessing_model(state: FeatureState, features: tuple[FeatureSpec, ...]) 
     return model
 
 
-def input_metadata(inputs: list[RawInput]) -> list[dict[str, str]]:
-    return [asdict(i) for i in inputs]
-
-
-def as_input(series: pl.Series, dtype: str) -> np.ndarray:
-    """A raw column as the graph takes it: typed, missing values as the graph's markers
-    (unparsable integers count as missing, as in training)."""
-    if dtype == "int64":
-        numeric = series.dtype.is_integer() or series.dtype == pl.Boolean
-        return series.cast(pl.Int64, strict=numeric).fill_null(NULL_INT).to_numpy()
-    if dtype == "string":
-        return series.cast(pl.String).fill_null(NULL_STRING).to_numpy().astype(object)
-    return series.cast(pl.Float64).fill_null(float("nan")).to_numpy()
-
-
 def raw_feeds(frame: pl.DataFrame, inputs: list[RawInput]) -> dict[str, np.ndarray]:
     """A frame of raw rows as graph inputs."""
-    return {i.name: as_input(frame[i.name], i.dtype) for i in inputs}
+    return {i.name: as_input(frame[i.name], i.dtype, i.length) for i in inputs}

@@ -36,44 +36,48 @@ from mlflow.tracking import MlflowClient
 from onnx import compose
 
 from features.config import SPLITS
+from features.contract import ITEM_TABLE, META, NULL_INT, NULL_STRING, OUTPUT, USER_TABLE
 from features.datamodule import RankerDataModule
-from features.onnx_graph import (
-    NULL_INT,
-    NULL_STRING,
-    input_metadata,
-    preprocessing_model,
-    raw_feeds,
-    raw_inputs,
-)
+from features.onnx_graph import preprocessing_model, raw_feeds, raw_inputs, sequence_output
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.render import wide_console
 from pipelines.tracking import resolve_tracking_uri
 from ranker.models.base import MultiTaskModel
 from ranker.module import RankerModule
-from serving.registry import ITEM_TABLE, USER_TABLE
 
-OUTPUT = "probabilities"
 CHUNK = 16384
 
 
 class Probabilities(torch.nn.Module):
-    """The network with its sigmoid: what a scorer wants out."""
+    """The network with its sigmoid, the sequences as positional inputs: what a scorer wants."""
 
     def __init__(self, network: MultiTaskModel) -> None:
         super().__init__()
         self.network = network
+        self.names = [s.name for s in network.inputs.sequences]
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.network(cat, num))
+    def forward(
+        self, cat: torch.Tensor, num: torch.Tensor, *sequences: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.sigmoid(self.network(cat, num, dict(zip(self.names, sequences, strict=True))))
 
 
 def network_model(module: RankerModule) -> onnx.ModelProto:
-    """``cat``, ``num`` -> probabilities, exported with a dynamic batch (traced with 4 rows)."""
+    """``cat``, ``num``, the sequences -> probabilities, exported with a dynamic batch (traced
+    with 4 rows)."""
     spec = module.inputs
     rows = 4  # the dynamo exporter specialises a batch of 1; any size >= 2 stays symbolic
     cat = torch.stack([torch.arange(rows) % c for c in spec.cardinalities], dim=1)
     num = torch.zeros(rows, spec.num_numeric)
+    sequences = [
+        torch.arange(rows * s.max_len).view(rows, s.max_len)
+        % spec.cardinalities[spec.cat_names.index(s.vocabulary)]
+        for s in spec.sequences
+    ]
+    names = [sequence_output(s.name) for s in spec.sequences]
     batch = torch.export.Dim("candidates")
+    shapes: tuple = ({0: batch}, {0: batch})  # the sequences, when any: one tuple of them
+    shapes += (tuple({0: batch} for _ in sequences),) if sequences else ()
     # The exporter narrates each step on stdout and warns about optional packages; keep the
     # command's output to what the user asked for (errors still raise).
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -81,11 +85,11 @@ def network_model(module: RankerModule) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             Probabilities(module.network).eval(),
-            (cat, num),
+            (cat, num, *sequences),
             dynamo=True,
-            input_names=["cat", "num"],
+            input_names=["cat", "num", *names],
             output_names=[OUTPUT],
-            dynamic_shapes={"cat": {0: batch}, "num": {0: batch}},
+            dynamic_shapes=shapes,
             opset_version=18,
             verbose=False,
         )
@@ -97,20 +101,21 @@ def build(module: RankerModule, data: RankerDataModule) -> onnx.ModelProto:
     features = preprocessing_model(data.state, data.config.features)
     network = network_model(module)
     features.ir_version = network.ir_version
-    model = compose.merge_models(features, network, io_map=[("cat", "cat"), ("num", "num")])
+    sequences = [sequence_output(s.name) for s in data.state.sequences]
+    io_map = [("cat", "cat"), ("num", "num"), *((n, n) for n in sequences)]
+    model = compose.merge_models(features, network, io_map=io_map)
+    inputs = raw_inputs(data.state, data.config.features)
     onnx.helper.set_model_props(
         model,
         {
-            "ranker.tasks": json.dumps([t.name for t in module.tasks]),
-            "ranker.inputs": json.dumps(
-                input_metadata(raw_inputs(data.state, data.config.features))
-            ),
-            "ranker.user_key": data.config.user_key,
-            "ranker.item_key": data.config.item_key,
-            "ranker.null_int": str(NULL_INT),
-            "ranker.null_string": NULL_STRING,
-            "ranker.model": type(module.network).__name__,
-            "ranker.dataset": data.config.name,
+            META.TASKS: json.dumps([t.name for t in module.tasks]),
+            META.INPUTS: json.dumps([i.to_dict() for i in inputs]),
+            META.USER_KEY: data.config.user_key,
+            META.ITEM_KEY: data.config.item_key,
+            META.NULL_INT: str(NULL_INT),
+            META.NULL_STRING: NULL_STRING,
+            META.MODEL: type(module.network).__name__,
+            META.DATASET: data.config.name,
         },
     )
     onnx.checker.check_model(model, full_check=True)
@@ -137,9 +142,10 @@ def torch_probabilities(
     out = []
     with torch.no_grad():
         for begin in range(0, len(batch), CHUNK):
-            cat = torch.from_numpy(batch.cat[begin : begin + CHUNK])
-            num = torch.from_numpy(batch.num[begin : begin + CHUNK])
-            out.append(wrapped(cat, num).numpy())
+            rows = slice(begin, begin + CHUNK)
+            part = batch.map(lambda a, rows=rows: torch.from_numpy(a[rows]))
+            sequences = [part.sequences[name] for name in wrapped.names]
+            out.append(wrapped(part.cat, part.num, *sequences).numpy())
     return np.concatenate(out)
 
 
@@ -155,10 +161,18 @@ def onnx_probabilities(session: ort.InferenceSession, feeds: dict[str, np.ndarra
 
 def feature_snapshots(data: RankerDataModule) -> dict[str, pl.DataFrame]:
     """Per user and per item, the latest non-missing value of each of its side's columns in
-    the whole log: the tables the service fills requests from."""
+    the whole log: the tables the service fills requests from. A derived history is the one
+    a request made after the log would see (``latest_histories``)."""
     c = data.config
-    inputs = raw_inputs(data.state, c.features)
-    log = pl.concat([data.source.scan(split) for split in SPLITS], how="vertical_relaxed")
+    inputs = [i for i in raw_inputs(data.state, c.features) if i.name not in data.source.derived]
+    extra = [s.column for s in c.sequences if not s.derived]
+    for spec in c.sequences:
+        if spec.derived:
+            extra += [spec.timestamp, spec.from_label, c.feature(spec.vocabulary_of).column]
+    log = pl.concat(
+        [data.source.scan(split, tuple(extra), sequences=False) for split in SPLITS],
+        how="vertical_relaxed",
+    )
     tables = {}
     for side, key, file in (("user", c.user_key, USER_TABLE), ("item", c.item_key, ITEM_TABLE)):
         columns = [i.name for i in inputs if i.side == side and i.name != key]
@@ -167,11 +181,29 @@ def feature_snapshots(data: RankerDataModule) -> dict[str, pl.DataFrame]:
             .sort(c.time_column)
             .group_by(key)
             .agg([pl.col(name).drop_nulls().last() for name in columns])
-            .sort(key)
         )
-        tables[file] = latest
+        if side == "user":
+            for history in latest_histories(data, log):
+                latest = latest.join(history, on=key, how="full", coalesce=True)
+        tables[file] = latest.sort(key)
     frames = pl.collect_all(list(tables.values()), engine="streaming")
     return dict(zip(tables, frames, strict=True))
+
+
+def latest_histories(data: RankerDataModule, log: pl.LazyFrame) -> list[pl.LazyFrame]:
+    """Per user, each derived sequence as it stands after the whole log: the values at the
+    user's last ``max_len`` positives, most recent last."""
+    c, out = data.config, []
+    for spec in (s for s in c.sequences if s.derived):
+        value = c.feature(spec.vocabulary_of).column
+        out.append(
+            log.filter(pl.col(spec.from_label).cast(pl.Float64) == 1)
+            .select(c.user_key, spec.timestamp, value)
+            .sort(spec.timestamp, maintain_order=True)
+            .group_by(c.user_key, maintain_order=True)
+            .agg(pl.col(value).tail(spec.max_len).alias(spec.column))
+        )
+    return out
 
 
 @dataclass

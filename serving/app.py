@@ -52,6 +52,15 @@ class User(BaseModel):
     features: dict[str, FiniteValue] = Field(
         default_factory=dict, description="user features that override the user table"
     )
+    history: dict[str, list[int | str]] = Field(
+        default_factory=dict,
+        description=(
+            "behaviour sequences by feature name (GET /v1/model lists them: inputs with a "
+            "length), each a list of ids, most recent last; it overrides the user table's "
+            "history. Longer than the feature's length: only the most recent are kept. "
+            "Unknown ids score through the unknown bucket."
+        ),
+    )
 
 
 class Candidate(BaseModel):
@@ -290,6 +299,7 @@ def create_app(settings: Settings) -> FastAPI:
             body.context,
             ids,
             [c.features for c in body.candidates],
+            body.user.history,
         )
         probs = scorer.score(feeds)
         scores = settings.fusion(probs, weights)

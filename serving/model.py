@@ -1,11 +1,12 @@
 """A ranker ONNX model ready to score requests: the session, its input layout, feature tables.
 
 Everything the service needs is in the model file's metadata (``ranker.*``, written by
-``ranker export``): the raw input columns with their side (user / item / context) and dtype,
-the user and item key columns, the tasks. Columns are typed and missing values marked by the
-same code that feeds the graph at export (``features.onnx_graph.as_input``). User and item
-feature tables (Parquet snapshots, latest value per key) fill in whatever a request does not
-send; inline values override them. This module imports neither torch nor lightning.
+``ranker export``; the contract is ``features.contract``): the raw input columns with their
+side (user / item / context), dtype and, for a sequence, length; the user and item key
+columns; the tasks. Columns are typed and missing values marked by the same code that feeds
+the graph at export (``features.contract.as_input``). User and item feature tables (Parquet
+snapshots, latest value per key; the user's latest histories) fill in whatever a request does
+not send; inline values override them. This module imports neither torch nor lightning.
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ import onnx
 import onnxruntime as ort
 import polars as pl
 
-from features.onnx_graph import MISSING, NULL_INT, NULL_STRING, as_input
-
-OUTPUT = "probabilities"
-INT64 = (-(2**63), 2**63 - 1)
+from features.contract import (
+    INT64,
+    META,
+    MISSING,
+    NULL_INT,
+    NULL_STRING,
+    NUMPY_TYPE,
+    OUTPUT,
+    RawInput,
+    as_input,
+    parse_id,
+    right_aligned,
+)
 
 
 class ModelError(ValueError):
@@ -41,20 +51,13 @@ class RequestError(ValueError):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Column:
-    name: str
-    side: str  # user | item | context
-    dtype: str  # int64 | string | float64
-
-
 class FeatureTable:
     """A Parquet snapshot keyed by user or item id, held as sorted columnar arrays.
 
     ``lookup(ids)`` finds N ids with one ``searchsorted``: no per-row Python.
     """
 
-    def __init__(self, path: Path, key: str, columns: Sequence[Column]) -> None:
+    def __init__(self, path: Path, key: str, columns: Sequence[RawInput]) -> None:
         frame = pl.read_parquet(path)
         if key not in frame.columns:
             raise ModelError(f"feature table {path} has no key column '{key}'")
@@ -63,7 +66,7 @@ class FeatureTable:
         frame = frame.unique(subset=key, keep="last").sort(key)
         key_dtype = "int64" if frame[key].dtype.is_integer() else "string"
         self.keys = as_input(frame[key], key_dtype)
-        self.values = {c.name: as_input(frame[c.name], c.dtype) for c in self.columns}
+        self.values = {c.name: as_input(frame[c.name], c.dtype, c.length) for c in self.columns}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -110,7 +113,7 @@ class Scorer:
     user_table_path: Path | None = None
     item_table_path: Path | None = None
     tasks: list[str] = field(init=False)
-    columns: list[Column] = field(init=False)
+    columns: list[RawInput] = field(init=False)
 
     def __post_init__(self) -> None:
         try:
@@ -118,14 +121,14 @@ class Scorer:
         except Exception as err:  # protobuf raises its own DecodeError, among others
             raise ModelError(f"{self.path} is not an ONNX model: {err}") from None
         meta = {p.key: p.value for p in proto.metadata_props}
-        if "ranker.inputs" not in meta:
+        if META.INPUTS not in meta:
             raise ModelError(f"{self.path} is not a ranker model (no ranker.* metadata)")
-        self.tasks = json.loads(meta["ranker.tasks"])
-        self.columns = [Column(**c) for c in json.loads(meta["ranker.inputs"])]
-        self.user_key, self.item_key = meta["ranker.user_key"], meta["ranker.item_key"]
-        if (int(meta["ranker.null_int"]), meta["ranker.null_string"]) != (NULL_INT, NULL_STRING):
+        self.tasks = json.loads(meta[META.TASKS])
+        self.columns = [RawInput(**c) for c in json.loads(meta[META.INPUTS])]
+        self.user_key, self.item_key = meta[META.USER_KEY], meta[META.ITEM_KEY]
+        if (int(meta[META.NULL_INT]), meta[META.NULL_STRING]) != (NULL_INT, NULL_STRING):
             raise ModelError(f"{self.path} marks missing values differently from this service")
-        self.model_class = meta.get("ranker.model", "")
+        self.model_class = meta.get(META.MODEL, "")
         try:
             self.session = ort.InferenceSession(
                 str(self.path), session_options(self.threads), providers=["CPUExecutionProvider"]
@@ -157,20 +160,20 @@ class Scorer:
             "tasks": self.tasks,
             "user_key": self.user_key,
             "item_key": self.item_key,
-            "inputs": [c.__dict__ for c in self.columns],
+            "inputs": [c.to_dict() for c in self.columns],
             "user_table_rows": len(self.user_table) if self.user_table else 0,
             "item_table_rows": len(self.item_table) if self.item_table else 0,
         }
 
     # -- one request ----------------------------------------------------------------------------
 
-    def _value(self, column: Column, value: Any, loc: Sequence[str | int]) -> Any:
+    def _value(self, column: RawInput, value: Any, loc: Sequence[str | int]) -> Any:
         """A client's value as the column's type; None = missing."""
         if value is None:
             return MISSING[column.dtype]
         if column.dtype == "int64":
             if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-                return self._int64(int(value))  # bool is an int too
+                return parse_id(int(value), column.dtype)  # bool is an int too
             raise RequestError(loc, f"'{column.name}' takes an integer id, got {value!r}")
         if column.dtype == "string":
             if isinstance(value, float):
@@ -180,22 +183,15 @@ class Scorer:
             raise RequestError(loc, f"'{column.name}' takes a number, got {value!r}")
         return float(value)  # the schema already refused NaN / inf
 
-    def _int64(self, value: int) -> int:
-        """Beyond int64 no vocabulary holds it: the unknown bucket."""
-        return value if INT64[0] < value <= INT64[1] else NULL_INT
+    def _history(self, column: RawInput, ids: Sequence[Any]) -> np.ndarray:
+        """An inline history as the graph's ``[1, L]``: the most recent ``L`` ids (most recent
+        last), each parsed as an id of the column's type (what does not parse is unknown)."""
+        recent = [parse_id(i, column.dtype) for i in ids[-column.length :]]
+        values = np.array(recent, dtype=NUMPY_TYPE[column.dtype])
+        counts = np.array([len(recent)], dtype=np.int64)
+        return right_aligned(values, counts, column.length, MISSING[column.dtype])
 
-    def _id(self, column: Column, value: Any) -> Any:
-        """An id as the key column's type. The schema allows ints and strings; a string that
-        is not an integer cannot be in an integer vocabulary: the unknown bucket."""
-        if column.dtype != "int64":
-            return str(value)
-        if isinstance(value, str):
-            text = value.strip()
-            digits = text[1:] if text[:1] in "+-" else text
-            return self._int64(int(text)) if digits.isdigit() else NULL_INT
-        return self._int64(value)
-
-    def _ids(self, column: Column, ids: Sequence[Any]) -> np.ndarray:
+    def _ids(self, column: RawInput, ids: Sequence[Any]) -> np.ndarray:
         """Candidate ids as the key column's type (fast path: all integers)."""
         if column.dtype == "int64" and all(type(i) is int for i in ids):
             try:
@@ -203,13 +199,17 @@ class Scorer:
             except OverflowError:
                 pass  # some beyond int64: one by one below
         np_type = np.int64 if column.dtype == "int64" else object
-        return np.array([self._id(column, i) for i in ids], dtype=np_type)
+        return np.array([parse_id(i, column.dtype) for i in ids], dtype=np_type)
 
-    def _check(self, features: Mapping[str, Any], sides: tuple[str, ...], loc: list) -> None:
+    def _check(
+        self, features: Mapping[str, Any], sides: tuple[str, ...], loc: list, sequences: bool
+    ) -> None:
         for name in features:
             column = self.by_name.get(name)
-            if column is None or column.side not in sides:
-                allowed = sorted(c.name for c in self.columns if c.side in sides)
+            if column is None or column.side not in sides or column.is_sequence != sequences:
+                allowed = sorted(
+                    c.name for c in self.columns if c.side in sides and c.is_sequence == sequences
+                )
                 raise RequestError(
                     [*loc, name], f"unknown feature '{name}' here (known: {allowed})"
                 )
@@ -221,51 +221,82 @@ class Scorer:
         context: Mapping[str, Any],
         candidate_ids: Sequence[Any],
         candidate_features: Sequence[Mapping[str, Any] | None],
+        histories: Mapping[str, Sequence[Any]] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Graph inputs: 1-row user and context columns, N-row item columns."""
-        self._check(user_features, ("user",), ["body", "user", "features"])
-        self._check(context, ("context",), ["body", "context"])
-        n = len(candidate_ids)
-        user_row = found_user = None
+        """Graph inputs: 1-row user and context columns (``[1, L]`` sequences), N-row item
+        columns."""
+        histories = histories or {}
+        self._check(user_features, ("user",), ["body", "user", "features"], sequences=False)
+        self._check(context, ("context",), ["body", "context"], sequences=False)
+        self._check(histories, ("user", "context"), ["body", "user", "history"], sequences=True)
+        user_row = None
         if self.user_table is not None:
             rows, found = self.user_table.lookup([user_id])
-            user_row, found_user = int(rows[0]), bool(found[0])
-        item_rows = item_found = None
-        if self.item_table is not None:
-            item_rows, item_found = self.item_table.lookup(candidate_ids)
-        inline = [(i, f) for i, f in enumerate(candidate_features) if f]
+            user_row = int(rows[0]) if found[0] else None
+        items = self._item_feeds(candidate_ids, candidate_features)
         feeds: dict[str, np.ndarray] = {}
         for column in self.columns:
             name = column.name
-            np_type = {"int64": np.int64, "string": object, "float64": np.float64}[column.dtype]
             if column.side == "item":
-                if name == self.item_key:
-                    feeds[name] = self._ids(column, candidate_ids)
-                    continue
-                missing = MISSING[column.dtype]
-                array = np.full(n, missing, dtype=np_type)
-                table = self.item_table
-                if table is not None and name in table.values:
-                    array = np.where(item_found, table.values[name][item_rows], array)
-                    array = array.astype(np_type)
-                for i, features in inline:
-                    if name in features:
-                        loc = ["body", "candidates", i, "features", name]
-                        array[i] = self._value(column, features[name], loc)
-                feeds[name] = array
+                feeds[name] = items[name]
+            elif column.is_sequence and name in histories:
+                feeds[name] = self._history(column, histories[name])
+            elif column.is_sequence:
+                feeds[name] = self._from_user_table(column, user_row)
             else:
-                if name == self.user_key:
-                    value = self._id(column, user_id)
-                elif column.side == "user" and name in user_features:
-                    loc = ["body", "user", "features", name]
-                    value = self._value(column, user_features[name], loc)
-                elif column.side == "context" and name in context:
-                    value = self._value(column, context[name], ["body", "context", name])
-                elif column.side == "user" and found_user and name in self.user_table.values:
-                    value = self.user_table.values[name][user_row]
-                else:
-                    value = MISSING[column.dtype]
-                feeds[name] = np.array([value], dtype=np_type)
+                value = self._request_value(column, user_id, user_features, context, user_row)
+                feeds[name] = np.array([value], dtype=NUMPY_TYPE[column.dtype])
+        return feeds
+
+    def _request_value(
+        self,
+        column: RawInput,
+        user_id: Any,
+        user_features: Mapping[str, Any],
+        context: Mapping[str, Any],
+        user_row: int | None,
+    ) -> Any:
+        """A user or context column's one value: the request's, else the user table's."""
+        name = column.name
+        if name == self.user_key:
+            return parse_id(user_id, column.dtype)
+        if column.side == "user" and name in user_features:
+            return self._value(column, user_features[name], ["body", "user", "features", name])
+        if column.side == "context" and name in context:
+            return self._value(column, context[name], ["body", "context", name])
+        return self._from_user_table(column, user_row)[0]
+
+    def _from_user_table(self, column: RawInput, user_row: int | None) -> np.ndarray:
+        """The column's row of the user table (``[1]`` or ``[1, L]``), missing if none."""
+        table = self.user_table
+        if user_row is not None and column.side == "user" and column.name in table.values:
+            return table.values[column.name][user_row : user_row + 1]
+        shape = (1, column.length) if column.is_sequence else (1,)
+        return np.full(shape, MISSING[column.dtype], dtype=NUMPY_TYPE[column.dtype])
+
+    def _item_feeds(
+        self, ids: Sequence[Any], inline: Sequence[Mapping[str, Any] | None]
+    ) -> dict[str, np.ndarray]:
+        """Every item column ``[N]``: the ids, the item table's values, inline overrides."""
+        table, n = self.item_table, len(ids)
+        rows = found = None
+        if table is not None:
+            rows, found = table.lookup(ids)
+        overrides = [(i, f) for i, f in enumerate(inline) if f]
+        feeds = {}
+        for column in (c for c in self.columns if c.side == "item"):
+            name, np_type = column.name, NUMPY_TYPE[column.dtype]
+            if name == self.item_key:
+                feeds[name] = self._ids(column, ids)
+                continue
+            array = np.full(n, MISSING[column.dtype], dtype=np_type)
+            if table is not None and name in table.values:
+                array = np.where(found, table.values[name][rows], array).astype(np_type)
+            for i, features in overrides:
+                if name in features:
+                    loc = ["body", "candidates", i, "features", name]
+                    array[i] = self._value(column, features[name], loc)
+            feeds[name] = array
         return feeds
 
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

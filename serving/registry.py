@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from features.contract import ITEM_TABLE, USER_TABLE
 from serving.model import ModelError, Scorer
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from serving.app import Settings
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-USER_TABLE, ITEM_TABLE = "user_features.parquet", "item_features.parquet"
 
 
 def parse(uri: str) -> tuple[str, str | None, str | None]:

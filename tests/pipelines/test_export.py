@@ -14,8 +14,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from features.contract import NULL_INT
 from features.datamodule import RankerDataModule
-from features.onnx_graph import NULL_INT, preprocessing_model, raw_feeds, raw_inputs
+from features.onnx_graph import preprocessing_model, raw_feeds, raw_inputs, sequence_output
 from pipelines.checkpoints import RunError
 from pipelines.commands import main
 from pipelines.export import build, check_parity, export, parity_rows, promote
@@ -58,6 +59,13 @@ def with_bad_values(frame: pl.DataFrame, data: RankerDataModule) -> pl.DataFrame
             .otherwise(pl.col(s.column))
             .alias(s.column)
         )
+    vocabulary = {c.name: c for c in state.categorical}
+    for seq in state.sequences:  # a missing and an unknown id, most recent, in some histories
+        unknown = 10**12 if vocabulary[seq.vocabulary].dtype == "int" else "never seen"
+        lists = out[seq.column].to_list()
+        for i in range(3, n, 5):
+            lists[i] = [*(lists[i] or []), None, unknown]
+        out = out.with_columns(pl.Series(seq.column, lists, dtype=out[seq.column].dtype))
     for s in state.numeric:
         x = pl.col(s.column).cast(pl.Float64)
         out = out.with_columns(
@@ -83,12 +91,19 @@ def test_the_feature_graph_equals_the_training_transform(which: str, request) ->
     frame = with_bad_values(parity_rows(data, 5000), data)
     expected = data.state.transform(frame)
     inputs = raw_inputs(data.state, data.config.features)
-    cat, num = session_of(preprocessing_model(data.state, data.config.features)).run(
-        ["cat", "num"], raw_feeds(frame, inputs)
+    names = [sequence_output(s.name) for s in data.state.sequences]
+    cat, num, *sequences = session_of(preprocessing_model(data.state, data.config.features)).run(
+        ["cat", "num", *names], raw_feeds(frame, inputs)
     )
     np.testing.assert_array_equal(cat, expected.cat)
     np.testing.assert_array_equal(num, expected.num)  # float64 math, then float32, as polars
     assert (cat[1::7, 0] == 0).all() and (cat[2::7, 0] == 0).all()  # missing / unknown -> 0
+    for seq, got in zip(data.state.sequences, sequences, strict=True):
+        np.testing.assert_array_equal(got, expected.sequences[seq.name])
+        lengths = expected.lengths[seq.name]
+        assert (lengths == 0).any() and (lengths >= seq.max_len).any()  # empty and truncated
+        assert (got[lengths == 0] == 0).all()
+        assert (got[3::5] == 0).any(axis=1).all()  # the planted unknown and missing ids -> 0
 
 
 def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataModule) -> None:
@@ -97,12 +112,16 @@ def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataMod
     session = session_of(preprocessing_model(synthetic.state, synthetic.config.features))
     feeds = raw_feeds(frame, inputs)
     request = {i.name: feeds[i.name][:1] if not i.per_candidate else feeds[i.name] for i in inputs}
-    cat, num = session.run(["cat", "num"], request)
+    names = [sequence_output(s.name) for s in synthetic.state.sequences]
+    cat, num, *sequences = session.run(["cat", "num", *names], request)
     user_first = frame.head(1).select([i.name for i in inputs if not i.per_candidate])
-    broadcast = frame.with_columns([pl.lit(user_first[c][0]).alias(c) for c in user_first.columns])
+    broadcast = frame.with_columns(
+        [pl.Series(c, [user_first[c][0]] * frame.height) for c in user_first.columns]
+    )
     expected = synthetic.state.transform(broadcast)
     np.testing.assert_array_equal(cat, expected.cat)
     np.testing.assert_array_equal(num, expected.num)
+    np.testing.assert_array_equal(sequences[0], expected.sequences["recent_clicks"])
     assert {i.side for i in inputs} == {"user", "item", "context"}
     assert session.get_inputs()[0].type in ("tensor(int64)", "tensor(string)", "tensor(double)")
 

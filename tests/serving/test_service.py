@@ -22,6 +22,7 @@ USER_COLUMNS = ("user_gender", "user_age", "user_city_tier", "user_active_degree
 USER_NUMBERS = ("user_follow_count", "user_register_days")
 ITEM_COLUMNS = ("author_id", "item_category", "item_duration_s", "item_upload_days")
 CONTEXT = ("hour", "page", "device")
+HISTORY = "recent_clicks"
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +35,30 @@ def scored(runs: Runs, tmp_path_factory: pytest.TempPathFactory):
     user = frame["user_id"].mode()[0]
     rows = frame.filter(pl.col("user_id") == user).unique("item_id", maintain_order=True).head(40)
     first = rows.head(1)
-    # The request's user and context are the first row's, for every candidate.
+    # The request's user, history and context are the first row's, for every candidate.
     rows = rows.with_columns(
-        [pl.lit(first[c][0]).alias(c) for c in (*USER_COLUMNS, *USER_NUMBERS, *CONTEXT)]
+        [
+            pl.Series(c, [first[c][0]] * rows.height, dtype=rows[c].dtype)
+            for c in (*USER_COLUMNS, *USER_NUMBERS, *CONTEXT, HISTORY)
+        ]
     )
-    return rows, torch_probabilities(module, data, rows), [t.name for t in module.tasks]
+    assert len(first[HISTORY][0]) > 0
+    return (
+        rows,
+        torch_probabilities(module, data, rows),
+        [t.name for t in module.tasks],
+        module,
+        data,
+    )
 
 
-def request_of(rows: pl.DataFrame, inline: bool) -> dict:
+def request_of(rows: pl.DataFrame, inline: bool, history: bool = True) -> dict:
     first = rows.row(0, named=True)
     user = {"id": first["user_id"]}
     if inline:
         user["features"] = {c: first[c] for c in (*USER_COLUMNS, *USER_NUMBERS)}
+    if history:
+        user["history"] = {HISTORY: list(first[HISTORY])}
     candidates = []
     for row in rows.iter_rows(named=True):
         candidate = {"id": row["item_id"]}
@@ -56,7 +69,7 @@ def request_of(rows: pl.DataFrame, inline: bool) -> dict:
 
 
 def test_rank_answers_the_torch_models_probabilities(server: Server, scored) -> None:
-    rows, expected, tasks = scored
+    rows, expected, tasks, _, _ = scored
     with server.client() as http:
         answer = http.post("/v1/rank", json=request_of(rows, inline=True))
         assert answer.status_code == 200, answer.text
@@ -82,6 +95,41 @@ def test_rank_answers_the_torch_models_probabilities(server: Server, scored) -> 
         assert [c["id"] for c in top["candidates"]] == [
             c["id"] for c in from_tables["candidates"][:3]
         ]
+
+
+def probabilities(answer: dict, ids: list, tasks: list[str]) -> np.ndarray:
+    by_id = {c["id"]: c for c in answer["candidates"]}
+    return np.array([[by_id[i]["probabilities"][t] for t in tasks] for i in ids])
+
+
+def test_histories_from_the_user_table_and_inline(server: Server, scored, exported) -> None:
+    """Without a history the user table's latest one scores; an inline one overrides it, its
+    most recent ``max_len`` kept; unknown and unparsable ids score as unknown."""
+    rows, _, tasks, module, data = scored
+    user = rows["user_id"][0]
+    table = pl.read_parquet(exported.path.parent / "user_features.parquet")
+    latest = table.filter(pl.col("user_id") == user)[HISTORY][0]
+    assert len(latest) == 20  # the snapshot: the user's last 20 clicks in the whole log
+    as_table = rows.with_columns(pl.Series(HISTORY, [latest] * rows.height))
+    expected = torch_probabilities(module, data, as_table)
+    ids = rows["item_id"].to_list()
+    with server.client() as http:
+        plain = http.post("/v1/rank", json=request_of(rows, inline=True, history=False)).json()
+        np.testing.assert_allclose(probabilities(plain, ids, tasks), expected, atol=1e-5)
+        longer = request_of(rows, inline=True)
+        longer["user"]["history"] = {HISTORY: [10**15, "junk", *range(50), *latest]}
+        again = http.post("/v1/rank", json=longer).json()
+        np.testing.assert_allclose(probabilities(again, ids, tasks), expected, atol=1e-5)
+        unknown = request_of(rows, inline=True)
+        unknown["user"]["history"] = {HISTORY: [10**15, "junk", -3, 2**70]}
+        empty = rows.with_columns(pl.Series(HISTORY, [[]] * rows.height, dtype=rows[HISTORY].dtype))
+        answer = http.post("/v1/rank", json=unknown)
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(
+            probabilities(answer.json(), ids, tasks),
+            torch_probabilities(module, data, empty),
+            atol=1e-5,
+        )
 
 
 def test_health_model_and_metrics_endpoints(server: Server, exported: Exported) -> None:
@@ -149,6 +197,26 @@ BAD = [
         ["body", "debug"],
     ),
     ("top_k of 0", {"user": {"id": 1}, "candidates": [{"id": 1}], "top_k": 0}, ["body", "top_k"]),
+    (
+        "history that is not a list",
+        {"user": {"id": 1, "history": {HISTORY: 5}}, "candidates": [{"id": 1}]},
+        ["body", "user", "history", HISTORY],
+    ),
+    (
+        "history of floats",
+        {"user": {"id": 1, "history": {HISTORY: [1.5]}}, "candidates": [{"id": 1}]},
+        ["body", "user", "history", HISTORY, 0],
+    ),
+    (
+        "unknown history",
+        {"user": {"id": 1, "history": {"watched": [1]}}, "candidates": [{"id": 1}]},
+        ["body", "user", "history", "watched"],
+    ),
+    (
+        "history as a feature",
+        {"user": {"id": 1, "features": {HISTORY: 1}}, "candidates": [{"id": 1}]},
+        ["body", "user", "features", HISTORY],
+    ),
     (
         "candidate id missing",
         {"user": {"id": 1}, "candidates": [{"features": {}}]},
