@@ -4,12 +4,15 @@
     python benchmarks/zoo.py --dataset configs/data/kuairand.yaml     # real data
     python benchmarks/zoo.py ... --models home home_no_norm home_flat  # the HoME ablations
     python benchmarks/zoo.py ... --table-only                          # re-print from MLflow
+    python benchmarks/zoo.py ... --no-sequences     # the dataset's sequence features left out
 
 Each model is trained by ``ranker fit`` (a subprocess: the same command a user runs) with
 ``configs/model/<model>.yaml``, the same data, epochs, batch size and seeds, into the MLflow
 experiment ``--experiment``. The table gives per-task test AUC and GAUC of each run's best
 checkpoint (by validation mean GAUC), their means, the parameter count and the training time;
-on a generated log, the row of the true probabilities; on KuaiRand, the data's bias.
+on a generated log, the row of the true probabilities; on KuaiRand, the data's bias. With
+``--no-sequences`` the runs are named ``<model>-noseq`` and read a copy of the dataset config
+without its sequence features; the table shows both variants of each model trained so far.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from mlflow.tracking import MlflowClient
 from rich.table import Table
 
@@ -39,6 +44,23 @@ KUAIRAND_BIAS = (
 )
 
 
+def without_sequences(dataset: Path, directory: Path) -> Path:
+    """A copy of the dataset config with no sequence feature (its paths made absolute)."""
+    config = DatasetConfig.from_yaml(dataset)
+    raw = yaml.safe_load(dataset.read_text())
+    raw["features"] = [f for f in raw["features"] if f.get("kind") != "sequence"]
+    raw["path"] = str(config.path)
+    for table, resolved in zip(raw.get("side_tables", []), config.side_tables, strict=True):
+        table["path"] = str(resolved.path)
+    out = directory / f"{dataset.stem}-noseq.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def label(model: str, args: argparse.Namespace) -> str:
+    return f"{model}-noseq" if args.no_sequences else model
+
+
 def train(model: str, seed: int, args: argparse.Namespace) -> None:
     command = [
         str(Path(sys.executable).parent / "ranker"),
@@ -48,7 +70,7 @@ def train(model: str, seed: int, args: argparse.Namespace) -> None:
         "--config",
         str(ROOT / "configs" / "model" / f"{model}.yaml"),
         "--data.dataset",
-        str(args.dataset),
+        str(args.train_dataset),
         "--data.batch_size",
         str(args.batch_size),
         "--trainer.max_epochs",
@@ -58,7 +80,7 @@ def train(model: str, seed: int, args: argparse.Namespace) -> None:
         "--trainer.logger.init_args.experiment_name",
         args.experiment,
         "--trainer.logger.init_args.run_name",
-        f"{model}-s{seed}",
+        f"{label(model, args)}-s{seed}",
         "--trainer.logger.init_args.checkpoint_dir",
         str(args.checkpoints),
     ]
@@ -68,7 +90,7 @@ def train(model: str, seed: int, args: argparse.Namespace) -> None:
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if result.returncode:
         sys.exit(f"{model} (seed {seed}) failed:\n{result.stderr[-4000:]}")
-    print(f"{model:22s} seed {seed}: {time.perf_counter() - start:7.1f} s", flush=True)
+    print(f"{label(model, args):22s} seed {seed}: {time.perf_counter() - start:7.1f} s", flush=True)
 
 
 def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table:
@@ -76,9 +98,10 @@ def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table
     experiment = client.get_experiment_by_name(args.experiment)
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     by_model: dict[str, list] = {}
+    rows = [v for m in args.models for v in (m, f"{m}-noseq")]
     for run in runs:
         model, _, seed = run.info.run_name.rpartition("-s")
-        if model in args.models and int(seed) in args.seeds and run.info.status == "FINISHED":
+        if model in rows and int(seed) in args.seeds and run.info.status == "FINISHED":
             by_model.setdefault(model, []).append(run)
 
     columns = [(metric_name, t) for t in [*tasks, "mean"]]
@@ -99,7 +122,7 @@ def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table
         mean = f"{np.mean(values):.4f}"
         return mean if len(values) == 1 else f"{mean}±{np.std(values):.3f}"
 
-    for model in args.models:
+    for model in rows:
         runs = by_model.get(model, [])
         if not runs:
             continue
@@ -153,7 +176,12 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables too")
+    parser.add_argument("--no-sequences", action="store_true", help="leave sequences out")
     args = parser.parse_args()
+    scratch = tempfile.TemporaryDirectory()
+    args.train_dataset = (
+        without_sequences(args.dataset, Path(scratch.name)) if args.no_sequences else args.dataset
+    )
     config = DatasetConfig.from_yaml(args.dataset)
     if args.log and not args.log.exists():
         generate(args.log, rows=args.rows)

@@ -43,7 +43,7 @@ from pipelines.render import (
 from pipelines.report import oracle_metrics
 from pipelines.tracking import resolve_tracking_uri
 from ranker.diagnostics import ExpertStats, HealthLimits, health, json_safe, observe
-from ranker.metrics import Scores, reliability, task_metrics
+from ranker.metrics import Scores, metrics_by_history, reliability, task_metrics
 from ranker.module import RankerModule
 
 EVALUATION_FILE = "evaluation.json"
@@ -73,6 +73,8 @@ class Evaluation:
     limits: dict[str, float]
     seconds: dict[str, float]
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    history: str | None = None  # the sequence feature whose length buckets ``by_history``
+    by_history: dict[str, dict[str, float]] | None = None  # bucket -> metrics of its rows
 
     @property
     def short_id(self) -> str:
@@ -108,18 +110,29 @@ class Evaluation:
 
 def score(
     module: RankerModule, data: RankerDataModule, split: SplitName
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, ExpertStats]:
-    """One pass over the split: probabilities, labels and users, and the expert statistics."""
+) -> tuple[Scores, ExpertStats]:
+    """One pass over the split: probabilities, labels, users and the length of the first
+    sequence feature's history, and the expert statistics."""
     stats = ExpertStats(sample_rows=SAMPLE_ROWS)
     dataset = data.dataset(split)
     scores = Scores(dataset.rows, len(data.tasks))
+    history = history_feature(data)
     for logits, batch in observe(module.network, dataset, stats):
         scores.add(
-            torch.sigmoid(logits).float().cpu().numpy(), batch.labels.numpy(), batch.users.numpy()
+            torch.sigmoid(logits).float().cpu().numpy(),
+            batch.labels.numpy(),
+            batch.users.numpy(),
+            batch.lengths[history].numpy() if history else None,
         )
     if not scores.size:
         raise RunError(f"the {split} split of {data.config.path} has no rows")
-    return *scores.arrays(), stats
+    return scores, stats
+
+
+def history_feature(data: RankerDataModule) -> str | None:
+    """The sequence the report buckets rows by: the first of the dataset's, if any."""
+    sequences = data.config.sequences
+    return sequences[0].name if sequences else None
 
 
 def reliability_curves(
@@ -168,12 +181,17 @@ def evaluate(
         seconds["load"] = time.perf_counter() - start
 
         tick = time.perf_counter()
-        probs, labels, users, stats = score(module, data, split)
+        scores, stats = score(module, data, split)
         seconds["score"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     tasks = module.task_names
+    probs, labels, users = scores.arrays()
     metrics = task_metrics(probs, labels, users, tasks)
+    history = history_feature(data)
+    by_history = (
+        metrics_by_history(probs, labels, users, scores.lengths, tasks) if history else None
+    )
     curves = reliability_curves(probs, labels, tasks)
     seconds["metrics"] = time.perf_counter() - tick
     tick = time.perf_counter()
@@ -201,6 +219,8 @@ def evaluate(
         health=report.to_dict(),
         limits=asdict(limits),
         seconds=seconds,
+        history=history,
+        by_history=by_history,
     )
 
     label = located.run_id or located.path.stem

@@ -118,6 +118,17 @@ def metrics_table(e: Evaluation) -> Table:
     return table
 
 
+def history_table(e: Evaluation) -> Table | None:
+    """Mean AUC / GAUC and each task's AUC by history length (``ranker evaluate``)."""
+    if not e.by_history:
+        return None
+    table = Table(["history length", "rows", "AUC", "GAUC", *(f"AUC {t}" for t in e.tasks)])
+    for bucket, m in e.by_history.items():
+        cells = [bucket, fmt(int(m["rows"])), fmt(m.get("auc/mean")), fmt(m.get("gauc/mean"))]
+        table.add(cells + [fmt(m.get(f"auc/{t}")) for t in e.tasks])
+    return table
+
+
 def experts_table(health: dict[str, Any]) -> Table:
     table = Table(["expert", "zero share", "mean", "std", "collapsed"])
     for r in health["experts"]:
@@ -203,6 +214,7 @@ def evaluation_html(e: Evaluation, samples: dict[str, np.ndarray]) -> str:
         health=e.health,
         images=evaluation_images(e, samples),
         metrics_table=metrics_table(e).html(),
+        history_table=history.html() if (history := history_table(e)) else None,
         experts_table=experts_table(e.health).html(),
         shared_table=shared_table(e.health).html(),
         gates_table=gates_table(e.health).html(),
@@ -228,6 +240,8 @@ def evaluation_markdown(e: Evaluation) -> str:
     else:
         lines += ["none" if h["experts"] else "no experts or gates: nothing to diagnose"]
     lines += ["", "## Per-task metrics", "", metrics_table(e).markdown(), ""]
+    if (history := history_table(e)) is not None:
+        lines += [f"## By history length ({e.history})", "", history.markdown(), ""]
     if h["experts"]:
         lines += ["## Expert health", "", experts_table(h).markdown(), ""]
     if h["gates"]:
@@ -242,6 +256,8 @@ def evaluation_markdown(e: Evaluation) -> str:
 def print_evaluation(e: Evaluation, directory: Path, logged: bool) -> None:
     console = wide_console()
     console.print(metrics_table(e).rich(title=f"{e.name} on {e.dataset}, {e.split} split"))
+    if (history := history_table(e)) is not None:
+        console.print(history.rich(title=f"by length of the history '{e.history}'"))
     for flag in e.flags:
         console.print(f"[bold red]{flag}[/]")
     if not e.flags:

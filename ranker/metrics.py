@@ -302,19 +302,32 @@ class Scores:
         self._probs = np.empty((rows, tasks), np.float32)
         self._labels = np.empty((rows, tasks), np.float32)
         self._users = np.empty(rows, np.int64)
+        self._lengths = np.empty(rows, np.int64)  # a history's length per row (-1: none)
         self.size = 0
 
-    def add(self, probs: np.ndarray, labels: np.ndarray, users: np.ndarray) -> None:
+    def add(
+        self,
+        probs: np.ndarray,
+        labels: np.ndarray,
+        users: np.ndarray,
+        lengths: np.ndarray | None = None,
+    ) -> None:
         start, end = self.size, self.size + len(users)
         if end > len(self._users):
             self._grow(max(end, 2 * len(self._users)))
         self._probs[start:end] = probs
         self._labels[start:end] = labels
         self._users[start:end] = users
+        self._lengths[start:end] = -1 if lengths is None else lengths
         self.size = end
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """The history length of each row added so far (-1 where none was given)."""
+        return self._lengths[: self.size]
+
     def _grow(self, rows: int) -> None:
-        for name in ("_probs", "_labels", "_users"):
+        for name in ("_probs", "_labels", "_users", "_lengths"):
             old = getattr(self, name)
             new = np.empty((rows, *old.shape[1:]), old.dtype)
             new[: self.size] = old[: self.size]
@@ -379,6 +392,30 @@ def by_task(per_task: Sequence[dict[str, float]], tasks: Sequence[str]) -> dict[
     }
     for m in METRICS:
         out[f"{m}/mean"] = _nanmean([values[m] for values in per_task])
+    return out
+
+
+HISTORY_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, None))  # history lengths, inclusive
+
+
+def metrics_by_history(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    users: np.ndarray,
+    lengths: np.ndarray,
+    tasks: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """``task_metrics`` of the rows in each history-length bucket (0, 1-4, 5-19, 20+): how a
+    model does for users with little history. Empty buckets are left out."""
+    out = {}
+    for low, high in HISTORY_BUCKETS:
+        rows = (lengths >= low) & (lengths <= (high if high is not None else np.inf))
+        if rows.any():
+            name = f"{low}+" if high is None else (f"{low}" if low == high else f"{low}-{high}")
+            out[name] = {
+                "rows": float(rows.sum()),
+                **task_metrics(probs[rows], labels[rows], users[rows], tasks),
+            }
     return out
 
 

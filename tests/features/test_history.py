@@ -190,3 +190,50 @@ def test_bad_timestamp_and_list_columns(tmp_path: Path) -> None:
     bad = raw.__class__(**{**raw.__dict__, "features": tuple(specs)})
     with pytest.raises(ConfigError, match=r"'listed' .* holds String, but its vocabulary_of"):
         LogSource(bad, history_cache=tmp_path / "c")
+
+
+def test_logged_list_columns_in_the_log_and_a_side_table(tmp_path: Path) -> None:
+    """A history logged as a list column (of the log, or of a user table) is kept as logged:
+    the most recent ``max_len`` right-aligned, ids through the shared vocabulary."""
+    frame = random_log(2_000).drop_nulls("ts")
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(0, 9, frame.height)
+    flat = rng.integers(0, 80, int(lengths.sum()))  # ids 60..79 are never candidates: unknown
+    lists = np.split(flat, np.cumsum(lengths)[:-1])
+    frame = frame.with_columns(pl.Series("watched", [list(x) for x in lists]))
+    users = pl.DataFrame(
+        {"user_id": np.arange(25), "follows": [list(range(u % 4)) for u in range(25)]}
+    )
+    log = write(frame, tmp_path / "log")
+    users.write_parquet(tmp_path / "users.parquet")
+    config(tmp_path, log)  # writes config.yaml, edited below
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    raw["features"] = [
+        *raw["features"][:3],
+        {"name": "watched", "kind": "sequence", "side": "user", "vocabulary_of": "item_id",
+         "max_len": 5},
+        {"name": "follows", "kind": "sequence", "side": "user", "vocabulary_of": "author_id",
+         "max_len": 2, "pooling": "target_attention", "target": "author_id"},
+    ]  # fmt: skip
+    raw["side_tables"] = [{"path": str(tmp_path / "users.parquet"), "key": "user"}]
+    (tmp_path / "listed.yaml").write_text(yaml.safe_dump(raw))
+    from features.datamodule import RankerDataModule
+
+    dm = RankerDataModule(str(tmp_path / "listed.yaml"), history_cache=str(tmp_path / "c"))
+    assert not dm.source.sidecars  # nothing to derive
+    rows = dm.source.scan("train").collect()
+    batch = dm.state.transform(rows)
+    items = dict(zip(dm.state.categorical[1].values, range(1, 10**6), strict=False))
+    for i, history in enumerate(rows["watched"].to_list()[:200]):
+        kept = [items.get(v, 0) for v in history[-5:]]
+        assert batch.sequences["watched"][i].tolist() == [0] * (5 - len(kept)) + kept
+        assert batch.lengths["watched"][i] == len(history)
+    authors = dict(zip(dm.state.categorical[2].values, range(1, 100), strict=False))
+    for i, user in enumerate(rows["user_id"].to_list()[:50]):
+        kept = [authors.get(v, 0) for v in list(range(user % 4))[-2:]]
+        assert batch.sequences["follows"][i].tolist() == [0] * (2 - len(kept)) + kept
+    spec = dm.input_spec
+    assert [s.name for s in spec.sequences] == ["watched", "follows"]
+    assert spec.sequences[1].target == "author_id" and spec.sequences[0].target is None
+    first = next(iter(dm.dataset("train")))
+    assert first.sequences["watched"].shape == (len(first), 5)

@@ -19,7 +19,7 @@ from tests.conftest import Runs
 
 TASKS = ("click", "effective_view", "long_view", "like", "comment", "forward", "follow", "collect")
 RANKER = Path(sys.executable).parent / "ranker"
-SECTIONS = ("anomalies", "metrics", "reliability", "experts", "gates")
+SECTIONS = ("anomalies", "metrics", "history", "reliability", "experts", "gates")
 
 
 def images(html: str) -> list[str]:
@@ -66,6 +66,12 @@ def test_evaluate_a_run_writes_a_self_contained_report_and_logs_it(
     assert set(e.reliability) == set(TASKS)
     printed = capsys.readouterr().out
     assert "report:" in printed and str(out / "report.html") in printed
+    # By history length: every row in one bucket, users with no history among them.
+    assert e.history == "recent_clicks" and e.by_history is not None
+    assert sum(m["rows"] for m in e.by_history.values()) == e.rows
+    assert {"0", "20+"} <= set(e.by_history) and "auc/mean" in e.by_history["20+"]
+    assert "## By history length (recent_clicks)" in markdown
+    assert "by length of the history 'recent_clicks'" in printed
 
 
 def test_evaluate_a_checkpoint_path_finds_its_run_and_data(

@@ -35,11 +35,12 @@ def run_status(work: Path) -> str:
 
 def test_worker_error_ends_the_run_naming_the_file(tiny_log: Path, tmp_path: Path) -> None:
     log = shutil.copytree(tiny_log, tmp_path / "log")
-    # A validation day whose item_id pages are garbage: the checks up front read the time
-    # and label columns, the feature fit reads training days; only a loader worker reads it.
+    # A validation day whose item_category pages are garbage: the checks up front read the
+    # time and label columns, the history pre-pass the user, ts, click and item_id columns,
+    # the feature fit training days; only a loader worker reads it.
     victim = next(log.glob("date=2024-01-13/*.parquet"))
     meta = pq.read_metadata(victim)
-    column = meta.schema.names.index("item_id")
+    column = meta.schema.names.index("item_category")
     data = bytearray(victim.read_bytes())
     for group in range(meta.num_row_groups):
         chunk = meta.row_group(group).column(column)

@@ -17,6 +17,7 @@ from ranker.metrics import (
     ece,
     gauc,
     logloss,
+    metrics_by_history,
     reliability,
     task_metrics,
 )
@@ -335,3 +336,22 @@ def test_task_metrics_same_from_float32_and_float64_inputs() -> None:
     assert task_metrics(probs, labels, users, ["a", "b"]) == task_metrics(
         probs.astype(np.float64), labels.astype(np.float64), users, ["a", "b"]
     )
+
+
+def test_metrics_by_history_bucket_the_rows_by_length() -> None:
+    """Planted: the model is right for users with a long history, guesses for the others."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    lengths = rng.integers(0, 40, n)
+    labels = rng.integers(0, 2, (n, 1)).astype(np.float32)
+    long = lengths >= 20
+    probs = np.where(long[:, None], labels * 0.8 + 0.1, rng.random((n, 1))).astype(np.float32)
+    users = rng.integers(0, 50, n)
+    got = metrics_by_history(probs, labels, users, lengths, ["click"])
+    assert list(got) == ["0", "1-4", "5-19", "20+"]
+    assert sum(m["rows"] for m in got.values()) == n
+    assert got["20+"]["auc/click"] == 1.0 and abs(got["5-19"]["auc/click"] - 0.5) < 0.06
+    rows = (lengths >= 1) & (lengths <= 4)
+    expected = task_metrics(probs[rows], labels[rows], users[rows], ["click"])
+    assert got["1-4"]["gauc/click"] == expected["gauc/click"]
+    assert list(metrics_by_history(probs, labels, users, lengths + 5, ["click"])) == ["5-19", "20+"]

@@ -1,0 +1,265 @@
+"""What a behaviour sequence costs: deriving histories, a training step, a scoring request.
+
+    python benchmarks/sequences.py --derive-rows 10000000 --log-dir /tmp/seqbench
+
+1. **Deriving histories** (``features.history``) on a generated log of ``--derive-rows`` rows:
+   the pre-pass's wall time and the peak RSS of the process that runs it, beside the peak RSS
+   of the same process reading the log without sequences (each in a fresh child process).
+2. **Training step** (forward, backward, AdamW + SparseAdam) of MMoE and HoME at batch 2,048
+   on the synthetic config's inputs, without sequences and with one target-attention history
+   of ``L`` = 50 (every position filled: the worst case), timed in the same process in
+   alternating blocks; the ratio is with / without.
+3. **Scoring** 500 candidates with the service's own code (``Scorer.feeds`` + ``score``) of an
+   exported model (random weights) with and without the L = 50 history: p50 / p99.
+
+Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from features.config import DatasetConfig  # noqa: E402
+from features.datamodule import RankerDataModule  # noqa: E402
+from features.synth import generate  # noqa: E402
+from ranker.loss import masked_bce  # noqa: E402
+from ranker.models import build  # noqa: E402
+from ranker.module import RankerModule  # noqa: E402
+
+SYNTHETIC = ROOT / "configs" / "data" / "synthetic.yaml"
+LENGTH = 50
+
+
+def dataset_config(directory: Path, log: Path, length: int | None) -> Path:
+    """The synthetic config on ``log``, its history ``length`` long (None: no sequence)."""
+    raw = yaml.safe_load(SYNTHETIC.read_text())
+    raw["path"] = str(log)
+    features = [f for f in raw["features"] if f.get("kind") != "sequence"]
+    if length:
+        features.append(
+            {
+                "name": "recent_clicks",
+                "kind": "sequence",
+                "side": "user",
+                "vocabulary_of": "item_id",
+                "from_label": "click",
+                "timestamp": "ts",
+                "max_len": length,
+                "pooling": "target_attention",
+            }
+        )
+    raw["features"] = features
+    out = directory / f"synthetic-{length or 0}.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+# -- 1. deriving histories, in a child ----------------------------------------------------------
+
+
+def child_read(config: str, cache: str) -> None:
+    """Read the log as training does (checks, pre-pass) and print seconds and peak RSS."""
+    from features.source import LogSource
+
+    start = time.perf_counter()
+    LogSource(DatasetConfig.from_yaml(config), history_cache=Path(cache))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(json.dumps({"seconds": seconds, "peak_gb": peak}))
+
+
+def measure_derive(directory: Path, rows: int) -> list[str]:
+    log = directory / f"log{rows}"
+    if not log.exists():
+        subprocess.run(
+            [sys.executable, __file__, "--generate", str(log), "--derive-rows", str(rows)],
+            check=True,
+        )
+    results = {}
+    for length in (None, 20, LENGTH):
+        config = dataset_config(directory, log, length)
+        cache = tempfile.mkdtemp(dir=directory)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-read", str(config), cache],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        results[length] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results[None]
+    lines = [
+        f"| history | read + derive s | peak RSS GB | vs no sequence ({base['peak_gb']:.2f} GB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for length in (20, LENGTH):
+        r = results[length]
+        lines.append(
+            f"| L = {length} | {r['seconds']:.1f} (no sequence: {base['seconds']:.1f}) | "
+            f"{r['peak_gb']:.2f} | {r['peak_gb'] / base['peak_gb']:.2f}x |"
+        )
+    return [f"Deriving histories on {rows:,} generated rows", "", *lines]
+
+
+# -- 2. training step ---------------------------------------------------------------------------
+
+
+def random_batch(spec, rows: int, rng: torch.Generator) -> tuple:
+    cat = torch.stack([torch.randint(0, c, (rows,), generator=rng) for c in spec.cardinalities], 1)
+    num = torch.randn(rows, spec.num_numeric, generator=rng)
+    sequences = {}
+    for s in spec.sequences:
+        vocabulary = spec.cardinalities[spec.cat_names.index(s.vocabulary)]
+        sequences[s.name] = torch.randint(1, vocabulary, (rows, s.max_len), generator=rng)
+    return cat, num, sequences
+
+
+def step_time(model_name: str, specs: dict, tasks, steps: int, blocks: int) -> dict:
+    config = yaml.safe_load((ROOT / "configs" / "model" / f"{model_name}.yaml").read_text())
+    network = config["model"]["network"]
+    modules = {
+        k: RankerModule(lambda i, t: build(network, i, t), inputs=s, tasks=tasks)
+        for k, s in specs.items()
+    }
+    rng = torch.Generator().manual_seed(0)
+    batches = {k: random_batch(s, 2048, rng) for k, s in specs.items()}
+    labels = torch.randint(0, 2, (2048, len(tasks)), generator=rng).float()
+    times: dict[str, list[float]] = {k: [] for k in specs}
+    optimisers = {k: m.configure_optimizers() for k, m in modules.items()}
+    for block in range(blocks + 1):
+        for key, module in modules.items():
+            cat, num, sequences = batches[key]
+            for _ in range(steps):
+                start = time.perf_counter()
+                for o in optimisers[key]:
+                    o.zero_grad()
+                loss, _ = masked_bce(module(cat, num, sequences), labels, module.task_weights)
+                loss.backward()
+                for o in optimisers[key]:
+                    o.step()
+                if block:  # the first block warms up
+                    times[key].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def measure_steps(data: dict[str, RankerDataModule], steps: int, blocks: int) -> list[str]:
+    specs = {k: d.input_spec for k, d in data.items()}
+    tasks = data["none"].tasks
+    lines = [
+        f"| model | step ms, no sequence | step ms, L = {LENGTH} | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for model in ("mmoe", "home"):
+        t = step_time(model, specs, tasks, steps, blocks)
+        lines.append(
+            f"| {model} | {t['none'] * 1e3:.1f} | {t['seq'] * 1e3:.1f} | "
+            f"{t['seq'] / t['none']:.2f}x |"
+        )
+    return ["Training step at batch 2,048 (median of alternating blocks)", "", *lines]
+
+
+# -- 3. scoring ---------------------------------------------------------------------------------
+
+
+def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds: float) -> list:
+    from benchmarks.serve import timed
+    from features.contract import ITEM_TABLE, USER_TABLE
+    from pipelines.export import build as build_onnx
+    from pipelines.export import feature_snapshots
+    from serving.model import Scorer
+
+    lines = ["| model | history | p50 ms | p99 ms |", "|---|---|---:|---:|"]
+    for model in ("mmoe", "home"):
+        config = yaml.safe_load((ROOT / "configs" / "model" / f"{model}.yaml").read_text())
+        network = config["model"]["network"]
+        for key, d in data.items():
+            torch.manual_seed(0)
+            module = RankerModule(
+                lambda i, t, n=network: build(n, i, t), inputs=d.input_spec, tasks=d.tasks
+            ).eval()
+            folder = directory / f"{model}-{key}"
+            folder.mkdir(exist_ok=True)
+            import onnx
+
+            onnx.save_model(build_onnx(module, d), str(folder / "model.onnx"))
+            for file, frame in feature_snapshots(d).items():
+                frame.write_parquet(folder / file)
+            scorer = Scorer(
+                folder / "model.onnx",
+                model,
+                "local",
+                "bench",
+                None,
+                folder / USER_TABLE,
+                folder / ITEM_TABLE,
+            )
+            users = scorer.user_table.keys
+            items = scorer.item_table.keys[:500].tolist()
+            user = int(users[len(users) // 2])
+
+            def call(scorer=scorer, user=user, items=items) -> None:
+                scorer.score(scorer.feeds(user, {}, {}, items, [None] * len(items)))
+
+            latencies = timed(call, seconds)
+            history = f"L = {LENGTH}" if key == "seq" else "none"
+            lines.append(
+                f"| {model} | {history} | {np.percentile(latencies, 50) * 1e3:.2f} | "
+                f"{np.percentile(latencies, 99) * 1e3:.2f} |"
+            )
+    return ["Scoring 500 candidates in process (Scorer.feeds + score, 2 threads)", "", *lines]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/seqbench"))
+    parser.add_argument("--derive-rows", type=int, default=10_000_000)
+    parser.add_argument("--small-rows", type=int, default=300_000)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--skip-derive", action="store_true")
+    parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-read", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.generate:
+        generate(args.generate, rows=args.derive_rows)
+        return
+    if args.child_read:
+        child_read(*args.child_read)
+        return
+    torch.set_num_threads(2)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    small = args.log_dir / f"log{args.small_rows}"
+    if not small.exists():
+        generate(small, rows=args.small_rows)
+    cache = str(args.log_dir / "cache")
+    data = {
+        "none": RankerDataModule(
+            str(dataset_config(args.log_dir, small, None)), history_cache=cache
+        ),
+        "seq": RankerDataModule(
+            str(dataset_config(args.log_dir, small, LENGTH)), history_cache=cache
+        ),
+    }
+    out = [*measure_steps(data, args.steps, args.blocks), ""]
+    out += [*measure_scoring(data, args.log_dir, args.seconds), ""]
+    if not args.skip_derive:
+        out += measure_derive(args.log_dir, args.derive_rows)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
