@@ -119,3 +119,21 @@ def test_mean_pooling_and_masks() -> None:
     twin.load_state_dict(model.state_dict())
     again, _ = twin.pooling(twin.embedding, cat, {**seqs, "clicked": longer})
     torch.testing.assert_close(again, attention)
+
+
+def test_target_attention_is_the_mlp_over_the_din_concatenation() -> None:
+    """The factored first layer computes exactly ``MLP([e, q, e - q, e * q])``; the training
+    path (each distinct id looked up once) pools as the direct lookup does."""
+    torch.manual_seed(0)
+    model = model_of(CONFIGS / "model" / "mmoe.yaml")
+    unit = model.pooling.attention["clicked"]
+    e, q = torch.randn(6, 5, 8), torch.randn(6, 8)
+    qe = q.unsqueeze(1).expand_as(e)
+    naive = unit.mlp(torch.cat([e, qe, e - qe, e * qe], dim=-1)).squeeze(-1)
+    torch.testing.assert_close(unit.scores(e, q), naive)
+    cat, _ = batch(16)
+    seqs = sequences(16, seed=4)
+    train = model.pooling(model.embedding, cat, seqs)
+    model.eval()
+    for a, b in zip(train, model.pooling(model.embedding, cat, seqs), strict=True):
+        torch.testing.assert_close(a, b)
