@@ -226,14 +226,14 @@ def _check_sequence(config: DatasetConfig, spec: FeatureSpec, at: str) -> None:
                 f"{at}: {key}: {value!r} names no categorical feature "
                 f"(categorical features: {sorted(categorical)})"
             )
-    if (
-        spec.embedding_dim != 16
-        and spec.embedding_dim != categorical[spec.vocabulary_of].embedding_dim
-    ):
+    shared = categorical[spec.vocabulary_of].embedding_dim
+    if spec.embedding_dim not in (SEQUENCE_DEFAULTS.embedding_dim, shared):
         raise ConfigError(
             f"{at}: embedding_dim: a sequence shares the embeddings of '{spec.vocabulary_of}' "
-            f"({categorical[spec.vocabulary_of].embedding_dim}); leave it out"
+            f"({shared}); leave it out"
         )
+    if spec.target is not None and spec.pooling != "target_attention":
+        raise ConfigError(f"{at}: target is only for pooling: target_attention")
     if spec.pooling == "target_attention":
         target = categorical[spec.target or spec.vocabulary_of]
         if target.embedding_dim != categorical[spec.vocabulary_of].embedding_dim:

@@ -9,17 +9,18 @@ label and timestamp are computed together and aligned by position.
 **Pre-pass.** The derived columns are written once to Parquet *sidecars*, one per log file,
 row for row and row group for row group (so the DataModule reads a log row group and its
 sidecar row group together), cached under a key of the log files (path, size, mtime) and the
-specs. The pass:
+specs. The pass reads the log once and its own files twice, so its time grows linearly:
 
-1. users are hashed into ``K`` buckets of about ``bucket_rows`` impressions each; for each
-   bucket, one streaming scan of the narrow columns (user, timestamp, label, values) collects
-   its rows;
-2. within a bucket (polars + numpy, no per-row Python): the positives sorted by (user, time)
-   get a global position; an as-of join (backward, exact matches excluded) gives each
-   impression the end of its user's positives strictly before it; the last ``max_len``
-   positions before that end are gathered into list columns;
-3. each bucket is written sorted by (file, row); each log row group's histories are then read
-   back from the buckets by a pushed-down filter and appended to its file's sidecar.
+1. **partition**: one pass over the log, row group by row group, sends each row's narrow
+   columns (user, timestamp, label, values) and its key (file, row) to the file of its user's
+   bucket (users hashed into ``K`` buckets of about ``bucket_rows`` impressions);
+2. **derive**, bucket by bucket (polars + numpy, no per-row Python): the positives sorted by
+   (user, time) get a global position; an as-of join (backward, exact matches excluded) gives
+   each impression the end of its user's positives strictly before it; the last ``max_len``
+   positions before that end are gathered into list columns, written sorted by key;
+3. **assemble**: each log row group's histories are read back from the row groups of the
+   buckets' results whose key range meets it (Parquet statistics), sorted, and appended to its
+   file's sidecar.
 
 Memory holds one bucket (about ``bucket_rows`` x (40 + 8 x mean history length) bytes) and one
 row group's histories, whatever the size of the log.
@@ -111,12 +112,13 @@ def derive(
     files: list[Path],
     user_key: str,
     groups: list[HistoryGroup],
+    schema: pl.Schema,
     root: Path | None = None,
-    bucket_rows: int = BUCKET_ROWS,
+    bucket_rows: int | None = None,
 ) -> list[Path]:
     """The sidecar of each log file (derived columns, same rows and row groups), from the
     cache or written now; concurrent callers (DDP ranks) wait for one to write them."""
-    root = root or cache_root()
+    root, bucket_rows = root or cache_root(), bucket_rows or BUCKET_ROWS
     key = _cache_key(files, user_key, groups)
     directory = root / key
     root.mkdir(parents=True, exist_ok=True)
@@ -126,7 +128,7 @@ def derive(
             shutil.rmtree(directory, ignore_errors=True)  # an interrupted earlier pass
             work = directory / "buckets"
             work.mkdir(parents=True)
-            _write_sidecars(files, user_key, groups, directory, work, bucket_rows)
+            _write_sidecars(files, user_key, groups, directory, work, bucket_rows, schema)
             shutil.rmtree(work)
             manifest = {"files": [str(f) for f in files], "groups": _describe(groups)}
             (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -150,20 +152,14 @@ def _cache_key(files: list[Path], user_key: str, groups: list[HistoryGroup]) -> 
     return hashlib.sha256(doc.encode()).hexdigest()[:24]
 
 
-def _narrow(files: list[Path], user_key: str, groups: list[HistoryGroup]) -> pl.LazyFrame:
-    """Every impression's file, row, user and, per group, time, positive flag and values."""
+KEY_SHIFT = 40  # a row's key: file index << 40 | row in the file (files up to 10^12 rows)
+
+
+def _narrow_columns(user_key: str, groups: list[HistoryGroup]) -> list[str]:
     columns = [user_key]
     for g in groups:
         columns += [g.label, g.timestamp, *g.values]
-    columns = list(dict.fromkeys(columns))
-    scans = [
-        pl.scan_parquet(f)
-        .select(columns)
-        .with_row_index("__row")
-        .with_columns(pl.lit(i, dtype=pl.Int32).alias("__file"))
-        for i, f in enumerate(files)
-    ]
-    return pl.concat(scans, how="vertical_relaxed")
+    return list(dict.fromkeys(columns))
 
 
 def _write_sidecars(
@@ -173,33 +169,82 @@ def _write_sidecars(
     directory: Path,
     work: Path,
     bucket_rows: int,
+    schema: pl.Schema,
 ) -> None:
-    narrow = _narrow(files, user_key, groups)
     rows = sum(pq.read_metadata(f).num_rows for f in files)
     buckets = max(1, math.ceil(rows / bucket_rows))
-    bucket = pl.col(user_key).hash(seed=0) % buckets
+    _partition(files, _narrow_columns(user_key, groups), user_key, buckets, work, schema)
     out_columns = [s.column for g in groups for s in g.specs]
     for k in range(buckets):
-        frame = narrow.filter(bucket == k).collect(engine="streaming")
-        derived = frame.select("__file", "__row")
+        frame = pl.read_parquet(work / f"in-{k}.parquet")
+        derived = frame.select("__key")
         for g in groups:
             derived = derived.hstack(_histories(frame, user_key, g).get_columns())
-        derived.sort("__file", "__row").write_parquet(work / f"{k}.parquet", row_group_size=65_536)
+        # Row groups small enough that a log row group reads about one from each bucket.
+        group = min(max(65_536 // buckets, 1_024), 65_536)
+        derived.sort("__key").write_parquet(work / f"out-{k}.parquet", row_group_size=group)
+        (work / f"in-{k}.parquet").unlink()
         del frame, derived
-    parts = pl.scan_parquet(sorted(work.glob("*.parquet")))
+    _assemble(files, [work / f"out-{k}.parquet" for k in range(buckets)], out_columns, directory)
+
+
+def _partition(
+    files: list[Path],
+    columns: list[str],
+    user_key: str,
+    buckets: int,
+    work: Path,
+    schema: pl.Schema,
+) -> None:
+    """One pass over the log, row group by row group: each row's narrow columns and key go to
+    its user's bucket file (``in-<k>.parquet``)."""
+    types = {c: schema[c] for c in columns}
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for i, file in enumerate(files):
+            parquet, offset = pq.ParquetFile(file), 0
+            for g in range(parquet.num_row_groups):
+                part = pl.from_arrow(parquet.read_row_group(g, columns=columns))
+                part = part.select(
+                    (pl.int_range(pl.len(), dtype=pl.Int64) + (offset + (i << KEY_SHIFT))).alias(
+                        "__key"
+                    ),
+                    *(pl.col(c).cast(t) for c, t in types.items()),
+                ).with_columns((pl.col(user_key).hash(seed=0) % buckets).alias("__bucket"))
+                offset += part.height
+                for (k,), rows in part.partition_by("__bucket", as_dict=True).items():
+                    table = rows.drop("__bucket").to_arrow()
+                    if k not in writers:
+                        writers[k] = pq.ParquetWriter(work / f"in-{k}.parquet", table.schema)
+                    writers[k].write_table(table)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    empty = pl.DataFrame(schema={"__key": pl.Int64, **types})
+    for k in set(range(buckets)) - set(writers):
+        empty.write_parquet(work / f"in-{k}.parquet")
+
+
+def _assemble(files: list[Path], parts: list[Path], columns: list[str], directory: Path) -> None:
+    """Each log file's sidecar, row group by row group, from the buckets' results (each sorted
+    by key): only the bucket row groups whose key range meets the log row group's are read."""
+    handles = [pq.ParquetFile(p) for p in parts]
+    ranges = [_key_ranges(h) for h in handles]
     for i, file in enumerate(files):
         metadata = pq.read_metadata(file)
-        writer = None
-        start = 0
+        writer, start = None, i << KEY_SHIFT
         for g in range(metadata.num_row_groups):
             size = metadata.row_group(g).num_rows
+            pieces = []
+            for handle, (lows, highs) in zip(handles, ranges, strict=True):
+                wanted = np.flatnonzero((highs >= start) & (lows < start + size))
+                if len(wanted):
+                    pieces.append(pl.from_arrow(handle.read_row_groups(wanted.tolist())))
             piece = (
-                parts.filter(
-                    (pl.col("__file") == i) & pl.col("__row").is_between(start, start + size - 1)
-                )
-                .sort("__row")
-                .select(out_columns)
-                .collect()
+                pl.concat(pieces)
+                .filter(pl.col("__key").is_between(start, start + size - 1))
+                .sort("__key")
+                .select(columns)
             )
             if piece.height != size:
                 raise ConfigError(f"{file} changed while its histories were derived")
@@ -208,11 +253,19 @@ def _write_sidecars(
             writer.write_table(table, row_group_size=max(size, 1))
             start += size
         if writer is None:  # a file with no row group
-            pl.DataFrame(schema={c: pl.List(pl.Int64) for c in out_columns}).write_parquet(
+            pl.DataFrame(schema={c: pl.List(pl.Int64) for c in columns}).write_parquet(
                 directory / f"{i}.parquet"
             )
         else:
             writer.close()
+
+
+def _key_ranges(handle: pq.ParquetFile) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last) key of each row group of a sorted bucket result, from its statistics."""
+    index = handle.schema_arrow.get_field_index("__key")
+    meta = handle.metadata
+    stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)]
+    return np.array([s.min for s in stats]), np.array([s.max for s in stats])
 
 
 # -- one bucket -------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class LogSource:
             for group in groups:
                 check_columns(group, self.schema, self.where)
             try:
-                written = derive(self.files, config.user_key, groups, history_cache)
+                written = derive(self.files, config.user_key, groups, self.schema, history_cache)
             except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as err:
                 raise self._unreadable(self.columns_needed(), err) from None
             self.sidecars = {str(f): p for f, p in zip(self.files, written, strict=True)}

@@ -160,6 +160,9 @@ def test_sidecars_keep_row_groups_and_are_cached(tmp_path: Path) -> None:
         ({"timestamp": None}, r"timestamp: a history derived from 'click' needs"),
         ({"side": "item"}, r"a sequence is a user or context feature"),
         ({"pooling": "max"}, r"pooling: 'max' is not one of"),
+        ({"target": "item_id"}, r"target is only for pooling: target_attention"),
+        ({"min_count": 3}, r"min_count does not apply to a sequence"),
+        ({"embedding_dim": 4}, r"shares the embeddings of .item_id. \(16\); leave it out"),
         ({"target": "user_id", "pooling": "target_attention"}, r"embeds in 16 dimensions"),
     ],
 )
