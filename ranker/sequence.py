@@ -85,11 +85,7 @@ class SequencePooling(nn.Module):
         pooled = []
         for spec, vocabulary, target in zip(self.specs, self.vocabulary, self.target, strict=True):
             ids = sequences[spec.name]
-            if self.training:  # each distinct id looked up once: a smaller sparse gradient
-                distinct, inverse = torch.unique(ids, return_inverse=True)
-                e = embedding.lookup(vocabulary, distinct)[inverse]  # [B, L, D]
-            else:
-                e = embedding.lookup(vocabulary, ids)
+            e = embedding.lookup(vocabulary, ids)  # [B, L, D]
             mask = ids > 0
             if spec.name in self.attention:
                 query = embedding.lookup(target, cat[:, target])

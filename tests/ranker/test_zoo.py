@@ -24,6 +24,7 @@ def from_config(path: Path, **overrides: object) -> MultiTaskModel:
 
 
 def small(path: Path) -> MultiTaskModel:
+    torch.manual_seed(0)  # the same weights whatever ran before
     overrides = dict(SMALL)
     if "shared_bottom" in path.name:
         overrides = {"bottom_hidden": [16, 8], "tower_hidden": [8]}
