@@ -101,24 +101,47 @@ class SideTable:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Time split: train ``<= train_end``, val ``<= val_end``, test after (``<= test_end``)."""
+    """Which rows train, validate and test; one of three ways:
 
-    train_end: str | int
-    val_end: str | int
+    - by time: train ``<= train_end`` (and ``>= train_start``), val ``<= val_end``, test
+      after (``<= test_end``), on the dataset's ``time_column``;
+    - by a column (``column``) whose values are ``train``, ``val`` and ``test``;
+    - pre-split data: one path per split (``train``, ``val``, ``test``: a Parquet file or a
+      directory each), the dataset's ``path`` left out.
+    """
+
+    train_end: str | int | None = None
+    val_end: str | int | None = None
     test_end: str | int | None = None
     train_start: str | int | None = None
+    column: str | None = None
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+
+    @property
+    def mode(self) -> Literal["time", "column", "paths"]:
+        if self.column is not None:
+            return "column"
+        if any(p is not None for p in (self.train, self.val, self.test)):
+            return "paths"
+        return "time"
+
+    @property
+    def paths(self) -> dict[SplitName, Path]:
+        return {"train": self.train, "val": self.val, "test": self.test}  # type: ignore[dict-item]
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
     name: str
-    path: Path
     user_key: str
     item_key: str
-    time_column: str
     features: tuple[FeatureSpec, ...]
     tasks: tuple[TaskSpec, ...]
     split: SplitSpec
+    path: Path | None = None  # the log; absent when the split names a path per split
+    time_column: str | None = None  # required by a time split; orders feature snapshots
     side_tables: tuple[SideTable, ...] = field(default=())
     source: Path | None = None  # the YAML file this came from, for error messages
 
@@ -134,6 +157,11 @@ class DatasetConfig:
         return next(f for f in self.features if f.name == name)
 
     def with_path(self, path: str | Path) -> DatasetConfig:
+        if self.split.mode == "paths":
+            raise ConfigError(
+                f"{self.source or 'dataset config'}: split names a path per split; "
+                "a log_path does not apply"
+            )
         return dataclasses.replace(self, path=Path(path))
 
     @classmethod
@@ -153,10 +181,13 @@ class DatasetConfig:
         config = _build(cls, raw, where, exclude={"source"})
         # Relative paths resolve against the config file, so a config works from any directory.
         base = source.parent if source else Path.cwd()
+        split = config.split
+        paths = {k: _resolve(v, base) for k, v in split.paths.items() if v is not None}
         config = dataclasses.replace(
             config,
             source=source,
-            path=_resolve(config.path, base),
+            path=_resolve(config.path, base) if config.path is not None else None,
+            split=dataclasses.replace(split, **paths),
             side_tables=tuple(
                 dataclasses.replace(t, path=_resolve(t.path, base)) for t in config.side_tables
             ),
@@ -202,7 +233,38 @@ def _check(config: DatasetConfig, where: str) -> None:
     for i, task in enumerate(config.tasks):
         if task.weight < 0:
             raise ConfigError(f"{where}: tasks[{i}] ({task.name}): weight must be >= 0")
+    _check_split(config, where)
+
+
+def _check_split(config: DatasetConfig, where: str) -> None:
     split = config.split
+    time_keys = ("train_end", "val_end", "test_end", "train_start")
+    given = {k for k in (*time_keys, "column", "train", "val", "test") if getattr(split, k)}
+    modes = {
+        "time": given & set(time_keys),
+        "column": given & {"column"},
+        "paths": given & {"train", "val", "test"},
+    }
+    if sum(bool(keys) for keys in modes.values()) != 1:
+        raise ConfigError(
+            f"{where}: split: give one of train_end + val_end (by time), column (a column "
+            f"naming each row's split) or train + val + test (a path each); got {sorted(given)}"
+        )
+    if split.mode == "paths":
+        missing = [k for k in ("train", "val", "test") if getattr(split, k) is None]
+        if missing:
+            raise ConfigError(f"{where}: split: missing the path of {missing}")
+        if config.path is not None:
+            raise ConfigError(f"{where}: path: the split names a path per split; leave it out")
+        return
+    if config.path is None:
+        raise ConfigError(f"{where}: missing required key 'path'")
+    if split.mode == "column":
+        return
+    if split.train_end is None or split.val_end is None:
+        raise ConfigError(f"{where}: split: a time split needs train_end and val_end")
+    if config.time_column is None:
+        raise ConfigError(f"{where}: missing required key 'time_column' (for the time split)")
     if _order_key(split.train_end) >= _order_key(split.val_end):
         raise ConfigError(f"{where}: split.train_end must come before split.val_end")
     if split.test_end is not None and _order_key(split.val_end) >= _order_key(split.test_end):

@@ -301,7 +301,7 @@ class RankerDataModule(L.LightningDataModule):
         return {
             "feature_state": self.state.to_dict(),
             "dataset": str(self.config.source.resolve()) if self.config.source else None,
-            "log_path": str(self.config.path.resolve()),
+            "log_path": str(self.config.path.resolve()) if self.config.path else None,
             "progress": self._progress(),
         }
 
@@ -321,12 +321,11 @@ class RankerDataModule(L.LightningDataModule):
 
     @cached_property
     def split_pieces(self) -> dict[str, tuple[list[Piece], list[int]]]:
-        """Row groups holding rows of each split, and how many, read from the time column only
+        """Row groups holding rows of each split, and how many, read from the split columns only
         (exact counts: each stream's share and batches are planned from them)."""
-        time = self.config.time_column
         pieces: dict[str, tuple[list[Piece], list[int]]] = {s: ([], []) for s in SPLITS}
         for piece in self.source.pieces:
-            frame = self.source.read_piece_columns(piece, (time,))
+            frame = self.source.read_piece_columns(piece, self.source.split_columns)
             counts = frame.select(self.source.split_filter(s).sum().alias(s) for s in SPLITS)
             for split, rows in counts.row(0, named=True).items():
                 if rows:

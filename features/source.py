@@ -11,6 +11,7 @@ the same polars expressions, so fitting and training see the same rows.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +25,7 @@ from features.config import SPLITS, ConfigError, DatasetConfig, FeatureSpec, Spl
 from features.history import check_columns, derive, history_groups
 
 PARQUET_MAGIC = b"PAR1"
+SPLIT_COLUMN = "__split"  # pre-split data: the split of each row's file
 
 
 def parquet_files(path: Path, skipped: dict[str, str] | None = None) -> list[Path]:
@@ -93,8 +95,19 @@ class LogSource:
         self.skipped: dict[str, str] = {}
         groups = history_groups(config)
         self.derived = {s.column for g in groups for s in g.specs}  # columns the pre-pass writes
-        self.files = parquet_files(config.path, self.skipped if skip_corrupt else None)
-        self.root = config.path if config.path.is_dir() else config.path.parent
+        skipped = self.skipped if skip_corrupt else None
+        self.split_of: dict[str, SplitName] = {}  # pre-split data: file -> its split
+        if config.split.mode == "paths":
+            for split, path in config.split.paths.items():
+                for file in parquet_files(path, skipped):
+                    self.split_of.setdefault(str(file), split)
+            self.files = [Path(f) for f in self.split_of]
+            self.location = Path(os.path.commonpath([str(p) for p in config.split.paths.values()]))
+        else:
+            self.files = parquet_files(config.path, skipped)
+            self.location = config.path
+        self.hive = config.path is not None and config.path.is_dir()
+        self.root = self.location if self.location.is_dir() else self.location.parent
         self.schema = self._log_schema()
         self.side_tables = self._load_side_tables()
         self._check_columns()
@@ -114,7 +127,12 @@ class LogSource:
     # -- schema -------------------------------------------------------------------------------
 
     def _scan(self, derived: bool = False) -> pl.LazyFrame:
-        log = pl.scan_parquet(self.files, hive_partitioning=self.config.path.is_dir())
+        if self.split_of:
+            log = pl.scan_parquet(
+                self.files, hive_partitioning=False, include_file_paths=SPLIT_COLUMN
+            ).with_columns(pl.col(SPLIT_COLUMN).replace_strict(self.split_of))
+        else:
+            log = pl.scan_parquet(self.files, hive_partitioning=self.hive)
         if not (derived and self.sidecars):
             return log
         sidecars = pl.scan_parquet([self.sidecars[str(f)] for f in self.files])
@@ -124,14 +142,14 @@ class LogSource:
         try:
             return self._scan().collect_schema()
         except (pl.exceptions.PolarsError, OSError) as err:
-            raise ConfigError(f"cannot read the schema of {self.config.path}: {err}") from err
+            raise ConfigError(f"cannot read the schema of {self.location}: {err}") from err
 
     @property
     def where(self) -> str:
         """How errors name the log: the path, plus the first file for a directory."""
-        if self.config.path.is_file():
-            return str(self.config.path)
-        return f"{self.config.path} (e.g. {self.files[0]})"
+        if self.location.is_file():
+            return str(self.location)
+        return f"{self.location} (e.g. {self.files[0]})"
 
     def _load_side_tables(self) -> dict[str, pl.DataFrame]:
         """Side tables, read once into memory, one row per key, only the columns needed."""
@@ -173,7 +191,8 @@ class LogSource:
         required = [
             (c.user_key, "user key"),
             (c.item_key, "item key"),
-            (c.time_column, "time column"),
+            *([(c.time_column, "time column")] if c.time_column else []),
+            *([(c.split.column, "split column")] if c.split.column else []),
             *((t.label, f"label of task '{t.name}'") for t in c.tasks),
             *((t.truth, f"true probability of task '{t.name}'") for t in c.tasks if t.truth),
             *((s.column, f"feature '{s.name}'") for s in c.features if s.column in self.schema),
@@ -183,6 +202,7 @@ class LogSource:
                 raise ConfigError(f"column '{column}' ({role}) is missing from {self.where}")
         # The schema above is the first file's; name the exact file that lacks a column.
         partition_keys = set(self.schema) - set(pq.read_schema(self.files[0]).names)
+        partition_keys.discard(SPLIT_COLUMN)
         for file in self.files[1:]:
             names = set(pq.read_schema(file).names) | partition_keys
             for column, role in required:
@@ -230,8 +250,21 @@ class LogSource:
 
     # -- splits -------------------------------------------------------------------------------
 
+    @property
+    def split_columns(self) -> tuple[str, ...]:
+        """The columns ``split_filter`` reads."""
+        mode = self.config.split.mode
+        if mode == "paths":
+            return (SPLIT_COLUMN,)
+        return (self.config.split.column,) if mode == "column" else (self.config.time_column,)
+
     def split_filter(self, split: SplitName) -> pl.Expr:
-        """Rows of a split, comparing the time column with boundaries cast to its dtype."""
+        """Rows of a split: the file's split (pre-split data), the split column's value, or
+        the time column compared with boundaries cast to its dtype."""
+        if self.config.split.mode == "paths":
+            return pl.col(SPLIT_COLUMN) == split
+        if self.config.split.mode == "column":
+            return pl.col(self.config.split.column).cast(pl.String) == split
         s, time = self.config.split, pl.col(self.config.time_column)
         dtype = self.schema[self.config.time_column]
 
@@ -264,7 +297,7 @@ class LogSource:
         """Columns (before joins, derived histories included) that a transform of the split
         reads; without ``sequences``, what fitting reads."""
         c = self.config
-        names = [c.user_key, c.item_key, c.time_column]
+        names = [c.user_key, c.item_key, *self.split_columns, c.time_column]
         names += [s.column for s in c.features if sequences or s.kind != "sequence"]
         names += [t.label for t in c.tasks] + list(extra)
         seen = dict.fromkeys(n for n in names if n in self.schema or n in self.derived)
@@ -302,13 +335,13 @@ class LogSource:
         try:
             stats = (
                 self._scan()
-                .select([c.time_column, *labels])
+                .select([*self.split_columns, *labels])
                 .group_by(split_of.alias("split"))
                 .agg(pl.len().alias("rows"), *invalid)
                 .collect(engine="streaming")
             )
         except (pl.exceptions.PolarsError, OSError) as err:
-            raise self._unreadable([c.time_column, *labels], err) from None
+            raise self._unreadable([*self.split_columns, *labels], err) from None
         for label in labels:
             invalid = int(stats[label].sum())
             if invalid:
@@ -320,24 +353,30 @@ class LogSource:
         rows = {split: int(counts.get(split, 0)) for split in SPLITS}
         for split, n in rows.items():
             if n == 0:
-                s = c.split
-                raise ConfigError(
-                    f"the {split} split of {self.where} is empty (time column "
-                    f"'{c.time_column}', train_end={s.train_end}, val_end={s.val_end}, "
-                    f"test_end={s.test_end})"
-                )
+                raise ConfigError(f"the {split} split of {self.where} is empty ({self._rule()})")
         return rows
+
+    def _rule(self) -> str:
+        s = self.config.split
+        if s.mode == "paths":
+            return ", ".join(f"{k}: {v}" for k, v in s.paths.items())
+        if s.mode == "column":
+            return f"split column '{s.column}': values train / val / test"
+        return (
+            f"time column '{self.config.time_column}', train_end={s.train_end}, "
+            f"val_end={s.val_end}, test_end={s.test_end}"
+        )
 
     def _skip_unreadable_pages(self) -> None:
         """Decode every row group of the columns a fit reads; leave out files that fail."""
-        needed = set(self.columns_needed()) - self.derived
+        needed = set(self.columns_needed()) - self.derived - {SPLIT_COLUMN}
         for file in list(self.files):
             err = _decode_error(file, needed)
             if err is not None:
                 self.skipped[str(file)] = f"cannot read {file} (corrupt Parquet data?): {err}"
                 self.files.remove(file)
         if not self.files:
-            raise ConfigError(f"every Parquet file under {self.config.path} is unreadable")
+            raise ConfigError(f"every Parquet file under {self.location} is unreadable")
 
     def _unreadable(self, columns: list[str], err: Exception) -> ConfigError:
         """The error for a scan that failed: find the file (only on this error path)."""
@@ -352,7 +391,7 @@ class LogSource:
     @cached_property
     def dataset(self) -> pads.FileSystemDataset:
         """The same files as a pyarrow dataset, with polars' partition dtypes."""
-        if not self.config.path.is_dir():
+        if not self.hive:
             return pads.dataset([str(f) for f in self.files], format="parquet")
         physical = set(pads.dataset(str(self.files[0]), format="parquet").schema.names)
         keys = [name for name in self.schema if name not in physical]
@@ -378,7 +417,7 @@ class LogSource:
     def read_piece_columns(self, piece: Piece, columns: tuple[str, ...]) -> pl.DataFrame:
         """Some columns of one row group, as read (no filter, no joins); derived histories
         come from the same row group of the file's sidecar."""
-        logged = [c for c in columns if c not in self.derived]
+        logged = [c for c in columns if c not in self.derived and c != SPLIT_COLUMN]
         derived = [c for c in columns if c in self.derived]
         try:
             table = piece.fragment.to_table(schema=self.dataset.schema, columns=logged)
@@ -388,7 +427,10 @@ class LogSource:
                 extra = sidecar.read_row_group(group, columns=derived)
                 for name in derived:
                     table = table.append_column(name, extra[name])
-                table = table.select(list(columns))
+            if SPLIT_COLUMN in columns:
+                split = pa.array([self.split_of[piece.path]] * table.num_rows, pa.string())
+                table = table.append_column(SPLIT_COLUMN, split)
+            table = table.select(list(columns))
         except (pa.ArrowException, OSError) as err:
             raise ConfigError(f"cannot read {piece.path}: {err}") from err
         return pl.from_arrow(table)

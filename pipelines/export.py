@@ -176,10 +176,10 @@ def feature_snapshots(data: RankerDataModule) -> dict[str, pl.DataFrame]:
     tables = {}
     for side, key, file in (("user", c.user_key, USER_TABLE), ("item", c.item_key, ITEM_TABLE)):
         columns = [i.name for i in inputs if i.side == side and i.name != key]
+        ordered = log.sort(c.time_column, maintain_order=True) if c.time_column else log
         latest = (
-            log.select([c.time_column, key, *columns])
-            .sort(c.time_column)
-            .group_by(key)
+            ordered.select([key, *columns])
+            .group_by(key, maintain_order=True)
             .agg([pl.col(name).drop_nulls().last() for name in columns])
         )
         if side == "user":

@@ -116,6 +116,13 @@ def fit_report(module: RankerModule, datamodule: RankerDataModule) -> FitReport:
         else {}
     )
     notes = []
+    if module.selected:
+        epoch = ""
+        trainer = module._trainer
+        callback = trainer.checkpoint_callback if trainer is not None else None
+        if callback is not None and callback.best_model_path:
+            epoch = f" (best: {Path(callback.best_model_path).name})"
+        notes.append(f"checkpoint chosen on val mean {module.selected.upper()}{epoch}")
     if oracle is not None:
         notes.append(
             "best AUC / GAUC: the true probabilities of the synthetic log, on the "

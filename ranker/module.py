@@ -6,9 +6,11 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from features.config import TaskSpec
 from features.datamodule import TensorBatch
@@ -22,6 +24,10 @@ from ranker.sharded_metrics import sharded_task_metrics
 torch.serialization.add_safe_globals([InputSpec, SequenceInput, TaskSpec])
 
 NetworkFactory = Callable[[InputSpec, Sequence[TaskSpec]], MultiTaskModel]
+Monitor = Literal["auto", "gauc", "auc", "logloss"]
+# What checkpoint selection and early stopping compare, every validation: higher is better.
+MONITOR = "val/monitor"
+FALLBACK: tuple[str, ...] = ("gauc", "auc", "logloss")  # the order "auto" tries
 
 
 class RankerModule(L.LightningModule):
@@ -35,6 +41,13 @@ class RankerModule(L.LightningModule):
         weight_decay: AdamW weight decay of the dense part.
         embedding_learning_rate: SparseAdam learning rate of the embedding tables.
         gradient_clip: max global norm of the dense gradients (0 = off).
+        monitor: the validation metric that picks the best checkpoint and stops training
+            early, logged as ``val/monitor`` (higher is better): the mean across tasks of
+            ``gauc``, ``auc`` or ``logloss`` (negated). ``auto``: mean GAUC where the data
+            defines it (users with both classes), else mean AUC. A chosen metric that is
+            undefined on the data falls back (GAUC, AUC, logloss) with a warning. The metric
+            is chosen at the first validation, printed, logged as the param
+            ``selection/metric``, and kept for the run (and its resumptions).
     """
 
     def __init__(
@@ -46,6 +59,7 @@ class RankerModule(L.LightningModule):
         weight_decay: float = 1e-5,
         embedding_learning_rate: float = 5e-2,
         gradient_clip: float = 0.0,
+        monitor: Monitor = "auto",
     ) -> None:
         super().__init__()
         if inputs is None or tasks is None:
@@ -61,6 +75,7 @@ class RankerModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._epoch_start = self._last_batch_end = 0.0
         self._epoch_samples = 0
+        self.selected: str | None = None  # the monitored metric, chosen at first validation
 
     @property
     def task_names(self) -> list[str]:
@@ -164,11 +179,50 @@ class RankerModule(L.LightningModule):
         self.last_metrics[stage] = metrics
         loggable = {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("count/")}
         headline = f"{stage}/gauc/mean"
+        if stage == "val":
+            loggable[MONITOR] = self._monitored(metrics)
         # Every rank holds the same metrics: no reduction needed (nor warned about).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             self.log(headline, loggable.pop(headline), prog_bar=True)
             self.log_dict(loggable)
+
+    def _monitored(self, metrics: dict[str, float]) -> float:
+        """``val/monitor`` of this validation; the metric is chosen at the first one."""
+        if self.selected is None:
+            wanted = self.hparams.monitor
+            order = (
+                FALLBACK if wanted == "auto" else (wanted, *(m for m in FALLBACK if m != wanted))
+            )
+            chosen = next((m for m in order if math.isfinite(metrics[f"{m}/mean"])), order[0])
+            if wanted not in ("auto", chosen) or (wanted == "auto" and chosen != "gauc"):
+                rank_zero_warn(
+                    f"val mean {order[0].upper()} is undefined on this data (e.g. no user has "
+                    f"both classes for GAUC): the best checkpoint and early stopping use val "
+                    f"mean {chosen.upper()} instead (set --model.monitor to choose)"
+                )
+            if self.trainer.sanity_checking:  # a few batches: choose on the real validation
+                return self._signed(chosen, metrics)
+            self.selected = chosen
+            rank_zero_info(f"checkpoints and early stopping: val mean {chosen.upper()}")
+            if self.logger is not None:
+                self.logger.log_hyperparams({"selection/metric": f"val/{chosen}/mean"})
+        value = self._signed(self.selected, metrics)
+        if not math.isfinite(value):
+            rank_zero_warn(f"val mean {self.selected.upper()} is NaN this epoch: not a best")
+            value = -math.inf
+        return value
+
+    @staticmethod
+    def _signed(metric: str, metrics: dict[str, float]) -> float:
+        value = metrics[f"{metric}/mean"]
+        return -value if metric == "logloss" else value
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["selected_metric"] = self.selected
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.selected = checkpoint.get("selected_metric")
 
     def validation_step(self, batch: TensorBatch, batch_idx: int) -> None:
         self._collect("val", batch)

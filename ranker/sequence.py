@@ -43,7 +43,8 @@ class TargetAttention(nn.Module):
     def scores(self, e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``MLP([e_j, q, e_j - q, e_j * q])`` for every position: ``[B, L]``."""
         first, activation, last = self.mlp
-        w_e, w_q, w_d, w_p = first.weight.split(self.dim, dim=1)
+        d, w = self.dim, first.weight  # slices, not split: the exporter folds them
+        w_e, w_q, w_d, w_p = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
         per_row = q @ (w_q - w_d).T + first.bias  # [B, H]
         per_position = torch.cat([e, e * q.unsqueeze(1)], dim=-1) @ torch.cat([w_e + w_d, w_p], 1).T
         return last(activation(per_position + per_row.unsqueeze(1))).squeeze(-1)

@@ -67,7 +67,7 @@ def fit(log: Path, uri: str, checkpoints: Path, model: str, *extra: str) -> str:
             "false",
             "--trainer.callbacks",
             "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
-            "{monitor: val/gauc/mean, mode: max, save_top_k: 1}}]",
+            "{monitor: val/monitor, mode: max, save_top_k: 1}}]",
             "--trainer.logger.init_args.tracking_uri",
             uri,
             "--trainer.logger.init_args.checkpoint_dir",

@@ -34,7 +34,7 @@ def command(log: Path, work: Path, *extra: str) -> list[str]:
         "false",
         "--trainer.callbacks",
         "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
-        "{monitor: val/gauc/mean, mode: max, save_top_k: 1}}, "
+        "{monitor: val/monitor, mode: max, save_top_k: 1}}, "
         "{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
         f"{{save_last: true, save_top_k: 0, every_n_train_steps: {EVERY}}}}}]",
         *extra,
