@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from features.config import TaskSpec
 from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
-from ranker.loss import masked_bce
+from ranker.loss import WEIGHTINGS, masked_bce
 from ranker.metrics import Scores, task_metrics
 from ranker.models.base import MultiTaskModel
 from ranker.sharded_metrics import sharded_task_metrics
@@ -41,6 +41,10 @@ class RankerModule(L.LightningModule):
         weight_decay: AdamW weight decay of the dense part.
         embedding_learning_rate: SparseAdam learning rate of the embedding tables.
         gradient_clip: max global norm of the dense gradients (0 = off).
+        loss_weighting: how the tasks' losses are weighted in training: ``fixed`` (the
+            dataset's task weights) or ``uncertainty`` (learned per task, Kendall et al. 2018,
+            on top of the dataset's); the weights are logged every epoch
+            (``train/task_weight/<task>``). Validation losses always use the fixed weights.
         monitor: the validation metric that picks the best checkpoint and stops training
             early, logged as ``val/monitor`` (higher is better): the mean across tasks of
             ``gauc``, ``auc`` or ``logloss`` (negated). ``auto``: mean GAUC where the data
@@ -60,6 +64,7 @@ class RankerModule(L.LightningModule):
         embedding_learning_rate: float = 5e-2,
         gradient_clip: float = 0.0,
         monitor: Monitor = "auto",
+        loss_weighting: Literal["fixed", "uncertainty"] = "fixed",
     ) -> None:
         super().__init__()
         if inputs is None or tasks is None:
@@ -70,6 +75,7 @@ class RankerModule(L.LightningModule):
         self.inputs, self.tasks = inputs, tuple(tasks)
         self.network = network(inputs, self.tasks)
         self.register_buffer("task_weights", torch.tensor([t.weight for t in self.tasks]))
+        self.weighting = WEIGHTINGS[loss_weighting](self.task_weights)
         self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
         self._scores: dict[str, Scores] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -92,9 +98,12 @@ class RankerModule(L.LightningModule):
         sparse = list(self.network.embedding.parameters())
         sparse_ids = {id(p) for p in sparse}
         dense = [p for p in self.network.parameters() if id(p) not in sparse_ids]
+        groups = [{"params": dense}]
+        learned = list(self.weighting.parameters())  # learned task weights: no weight decay
+        groups += [{"params": learned, "weight_decay": 0.0}] if learned else []
         return [
             torch.optim.AdamW(
-                dense, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+                groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
             ),
             torch.optim.SparseAdam(sparse, lr=self.hparams.embedding_learning_rate),
         ]
@@ -117,7 +126,8 @@ class RankerModule(L.LightningModule):
 
     def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
         labels = batch.labels
-        loss, per_task = masked_bce(self(*batch.inputs), labels, self.task_weights)
+        _, per_task = masked_bce(self(*batch.inputs), labels, self.task_weights)
+        loss = self.weighting(per_task)
         dense_opt, sparse_opt = self.optimizers()
         dense_opt.zero_grad()
         sparse_opt.zero_grad()
@@ -137,6 +147,10 @@ class RankerModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Up to the last training batch: Lightning runs validation before this hook.
         seconds = self._last_batch_end - self._epoch_start
+        weights = self.weighting.current()
+        self.log_dict(
+            {f"train/task_weight/{n}": w for n, w in zip(self.task_names, weights, strict=True)}
+        )
         if seconds > 0 and self._epoch_samples:
             self.log("train/samples_per_sec", self._epoch_samples / seconds)
             self.log("train/epoch_seconds", seconds)

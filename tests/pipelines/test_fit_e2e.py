@@ -71,6 +71,9 @@ def check_run(client: MlflowClient) -> None:
     assert metrics["val/auc/mean"] > 0.55  # it learned something in two tiny epochs
     assert metrics["data/rows/train"] > 0 and "train/samples_per_sec" in metrics
     assert metrics["data/skipped_files"] == 0
+    assert run.data.params["selection/metric"] == "val/gauc/mean"  # users group here
+    weights = client.get_metric_history(run.info.run_id, "train/task_weight/click")
+    assert [w.value for w in weights] == [1.0, 1.0]  # fixed, logged every epoch
     history = client.get_metric_history(run.info.run_id, "val/gauc/mean")
     assert len(history) >= 2  # one per epoch, then the best checkpoint's re-validation
     assert run.data.tags["model"] == "MMoE" and run.data.tags["dataset"] == "synthetic"
