@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from mlflow.tracking import MlflowClient
 
 from features.datamodule import RankerDataModule
+from pipelines.calibrate import calibrate
 from pipelines.checkpoints import RunError, checkpoint_run, find_run, requeued_checkpoint
 from pipelines.report import fit_report, print_report
 from pipelines.tracking import MLflowLogger, resolve_tracking_uri
@@ -116,13 +117,19 @@ class RankerCLI(LightningCLI):
             return
         best = self.trainer.checkpoint_callback.best_model_path or None
         self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+        calibrated = None
+        if best and self.model.hparams.calibration != "none":
+            # Fitted on validation, saved into the best checkpoint: test, evaluate, export
+            # and the service all read calibrated probabilities from here on.
+            calibrated = calibrate(self.model, self.datamodule)
+            self.trainer.save_checkpoint(best)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
         if not self.trainer.is_global_zero:
             return  # under DDP every rank scored its share and holds the metrics; rank 0 reports
-        report = fit_report(self.model, self.datamodule)
+        report = fit_report(self.model, self.datamodule, calibrated)
         logger = self.trainer.logger
         if isinstance(logger, MLflowLogger):
-            logger.log_metrics(report.oracle_metrics())
+            logger.log_metrics({**report.oracle_metrics(), **(calibrated or {})})
             logger.experiment.log_text(logger.run_id, report.markdown(), "report.md")
             report.run_id = logger.run_id
         print_report(report)

@@ -75,6 +75,7 @@ class Evaluation:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     history: str | None = None  # the sequence feature whose length buckets ``by_history``
     by_history: dict[str, dict[str, float]] | None = None  # bucket -> metrics of its rows
+    uncalibrated: dict[str, float] | None = None  # metrics before the model's calibration
 
     @property
     def short_id(self) -> str:
@@ -111,15 +112,16 @@ class Evaluation:
 def score(
     module: RankerModule, data: RankerDataModule, split: SplitName
 ) -> tuple[Scores, ExpertStats]:
-    """One pass over the split: probabilities, labels, users and the length of the first
-    sequence feature's history, and the expert statistics."""
+    """One pass over the split: the network's raw logits (in the scores' probability slot),
+    labels, users and the length of the first sequence feature's history, and the expert
+    statistics."""
     stats = ExpertStats(sample_rows=SAMPLE_ROWS)
     dataset = data.dataset(split)
     scores = Scores(dataset.rows, len(data.tasks))
     history = history_feature(data)
     for logits, batch in observe(module.network, dataset, stats):
         scores.add(
-            torch.sigmoid(logits).float().cpu().numpy(),
+            logits.float().cpu().numpy(),
             batch.labels.numpy(),
             batch.users.numpy(),
             batch.lengths[history].numpy() if history else None,
@@ -186,8 +188,13 @@ def evaluate(
 
     tick = time.perf_counter()
     tasks = module.task_names
-    probs, labels, users = scores.arrays()
+    logits, labels, users = scores.arrays()
+    probs = torch.sigmoid(module.calibrator(torch.from_numpy(logits))).numpy()
     metrics = task_metrics(probs, labels, users, tasks)
+    identity = bool((module.calibrator.scale == 1).all() and (module.calibrator.bias == 0).all())
+    uncalibrated = (
+        None if identity else task_metrics(1 / (1 + np.exp(-logits)), labels, users, tasks)
+    )
     history = history_feature(data)
     by_history = (
         metrics_by_history(probs, labels, users, scores.lengths, tasks) if history else None
@@ -221,6 +228,7 @@ def evaluate(
         seconds=seconds,
         history=history,
         by_history=by_history,
+        uncalibrated=uncalibrated,
     )
 
     label = located.run_id or located.path.stem

@@ -42,24 +42,25 @@ from features.onnx_graph import preprocessing_model, raw_feeds, raw_inputs, sequ
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.render import wide_console
 from pipelines.tracking import resolve_tracking_uri
-from ranker.models.base import MultiTaskModel
 from ranker.module import RankerModule
 
 CHUNK = 16384
 
 
 class Probabilities(torch.nn.Module):
-    """The network with its sigmoid, the sequences as positional inputs: what a scorer wants."""
+    """The network, its calibration and the sigmoid, the sequences as positional inputs: what
+    a scorer wants."""
 
-    def __init__(self, network: MultiTaskModel) -> None:
+    def __init__(self, module: RankerModule) -> None:
         super().__init__()
-        self.network = network
-        self.names = [s.name for s in network.inputs.sequences]
+        self.network, self.calibrator = module.network, module.calibrator
+        self.names = [s.name for s in module.network.inputs.sequences]
 
     def forward(
         self, cat: torch.Tensor, num: torch.Tensor, *sequences: torch.Tensor
     ) -> torch.Tensor:
-        return torch.sigmoid(self.network(cat, num, dict(zip(self.names, sequences, strict=True))))
+        logits = self.network(cat, num, dict(zip(self.names, sequences, strict=True)))
+        return torch.sigmoid(self.calibrator(logits))
 
 
 def network_model(module: RankerModule) -> onnx.ModelProto:
@@ -84,7 +85,7 @@ def network_model(module: RankerModule) -> onnx.ModelProto:
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            Probabilities(module.network).eval(),
+            Probabilities(module).eval(),
             (cat, num, *sequences),
             dynamo=True,
             input_names=["cat", "num", *names],
@@ -138,7 +139,7 @@ def torch_probabilities(
     module: RankerModule, data: RankerDataModule, frame: pl.DataFrame
 ) -> np.ndarray:
     batch = data.state.transform(frame)
-    wrapped = Probabilities(module.network).eval()
+    wrapped = Probabilities(module).eval()
     out = []
     with torch.no_grad():
         for begin in range(0, len(batch), CHUNK):

@@ -100,6 +100,8 @@ def metrics_table(e: Evaluation) -> Table:
     headers += ["best AUC"] if oracle else []
     headers += ["GAUC"] + (["best GAUC"] if oracle else [])
     headers += ["logloss", "calibration", "ECE"]
+    raw = e.uncalibrated or {}
+    headers += ["calibration before", "ECE before"] if raw else []
     table = Table(headers)
     for task in [*e.tasks, "mean"]:
         count = e.metrics.get(f"count/{task}")
@@ -114,6 +116,7 @@ def metrics_table(e: Evaluation) -> Table:
         cells += [fmt(e.value("gauc", task))]
         cells += [fmt(oracle.get(f"gauc/{task}"))] if oracle else []
         cells += [fmt(e.value(m, task)) for m in ("logloss", "calibration", "ece")]
+        cells += [fmt(raw.get(f"{m}/{task}")) for m in ("calibration", "ece")] if raw else []
         table.add(cells)
     return table
 

@@ -104,7 +104,11 @@ def oracle_metrics(datamodule: RankerDataModule, split: str) -> dict[str, float]
     return task_metrics(probs, labels, users, [t.name for t in tasks])
 
 
-def fit_report(module: RankerModule, datamodule: RankerDataModule) -> FitReport:
+def fit_report(
+    module: RankerModule,
+    datamodule: RankerDataModule,
+    calibrated: dict[str, float] | None = None,
+) -> FitReport:
     metrics = dict(module.last_metrics)
     oracle = oracle_metrics(datamodule, "val")
     if oracle is not None:
@@ -123,6 +127,17 @@ def fit_report(module: RankerModule, datamodule: RankerDataModule) -> FitReport:
         if callback is not None and callback.best_model_path:
             epoch = f" (best: {Path(callback.best_model_path).name})"
         notes.append(f"checkpoint chosen on val mean {module.selected.upper()}{epoch}")
+    if calibrated:
+        before, after = (
+            {m: calibrated[f"calibration/val/{m}_{when}/mean"] for m in ("ece", "calibration")}
+            for when in ("before", "after")
+        )
+        notes.append(
+            f"calibration ({module.hparams.calibration}, fitted on val): mean ECE "
+            f"{before['ece']:.4f} -> {after['ece']:.4f}, mean calibration "
+            f"{before['calibration']:.3f} -> {after['calibration']:.3f} (the val and test rows "
+            "above are calibrated)"
+        )
     if oracle is not None:
         notes.append(
             "best AUC / GAUC: the true probabilities of the synthetic log, on the "

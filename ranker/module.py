@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from features.config import TaskSpec
 from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
+from ranker.calibration import Calibrator, Method
 from ranker.loss import WEIGHTINGS, masked_bce
 from ranker.metrics import Scores, task_metrics
 from ranker.models.base import MultiTaskModel
@@ -45,6 +46,9 @@ class RankerModule(L.LightningModule):
             dataset's task weights) or ``uncertainty`` (learned per task, Kendall et al. 2018,
             on top of the dataset's); the weights are logged every epoch
             (``train/task_weight/<task>``). Validation losses always use the fixed weights.
+        calibration: per-task post-hoc calibration fitted on validation after training
+            (``ranker.calibration``: ``platt``, ``temperature`` or ``none``); evaluation, export
+            and the service use the calibrated probabilities.
         monitor: the validation metric that picks the best checkpoint and stops training
             early, logged as ``val/monitor`` (higher is better): the mean across tasks of
             ``gauc``, ``auc`` or ``logloss`` (negated). ``auto``: mean GAUC where the data
@@ -65,6 +69,7 @@ class RankerModule(L.LightningModule):
         gradient_clip: float = 0.0,
         monitor: Monitor = "auto",
         loss_weighting: Literal["fixed", "uncertainty"] = "fixed",
+        calibration: Method = "platt",
     ) -> None:
         super().__init__()
         if inputs is None or tasks is None:
@@ -76,6 +81,7 @@ class RankerModule(L.LightningModule):
         self.network = network(inputs, self.tasks)
         self.register_buffer("task_weights", torch.tensor([t.weight for t in self.tasks]))
         self.weighting = WEIGHTINGS[loss_weighting](self.task_weights)
+        self.calibrator = Calibrator(len(self.tasks))  # the identity until fitted
         self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
         self._scores: dict[str, Scores] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -159,7 +165,7 @@ class RankerModule(L.LightningModule):
 
     def _collect(self, stage: str, batch: TensorBatch) -> None:
         labels, users = batch.labels, batch.users
-        logits = self(*batch.inputs)
+        logits = self.calibrator(self(*batch.inputs))
         loss, _ = masked_bce(logits, labels, self.task_weights)
         self.log(f"{stage}/loss", loss, batch_size=len(labels), sync_dist=True)
         if stage not in self._scores:
@@ -237,6 +243,9 @@ class RankerModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.selected = checkpoint.get("selected_metric")
+        state = checkpoint.get("state_dict", {})
+        for key, value in self.calibrator.state_dict().items():  # written before calibration
+            state.setdefault(f"calibrator.{key}", value)
 
     def validation_step(self, batch: TensorBatch, batch_idx: int) -> None:
         self._collect("val", batch)

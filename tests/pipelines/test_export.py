@@ -19,7 +19,14 @@ from features.datamodule import RankerDataModule
 from features.onnx_graph import preprocessing_model, raw_feeds, raw_inputs, sequence_output
 from pipelines.checkpoints import RunError
 from pipelines.commands import main
-from pipelines.export import build, check_parity, export, parity_rows, promote
+from pipelines.export import (
+    build,
+    check_parity,
+    export,
+    parity_rows,
+    promote,
+    torch_probabilities,
+)
 from ranker.models import build as build_network
 from ranker.module import RankerModule
 from tests.conftest import KUAIRAND_CONFIG, SYNTHETIC_CONFIG, Runs
@@ -144,9 +151,16 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
     with torch.no_grad():  # BatchNorm statistics away from their initial values
         for p in module.network.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    tasks = len(data.tasks)  # a fitted calibration travels into the graph
+    module.calibrator.set(np.linspace(0.5, 1.5, tasks), np.linspace(-0.4, 0.4, tasks))
     model = build(module, data)
     parity = check_parity(session_of(model), module, data, rows=10_000, tolerance=1e-5)
     assert parity.rows == 10_000 and parity.max_abs_diff <= 1e-5
+    frame = parity_rows(data, 500)
+    inputs = raw_inputs(data.state, data.config.features)
+    got = session_of(model).run(["probabilities"], raw_feeds(frame, inputs))[0]
+    module.calibrator.set(np.ones(tasks), np.zeros(tasks))
+    assert np.abs(got - torch_probabilities(module, data, frame)).max() > 1e-2
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["ranker.tasks"]) == [t.name for t in data.tasks]
     assert [i["name"] for i in json.loads(meta["ranker.inputs"])] == [

@@ -72,6 +72,9 @@ def check_run(client: MlflowClient) -> None:
     assert metrics["data/rows/train"] > 0 and "train/samples_per_sec" in metrics
     assert metrics["data/skipped_files"] == 0
     assert run.data.params["selection/metric"] == "val/gauc/mean"  # users group here
+    # Calibrated on validation after training: ECE no worse there, the map logged.
+    assert metrics["calibration/val/ece_after/mean"] <= metrics["calibration/val/ece_before/mean"]
+    assert metrics["calibration/scale/click"] > 0
     weights = client.get_metric_history(run.info.run_id, "train/task_weight/click")
     assert [w.value for w in weights] == [1.0, 1.0]  # fixed, logged every epoch
     history = client.get_metric_history(run.info.run_id, "val/gauc/mean")

@@ -1,0 +1,58 @@
+"""Fitting a trained model's per-task calibration on the validation split (after ``fit``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from features.datamodule import RankerDataModule
+from ranker.calibration import fit
+from ranker.metrics import Scores, task_metrics
+from ranker.module import RankerModule
+
+
+def validation_logits(
+    module: RankerModule, data: RankerDataModule
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The network's raw logits, labels and users of the whole validation split (every row,
+    also under DDP: each rank reads the whole split, so each fits the same calibration)."""
+    dataset = data.dataset("val")
+    world, dataset.world = dataset.world, (1, 0)
+    scores = Scores(dataset.rows, len(module.tasks))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            for batch in dataset:
+                cat, num, sequences = batch.inputs
+                logits = module(
+                    cat.to(module.device),
+                    num.to(module.device),
+                    {k: v.to(module.device) for k, v in sequences.items()},
+                )
+                scores.add(logits.float().cpu().numpy(), batch.labels.numpy(), batch.users.numpy())
+    finally:
+        dataset.world = world
+        module.train(was_training)
+    return scores.arrays()
+
+
+def calibrate(module: RankerModule, data: RankerDataModule) -> dict[str, float]:
+    """Fit ``module.calibrator`` (its ``calibration`` method) on the validation split; the
+    fitted parameters and the split's ECE / calibration before and after, as metrics."""
+    logits, labels, users = validation_logits(module, data)
+    scale, bias = fit(logits, labels, module.hparams.calibration)
+    module.calibrator.set(scale, bias)
+    tasks = module.task_names
+    before = task_metrics(1 / (1 + np.exp(-logits)), labels, users, tasks)
+    after = task_metrics(1 / (1 + np.exp(-(logits * scale + bias))), labels, users, tasks)
+    module.last_metrics["val"] = after
+    out = {}
+    for t, task in enumerate(tasks):
+        out[f"calibration/scale/{task}"] = float(scale[t])
+        out[f"calibration/bias/{task}"] = float(bias[t])
+    for task in [*tasks, "mean"]:
+        for metric in ("ece", "calibration", "logloss"):
+            out[f"calibration/val/{metric}_before/{task}"] = before[f"{metric}/{task}"]
+            out[f"calibration/val/{metric}_after/{task}"] = after[f"{metric}/{task}"]
+    return out
