@@ -308,6 +308,8 @@ def _check_sequence(config: DatasetConfig, spec: FeatureSpec, at: str) -> None:
             f"{at}: timestamp: a history derived from '{spec.from_label}' needs the log's "
             "timestamp column (sub-day resolution) to order events"
         )
+    if spec.from_label is not None and spec.side != "user":
+        raise ConfigError(f"{at}: side: a history derived from the log is a user feature")
     if spec.from_label is None and spec.timestamp is not None:
         raise ConfigError(f"{at}: timestamp is only for a derived sequence (with from_label)")
     for key in ("min_count", "max_size", "transform", "buckets"):

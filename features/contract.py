@@ -92,9 +92,18 @@ def flatten_recent(lists: pl.Series, length: int) -> tuple[pl.Series, np.ndarray
     return pl.Series(arrow.flatten()), counts
 
 
+def missing(shape: int | tuple[int, ...], dtype: str) -> np.ndarray:
+    """An array of the column type's missing marker (``np.full`` would turn the string marker
+    ``"\x00"`` into ``""`` on its way through a numpy string)."""
+    out = np.empty(shape, dtype=NUMPY_TYPE[dtype])
+    out.fill(MISSING[dtype])
+    return out
+
+
 def right_aligned(values: np.ndarray, counts: np.ndarray, length: int, fill: Any) -> np.ndarray:
     """Flattened rows (``counts`` values each) as ``[rows, length]``, each row's values last."""
-    out = np.full((len(counts), length), fill, dtype=values.dtype)
+    out = np.empty((len(counts), length), dtype=values.dtype)
+    out.fill(fill)  # np.full would pass "\x00" through a numpy string, which drops it
     rows = np.repeat(np.arange(len(counts)), counts)
     starts = np.cumsum(counts) - counts
     columns = length - counts[rows] + (np.arange(len(values)) - starts[rows])
@@ -110,7 +119,7 @@ def parse_id(value: Any, dtype: str) -> Any:
     if isinstance(value, str):
         text = value.strip()
         digits = text[1:] if text[:1] in "+-" else text
-        if not digits.isdigit():
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 20:
             return NULL_INT
         value = int(text)
     if isinstance(value, float):

@@ -174,7 +174,6 @@ def _write_sidecars(
     rows = sum(pq.read_metadata(f).num_rows for f in files)
     buckets = max(1, math.ceil(rows / bucket_rows))
     _partition(files, _narrow_columns(user_key, groups), user_key, buckets, work, schema)
-    out_columns = [s.column for g in groups for s in g.specs]
     for k in range(buckets):
         frame = pl.read_parquet(work / f"in-{k}.parquet")
         derived = frame.select("__key")
@@ -185,7 +184,10 @@ def _write_sidecars(
         derived.sort("__key").write_parquet(work / f"out-{k}.parquet", row_group_size=group)
         (work / f"in-{k}.parquet").unlink()
         del frame, derived
-    _assemble(files, [work / f"out-{k}.parquet" for k in range(buckets)], out_columns, directory)
+    types = {
+        s.column: pl.List(schema[v]) for g in groups for s, v in zip(g.specs, g.values, strict=True)
+    }
+    _assemble(files, [work / f"out-{k}.parquet" for k in range(buckets)], types, directory)
 
 
 def _partition(
@@ -225,9 +227,13 @@ def _partition(
         empty.write_parquet(work / f"in-{k}.parquet")
 
 
-def _assemble(files: list[Path], parts: list[Path], columns: list[str], directory: Path) -> None:
+def _assemble(
+    files: list[Path], parts: list[Path], types: dict[str, pl.DataType], directory: Path
+) -> None:
     """Each log file's sidecar, row group by row group, from the buckets' results (each sorted
     by key): only the bucket row groups whose key range meets the log row group's are read."""
+    columns = list(types)
+    empty = pl.DataFrame(schema={"__key": pl.Int64, **types})
     handles = [pq.ParquetFile(p) for p in parts]
     ranges = [_key_ranges(h) for h in handles]
     for i, file in enumerate(files):
@@ -241,7 +247,7 @@ def _assemble(files: list[Path], parts: list[Path], columns: list[str], director
                 if len(wanted):
                     pieces.append(pl.from_arrow(handle.read_row_groups(wanted.tolist())))
             piece = (
-                pl.concat(pieces)
+                pl.concat([empty, *pieces], how="vertical_relaxed")
                 .filter(pl.col("__key").is_between(start, start + size - 1))
                 .sort("__key")
                 .select(columns)
@@ -253,9 +259,7 @@ def _assemble(files: list[Path], parts: list[Path], columns: list[str], director
             writer.write_table(table, row_group_size=max(size, 1))
             start += size
         if writer is None:  # a file with no row group
-            pl.DataFrame(schema={c: pl.List(pl.Int64) for c in columns}).write_parquet(
-                directory / f"{i}.parquet"
-            )
+            empty.select(columns).write_parquet(directory / f"{i}.parquet")
         else:
             writer.close()
 

@@ -233,7 +233,7 @@ class LogSource:
         """A logged sequence is a list column whose elements have its vocabulary's type."""
         dtype = self.joined_schema[spec.column]
         where = self.where if spec.column in self.schema else "its side table"
-        if not isinstance(dtype, pl.List | pl.Array):
+        if not isinstance(dtype, pl.List):
             raise ConfigError(
                 f"column '{spec.column}' (sequence '{spec.name}') in {where} is {dtype}, "
                 "expected a list column"

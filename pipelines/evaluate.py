@@ -132,8 +132,8 @@ def score(
 
 
 def history_feature(data: RankerDataModule) -> str | None:
-    """The sequence the report buckets rows by: the first of the dataset's, if any."""
-    sequences = data.config.sequences
+    """The sequence the report buckets rows by: the first the model reads, if any."""
+    sequences = data.state.sequences
     return sequences[0].name if sequences else None
 
 

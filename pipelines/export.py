@@ -198,7 +198,12 @@ def latest_histories(data: RankerDataModule, log: pl.LazyFrame) -> list[pl.LazyF
     for spec in (s for s in c.sequences if s.derived):
         value = c.feature(spec.vocabulary_of).column
         out.append(
-            log.filter(pl.col(spec.from_label).cast(pl.Float64) == 1)
+            log.filter(
+                (pl.col(spec.from_label).cast(pl.Float64) == 1)
+                & pl.col(c.user_key).is_not_null()
+                & pl.col(spec.timestamp).is_not_null()
+                & ~pl.col(spec.timestamp).to_physical().cast(pl.Float64).is_nan()
+            )
             .select(c.user_key, spec.timestamp, value)
             .sort(spec.timestamp, maintain_order=True)
             .group_by(c.user_key, maintain_order=True)

@@ -31,7 +31,8 @@ class FixedWeights(nn.Module):
         super().__init__()
         self.register_buffer("weights", weights.clone(), persistent=False)  # the dataset's
 
-    def forward(self, per_task: torch.Tensor) -> torch.Tensor:
+    def forward(self, per_task: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """``per_task`` losses ``[T]``; ``present`` ``[T]``: tasks observed in the batch."""
         return (per_task * self.weights).sum()
 
     def current(self) -> torch.Tensor:
@@ -54,9 +55,12 @@ class UncertaintyWeights(FixedWeights):
         super().__init__(weights)
         self.log_variance = nn.Parameter(torch.zeros_like(weights))
 
-    def forward(self, per_task: torch.Tensor) -> torch.Tensor:
+    def forward(self, per_task: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        # A task with no label in the batch adds nothing, not even s_t / 2 (which alone
+        # would push its weight up batch after batch).
         s = self.log_variance
-        return (self.weights * (torch.exp(-s) * per_task + s / 2)).sum()
+        terms = self.weights * (torch.exp(-s) * per_task + s / 2)
+        return (terms if present is None else terms * present).sum()
 
     def current(self) -> torch.Tensor:
         return self.weights * torch.exp(-self.log_variance.detach())

@@ -133,7 +133,7 @@ class RankerModule(L.LightningModule):
     def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
         labels = batch.labels
         _, per_task = masked_bce(self(*batch.inputs), labels, self.task_weights)
-        loss = self.weighting(per_task)
+        loss = self.weighting(per_task, (~torch.isnan(labels)).any(0))
         dense_opt, sparse_opt = self.optimizers()
         dense_opt.zero_grad()
         sparse_opt.zero_grad()

@@ -33,6 +33,7 @@ from features.contract import (
     OUTPUT,
     RawInput,
     as_input,
+    missing,
     parse_id,
     right_aligned,
 )
@@ -272,7 +273,7 @@ class Scorer:
         if user_row is not None and column.side == "user" and column.name in table.values:
             return table.values[column.name][user_row : user_row + 1]
         shape = (1, column.length) if column.is_sequence else (1,)
-        return np.full(shape, MISSING[column.dtype], dtype=NUMPY_TYPE[column.dtype])
+        return missing(shape, column.dtype)
 
     def _item_feeds(
         self, ids: Sequence[Any], inline: Sequence[Mapping[str, Any] | None]
@@ -289,7 +290,7 @@ class Scorer:
             if name == self.item_key:
                 feeds[name] = self._ids(column, ids)
                 continue
-            array = np.full(n, MISSING[column.dtype], dtype=np_type)
+            array = missing(n, column.dtype)
             if table is not None and name in table.values:
                 array = np.where(found, table.values[name][rows], array).astype(np_type)
             for i, features in overrides:

@@ -159,6 +159,7 @@ def test_sidecars_keep_row_groups_and_are_cached(tmp_path: Path) -> None:
         ({"max_len": 0}, r"max_len must be >= 1"),
         ({"timestamp": None}, r"timestamp: a history derived from 'click' needs"),
         ({"side": "item"}, r"a sequence is a user or context feature"),
+        ({"side": "context"}, r"side: a history derived from the log is a user feature"),
         ({"pooling": "max"}, r"pooling: 'max' is not one of"),
         ({"target": "item_id"}, r"target is only for pooling: target_attention"),
         ({"min_count": 3}, r"min_count does not apply to a sequence"),
@@ -240,3 +241,24 @@ def test_logged_list_columns_in_the_log_and_a_side_table(tmp_path: Path) -> None
     assert spec.sequences[1].target == "author_id" and spec.sequences[0].target is None
     first = next(iter(dm.dataset("train")))
     assert first.sequences["watched"].shape == (len(first), 5)
+
+
+def test_empty_files_and_row_groups_get_empty_sidecars(tmp_path: Path) -> None:
+    """A log file with a 0-row row group (pyarrow writes one for an empty table) and one with
+    no row group at all: sidecars of the same layout and the histories' value type."""
+    frame = random_log(600).with_columns(pl.col("item_id").cast(pl.String))
+    log = write(frame, tmp_path / "log", files=2)
+    empty = frame.clear().to_arrow()
+    pq.write_table(empty, log / "part-8.parquet")  # one row group of 0 rows
+    pq.ParquetWriter(log / "part-9.parquet", empty.schema).close()  # no row group
+    assert pq.read_metadata(log / "part-8.parquet").num_row_groups == 1
+    cfg = config(tmp_path, log)
+    source = LogSource(cfg, history_cache=tmp_path / "cache")
+    got = source._scan(derived=True).select("history").collect()["history"]
+    assert got.dtype == pl.List(pl.String) and len(got) == frame.height
+    assert derived(source, "history") == [
+        [str(v) for v in h]
+        for h in reference(
+            frame.with_columns(pl.col("item_id").cast(pl.Int64)), "item_id", "click", 5
+        )
+    ]

@@ -49,3 +49,14 @@ def test_fixed_weights_are_the_datasets_and_learn_nothing() -> None:
     weights = FixedWeights(torch.tensor([1.0, 3.0]))
     assert list(weights.parameters()) == [] and weights.state_dict() == {}
     assert weights(torch.tensor([0.5, 0.25])).item() == 1.25
+
+
+def test_a_task_absent_from_the_batch_adds_nothing() -> None:
+    weighting = UncertaintyWeights(torch.ones(2))
+    with torch.no_grad():
+        weighting.log_variance.fill_(0.5)
+    absent = weighting(torch.tensor([0.4, 0.0]), torch.tensor([True, False]))
+    only_first = UncertaintyWeights(torch.ones(1))
+    with torch.no_grad():
+        only_first.log_variance.fill_(0.5)
+    torch.testing.assert_close(absent, only_first(torch.tensor([0.4])))
