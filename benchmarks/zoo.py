@@ -2,7 +2,7 @@
 
     python benchmarks/zoo.py --log data/zoo2m --rows 2000000          # generated log
     python benchmarks/zoo.py --dataset configs/data/kuairand.yaml     # real data
-    python benchmarks/zoo.py ... --models home home_no_norm home_flat  # the HoME ablations
+    python benchmarks/zoo.py ... --models home home/no_norm home/flat  # the HoME ablations
     python benchmarks/zoo.py ... --table-only                          # re-print from MLflow
     python benchmarks/zoo.py ... --no-sequences     # the dataset's sequence features left out
 
@@ -61,14 +61,20 @@ def label(model: str, args: argparse.Namespace) -> str:
     return f"{model}-noseq" if args.no_sequences else model
 
 
+def model_configs(model: str) -> list[str]:
+    """``--config`` arguments of a model: ``home/flat`` is an overlay stacked after home.yaml."""
+    base, _, overlay = model.partition("/")
+    names = [base, model] if overlay else [base]
+    return [a for n in names for a in ("--config", str(ROOT / "configs" / "model" / f"{n}.yaml"))]
+
+
 def train(model: str, seed: int, args: argparse.Namespace) -> None:
     command = [
         str(Path(sys.executable).parent / "ranker"),
         "fit",
         "--config",
         str(ROOT / "configs" / "trainer.yaml"),
-        "--config",
-        str(ROOT / "configs" / "model" / f"{model}.yaml"),
+        *model_configs(model),
         "--data.dataset",
         str(args.train_dataset),
         "--data.batch_size",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 
 from features.config import TaskSpec
 from features.state import InputSpec
@@ -21,3 +24,25 @@ def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     cat = torch.stack([torch.randint(0, c, (n,), generator=g) for c in INPUTS.cardinalities], 1)
     return cat, torch.randn(n, INPUTS.num_numeric, generator=g)
+
+
+def network_config(path: Path) -> dict:
+    """A model config's ``model.network``, as LightningCLI composes it: an ablation in a
+    subfolder (``home/flat.yaml``) is stacked after its base (``home.yaml``)."""
+    network = yaml.safe_load(path.read_text())["model"]["network"]
+    base = path.parent.parent / f"{path.parent.name}.yaml"
+    if path.parent.name != "model" and base.exists():
+        composed = yaml.safe_load(base.read_text())["model"]["network"]
+        composed["init_args"] = {**composed.get("init_args", {}), **network["init_args"]}
+        return composed
+    return network
+
+
+def model_configs(root: Path) -> list[Path]:
+    """Every model config: the zoo and the ablation overlays."""
+    return sorted(root.glob("*.yaml")) + sorted(root.glob("*/*.yaml"))
+
+
+def config_id(path: Path) -> str:
+    """A model config's test id: ``mmoe``, ``home/flat``."""
+    return f"{path.parent.name}/{path.stem}" if path.parent.name != "model" else path.stem

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from features.state import InputSpec, SequenceInput
 from ranker.loss import masked_bce
 from ranker.models import MultiTaskModel, build
 from tests.conftest import CONFIGS
-from tests.ranker.common import INPUTS, TASKS, batch
+from tests.ranker.common import INPUTS, TASKS, batch, model_configs, network_config
 
 SEQ_INPUTS = InputSpec(
     INPUTS.cat_names,
@@ -25,11 +24,11 @@ SEQ_INPUTS = InputSpec(
     ),
 )
 ITEM = INPUTS.cat_names.index("item")
-MODEL_CONFIGS = sorted((CONFIGS / "model").glob("*.yaml"))
+MODEL_CONFIGS = model_configs(CONFIGS / "model")
 
 
 def model_of(path: Path) -> MultiTaskModel:
-    network = yaml.safe_load(path.read_text())["model"]["network"]
+    network = network_config(path)
     hidden = {"bottom_hidden": [16, 8]} if "shared_bottom" in path.name else {}
     hidden = hidden or {"expert_hidden": [16, 8]}
     return build(network, SEQ_INPUTS, TASKS, tower_hidden=[8], **hidden)
@@ -48,7 +47,9 @@ def sequences(n: int, seed: int = 0, empty_every: int = 3) -> dict[str, torch.Te
     return out
 
 
-@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", MODEL_CONFIGS, ids=lambda p: p.relative_to(CONFIGS / "model").with_suffix("").as_posix()
+)
 def test_every_zoo_model_trains_with_sequences(path: Path) -> None:
     """The loss falls, and the attention unit and the history rows of the shared embedding
     receive gradient, in every model without code of its own."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,14 +14,14 @@ from ranker.experts import ExpertPool, FeatureGate
 from ranker.loss import masked_bce
 from ranker.models import PLE, AdaTT, HoME, MultiTaskModel, build
 from tests.conftest import CONFIGS
-from tests.ranker.common import INPUTS, SMALL, TASKS, batch
+from tests.ranker.common import INPUTS, SMALL, TASKS, batch, model_configs, network_config
 
-MODEL_CONFIGS = sorted((CONFIGS / "model").glob("*.yaml"))
+MODEL_CONFIGS = model_configs(CONFIGS / "model")
 
 
 def from_config(path: Path, **overrides: object) -> MultiTaskModel:
     """The network a model config describes (what LightningCLI builds), on the test inputs."""
-    network = yaml.safe_load(path.read_text())["model"]["network"]
+    network = network_config(path)
     return build(network, INPUTS, TASKS, **overrides)
 
 
@@ -31,7 +33,9 @@ def small(path: Path) -> MultiTaskModel:
     return from_config(path, **overrides)
 
 
-@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", MODEL_CONFIGS, ids=lambda p: p.relative_to(CONFIGS / "model").with_suffix("").as_posix()
+)
 def test_every_config_builds_with_the_signature(path: Path) -> None:
     model = from_config(path)
     cat, num = batch()
@@ -44,7 +48,9 @@ def test_every_config_builds_with_the_signature(path: Path) -> None:
         torch.testing.assert_close(weights.sum(1), torch.ones(32))
 
 
-@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", MODEL_CONFIGS, ids=lambda p: p.relative_to(CONFIGS / "model").with_suffix("").as_posix()
+)
 def test_gradient_reaches_every_parameter(path: Path) -> None:
     model = small(path)
     cat, num = batch()
@@ -184,7 +190,9 @@ def test_adatt_gates_fuse_every_tasks_experts_with_a_native_residual() -> None:
     assert set(model.layers[0].residuals) == {*(f"task:{t.name}" for t in TASKS), "shared"}
 
 
-@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", MODEL_CONFIGS, ids=lambda p: p.relative_to(CONFIGS / "model").with_suffix("").as_posix()
+)
 def test_a_few_steps_lower_the_loss(path: Path) -> None:
     torch.manual_seed(0)
     model = small(path)
@@ -205,3 +213,29 @@ def test_a_few_steps_lower_the_loss(path: Path) -> None:
         for opt in optimizers:
             opt.step()
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_each_ablation_overlay_turns_one_home_mechanism_off() -> None:
+    """The overlays as LightningCLI composes them (checked through ``--print_config``)."""
+    base = network_config(CONFIGS / "model" / "home.yaml")["init_args"]
+    expected = {
+        "no_norm": {"activation": "relu", "expert_norm": False},
+        "flat": {"hierarchy": False},
+        "no_feature_gate": {"feature_gate_rank": 0},
+        "no_self_gate": {"self_gate": False},
+    }
+    overlays = sorted((CONFIGS / "model" / "home").glob("*.yaml"))
+    assert [p.stem for p in overlays] == sorted(expected)
+    for path in overlays:
+        composed = network_config(path)["init_args"]
+        assert {k: v for k, v in composed.items() if base.get(k) != v} == expected[path.stem]
+    ranker = Path(sys.executable).parent / "ranker"
+    flat = CONFIGS / "model" / "home" / "flat.yaml"
+    printed = subprocess.run(
+        [str(ranker), "fit", "--config", str(CONFIGS / "trainer.yaml"), "--config",
+         str(CONFIGS / "model" / "home.yaml"), "--config", str(flat), "--print_config"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    network = yaml.safe_load(printed)["model"]["network"]
+    assert network["class_path"] == "ranker.models.HoME"
+    assert network["init_args"]["hierarchy"] is False and network["init_args"]["self_gate"]
