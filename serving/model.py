@@ -33,6 +33,7 @@ from features.contract import (
     OUTPUT,
     RawInput,
     as_input,
+    flatten_recent,
     missing,
     parse_id,
     right_aligned,
@@ -55,7 +56,9 @@ class RequestError(ValueError):
 class FeatureTable:
     """A Parquet snapshot keyed by user or item id, held as sorted columnar arrays.
 
-    ``lookup(ids)`` finds N ids with one ``searchsorted``: no per-row Python.
+    ``lookup(ids)`` finds N ids with one ``searchsorted``: no per-row Python. A sequence column
+    is held flat (each row's most recent values, and offsets), not padded: 10M users' 50-long
+    histories of string ids would otherwise be 500M object references.
     """
 
     def __init__(self, path: Path, key: str, columns: Sequence[RawInput]) -> None:
@@ -67,7 +70,22 @@ class FeatureTable:
         frame = frame.unique(subset=key, keep="last").sort(key)
         key_dtype = "int64" if frame[key].dtype.is_integer() else "string"
         self.keys = as_input(frame[key], key_dtype)
-        self.values = {c.name: as_input(frame[c.name], c.dtype, c.length) for c in self.columns}
+        self.values = {
+            c.name: as_input(frame[c.name], c.dtype) for c in self.columns if not c.is_sequence
+        }
+        self.sequences: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # values, offsets
+        for c in (c for c in self.columns if c.is_sequence):
+            values, counts = flatten_recent(frame[c.name], c.length)
+            offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            self.sequences[c.name] = (as_input(values, c.dtype), offsets)
+
+    def sequence(self, column: RawInput, row: int) -> np.ndarray:
+        """One row's sequence as the graph takes it: ``[1, L]``, right-aligned."""
+        values, offsets = self.sequences[column.name]
+        kept = values[offsets[row] : offsets[row + 1]]
+        counts = np.array([len(kept)], dtype=np.int64)
+        return right_aligned(kept, counts, column.length, MISSING[column.dtype])
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -270,8 +288,11 @@ class Scorer:
     def _from_user_table(self, column: RawInput, user_row: int | None) -> np.ndarray:
         """The column's row of the user table (``[1]`` or ``[1, L]``), missing if none."""
         table = self.user_table
-        if user_row is not None and column.side == "user" and column.name in table.values:
-            return table.values[column.name][user_row : user_row + 1]
+        if user_row is not None and column.side == "user":
+            if column.name in table.sequences:
+                return table.sequence(column, user_row)
+            if column.name in table.values:
+                return table.values[column.name][user_row : user_row + 1]
         shape = (1, column.length) if column.is_sequence else (1,)
         return missing(shape, column.dtype)
 
