@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from features.datamodule import RankerDataModule
-from ranker.calibration import fit
+from ranker.calibration import fit, probabilities
 from ranker.metrics import Scores, task_metrics
 from ranker.module import RankerModule
 
@@ -44,8 +44,8 @@ def calibrate(module: RankerModule, data: RankerDataModule) -> dict[str, float]:
     scale, bias = fit(logits, labels, module.hparams.calibration)
     module.calibrator.set(scale, bias)
     tasks = module.task_names
-    before = task_metrics(1 / (1 + np.exp(-logits)), labels, users, tasks)
-    after = task_metrics(1 / (1 + np.exp(-(logits * scale + bias))), labels, users, tasks)
+    before = task_metrics(probabilities(logits), labels, users, tasks)
+    after = task_metrics(probabilities(logits, module.calibrator), labels, users, tasks)
     module.last_metrics["val"] = after
     out = {}
     for t, task in enumerate(tasks):

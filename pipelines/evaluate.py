@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -42,6 +41,7 @@ from pipelines.render import (
 )
 from pipelines.report import oracle_metrics
 from pipelines.tracking import resolve_tracking_uri
+from ranker.calibration import probabilities
 from ranker.diagnostics import ExpertStats, HealthLimits, health, json_safe, observe
 from ranker.metrics import Scores, metrics_by_history, reliability, task_metrics
 from ranker.module import RankerModule
@@ -189,12 +189,10 @@ def evaluate(
     tick = time.perf_counter()
     tasks = module.task_names
     logits, labels, users = scores.arrays()
-    probs = torch.sigmoid(module.calibrator(torch.from_numpy(logits))).numpy()
+    probs = probabilities(logits, module.calibrator)
     metrics = task_metrics(probs, labels, users, tasks)
     identity = bool((module.calibrator.scale == 1).all() and (module.calibrator.bias == 0).all())
-    uncalibrated = (
-        None if identity else task_metrics(1 / (1 + np.exp(-logits)), labels, users, tasks)
-    )
+    uncalibrated = None if identity else task_metrics(probabilities(logits), labels, users, tasks)
     history = history_feature(data)
     by_history = (
         metrics_by_history(probs, labels, users, scores.lengths, tasks) if history else None
