@@ -82,10 +82,12 @@ class MLP(nn.Sequential):
 
 
 class Tower(nn.Sequential):
-    """A task's head: an MLP down to one logit."""
+    """A task's head: an MLP (dropout after each hidden layer) down to one logit."""
 
-    def __init__(self, input_dim: int, hidden: Sequence[int], activation: str = "relu") -> None:
-        mlp = MLP(input_dim, hidden, activation)
+    def __init__(
+        self, input_dim: int, hidden: Sequence[int], activation: str = "relu", dropout: float = 0.0
+    ) -> None:
+        mlp = MLP(input_dim, hidden, activation, dropout)
         super().__init__(mlp, nn.Linear(mlp.output_dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """The multi-task loss: the weighted sum over tasks of BCE on observed labels only, with the
-task weights fixed (the dataset's) or learned (``WEIGHTINGS``)."""
+task weights fixed (the dataset's) or learned, or the tasks' gradients de-conflicted
+(``WEIGHTINGS``)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +69,87 @@ class UncertaintyWeights(FixedWeights):
         return self.weights * torch.exp(-self.log_variance.detach())
 
 
+def project_conflicts(grads: torch.Tensor, order: torch.Generator | None = None) -> torch.Tensor:
+    """PCGrad's projection: task gradients ``[T, P]`` -> de-conflicted ``[T, P]``.
+
+    For each task ``i`` and every other task ``j`` in a random order, where the two conflict
+    (``g_i . g_j < 0``), ``g_i`` loses its component along ``g_j``:
+
+        g_i <- g_i - (g_i . g_j / |g_j|^2) g_j
+
+    ``g_i`` is the running (projected) gradient, ``g_j`` the original one, as in the paper's
+    Algorithm 1.
+    """
+    projected = grads.clone()
+    norms = (grads * grads).sum(1)
+    for i in range(len(grads)):
+        for j in torch.randperm(len(grads), generator=order).tolist():
+            if j == i or norms[j] == 0:
+                continue
+            dot = projected[i] @ grads[j]
+            if dot < 0:
+                projected[i] -= dot / norms[j] * grads[j]
+    return projected
+
+
+class PCGrad(FixedWeights):
+    """Projecting conflicting gradients (Yu et al., "Gradient Surgery for Multi-Task
+    Learning", NeurIPS 2020): the loss is the fixed weighted sum, but its gradient on the
+    **shared** dense parameters (those two or more tasks reach) is
+    ``sum_i project_conflicts(g)_i`` with ``g_i = grad(w_i L_i)``: no task's step moves
+    against another's. A parameter only one task reaches (its tower, its gate) gets that
+    task's gradient. The embedding rows receive the plain weighted sum: their gradients are
+    sparse, and projecting them would need every task's dense copy of the tables.
+
+    Costs one backward pass per task present in the batch, plus one for the embeddings.
+    ``last_conflicts`` is the share of task pairs whose gradients conflicted in the last step.
+    """
+
+    def __init__(self, weights: torch.Tensor, seed: int = 0) -> None:
+        super().__init__(weights)
+        self.order = torch.Generator().manual_seed(seed)
+        self.last_conflicts = 0.0
+
+    def backward(
+        self,
+        per_task: torch.Tensor,
+        present: torch.Tensor,
+        dense: Sequence[torch.Tensor],
+        sparse: Sequence[torch.Tensor],
+    ) -> None:
+        """Sets ``.grad`` of the ``dense`` and ``sparse`` parameters for ``self(per_task)``."""
+        weighted = per_task * self.weights
+        tasks = [t for t in range(len(weighted)) if present[t]]
+        grads = [
+            torch.autograd.grad(weighted[t], dense, retain_graph=True, allow_unused=True)
+            for t in tasks
+        ]
+        shared = [k for k in range(len(dense)) if sum(g[k] is not None for g in grads) > 1]
+        own = {k: [g[k] for g in grads if g[k] is not None] for k in range(len(dense))}
+        if shared:
+            flat = torch.stack(
+                [torch.cat([_dense(g[k], dense[k]).flatten() for k in shared]) for g in grads]
+            )
+            cosines = torch.nn.functional.normalize(flat, dim=1)
+            pairs = len(tasks) * (len(tasks) - 1)
+            conflicts = ((cosines @ cosines.T) < 0).sum().item()
+            self.last_conflicts = conflicts / pairs if pairs else 0.0
+            summed = project_conflicts(flat, self.order).sum(0)
+            sizes = [dense[k].numel() for k in shared]
+            for k, part in zip(shared, summed.split(sizes), strict=True):
+                own[k] = [part.view_as(dense[k])]
+        for k, parts in own.items():
+            if parts:  # one: the projected sum of a shared parameter, or its one task's
+                dense[k].grad = parts[0]
+        torch.autograd.backward(weighted.sum(), inputs=list(sparse))
+
+
+def _dense(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(param) if grad is None else grad
+
+
 WEIGHTINGS: dict[str, type[FixedWeights]] = {
     "fixed": FixedWeights,
     "uncertainty": UncertaintyWeights,
+    "pcgrad": PCGrad,
 }

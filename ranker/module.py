@@ -16,7 +16,7 @@ from features.config import TaskSpec
 from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
-from ranker.loss import WEIGHTINGS, masked_bce
+from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import Scores, task_metrics
 from ranker.models.base import MultiTaskModel
 from ranker.sharded_metrics import sharded_task_metrics
@@ -29,6 +29,7 @@ Monitor = Literal["auto", "gauc", "auc", "logloss"]
 # What checkpoint selection and early stopping compare, every validation: higher is better.
 MONITOR = "val/monitor"
 FALLBACK: tuple[str, ...] = ("gauc", "auc", "logloss")  # the order "auto" tries
+EMBEDDING_OPTIMIZERS = {"sparse_adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad}
 
 
 class RankerModule(L.LightningModule):
@@ -40,12 +41,21 @@ class RankerModule(L.LightningModule):
         tasks: the tasks, in label order (linked from the DataModule).
         learning_rate: AdamW learning rate of the dense part.
         weight_decay: AdamW weight decay of the dense part.
-        embedding_learning_rate: SparseAdam learning rate of the embedding tables.
+        embedding_learning_rate: learning rate of the embedding tables.
+        embedding_optimizer: the embedding tables' optimiser, on sparse gradients (only the
+            rows in the batch move): ``sparse_adam`` or ``adagrad`` (row-wise accumulation,
+            the usual choice for very large tables).
+        lr_schedule: ``none``, or ``plateau``: both learning rates halve after a validation
+            whose monitored metric did not improve.
         gradient_clip: max global norm of the dense gradients (0 = off).
-        loss_weighting: how the tasks' losses are weighted in training: ``fixed`` (the
-            dataset's task weights) or ``uncertainty`` (learned per task, Kendall et al. 2018,
-            on top of the dataset's); the weights are logged every epoch
-            (``train/task_weight/<task>``). Validation losses always use the fixed weights.
+        loss_weighting: how the tasks' losses are balanced in training (``ranker.loss``):
+            ``fixed`` (the dataset's task weights), ``uncertainty`` (learned per task, Kendall
+            et al. 2018, on top of the dataset's) or ``pcgrad`` (the fixed weights, with
+            conflicting task gradients projected apart on the shared parameters, Yu et al.
+            2020; one backward pass per task; single process only). The weights are logged
+            every epoch (``train/task_weight/<task>``); PCGrad also logs the share of task
+            pairs in conflict (``train/pcgrad/conflicts``). Validation losses always use the
+            fixed weights.
         calibration: per-task post-hoc calibration fitted on validation after training
             (``ranker.calibration``: ``platt``, ``temperature`` or ``none``); evaluation, export
             and the service use the calibrated probabilities.
@@ -66,9 +76,11 @@ class RankerModule(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-5,
         embedding_learning_rate: float = 5e-2,
+        embedding_optimizer: Literal["sparse_adam", "adagrad"] = "sparse_adam",
+        lr_schedule: Literal["none", "plateau"] = "none",
         gradient_clip: float = 0.0,
         monitor: Monitor = "auto",
-        loss_weighting: Literal["fixed", "uncertainty"] = "fixed",
+        loss_weighting: Literal["fixed", "uncertainty", "pcgrad"] = "fixed",
         calibration: Method = "platt",
     ) -> None:
         super().__init__()
@@ -100,23 +112,40 @@ class RankerModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def split_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The network's (dense, sparse) parameters: sparse = the embedding tables."""
         sparse = list(self.network.embedding.parameters())
         sparse_ids = {id(p) for p in sparse}
-        dense = [p for p in self.network.parameters() if id(p) not in sparse_ids]
+        return [p for p in self.network.parameters() if id(p) not in sparse_ids], sparse
+
+    def configure_optimizers(self) -> Any:
+        dense, sparse = self.split_parameters()
         groups = [{"params": dense}]
         learned = list(self.weighting.parameters())  # learned task weights: no weight decay
         groups += [{"params": learned, "weight_decay": 0.0}] if learned else []
-        return [
-            torch.optim.AdamW(
-                groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-            ),
-            torch.optim.SparseAdam(sparse, lr=self.hparams.embedding_learning_rate),
+        hp = self.hparams
+        embedding = EMBEDDING_OPTIMIZERS[hp.embedding_optimizer]
+        optimisers = [
+            torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay),
+            embedding(sparse, lr=hp.embedding_learning_rate),
+        ]
+        if hp.lr_schedule == "none":
+            return optimisers
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+        return optimisers, [
+            plateau(o, mode="max", factor=0.5, patience=0, threshold=0) for o in optimisers
         ]
 
     def _start_clock(self) -> None:
         self._epoch_start, self._epoch_samples = time.perf_counter(), 0
         self._last_batch_end = self._epoch_start
+
+    def on_fit_start(self) -> None:
+        if isinstance(self.weighting, PCGrad) and self.trainer.world_size > 1:
+            raise ValueError(
+                "--model.loss_weighting pcgrad runs in one process only: its per-task "
+                "gradients bypass DDP's gradient reduction (use fixed or uncertainty)"
+            )
 
     def on_train_start(self) -> None:
         self._start_clock()  # a run resumed mid-epoch gets no on_train_epoch_start
@@ -126,6 +155,9 @@ class RankerModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
         self._start_clock()
+        dense_opt, sparse_opt = self.optimizers()  # the learning rates this epoch trains with
+        self.log("train/lr", dense_opt.param_groups[0]["lr"])
+        self.log("train/embedding_lr", sparse_opt.param_groups[0]["lr"])
 
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         self._last_batch_end = time.perf_counter()
@@ -133,11 +165,17 @@ class RankerModule(L.LightningModule):
     def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
         labels = batch.labels
         _, per_task = masked_bce(self(*batch.inputs), labels, self.task_weights)
-        loss = self.weighting(per_task, (~torch.isnan(labels)).any(0))
+        present = (~torch.isnan(labels)).any(0)
+        loss = self.weighting(per_task, present)
         dense_opt, sparse_opt = self.optimizers()
         dense_opt.zero_grad()
         sparse_opt.zero_grad()
-        self.manual_backward(loss)
+        if isinstance(self.weighting, PCGrad):
+            self.weighting.backward(per_task, present, *self.split_parameters())
+            conflicts = self.weighting.last_conflicts
+            self.log("train/pcgrad/conflicts", conflicts, on_epoch=True, batch_size=1)
+        else:
+            self.manual_backward(loss)
         if self.hparams.gradient_clip:
             self.clip_gradients(dense_opt, gradient_clip_val=self.hparams.gradient_clip)
         dense_opt.step()
@@ -201,6 +239,7 @@ class RankerModule(L.LightningModule):
         headline = f"{stage}/gauc/mean"
         if stage == "val":
             loggable[MONITOR] = self._monitored(metrics)
+            self._schedule(loggable[MONITOR])
         # Every rank holds the same metrics: no reduction needed (nor warned about).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
@@ -232,6 +271,14 @@ class RankerModule(L.LightningModule):
             rank_zero_warn(f"val mean {self.selected.upper()} is NaN this epoch: not a best")
             value = -math.inf
         return value
+
+    def _schedule(self, monitored: float) -> None:
+        """Steps the plateau schedules on a validation of training (not of the best model)."""
+        trainer = self.trainer
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        for scheduler in self.lr_schedulers() or []:
+            scheduler.step(monitored)
 
     @staticmethod
     def _signed(metric: str, metrics: dict[str, float]) -> float:

@@ -34,6 +34,7 @@ class AdaTT(ExpertModel):
         shared_experts: int = 0,
         expert_hidden: Sequence[int] = (256, 128),
         tower_hidden: Sequence[int] = (64,),
+        tower_dropout: float = 0.0,
         activation: str = "relu",
         native_residual: bool = True,
     ) -> None:
@@ -54,4 +55,4 @@ class AdaTT(ExpertModel):
             layer = ExpertLayer(f"level{j}", pools, gates, dims, expert_hidden, activation)
             self.layers.append(layer)
             dims = dict.fromkeys(modules, layer.output_dim)
-        self.add_towers(tower_hidden, activation)
+        self.add_towers(tower_hidden, activation, tower_dropout)

@@ -76,9 +76,10 @@ class ExpertModel(MultiTaskModel):
         super().__init__(inputs, tasks)
         self.layers = nn.ModuleList()
 
-    def add_towers(self, hidden: Sequence[int], activation: str) -> None:
+    def add_towers(self, hidden: Sequence[int], activation: str, dropout: float = 0.0) -> None:
+        """One tower per task; ``dropout`` after each of its hidden layers (training only)."""
         width = self.layers[-1].output_dim
-        self.towers = nn.ModuleList(Tower(width, hidden, activation) for _ in self.tasks)
+        self.towers = nn.ModuleList(Tower(width, hidden, activation, dropout) for _ in self.tasks)
 
     def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
         reps = {"x": x}

@@ -47,6 +47,7 @@ class HoME(ExpertModel):
         task_experts: int = 1,
         expert_hidden: Sequence[int] = (256, 128),
         tower_hidden: Sequence[int] = (64,),
+        tower_dropout: float = 0.0,
         activation: str = "swish",
         expert_norm: bool = True,
         hierarchy: bool = True,
@@ -98,4 +99,4 @@ class HoME(ExpertModel):
             gates = [GateSpec(k, ("x",), (k, "shared"), residual, own=k) for k in self.task_keys]
             dims = {"x": self.input_dim}
         self.layers.append(ExpertLayer("task", pools, gates, dims, **expert))
-        self.add_towers(tower_hidden, activation)
+        self.add_towers(tower_hidden, activation, tower_dropout)

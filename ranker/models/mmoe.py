@@ -28,6 +28,7 @@ class MMoE(ExpertModel):
         num_experts: int = 8,
         expert_hidden: Sequence[int] = (256, 128),
         tower_hidden: Sequence[int] = (64,),
+        tower_dropout: float = 0.0,
         activation: str = "relu",
     ) -> None:
         super().__init__(inputs, tasks)
@@ -41,4 +42,4 @@ class MMoE(ExpertModel):
                 activation=activation,
             )
         )
-        self.add_towers(tower_hidden, activation)
+        self.add_towers(tower_hidden, activation, tower_dropout)

@@ -36,6 +36,7 @@ class PLE(ExpertModel):
         task_experts: int = 2,
         expert_hidden: Sequence[int] = (256, 128),
         tower_hidden: Sequence[int] = (64,),
+        tower_dropout: float = 0.0,
         activation: str = "relu",
     ) -> None:
         super().__init__(inputs, tasks)
@@ -53,4 +54,4 @@ class PLE(ExpertModel):
             layer = ExpertLayer(f"level{j}", pools, gates, dims, expert_hidden, activation)
             self.layers.append(layer)
             dims = dict.fromkeys([*self.task_keys, "shared"], layer.output_dim)
-        self.add_towers(tower_hidden, activation)
+        self.add_towers(tower_hidden, activation, tower_dropout)

@@ -29,13 +29,15 @@ class SharedBottom(MultiTaskModel):
         tasks: Sequence[TaskSpec],
         bottom_hidden: Sequence[int] = (256, 128),
         tower_hidden: Sequence[int] = (64,),
+        tower_dropout: float = 0.0,
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
         super().__init__(inputs, tasks)
         self.bottom = MLP(self.input_dim, bottom_hidden, activation, dropout)
         self.towers = nn.ModuleList(
-            Tower(self.bottom.output_dim, tower_hidden, activation) for _ in self.tasks
+            Tower(self.bottom.output_dim, tower_hidden, activation, tower_dropout)
+            for _ in self.tasks
         )
 
     def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:

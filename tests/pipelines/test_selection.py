@@ -142,3 +142,57 @@ def test_the_monitored_metric_falls_back_loudly(monitor, metrics, chosen, value,
     with pytest.warns(UserWarning, match="is NaN this epoch"):
         assert module._monitored(later) == -math.inf
     assert module.selected == chosen
+
+
+def test_plateau_schedule_pcgrad_adagrad_and_tower_dropout_train(
+    tiny_log: Path, tmp_path: Path
+) -> None:
+    """The training options of the tuner's search space, on a real fit: each learning rate
+    halves exactly after a validation that did not beat the best; PCGrad logs its conflicts."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    main(
+        fit_args(
+            tiny_log,
+            tmp_path / "checkpoints",
+            "--trainer.max_epochs",
+            "5",
+            "--trainer.callbacks",
+            "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
+            "{monitor: val/monitor, mode: max, save_top_k: 1}}]",
+            "--trainer.logger.init_args.tracking_uri",
+            uri,
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.learning_rate",
+            "0.01",
+            "--model.lr_schedule",
+            "plateau",
+            "--model.loss_weighting",
+            "pcgrad",
+            "--model.embedding_optimizer",
+            "adagrad",
+            "--model.network.init_args.tower_dropout",
+            "0.1",
+        )
+    )
+    client, run = run_of(uri)
+
+    def history(key: str) -> list[float]:
+        metrics = client.get_metric_history(run.info.run_id, key)
+        return [m.value for m in sorted(metrics, key=lambda m: m.step)]
+
+    monitor, lr, embedding_lr = (
+        history("val/monitor"),
+        history("train/lr"),
+        history("train/embedding_lr"),
+    )
+    assert len(lr) == 5 and len(monitor) == 6  # the last: the best checkpoint, validated again
+    expected, best = [0.01], -math.inf
+    for value in monitor[:4]:
+        expected.append(expected[-1] * (1.0 if value > best else 0.5))
+        best = max(best, value)
+    assert lr == pytest.approx(expected)
+    assert embedding_lr == pytest.approx([0.05 * e / 0.01 for e in expected])
+    assert min(lr) < 0.01  # this seed's run did have a plateau
+    conflicts = history("train/pcgrad/conflicts_epoch")
+    assert len(conflicts) == 5 and all(0.0 <= c <= 1.0 for c in conflicts)
