@@ -5,6 +5,7 @@
     python benchmarks/zoo.py ... --models home home/no_norm home/flat  # the HoME ablations
     python benchmarks/zoo.py ... --table-only                          # re-print from MLflow
     python benchmarks/zoo.py ... --no-sequences     # the dataset's sequence features left out
+    python benchmarks/zoo.py ... --variant pcgrad --fit-args "--model.loss_weighting pcgrad"
 
 Each model is trained by ``ranker fit`` (a subprocess: the same command a user runs) with
 ``configs/model/<model>.yaml``, the same data, epochs, batch size and seeds, into the MLflow
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -58,7 +60,8 @@ def without_sequences(dataset: Path, directory: Path) -> Path:
 
 
 def label(model: str, args: argparse.Namespace) -> str:
-    return f"{model}-noseq" if args.no_sequences else model
+    name = f"{model}+{args.variant}" if args.variant else model
+    return f"{name}-noseq" if args.no_sequences else name
 
 
 def model_configs(model: str) -> list[str]:
@@ -92,6 +95,7 @@ def train(model: str, seed: int, args: argparse.Namespace) -> None:
     ]
     if args.log:
         command += ["--data.log_path", str(args.log)]
+    command += shlex.split(args.fit_args)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if result.returncode:
@@ -104,7 +108,8 @@ def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table
     experiment = client.get_experiment_by_name(args.experiment)
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
     by_model: dict[str, list] = {}
-    rows = [v for m in args.models for v in (m, f"{m}-noseq")]
+    names = [m if not args.variant else f"{m}+{args.variant}" for m in args.models]
+    rows = [v for m in names for v in (m, f"{m}-noseq")]
     for run in runs:
         model, _, seed = run.info.run_name.rpartition("-s")
         if model in rows and int(seed) in args.seeds and run.info.status == "FINISHED":
@@ -183,6 +188,8 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables too")
     parser.add_argument("--no-sequences", action="store_true", help="leave sequences out")
+    parser.add_argument("--fit-args", default="", help="more `ranker fit` flags, one string")
+    parser.add_argument("--variant", default="", help="runs named <model>+<variant>")
     args = parser.parse_args()
     scratch = tempfile.TemporaryDirectory()
     args.train_dataset = (

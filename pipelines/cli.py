@@ -135,12 +135,15 @@ class RankerCLI(LightningCLI):
         print_report(report)
 
 
-def fit_cli(args: list[str] | None) -> None:
-    RankerCLI(
+def fit_cli(args: list[str] | None, cli: type[RankerCLI] = RankerCLI, **options: Any) -> RankerCLI:
+    """``ranker fit`` (and validate / test); ``options`` go to LightningCLI (``run``,
+    ``trainer_defaults``, ``parser_kwargs``)."""
+    return cli(
         RankerModule,
         RankerDataModule,
         args=args,
         save_config_callback=LogConfigToMLflow,
         save_config_kwargs={"save_to_log_dir": False},
         auto_configure_optimizers=False,
+        **options,
     )

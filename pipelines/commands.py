@@ -5,6 +5,7 @@
                --data.dataset configs/data/synthetic.yaml  # train, track in MLflow, report
     ranker evaluate --run <run id | checkpoint> [--split test]  # HTML + markdown report
     ranker compare <run> <run> ... [--split test]          # side by side, per task
+    ranker tune --space configs/tune/mmoe.yaml --trials 20 # Optuna search over `ranker fit`
     ranker export --run <run id | checkpoint>             # ONNX, parity-checked, registered
     ranker promote --name ranker-synthetic --alias champion
 
@@ -79,6 +80,64 @@ def compare_cli(args: list[str]) -> None:
     compare(options.runs, options.split, options.out, options.tracking_uri)
 
 
+def tune_cli(args: list[str]) -> None:
+    import argparse
+
+    from pipelines.tune import tune
+
+    parser = argparse.ArgumentParser(
+        prog="ranker tune",
+        description="Hyperparameter search with Optuna (TPE, median pruning): each trial a "
+        "`ranker fit`, tracked as a child MLflow run of the study's run; the best config is "
+        "written as a YAML for `ranker fit --config`. Resumable: the same command continues.",
+        epilog="Every other argument is passed to each trial's `ranker fit` (e.g. "
+        "--data.dataset configs/data/kuairand.yaml --trainer.max_epochs 5).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--space", type=Path, required=True, help="search space YAML")
+    parser.add_argument("--trials", type=int, default=20, help="finished trials to reach")
+    parser.add_argument("--study", default=None, help="study name (default: tune-<space>)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (default: optuna.db beside a SQLite mlflow.db)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="best config (default: tuned/<study>.yaml)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed")
+    parser.add_argument(
+        "--pruner",
+        choices=("median", "none"),
+        default="median",
+        help="median: stop a trial below the median of earlier ones at an epoch",
+    )
+    parser.add_argument(
+        "--startup_trials", type=int, default=5, help="finished trials before the pruner starts"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="stop after this many seconds (the running trial finishes)",
+    )
+    options, fit_args = parser.parse_known_args(args)
+    if options.trials < 1:
+        parser.error("--trials must be at least 1")
+    tune(
+        options.space,
+        fit_args,
+        trials=options.trials,
+        study_name=options.study,
+        storage=options.storage,
+        out=options.out,
+        seed=options.seed,
+        pruner=options.pruner,
+        startup_trials=options.startup_trials,
+        timeout=options.timeout,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     command, args = (words[0], words[1:]) if words else ("", [])
@@ -91,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             CLI(evaluate, args=args)
         elif command == "compare":
             compare_cli(args)
+        elif command == "tune":
+            tune_cli(args)
         elif command in ("export", "promote"):
             from pipelines import export
 
