@@ -78,6 +78,7 @@ def train(model: str, seed: int, args: argparse.Namespace) -> None:
         "--config",
         str(ROOT / "configs" / "trainer.yaml"),
         *model_configs(model),
+        *shlex.split(args.fit_args),  # before the flags below: a --config there cannot undo them
         "--data.dataset",
         str(args.train_dataset),
         "--data.batch_size",
@@ -95,12 +96,36 @@ def train(model: str, seed: int, args: argparse.Namespace) -> None:
     ]
     if args.log:
         command += ["--data.log_path", str(args.log)]
-    command += shlex.split(args.fit_args)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if result.returncode:
         sys.exit(f"{model} (seed {seed}) failed:\n{result.stderr[-4000:]}")
     print(f"{label(model, args):22s} seed {seed}: {time.perf_counter() - start:7.1f} s", flush=True)
+
+
+def short_history(run_id: str, longest: int, client: MlflowClient) -> None:
+    """Logs the run's test mean AUC / GAUC over the rows whose history (the model's first
+    sequence) holds at most ``longest`` items, as ``test/history<=N/<metric>/mean``."""
+    from pipelines.checkpoints import load, locate
+    from pipelines.evaluate import history_feature, score
+    from ranker.calibration import probabilities
+    from ranker.metrics import task_metrics
+
+    key = f"test/history<={longest}"
+    if f"{key}/auc/mean" in client.get_run(run_id).data.metrics:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        module, data = load(locate(run_id, client, Path(tmp)), client, Path(tmp), None, None, 2048)
+        if history_feature(data) is None:
+            return
+        scores, _ = score(module, data, "test")
+    logits, labels, users = scores.arrays()
+    rows = scores.lengths <= longest
+    probs = probabilities(logits, module.calibrator)
+    metrics = task_metrics(probs[rows], labels[rows], users[rows], module.task_names)
+    client.log_metric(run_id, f"{key}/rows", float(rows.sum()))
+    for name in ("auc/mean", "gauc/mean"):
+        client.log_metric(run_id, f"{key}/{name}", metrics[name])
 
 
 def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table:
@@ -116,13 +141,21 @@ def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table
             by_model.setdefault(model, []).append(run)
 
     columns = [(metric_name, t) for t in [*tasks, "mean"]]
+    if args.short_history is not None:
+        for run in (r for rs in by_model.values() for r in rs):
+            short_history(run.info.run_id, args.short_history, client)
+        by_model = {m: [client.get_run(r.info.run_id) for r in rs] for m, rs in by_model.items()}
+        columns.append((f"history<={args.short_history}/{metric_name}", "mean"))
     out = Table(
         title=f"test {metric_name.upper()}, experiment {args.experiment}: best val "
         f"checkpoint of {args.epochs} epochs, seeds {args.seeds}"
     )
     out.add_column("model")
-    for _, task in columns:
-        out.add_column(task, justify="right")
+    for key, task in columns:
+        out.add_column(
+            task if key == metric_name else f"{task}, history <= {args.short_history}",
+            justify="right",
+        )
     out.add_column("params", justify="right")
     out.add_column("train s", justify="right")
 
@@ -190,6 +223,13 @@ def main() -> None:
     parser.add_argument("--no-sequences", action="store_true", help="leave sequences out")
     parser.add_argument("--fit-args", default="", help="more `ranker fit` flags, one string")
     parser.add_argument("--variant", default="", help="runs named <model>+<variant>")
+    parser.add_argument(
+        "--short-history",
+        type=int,
+        default=None,
+        metavar="N",
+        help="add the mean over test rows whose history holds at most N items",
+    )
     args = parser.parse_args()
     scratch = tempfile.TemporaryDirectory()
     args.train_dataset = (

@@ -144,19 +144,22 @@ def experts_table(health: dict[str, Any]) -> Table:
 
 
 def gates_table(health: dict[str, Any]) -> Table:
-    table = Table(["gate", "experts", "most used expert", "its mean weight", "pinned"])
+    """Every gate; top-k gates also with their expert load and balance term."""
+    routed = any(r.get("load") is not None for r in health["gates"])
+    extra = ["load min / max", "balance (1 = even)", "idle experts"] if routed else []
+    table = Table(["gate", "experts", "most used expert", "its mean weight", "pinned", *extra])
     for r in health["gates"]:
         css = "flagged" if r["pinned"] else ""
-        table.add(
-            [
-                r["name"],
-                str(r["experts"]),
-                r["top_expert"],
-                fmt(r["top_weight"], 3),
-                fmt(r["pinned"]),
-            ],
-            [css, "", "", css, css],
-        )
+        cells = [r["name"], str(r["experts"]), r["top_expert"], fmt(r["top_weight"], 3)]
+        cells.append(fmt(r["pinned"]))
+        styles = [css, "", "", css, css]
+        if routed:
+            load = r.get("load")
+            shown = f"{fmt(min(load), 3)} / {fmt(max(load), 3)}" if load else ""
+            idle = r.get("idle", 0)
+            cells += [shown, fmt(r.get("balance"), 3), str(idle) if load else ""]
+            styles += ["", "", "flagged" if idle else ""]
+        table.add(cells, styles)
     return table
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,8 @@ from features.config import ConfigError
 from pipelines.cli import RankerCLI, fit_cli
 from pipelines.tracking import resolve_tracking_uri
 from ranker.module import MONITOR
+
+TRIAL_RUN = "mlflow_run"  # a trial's user attribute: its MLflow run id
 
 # -- the search space ----------------------------------------------------------------------------
 
@@ -112,7 +115,7 @@ def _check_range(param: FloatParam | IntParam) -> Any:
         raise ValueError(f"empty range: low {param.low} must be below high {param.high}")
     if param.log and param.low <= 0:
         raise ValueError("a log range needs low > 0")
-    if param.log and param.step not in (None, 1):
+    if param.log and param.step != (1 if isinstance(param, IntParam) else None):
         raise ValueError("log and step cannot be combined")
     return param
 
@@ -214,11 +217,11 @@ def check(space: SearchSpace, path: Path, fit_args: list[str]) -> Namespace:
             "pipelines.tracking.MLflowLogger (configs/trainer.yaml sets it)"
         )
     monitors = [
-        c.init_args.get("monitor")
+        (c.init_args.get("monitor"), c.init_args.get("mode"))
         for c in config.trainer.callbacks or []
         if c.class_path.endswith("ModelCheckpoint")
     ]
-    if MONITOR not in monitors:
+    if (MONITOR, "max") not in monitors:
         raise ConfigError(
             f"ranker tune scores a trial by its best {MONITOR}: the trainer needs a "
             f"ModelCheckpoint monitoring {MONITOR} (configs/trainer.yaml has one)"
@@ -252,7 +255,7 @@ class TrialCLI(RankerCLI):
         client.set_tag(run, "mlflow.runName", f"{self.trial.study.study_name}-{self.trial.number}")
         client.set_tag(run, "optuna.study", self.trial.study.study_name)
         client.set_tag(run, "optuna.trial", str(self.trial.number))
-        self.trial.set_user_attr("mlflow_run", run)
+        self.trial.set_user_attr(TRIAL_RUN, run)
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -339,12 +342,13 @@ def run_trial(
                 trainer_defaults={"callbacks": [pruning]},
             )
     except optuna.TrialPruned:
-        run_id = trial.user_attrs.get("mlflow_run")
+        run_id = trial.user_attrs.get(TRIAL_RUN)
         if run_id is not None:
             client.set_tag(run_id, "optuna.state", "pruned")
             client.set_terminated(run_id, "KILLED")
         raise
-    score = done.trainer.checkpoint_callback.best_model_score
+    best = next(c for c in done.trainer.checkpoint_callbacks if c.monitor == MONITOR)
+    score = best.best_model_score
     return float(score) if score is not None else math.nan
 
 
@@ -376,13 +380,20 @@ def tune(
     parent = parent_run(study, client, logger.get("experiment_name") or "ranker", space_path)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
-    if remaining > 0:
-        study.optimize(
-            lambda trial: run_trial(trial, space, fit_args, parent, client),
-            n_trials=remaining,
-            timeout=timeout,
-            catch=(),
-        )
+    try:
+        if remaining > 0:
+            # A trial that fails (a size its model refuses, out of memory) is recorded as
+            # failed, its traceback printed, and the study goes on.
+            study.optimize(
+                lambda trial: run_trial(trial, space, fit_args, parent, client),
+                n_trials=remaining,
+                timeout=timeout,
+                catch=(Exception,),
+                gc_after_trial=True,
+            )
+    except BaseException:
+        client.set_terminated(parent, "KILLED")  # interrupted: the same command continues it
+        raise
     return report(study, client, parent, out or Path("tuned") / f"{name}.yaml")
 
 
@@ -393,15 +404,15 @@ def report(study: optuna.Study, client: MlflowClient, parent: str, out: Path) ->
         client.set_terminated(parent, "FAILED")
         raise ConfigError(f"study '{study.study_name}': no trial finished")
     best = study.best_trial
-    run_id = best.user_attrs["mlflow_run"]
-    config = Path(client.download_artifacts(run_id, "config.yaml", str(out.parent.resolve())))
+    run_id = best.user_attrs[TRIAL_RUN]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
     header = (
         f"# Best of study '{study.study_name}': trial {best.number}, {MONITOR} "
         f"{best.value:.5f}, MLflow run {run_id}.\n# ranker fit --config {out}\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = header + config.read_text()
-    config.unlink()
+    text = header + config
     out.write_text(text)
     client.log_text(parent, text, "best_config.yaml")
     frame = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params"))

@@ -47,6 +47,11 @@ This module measures them on a held-out split from the ``Internals`` a model rec
   The task's positive rate, when given, is reported beside it: underfitting is expected to hit
   the sparse tasks.
 
+* routing (top-k gates, ``ranker.experts.Routing``): per gate, each expert's load (the share
+  of rows routed to it, i.e. with a non-zero weight) and the balance term ``sum_i f_i P_i``
+  averaged over batches (what the balance loss reads, before ``alpha``; 1 = an even load); an
+  expert that no top-k gate routes any row to is flagged (idle).
+
 Everything is vectorised per pool / gate; nothing here reads or writes files.
 """
 
@@ -112,6 +117,9 @@ class ExpertStats:
         self.gate_experts: dict[str, list[str]] = {}
         self.gate_sum: dict[str, np.ndarray] = {}
         self.gate_rows: dict[str, int] = {}
+        self.gate_routed: dict[str, np.ndarray] = {}  # top-k gates: rows routed per expert
+        self.balance_sum: dict[str, float] = {}  # top-k gates: sum over batches of f . P
+        self.balance_batches: dict[str, int] = {}
         self.batches = 0
         self.sample_rows = sample_rows
         self.samples: dict[str, np.ndarray] = {}
@@ -176,6 +184,13 @@ class ExpertStats:
                 raise ValueError(f"gate {key!r} changed its experts between batches")
             self.gate_sum[key] += w
             self.gate_rows[key] += int(weights.shape[0])
+            if key in internals.balance:
+                routed = (weights > 0).sum(dim=0).cpu().numpy().astype(np.int64)
+                self.gate_routed[key] = self.gate_routed.get(key, 0) + routed
+                self.balance_sum[key] = self.balance_sum.get(key, 0.0) + float(
+                    internals.balance[key]
+                )
+                self.balance_batches[key] = self.balance_batches.get(key, 0) + 1
         self.batches += 1
 
     @property
@@ -202,6 +217,17 @@ class ExpertStats:
         c = self.count[pool].astype(np.float64)
         var = np.divide(self.m2[pool], c, out=np.full(c.shape, _NAN), where=c > 0)
         return np.sqrt(np.maximum(var, 0.0))
+
+    def load(self, gate: str) -> np.ndarray | None:
+        """A top-k gate's share of rows routed to each expert ``[E]`` (None: a dense gate)."""
+        if gate not in self.gate_routed or not self.gate_rows[gate]:
+            return None
+        return self.gate_routed[gate] / self.gate_rows[gate]
+
+    def balance(self, gate: str) -> float:
+        """A top-k gate's ``sum_i f_i P_i``, averaged over batches (NaN: a dense gate)."""
+        batches = self.balance_batches.get(gate, 0)
+        return self.balance_sum[gate] / batches if batches else _NAN
 
     def gate_mean(self, gate: str) -> np.ndarray:
         """Mean weight per expert of the gate, ``[E]`` (rows sum to 1, so this does too)."""
@@ -305,6 +331,9 @@ class GateRow:
     top_expert: str
     top_weight: float  # mean weight on its most used expert
     pinned: bool  # top_weight > limits.gate_pin: the other experts are starved
+    load: list[float] | None = None  # top-k gates: share of rows routed to each expert
+    balance: float = _NAN  # top-k gates: sum_i f_i P_i, mean over batches (1 = even)
+    idle: int = 0  # top-k gates: experts it routed no row to
 
 
 @dataclass
@@ -403,6 +432,19 @@ def _expert_rows(
     return rows
 
 
+def _idle_experts(stats: ExpertStats) -> list[str]:
+    """Flags for experts that top-k gates see but route no row to (dense gates: none)."""
+    routed: dict[str, int] = {}
+    for gate, counts in stats.gate_routed.items():
+        for name, count in zip(stats.gate_experts[gate], counts, strict=True):
+            routed[name] = routed.get(name, 0) + int(count)
+    return [
+        f"routing: expert {name} receives no rows (no top-k gate routes to it)"
+        for name, count in routed.items()
+        if count == 0
+    ]
+
+
 def _task_gates(stats: ExpertStats, tasks: Sequence[str]) -> dict[str, str]:
     """Task name -> its last task gate ``"<layer>/task:<name>"`` (the one feeding its tower)."""
     chosen: dict[str, str] = {}
@@ -437,14 +479,26 @@ def health(
         mean = stats.gate_mean(gate)
         top = int(np.argmax(mean))
         pinned = bool(mean.size >= 2 and mean[top] > limits.gate_pin)
+        load = stats.load(gate)
         gates.append(
-            GateRow(gate, int(mean.size), stats.gate_experts[gate][top], float(mean[top]), pinned)
+            GateRow(
+                gate,
+                int(mean.size),
+                stats.gate_experts[gate][top],
+                float(mean[top]),
+                pinned,
+                None if load is None else load.tolist(),
+                stats.balance(gate),
+                0 if load is None else int((load == 0).sum()),
+            )
         )
         if pinned:
             flags.append(
                 f"collapse: gate {gate} puts {_pct(mean[top])} of its weight on "
                 f"{stats.gate_experts[gate][top]} (of {mean.size} experts)"
             )
+
+    flags += _idle_experts(stats)
 
     # Gate matrix over each task's last task gate.
     gate_of = _task_gates(stats, task_names)

@@ -11,16 +11,18 @@ A model is a stack of ``ExpertLayer``s. A layer holds named **expert pools** and
 
 Options serve the papers' mechanisms: ``normalize`` (HoME's expert normalisation: BatchNorm
 on every expert's output), ``activation`` (Swish), ``feature_gate_rank`` (HoME's LoRA-style
-per-expert feature gate), and a gate's ``residual`` over its own pool (HoME's self gate,
-AdaTT's native-expert residual). Every expert output and gate weight can be recorded in an
-``Internals`` for diagnostics, outside the ONNX path.
+per-expert feature gate), a gate's ``residual`` over its own pool (HoME's self gate, AdaTT's
+native-expert residual), a gate's ``always`` pools (DeepSeekMoE's always-on shared experts),
+and ``Routing`` (DeepSeekMoE's fine-grained experts, top-k routing and balance loss). Every
+expert output and gate weight can be recorded in an ``Internals`` for diagnostics and the
+balance loss, outside the ONNX path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -40,6 +42,64 @@ class Internals:
 
     experts: dict[str, torch.Tensor] = field(default_factory=dict)
     gates: dict[str, tuple[list[str], torch.Tensor]] = field(default_factory=dict)
+    # Top-k gates only: sum_i f_i P_i of the batch (``Routing``), a scalar per gate.
+    balance: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """DeepSeekMoE-style routing (Dai et al., arXiv 2401.06066) for every gate of a layer.
+
+    - ``granularity`` m: fine-grained experts, each routed pool has m times as many experts,
+      each inner layer 1/m as wide (the output width stays; for two-layer experts the weight
+      count is unchanged). Always-on pools (``GateSpec.always``) are not split.
+    - ``top_k`` k: a row keeps its k largest gate weights, renormalised to sum to 1 (computed
+      densely, then masked: the ONNX graph holds a TopK); 0 = every expert (plain softmax).
+    - ``balance`` alpha: the expert-balance loss of each top-k gate over a batch of T rows,
+      N routed experts,
+
+          L_bal = alpha * sum_i f_i P_i,   f_i = N / (k T) * sum_t 1[i in top-k(t)],
+                                           P_i = 1 / T * sum_t s_{i,t}
+
+      (``s`` the softmax before top-k); ``L_bal = alpha`` when the load is even. A model's
+      auxiliary loss averages it over its top-k gates.
+    """
+
+    top_k: int = 0
+    granularity: int = 1
+    balance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.top_k < 0 or self.granularity < 1 or self.balance < 0:
+            raise ValueError(f"routing needs top_k >= 0, granularity >= 1, balance >= 0: {self}")
+        if self.balance and not self.top_k:
+            raise ValueError("routing.balance weighs the load of top-k routing: set top_k")
+
+    def widths(self, hidden: Sequence[int]) -> tuple[int, ...]:
+        """An expert's layer widths once fine-grained: the inner ones divided by m."""
+        m = self.granularity
+        if m == 1:
+            return tuple(hidden)
+        if len(hidden) < 2 or any(w % m for w in hidden[:-1]):
+            raise ValueError(
+                f"granularity {m} splits an expert's inner layers: expert_hidden needs two or "
+                f"more layers, the inner ones divisible by {m} (got {list(hidden)})"
+            )
+        return (*(w // m for w in hidden[:-1]), hidden[-1])
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gate logits ``[B, E]`` -> (weights ``[B, E]``, ``sum_i f_i P_i`` or None). The
+        experts a row is routed to are those with a weight above 0."""
+        probs = torch.softmax(logits, dim=-1)
+        k = self.top_k
+        if not k or k >= probs.shape[-1]:
+            return probs, None
+        # On the logits: the same choice as on the softmax, with fewer ties to break.
+        chosen = torch.zeros_like(probs).scatter(-1, logits.topk(k, dim=-1).indices, 1.0)
+        kept = probs * chosen
+        weights = kept / kept.sum(-1, keepdim=True)
+        load = chosen.mean(0) * (probs.shape[-1] / k)  # f_i
+        return weights, (load * probs.mean(0)).sum()
 
 
 class FeatureGate(nn.Module):
@@ -160,6 +220,7 @@ class GateSpec:
     pools: tuple[str, ...]  # the pools whose experts it mixes, in this order
     residual: Residual | None = None  # added: self gate / native residual over `own`
     own: str | None = None  # the pool the residual reads
+    always: tuple[str, ...] = ()  # pools added with weight 1 each, beside the routed ones
 
 
 class ExpertLayer(nn.Module):
@@ -175,19 +236,32 @@ class ExpertLayer(nn.Module):
         activation: str = "relu",
         normalize: bool = False,
         feature_gate_rank: int = 0,
+        routing: Routing | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.name = name  # prefixes what it records: "<layer>/<pool>", "<layer>/<gate>"
-        self.pool_specs, self.gate_specs = tuple(pools), tuple(gates)
+        # A config's mapping (``ranker.models.build``) or the dataclass (LightningCLI's).
+        routing = Routing(**routing) if isinstance(routing, Mapping) else routing or Routing()
+        self.gate_specs = tuple(gates)
+        always = {pool for g in self.gate_specs for pool in g.always}
+        m = {p.name: 1 if p.name in always else routing.granularity for p in pools}
+        self.pool_specs = tuple(
+            PoolSpec(p.name, p.inputs, p.num_experts * m[p.name]) for p in pools
+        )
+        self.routing = routing
         expert = {
-            "hidden": tuple(expert_hidden),
             "activation": activation,
             "normalize": normalize,
             "feature_gate_rank": feature_gate_rank,
         }
         self.pools = nn.ModuleDict(
             {
-                p.name: ExpertPool(p.num_experts, sum(input_dims[i] for i in p.inputs), **expert)
+                p.name: ExpertPool(
+                    p.num_experts,
+                    sum(input_dims[i] for i in p.inputs),
+                    routing.widths(expert_hidden) if m[p.name] > 1 else tuple(expert_hidden),
+                    **expert,
+                )
                 for p in self.pool_specs
             }
         )
@@ -226,13 +300,17 @@ class ExpertLayer(nn.Module):
         for g in self.gate_specs:
             x = read(g.inputs)
             experts = torch.cat([outputs[p] for p in g.pools], dim=1)
-            weights = torch.softmax(self.gates[g.name](x), dim=-1)
+            weights, balance = self.routing.route(self.gates[g.name](x))
             new[g.name] = mix(weights, experts)
+            for pool in g.always:
+                new[g.name] = new[g.name] + outputs[pool].sum(1)
             if g.residual:
                 new[g.name] = new[g.name] + self.residuals[g.name](x, outputs[g.own])
             if internals is not None:
                 names = [f"{self.name}/{p}/{i}" for p in g.pools for i in range(len(self.pools[p]))]
                 internals.gates[f"{self.name}/{g.name}"] = (names, weights)
+                if balance is not None:
+                    internals.balance[f"{self.name}/{g.name}"] = balance
         if internals is not None:
             internals.experts.update({f"{self.name}/{p}": o for p, o in outputs.items()})
         return new

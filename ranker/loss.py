@@ -101,7 +101,8 @@ class PCGrad(FixedWeights):
     task's gradient. The embedding rows receive the plain weighted sum: their gradients are
     sparse, and projecting them would need every task's dense copy of the tables.
 
-    Costs one backward pass per task present in the batch, plus one for the embeddings.
+    A model's auxiliary loss (``extra``: a balance or contrastive term) is added to the
+    result unprojected. Costs one backward pass per task present in the batch, plus one.
     ``last_conflicts`` is the share of task pairs whose gradients conflicted in the last step.
     """
 
@@ -116,8 +117,10 @@ class PCGrad(FixedWeights):
         present: torch.Tensor,
         dense: Sequence[torch.Tensor],
         sparse: Sequence[torch.Tensor],
+        extra: torch.Tensor | None = None,
     ) -> None:
-        """Sets ``.grad`` of the ``dense`` and ``sparse`` parameters for ``self(per_task)``."""
+        """Sets ``.grad`` of the ``dense`` and ``sparse`` parameters for
+        ``self(per_task) + extra``."""
         weighted = per_task * self.weights
         tasks = [t for t in range(len(weighted)) if present[t]]
         grads = [
@@ -126,6 +129,7 @@ class PCGrad(FixedWeights):
         ]
         shared = [k for k in range(len(dense)) if sum(g[k] is not None for g in grads) > 1]
         own = {k: [g[k] for g in grads if g[k] is not None] for k in range(len(dense))}
+        self.last_conflicts = 0.0
         if shared:
             flat = torch.stack(
                 [torch.cat([_dense(g[k], dense[k]).flatten() for k in shared]) for g in grads]
@@ -138,10 +142,15 @@ class PCGrad(FixedWeights):
             sizes = [dense[k].numel() for k in shared]
             for k, part in zip(shared, summed.split(sizes), strict=True):
                 own[k] = [part.view_as(dense[k])]
+        if extra is not None and extra.requires_grad:
+            unprojected = torch.autograd.grad(extra, dense, retain_graph=True, allow_unused=True)
+            for k, grad in enumerate(unprojected):
+                own[k] = own[k] if grad is None else [sum(own[k], grad)]
         for k, parts in own.items():
             if parts:  # one: the projected sum of a shared parameter, or its one task's
                 dense[k].grad = parts[0]
-        torch.autograd.backward(weighted.sum(), inputs=list(sparse))
+        total = weighted.sum() if extra is None else weighted.sum() + extra
+        torch.autograd.backward(total, inputs=list(sparse))
 
 
 def _dense(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,14 @@ from features.config import TaskSpec
 from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
+from ranker.experts import Routing
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import Scores, task_metrics
 from ranker.models.base import MultiTaskModel
 from ranker.sharded_metrics import sharded_task_metrics
 
 # The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
-torch.serialization.add_safe_globals([InputSpec, SequenceInput, TaskSpec])
+torch.serialization.add_safe_globals([InputSpec, SequenceInput, TaskSpec, Routing])
 
 NetworkFactory = Callable[[InputSpec, Sequence[TaskSpec]], MultiTaskModel]
 Monitor = Literal["auto", "gauc", "auc", "logloss"]
@@ -43,8 +44,8 @@ class RankerModule(L.LightningModule):
         weight_decay: AdamW weight decay of the dense part.
         embedding_learning_rate: learning rate of the embedding tables.
         embedding_optimizer: the embedding tables' optimiser, on sparse gradients (only the
-            rows in the batch move): ``sparse_adam`` or ``adagrad`` (row-wise accumulation,
-            the usual choice for very large tables).
+            rows in the batch move): ``sparse_adam`` or ``adagrad`` (accumulated squared
+            gradients per element, no first moment: half SparseAdam's optimiser state).
         lr_schedule: ``none``, or ``plateau``: both learning rates halve after a validation
             whose monitored metric did not improve.
         gradient_clip: max global norm of the dense gradients (0 = off).
@@ -141,10 +142,17 @@ class RankerModule(L.LightningModule):
         self._last_batch_end = self._epoch_start
 
     def on_fit_start(self) -> None:
-        if isinstance(self.weighting, PCGrad) and self.trainer.world_size > 1:
+        if not isinstance(self.weighting, PCGrad):
+            return
+        if self.trainer.world_size > 1:
             raise ValueError(
                 "--model.loss_weighting pcgrad runs in one process only: its per-task "
                 "gradients bypass DDP's gradient reduction (use fixed or uncertainty)"
+            )
+        if str(self.trainer.precision).startswith("16"):
+            raise ValueError(
+                "--model.loss_weighting pcgrad takes its gradients outside the fp16 loss "
+                "scaler: train in 32 or bf16 precision"
             )
 
     def on_train_start(self) -> None:
@@ -164,14 +172,16 @@ class RankerModule(L.LightningModule):
 
     def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
         labels = batch.labels
-        _, per_task = masked_bce(self(*batch.inputs), labels, self.task_weights)
+        logits, auxiliary = self.network.training_forward(*batch.inputs)
+        _, per_task = masked_bce(logits, labels, self.task_weights)
         present = (~torch.isnan(labels)).any(0)
-        loss = self.weighting(per_task, present)
+        extra = sum(auxiliary.values(), torch.zeros((), device=labels.device))
+        loss = self.weighting(per_task, present) + extra
         dense_opt, sparse_opt = self.optimizers()
         dense_opt.zero_grad()
         sparse_opt.zero_grad()
         if isinstance(self.weighting, PCGrad):
-            self.weighting.backward(per_task, present, *self.split_parameters())
+            self.weighting.backward(per_task, present, *self.split_parameters(), extra=extra)
             conflicts = self.weighting.last_conflicts
             self.log("train/pcgrad/conflicts", conflicts, on_epoch=True, batch_size=1)
         else:
@@ -182,6 +192,9 @@ class RankerModule(L.LightningModule):
         sparse_opt.step()
         self._epoch_samples += len(labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        if auxiliary:
+            aux = {f"train/aux/{k}": v for k, v in auxiliary.items()}
+            self.log_dict(aux, on_epoch=True, batch_size=1)
         self.log_dict(
             {f"train/loss/{n}": v for n, v in zip(self.task_names, per_task, strict=True)},
             batch_size=len(labels),
@@ -277,7 +290,10 @@ class RankerModule(L.LightningModule):
         trainer = self.trainer
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        for scheduler in self.lr_schedulers() or []:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step(monitored)
 
     @staticmethod

@@ -9,13 +9,14 @@ from typing import Any
 from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.models.adatt import AdaTT
+from ranker.models.aw_moe import AWMoE
 from ranker.models.base import MultiTaskModel
 from ranker.models.home import HoME
 from ranker.models.mmoe import MMoE
 from ranker.models.ple import PLE
 from ranker.models.shared_bottom import SharedBottom
 
-__all__ = ["PLE", "AdaTT", "HoME", "MMoE", "MultiTaskModel", "SharedBottom", "build"]
+__all__ = ["PLE", "AWMoE", "AdaTT", "HoME", "MMoE", "MultiTaskModel", "SharedBottom", "build"]
 
 
 def build(

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.experts import ExpertLayer, GateSpec, PoolSpec
+from ranker.experts import ExpertLayer, GateSpec, PoolSpec, Routing
 from ranker.models.base import ExpertModel
 
 
@@ -37,6 +37,7 @@ class AdaTT(ExpertModel):
         tower_dropout: float = 0.0,
         activation: str = "relu",
         native_residual: bool = True,
+        routing: Routing | None = None,
     ) -> None:
         super().__init__(inputs, tasks)
         if levels < 1 or task_experts < 1:
@@ -52,7 +53,9 @@ class AdaTT(ExpertModel):
             every = tuple(p.name for p in pools)
             fused = list(self.task_keys) if j == levels - 1 else modules
             gates = [GateSpec(k, (source[k],), every, residual, own=k) for k in fused]
-            layer = ExpertLayer(f"level{j}", pools, gates, dims, expert_hidden, activation)
+            layer = ExpertLayer(
+                f"level{j}", pools, gates, dims, expert_hidden, activation, routing=routing
+            )
             self.layers.append(layer)
             dims = dict.fromkeys(modules, layer.output_dim)
         self.add_towers(tower_hidden, activation, tower_dropout)

@@ -64,6 +64,13 @@ class MultiTaskModel(nn.Module):
     def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def training_forward(
+        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the model's auxiliary losses (named, weighted, added to the task loss):
+        none by default."""
+        return self(cat, num, sequences), {}
+
 
 class ExpertModel(MultiTaskModel):
     """Experts and gates (MMoE, CGC / PLE, AdaTT, HoME): a stack of ``ExpertLayer``s over the
@@ -76,13 +83,37 @@ class ExpertModel(MultiTaskModel):
         super().__init__(inputs, tasks)
         self.layers = nn.ModuleList()
 
+    def training_forward(
+        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """With a balance loss (``Routing.balance``): ``balance`` = the mean over top-k gates
+        of ``alpha * sum_i f_i P_i``."""
+        if not self.routed:
+            return self(cat, num, sequences), {}
+        logits, internals = self.forward_with_internals(cat, num, sequences)
+        return logits, self.auxiliary_losses(internals)
+
+    @property
+    def routed(self) -> bool:
+        """Whether a layer has a balance loss (training then records the gates)."""
+        return any(layer.routing.balance for layer in self.layers)
+
+    def auxiliary_losses(self, internals: Internals) -> dict[str, torch.Tensor]:
+        alpha = {layer.name: layer.routing.balance for layer in self.layers}
+        terms = [alpha[k.split("/")[0]] * v for k, v in internals.balance.items()]
+        return {"balance": torch.stack(terms).mean()} if terms else {}
+
     def add_towers(self, hidden: Sequence[int], activation: str, dropout: float = 0.0) -> None:
         """One tower per task; ``dropout`` after each of its hidden layers (training only)."""
         width = self.layers[-1].output_dim
         self.towers = nn.ModuleList(Tower(width, hidden, activation, dropout) for _ in self.tasks)
 
     def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
-        reps = {"x": x}
+        return self.towers_on({"x": x}, internals)
+
+    def towers_on(self, reps: dict[str, torch.Tensor], internals: Internals | None) -> torch.Tensor:
+        """The layers over the named representations ``reps`` (``x`` and any a model adds),
+        then the towers: logits ``[B, T]``."""
         for layer in self.layers:
             reps = layer(reps, internals)
         logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]

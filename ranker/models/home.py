@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.experts import ExpertLayer, GateSpec, PoolSpec
+from ranker.experts import ExpertLayer, GateSpec, PoolSpec, Routing
 from ranker.models.base import ExpertModel
 
 
@@ -53,6 +53,7 @@ class HoME(ExpertModel):
         hierarchy: bool = True,
         feature_gate_rank: int = 8,
         self_gate: bool = True,
+        routing: Routing | None = None,
     ) -> None:
         super().__init__(inputs, tasks)
         self.groups = list(dict.fromkeys(t.group for t in self.tasks))
@@ -61,6 +62,7 @@ class HoME(ExpertModel):
             "activation": activation,
             "normalize": expert_norm,
             "feature_gate_rank": feature_gate_rank,
+            "routing": routing,
         }
         residual = "self_gate" if self_gate else None
         if hierarchy:

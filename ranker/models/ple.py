@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from features.config import TaskSpec
 from features.state import InputSpec
-from ranker.experts import ExpertLayer, GateSpec, PoolSpec
+from ranker.experts import ExpertLayer, GateSpec, PoolSpec, Routing
 from ranker.models.base import ExpertModel
 
 
@@ -38,6 +38,7 @@ class PLE(ExpertModel):
         tower_hidden: Sequence[int] = (64,),
         tower_dropout: float = 0.0,
         activation: str = "relu",
+        routing: Routing | None = None,
     ) -> None:
         super().__init__(inputs, tasks)
         if levels < 1:
@@ -51,7 +52,9 @@ class PLE(ExpertModel):
             gates = [GateSpec(k, (source[k],), (k, "shared")) for k in self.task_keys]
             if j < levels - 1:
                 gates.append(GateSpec("shared", (source["shared"],), (*self.task_keys, "shared")))
-            layer = ExpertLayer(f"level{j}", pools, gates, dims, expert_hidden, activation)
+            layer = ExpertLayer(
+                f"level{j}", pools, gates, dims, expert_hidden, activation, routing=routing
+            )
             self.layers.append(layer)
             dims = dict.fromkeys([*self.task_keys, "shared"], layer.output_dim)
         self.add_towers(tower_hidden, activation, tower_dropout)

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.checkpoints import RunError
 from pipelines.commands import main
 from pipelines.evaluate import compare, evaluate
-from tests.conftest import Runs
+from tests.conftest import Runs, fit
 
 TASKS = ("click", "effective_view", "long_view", "like", "comment", "forward", "follow", "collect")
 RANKER = Path(sys.executable).parent / "ranker"
@@ -166,3 +166,29 @@ def test_bad_input_is_one_clear_error(
     assert "was trained on tasks" in err and str(two) in err
     err = error_of(capsys, "compare", runs.mmoe, *uri)
     assert "at least two runs" in err
+
+
+def test_aw_moe_with_top_k_routing_trains_and_reports_its_load(
+    tiny_log: Path, tmp_path: Path
+) -> None:
+    """configs/model/aw_moe.yaml with DeepSeekMoE routing, through `ranker fit`: the
+    contrastive and balance terms are logged, and the evaluation report shows each top-k
+    gate's load and balance."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = fit(
+        tiny_log,
+        uri,
+        tmp_path / "checkpoints",
+        "aw_moe",
+        "--model.network.init_args.routing",
+        "{top_k: 2, balance: 0.01}",
+        "--model.network.init_args.num_experts",
+        "4",
+    )
+    metrics = MlflowClient(uri).get_run(run).data.metrics
+    assert metrics["train/aux/contrastive_epoch"] > 0 and metrics["train/aux/balance_epoch"] > 0
+    e = evaluate(run=run, tracking_uri=uri, out=tmp_path / "report", quiet=True)
+    gates = [g for g in e.health["gates"] if g["name"].startswith("aw_moe/task:")]
+    assert len(gates) == 8 and all(sum(g["load"]) == pytest.approx(2.0) for g in gates)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "balance (1 = even)" in report and "load min / max" in report

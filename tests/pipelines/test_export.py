@@ -138,7 +138,27 @@ def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataMod
     [
         ("synthetic", {"class_path": "ranker.models.HoME", "init_args": {"expert_hidden": [32]}}),
         ("kuairand", {"class_path": "ranker.models.MMoE", "init_args": {"num_experts": 3}}),
+        (
+            "synthetic",
+            {
+                "class_path": "ranker.models.MMoE",
+                "init_args": {
+                    "num_experts": 4,
+                    "expert_hidden": [32, 16],
+                    "always_on_experts": 1,
+                    "routing": {"top_k": 2, "granularity": 2, "balance": 0.01},
+                },
+            },
+        ),
+        (
+            "synthetic",
+            {
+                "class_path": "ranker.models.AWMoE",
+                "init_args": {"num_experts": 4, "expert_hidden": [32], "routing": {"top_k": 2}},
+            },
+        ),
     ],
+    ids=["home", "mmoe", "mmoe_topk", "aw_moe"],
 )
 def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict, request) -> None:
     data: RankerDataModule = request.getfixturevalue(which)
@@ -154,6 +174,8 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
     tasks = len(data.tasks)  # a fitted calibration travels into the graph
     module.calibrator.set(np.linspace(0.5, 1.5, tasks), np.linspace(-0.4, 0.4, tasks))
     model = build(module, data)
+    if "routing" in network["init_args"]:  # top-k routing is in the graph, not folded away
+        assert "TopK" in {node.op_type for node in model.graph.node}
     parity = check_parity(session_of(model), module, data, rows=10_000, tolerance=1e-5)
     assert parity.rows == 10_000 and parity.max_abs_diff <= 1e-5
     frame = parity_rows(data, 500)

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from features.config import ConfigError
 from pipelines.commands import main
-from pipelines.tune import SearchSpace, flags
+from pipelines.tune import TRIAL_RUN, SearchSpace, flags
 from tests.conftest import CONFIGS, SYNTHETIC_CONFIG
 
 SPACE = {
@@ -78,7 +78,7 @@ def test_three_trials_are_child_runs_and_the_best_config_fits(
     # Each trial reported its training validations only (not the best one's, validated again).
     assert all(len(t.intermediate_values) == 2 for t in study.trials)
     for trial in study.trials:
-        (run,) = [r for r in children if r.info.run_id == trial.user_attrs["mlflow_run"]]
+        (run,) = [r for r in children if r.info.run_id == trial.user_attrs[TRIAL_RUN]]
         assert trial.value == pytest.approx(
             max(m.value for m in client.get_metric_history(run.info.run_id, "val/monitor"))
         )
@@ -142,6 +142,18 @@ def test_a_study_continues_only_with_the_same_command(
         ({"model.learnin_rate": {"type": "float", "low": 0.1, "high": 1}}, "model.learnin_rate"),
         ({"model.learning_rate": {"type": "float", "low": 0.1, "high": 0.1}}, "empty range"),
         ({"model.learning_rate": {"type": "float", "low": 0, "high": 1, "log": True}}, "low > 0"),
+        (
+            {
+                "model.learning_rate": {
+                    "type": "float",
+                    "low": 0.1,
+                    "high": 1,
+                    "log": True,
+                    "step": 0.1,
+                }
+            },
+            "log and step",
+        ),
         ({"model.lr_schedule": {"type": "categorical", "choices": ["none", "cosine"]}}, "cosine"),
         ({"model.lr_schedule": {"type": "categorical", "choices": []}}, "choices"),
         ({"model.learning_rate": {"type": "uniform", "low": 0, "high": 1}}, "type"),
@@ -212,6 +224,6 @@ def test_a_trial_below_the_median_is_pruned_and_its_run_marked(
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    pruned = client.get_run(study.trials[1].user_attrs["mlflow_run"])
+    pruned = client.get_run(study.trials[1].user_attrs[TRIAL_RUN])
     assert pruned.info.status == "KILLED" and pruned.data.tags["optuna.state"] == "pruned"
     assert len(client.get_metric_history(pruned.info.run_id, "val/monitor")) == 2  # epochs 0, 1

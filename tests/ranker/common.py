@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from features.config import TaskSpec
-from features.state import InputSpec
+from features.state import InputSpec, SequenceInput
 
 INPUTS = InputSpec(("user", "item", "hour"), (40, 60, 24), (8, 8, 4), ("age", "duration"))
 TASKS = (
@@ -18,6 +18,17 @@ TASKS = (
     TaskSpec("comment", "comment", "interaction"),
 )
 SMALL = {"expert_hidden": [16, 8], "tower_hidden": [8]}
+SEQ_INPUTS = InputSpec(
+    INPUTS.cat_names,
+    INPUTS.cardinalities,
+    INPUTS.embedding_dims,
+    INPUTS.num_names,
+    (
+        SequenceInput("clicked", "item", 6, "target_attention", "item"),
+        SequenceInput("viewed", "item", 4, "mean"),
+    ),
+)
+ITEM = INPUTS.cat_names.index("item")
 
 
 def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,3 +57,16 @@ def model_configs(root: Path) -> list[Path]:
 def config_id(path: Path) -> str:
     """A model config's test id: ``mmoe``, ``home/flat``."""
     return f"{path.parent.name}/{path.stem}" if path.parent.name != "model" else path.stem
+
+
+def sequences(n: int, seed: int = 0, empty_every: int = 3) -> dict[str, torch.Tensor]:
+    """Right-aligned ids with padding; every ``empty_every``-th row has no history."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for spec in SEQ_INPUTS.sequences:
+        ids = torch.randint(1, INPUTS.cardinalities[ITEM], (n, spec.max_len), generator=g)
+        lengths = torch.randint(0, spec.max_len + 1, (n,), generator=g)
+        lengths[::empty_every] = 0
+        pad = torch.arange(spec.max_len) < (spec.max_len - lengths)[:, None]
+        out[spec.name] = ids.masked_fill(pad, 0)
+    return out

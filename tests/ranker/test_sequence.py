@@ -11,19 +11,16 @@ from features.state import InputSpec, SequenceInput
 from ranker.loss import masked_bce
 from ranker.models import MultiTaskModel, build
 from tests.conftest import CONFIGS
-from tests.ranker.common import INPUTS, TASKS, batch, model_configs, network_config
-
-SEQ_INPUTS = InputSpec(
-    INPUTS.cat_names,
-    INPUTS.cardinalities,
-    INPUTS.embedding_dims,
-    INPUTS.num_names,
-    (
-        SequenceInput("clicked", "item", 6, "target_attention", "item"),
-        SequenceInput("viewed", "item", 4, "mean"),
-    ),
+from tests.ranker.common import (
+    ITEM,
+    SEQ_INPUTS,
+    TASKS,
+    batch,
+    model_configs,
+    network_config,
+    sequences,
 )
-ITEM = INPUTS.cat_names.index("item")
+
 MODEL_CONFIGS = model_configs(CONFIGS / "model")
 
 
@@ -32,19 +29,6 @@ def model_of(path: Path) -> MultiTaskModel:
     hidden = {"bottom_hidden": [16, 8]} if "shared_bottom" in path.name else {}
     hidden = hidden or {"expert_hidden": [16, 8]}
     return build(network, SEQ_INPUTS, TASKS, tower_hidden=[8], **hidden)
-
-
-def sequences(n: int, seed: int = 0, empty_every: int = 3) -> dict[str, torch.Tensor]:
-    """Right-aligned ids with padding; every ``empty_every``-th row has no history."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for spec in SEQ_INPUTS.sequences:
-        ids = torch.randint(1, INPUTS.cardinalities[ITEM], (n, spec.max_len), generator=g)
-        lengths = torch.randint(0, spec.max_len + 1, (n,), generator=g)
-        lengths[::empty_every] = 0
-        pad = torch.arange(spec.max_len) < (spec.max_len - lengths)[:, None]
-        out[spec.name] = ids.masked_fill(pad, 0)
-    return out
 
 
 @pytest.mark.parametrize(

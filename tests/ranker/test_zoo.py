@@ -10,38 +10,54 @@ import pytest
 import torch
 import yaml
 
+from features.state import InputSpec
 from ranker.experts import ExpertPool, FeatureGate
 from ranker.loss import masked_bce
 from ranker.models import PLE, AdaTT, HoME, MultiTaskModel, build
 from tests.conftest import CONFIGS
-from tests.ranker.common import INPUTS, SMALL, TASKS, batch, model_configs, network_config
+from tests.ranker.common import (
+    INPUTS,
+    SEQ_INPUTS,
+    SMALL,
+    TASKS,
+    batch,
+    model_configs,
+    network_config,
+    sequences,
+)
 
 MODEL_CONFIGS = model_configs(CONFIGS / "model")
 
 
-def from_config(path: Path, **overrides: object) -> MultiTaskModel:
+def from_config(path: Path, inputs: InputSpec = INPUTS, **overrides: object) -> MultiTaskModel:
     """The network a model config describes (what LightningCLI builds), on the test inputs."""
     network = network_config(path)
-    return build(network, INPUTS, TASKS, **overrides)
+    return build(network, inputs, TASKS, **overrides)
 
 
 def small(path: Path) -> MultiTaskModel:
+    """A config's model, small, on inputs with sequences (every model reads them)."""
     torch.manual_seed(0)  # the same weights whatever ran before
     overrides = dict(SMALL)
     if "shared_bottom" in path.name:
         overrides = {"bottom_hidden": [16, 8], "tower_hidden": [8]}
-    return from_config(path, **overrides)
+    return from_config(path, SEQ_INPUTS, **overrides)
+
+
+def rows(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(cat, num, sequences)`` for the models ``small`` builds."""
+    return (*batch(n, seed), sequences(n, seed))
 
 
 @pytest.mark.parametrize(
     "path", MODEL_CONFIGS, ids=lambda p: p.relative_to(CONFIGS / "model").with_suffix("").as_posix()
 )
 def test_every_config_builds_with_the_signature(path: Path) -> None:
-    model = from_config(path)
-    cat, num = batch()
-    logits = model(cat, num)
+    model = from_config(path, SEQ_INPUTS)
+    inputs = rows()
+    logits = model(*inputs)
     assert logits.shape == (32, len(TASKS)) and torch.isfinite(logits).all()
-    again, internals = model.forward_with_internals(cat, num)
+    again, internals = model.forward_with_internals(*inputs)
     torch.testing.assert_close(logits, again)
     for name, (experts, weights) in internals.gates.items():
         assert weights.shape == (32, len(experts)), name
@@ -53,11 +69,11 @@ def test_every_config_builds_with_the_signature(path: Path) -> None:
 )
 def test_gradient_reaches_every_parameter(path: Path) -> None:
     model = small(path)
-    cat, num = batch()
+    inputs = rows()
     first_step = {}
     for step in range(2):
         model.zero_grad()
-        model(cat, num).sum().backward()
+        model(*inputs).sum().backward()
         for name, p in model.named_parameters():
             if step == 0:
                 first_step[name] = p.grad is not None and bool(p.grad.to_dense().abs().sum() > 0)
@@ -196,7 +212,7 @@ def test_adatt_gates_fuse_every_tasks_experts_with_a_native_residual() -> None:
 def test_a_few_steps_lower_the_loss(path: Path) -> None:
     torch.manual_seed(0)
     model = small(path)
-    cat, num = batch(256, seed=1)
+    cat, num, seqs = rows(256, seed=1)
     labels = torch.stack(
         [cat[:, 0] % 2 == 0, cat[:, 1] % 3 == 0, num[:, 0] > 1, num[:, 1] > 0.5], 1
     ).float()
@@ -205,7 +221,7 @@ def test_a_few_steps_lower_the_loss(path: Path) -> None:
     optimizers = [torch.optim.AdamW(dense, lr=1e-2), torch.optim.SparseAdam(sparse, lr=1e-2)]
     losses = []
     for _ in range(40):
-        loss, _ = masked_bce(model(cat, num), labels, torch.ones(len(TASKS)))
+        loss, _ = masked_bce(model(cat, num, seqs), labels, torch.ones(len(TASKS)))
         losses.append(loss.item())
         for opt in optimizers:
             opt.zero_grad()
