@@ -33,11 +33,11 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna_integration import PyTorchLightningPruningCallback
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from rich.console import Console
 from rich.table import Table
 
 from features.config import ConfigError
 from pipelines.cli import RankerCLI, fit_cli
+from pipelines.render import wide_console
 from pipelines.tracking import resolve_tracking_uri
 from ranker.module import MONITOR
 
@@ -438,7 +438,7 @@ def print_trials(study: optuna.Study) -> None:
         value = f"{t.value:.5f}" if t.value is not None else ""
         params = [_short(t.params.get(n, "")) for n in names]
         table.add_row(str(t.number), t.state.name, value, seconds, *params)
-    Console().print(table)
+    wide_console().print(table)
 
 
 def _short(value: Any) -> str:
