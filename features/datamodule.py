@@ -232,7 +232,7 @@ class RankerDataModule(L.LightningDataModule):
             than at 16,384 on 2 cores, its activations staying in cache).
         num_workers: loader processes per split (0 = in the training process).
         shuffle_buffer: rows pooled and permuted together when training.
-        seed: shuffling seed.
+        seed: shuffling seed (``ranker fit``: the run's ``seed_everything`` unless given).
         skip_corrupt_files: leave out log files that cannot be read (each file is decoded
             once up front to find them), reported and counted in the run's metrics, instead
             of stopping with an error naming the first.
@@ -248,7 +248,7 @@ class RankerDataModule(L.LightningDataModule):
         eval_batch_size: int = 2048,
         num_workers: int = 0,
         shuffle_buffer: int = 262_144,
-        seed: int = 0,
+        seed: int | None = None,
         skip_corrupt_files: bool = False,
         history_cache: str | None = None,
     ) -> None:
@@ -258,7 +258,8 @@ class RankerDataModule(L.LightningDataModule):
         config = DatasetConfig.from_yaml(dataset)
         self.config = config.with_path(log_path) if log_path else config
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.seed = 0 if seed is None else seed
         # Everything that can be wrong with the data fails here, before any training.
         cache = Path(history_cache) / "histories" if history_cache else None
         self.source = LogSource(self.config, skip_corrupt_files, cache)

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from mlflow.tracking import MlflowClient
 
+from features.config import SPLITS
 from features.datamodule import RankerDataModule
 from pipelines.calibrate import calibrate
 from pipelines.checkpoints import RunError, checkpoint_run, find_run, requeued_checkpoint
@@ -65,6 +66,14 @@ class LogConfigToMLflow(SaveConfigCallback):
                 client.log_text(run_id, listing, "data/skipped_files.tsv")
         params = sum(p.numel() for p in pl_module.network.parameters())
         client.log_metric(run_id, "model/params", params)
+        if isinstance(datamodule, RankerDataModule):
+            rows = " / ".join(f"{datamodule.split_rows.get(s, 0):,}" for s in SPLITS)
+            print(
+                f"{type(pl_module.network).__name__} ({params:,} parameters) on "
+                f"{datamodule.config.name}: {rows} rows ({' / '.join(SPLITS)}); "
+                f"MLflow run {run_id} in {logger.tracking_uri}",
+                flush=True,
+            )
         client.set_tag(run_id, "model", type(pl_module.network).__name__)
         client.set_tag(run_id, "dataset", datamodule.config.name if datamodule else "")
 
@@ -85,6 +94,10 @@ class RankerCLI(LightningCLI):
         """``--ckpt_path`` continues the checkpoint's MLflow run rather than starting one; so
         does a SLURM job requeued by Lightning (it resumes from the checkpoint it saved)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and config.get("data") is not None and config.data.seed is None:
+            # One seed: the data order follows seed_everything (an explicit --data.seed wins).
+            seed = config.get("seed_everything")
+            config.data.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
         path = config.get("ckpt_path") if config else None
         if self.subcommand == "fit" and path is None:
             requeued = requeued_checkpoint(config.trainer.get("default_root_dir"))

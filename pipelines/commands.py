@@ -138,9 +138,56 @@ def tune_cli(args: list[str]) -> None:
     )
 
 
+COMMANDS = {
+    "synth": "generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet)",
+    "fit": "train a model on a dataset config: tracked in MLflow, calibrated, reported",
+    "tune": "hyperparameter search with Optuna over `ranker fit`, best config as YAML",
+    "evaluate": "score a run or checkpoint on a split: per-task metrics, expert health, report",
+    "compare": "several runs side by side, per task",
+    "export": "export a run to ONNX (features in the graph), parity-checked, registered",
+    "promote": "point a registered model's alias (e.g. champion) at a version",
+    "serve": "the online scoring service (FastAPI + onnxruntime) for a registered model",
+}
+
+
+LIGHTNING = ("fit", "tune", "evaluate", "export", "promote")  # the commands that run Lightning
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    return (
+        "usage: ranker <command> [options] [--verbose]   (ranker <command> --help: its "
+        "options; --verbose: third-party messages and warnings too)\n\n"
+        "commands:\n" + "\n".join(lines) + "\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in words  # every command: third-party chatter and warnings kept
+    words = [w for w in words if w != "--verbose"]
+    if argv is None:
+        sys.argv[1:] = words  # LightningCLI reads sys.argv itself
+    else:
+        argv = words
     command, args = (words[0], words[1:]) if words else ("", [])
+    if command in ("", "-h", "--help", "help"):
+        print(usage(), end="", file=sys.stdout if command else sys.stderr)
+        raise SystemExit(0 if command else 2)
+    if command not in COMMANDS:
+        print(
+            f"ranker: error: unknown command '{command}' (commands: {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if not verbose:
+        from pipelines.quiet import quiet
+
+        if command in LIGHTNING:
+            import lightning.pytorch  # noqa: F401 -- its log handlers, to filter
+
+        quiet()
     try:
         if command == "synth":
             CLI(synth, args=args)
@@ -163,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from pipelines.cli import fit_cli
 
-            fit_cli(argv)  # None: LightningCLI reads sys.argv itself
+            fit_cli(argv)  # None: LightningCLI reads sys.argv itself (its first word is "fit")
     except ConfigError as err:
         print(f"ranker: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -72,18 +72,31 @@ def fit(logits: np.ndarray, labels: np.ndarray, method: Method) -> tuple[np.ndar
 def _newton(z: np.ndarray, y: np.ndarray, with_bias: bool, steps: int = 50) -> tuple[float, float]:
     """Logistic regression of ``y`` on ``[z, 1]`` (or ``z`` alone), from the identity, by
     Newton steps halved until the logloss falls (a full step can overshoot where the
-    probabilities saturate)."""
+    probabilities saturate). Where it would reverse or flatten the order (a scale <= 0: the
+    model ranks this task no better than chance), the scale stays 1 and only the bias is
+    fitted (``platt``; ``temperature`` keeps the identity)."""
     x = np.stack([z, np.ones_like(z)], 1) if with_bias else z[:, None]
-    w = np.zeros(x.shape[1])
-    w[0] = 1.0
+    w = _minimise(x, np.zeros_like(z), y, np.eye(x.shape[1])[0], steps)
+    if w[0] > 0:
+        return float(w[0]), float(w[1]) if with_bias else 0.0
+    if not with_bias:
+        return 1.0, 0.0
+    (b,) = _minimise(np.ones_like(z)[:, None], z, y, np.zeros(1), steps)
+    return 1.0, float(b)
+
+
+def _minimise(
+    x: np.ndarray, offset: np.ndarray, y: np.ndarray, w: np.ndarray, steps: int
+) -> np.ndarray:
+    """``argmin_w mean(log(1 + e^s) - y s)``, ``s = offset + x w``, by damped Newton steps."""
 
     def loss(w: np.ndarray) -> float:
-        s = x @ w  # mean of log(1 + e^s) - y s, computed stably
+        s = offset + x @ w  # computed stably
         return float(np.mean(np.logaddexp(0.0, s) - y * s))
 
     current = loss(w)
     for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50, 50)))
+        p = 1.0 / (1.0 + np.exp(-np.clip(offset + x @ w, -50, 50)))
         gradient = x.T @ (p - y)
         hessian = (x * (p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(hessian, gradient)
@@ -97,6 +110,4 @@ def _newton(z: np.ndarray, y: np.ndarray, with_bias: bool, steps: int = 50) -> t
         w, improvement, current = w - step, current - trial, trial
         if improvement < 1e-12:
             break
-    if w[0] <= 0:  # never reverse or flatten the order: keep the identity
-        return 1.0, 0.0
-    return float(w[0]), float(w[1]) if with_bias else 0.0
+    return w

@@ -57,3 +57,18 @@ def test_the_calibrator_is_the_identity_until_set() -> None:
     calibrator.set(np.array([0.5, 2.0]), np.array([0.1, 0.0]))
     torch.testing.assert_close(calibrator(logits), torch.tensor([[0.25, -2.0]]))
     assert set(calibrator.state_dict()) == {"scale", "bias"}  # saved with the model
+
+
+def test_a_model_that_ranks_backwards_keeps_its_order_and_gets_its_level_right() -> None:
+    """Scores anti-correlated with the labels (as a barely trained model's on a rare task):
+    the order is never reversed (scale 1), but the bias alone brings the mean prediction to
+    the label rate, where the identity left it far off."""
+    z, labels, _ = planted()
+    backwards = 3.0 - z  # higher score, fewer positives; mean prediction far above the rate
+    scale, bias = fit(backwards, labels, "platt")
+    assert scale[0] == 1.0 and bias[0] < -1.0
+    observed = labels[:, 0]
+    before = sigmoid(backwards[:, 0]).mean() / observed.mean()
+    after = sigmoid(backwards[:, 0] + bias[0]).mean() / observed.mean()
+    assert before > 2.0 and abs(after - 1) < 0.01
+    assert fit(backwards, labels, "temperature")[0][0] == 1.0  # no bias to fit: the identity

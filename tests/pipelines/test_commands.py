@@ -1,0 +1,53 @@
+"""The front door: one `ranker` help naming every command, each command's own help, one seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import fit_cli
+from pipelines.commands import COMMANDS, main
+from tests.pipelines.test_fit_e2e import fit_args
+
+
+def test_the_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert f"  {command} " in out
+    assert set(COMMANDS) >= {"synth", "fit", "tune", "evaluate", "compare", "export", "serve"}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_command_has_its_own_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code in (0, None)
+    assert "usage" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize("words", [["predict"], ["validate", "--help"], ["fitt"]])
+def test_an_unknown_command_is_a_clear_error(
+    words: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(words)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unknown command '{words[0]}'" in err and "fit, tune" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "seed"),
+    [(["--seed_everything", "5"], 5), (["--seed_everything", "5", "--data.seed", "3"], 3)],
+)
+def test_seed_everything_seeds_the_data_order(
+    tiny_log: Path, tmp_path: Path, flags: list[str], seed: int
+) -> None:
+    uri = ["--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    args = fit_args(tiny_log, tmp_path / "checkpoints", *uri, *flags)[1:]  # without "fit"
+    cli = fit_cli(args, run=False, parser_kwargs={"exit_on_error": False})
+    assert cli.datamodule.seed == seed
