@@ -29,6 +29,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import polars as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -238,6 +239,10 @@ class RankerDataModule(L.LightningDataModule):
             of stopping with an error naming the first.
         history_cache: where histories derived from the log are cached (default
             ``$RANKER_CACHE`` or ``~/.cache/ranker``).
+        max_unassigned: the largest share of the log's rows that may fall in no split (a
+            null time, before the train start, after the test end) before the run stops with
+            an error; 1.0 only reports them (``accounting``, printed and logged by
+            ``ranker fit``).
     """
 
     def __init__(
@@ -251,6 +256,7 @@ class RankerDataModule(L.LightningDataModule):
         seed: int | None = None,
         skip_corrupt_files: bool = False,
         history_cache: str | None = None,
+        max_unassigned: float = 1.0,
     ) -> None:
         super().__init__()
         # In the checkpoint ("datamodule_hyper_parameters"): where the model's data lives.
@@ -265,7 +271,19 @@ class RankerDataModule(L.LightningDataModule):
         self.source = LogSource(self.config, skip_corrupt_files, cache)
         for why in self.source.skipped.values():
             warnings.warn(f"skipped: {why}", stacklevel=2)
-        self.split_rows = self.source.validate()
+        self.accounting = self.source.validate()  # where every row of the log goes
+        per_split = self.accounting.group_by("split").agg(pl.col("rows").sum())
+        rows = dict(zip(per_split["split"].to_list(), per_split["rows"].to_list(), strict=True))
+        self.split_rows = {split: int(rows.get(split, 0)) for split in SPLITS}
+        unassigned, total = int(rows.get("none", 0)), int(per_split["rows"].sum())
+        if unassigned > max_unassigned * total:
+            reasons = self.accounting.filter(pl.col("split") == "none")
+            pairs = zip(reasons["reason"], reasons["rows"], strict=True)
+            why = ", ".join(f"{n:,} {r}" for r, n in pairs)
+            raise ConfigError(
+                f"{unassigned:,} of the {total:,} rows of {self.source.where} are in no split "
+                f"({why}): more than --data.max_unassigned {max_unassigned}"
+            )
         self._datasets: dict[str, ParquetBatches] = {}
         self._resume: dict[str, int] | None = None  # from a checkpoint taken while training
 

@@ -313,48 +313,76 @@ class LogSource:
 
     # -- one validation pass ------------------------------------------------------------------
 
-    def validate(self) -> dict[str, int]:
-        """One streaming pass: rows per split and labels outside {0, 1, null}; raises on either."""
+    def validate(self) -> pl.DataFrame:
+        """One streaming pass: where every row goes. Raises on labels outside {0, 1, null} and
+        on an empty split. Returns the accounting: one row per ``split`` (``train`` / ``val``
+        / ``test``, or ``none`` with the ``reason``), its ``rows`` and each label's observed
+        (non-null) count."""
         c = self.config
-        split_of = (
+        assigned = (
             pl.when(self.split_filter("train"))
             .then(pl.lit("train"))
             .when(self.split_filter("val"))
             .then(pl.lit("val"))
             .when(self.split_filter("test"))
             .then(pl.lit("test"))
-            .otherwise(pl.lit("outside"))
+            .otherwise(pl.lit("none"))
         )
+        reason = pl.when(assigned == "none").then(self._unassigned_reason()).otherwise(pl.lit(""))
         labels = list(dict.fromkeys(t.label for t in c.tasks))
         invalid = [
             (pl.col(label).is_not_null() & ~pl.col(label).cast(pl.Float64).is_in([0.0, 1.0]))
             .sum()
-            .alias(label)
+            .alias(f"invalid:{label}")
             for label in labels
         ]
+        observed = [pl.col(label).is_not_null().sum().alias(label) for label in labels]
         try:
             stats = (
                 self._scan()
                 .select([*self.split_columns, *labels])
-                .group_by(split_of.alias("split"))
-                .agg(pl.len().alias("rows"), *invalid)
+                .group_by(assigned.alias("split"), reason.alias("reason"))
+                .agg(pl.len().alias("rows"), *observed, *invalid)
                 .collect(engine="streaming")
             )
         except (pl.exceptions.PolarsError, OSError) as err:
             raise self._unreadable([*self.split_columns, *labels], err) from None
         for label in labels:
-            invalid = int(stats[label].sum())
-            if invalid:
+            bad = int(stats[f"invalid:{label}"].sum())
+            if bad:
                 raise ConfigError(
-                    f"label column '{label}' in {self.where} has {invalid} value(s) outside "
+                    f"label column '{label}' in {self.where} has {bad} value(s) outside "
                     "{0, 1, null}"
                 )
-        counts = dict(zip(stats["split"].to_list(), stats["rows"].to_list(), strict=True))
-        rows = {split: int(counts.get(split, 0)) for split in SPLITS}
-        for split, n in rows.items():
-            if n == 0:
+        order = {name: i for i, name in enumerate([*SPLITS, "none"])}
+        stats = stats.drop(f"invalid:{label}" for label in labels).sort(
+            pl.col("split").replace_strict(order, return_dtype=pl.Int32), "reason"
+        )
+        for split in SPLITS:
+            if not stats.filter(pl.col("split") == split)["rows"].sum():
                 raise ConfigError(f"the {split} split of {self.where} is empty ({self._rule()})")
-        return rows
+        return stats
+
+    def _unassigned_reason(self) -> pl.Expr:
+        """Why a row is in no split (read only on such rows)."""
+        s = self.config.split
+        if s.mode == "paths":
+            return pl.lit("not in a split's path")
+        if s.mode == "column":
+            return (
+                pl.when(pl.col(s.column).is_null())
+                .then(pl.lit(f"null split column '{s.column}'"))
+                .otherwise(pl.lit(f"'{s.column}' is not train / val / test"))
+            )
+        time, dtype = pl.col(self.config.time_column), self.schema[self.config.time_column]
+        expr = pl.when(time.is_null()).then(pl.lit(f"null time ('{self.config.time_column}')"))
+        if s.train_start is not None:
+            start = pl.lit(_boundary(s.train_start, dtype), dtype=dtype)
+            expr = expr.when(time < start).then(pl.lit(f"before the train start {s.train_start}"))
+        if s.test_end is not None:
+            end = pl.lit(_boundary(s.test_end, dtype), dtype=dtype)
+            expr = expr.when(time > end).then(pl.lit(f"after the test end {s.test_end}"))
+        return expr.otherwise(pl.lit("time not comparable (NaN)"))
 
     def _rule(self) -> str:
         s = self.config.split

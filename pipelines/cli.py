@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+import polars as pl
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -16,6 +17,7 @@ from features.config import SPLITS
 from features.datamodule import RankerDataModule
 from pipelines.calibrate import calibrate
 from pipelines.checkpoints import RunError, checkpoint_run, find_run, requeued_checkpoint
+from pipelines.render import Table, fmt
 from pipelines.report import fit_report, print_report
 from pipelines.tracking import MLflowLogger, resolve_tracking_uri
 from ranker.module import RankerModule
@@ -59,6 +61,11 @@ class LogConfigToMLflow(SaveConfigCallback):
                 client.log_artifact(run_id, str(datamodule.config.source), "dataset")
             for split, rows in datamodule.split_rows.items():
                 client.log_metric(run_id, f"data/rows/{split}", rows)
+            accounting = accounting_table(datamodule.accounting)
+            unassigned = datamodule.accounting.filter(pl.col("split") == "none")["rows"].sum()
+            client.log_metric(run_id, "data/rows/none", int(unassigned))
+            client.log_text(run_id, accounting, "data/accounting.md")
+            print(accounting, flush=True)
             skipped = datamodule.source.skipped
             client.log_metric(run_id, "data/skipped_files", len(skipped))
             if skipped:
@@ -76,6 +83,16 @@ class LogConfigToMLflow(SaveConfigCallback):
             )
         client.set_tag(run_id, "model", type(pl_module.network).__name__)
         client.set_tag(run_id, "dataset", datamodule.config.name if datamodule else "")
+
+
+def accounting_table(accounting: pl.DataFrame) -> str:
+    """Where the log's rows went (``RankerDataModule.accounting``), as markdown."""
+    labels = [c for c in accounting.columns if c not in ("split", "reason", "rows")]
+    table = Table(["split", "rows", *(f"{label} observed" for label in labels)])
+    for row in accounting.iter_rows(named=True):
+        name = row["split"] if row["split"] != "none" else f"none: {row['reason']}"
+        table.add([name, fmt(row["rows"]), *(fmt(row[label]) for label in labels)])
+    return table.markdown()
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import polars as pl
@@ -114,3 +115,34 @@ def test_bad_splits_name_the_file_and_key(tmp_path: Path, changes: dict, message
     with pytest.raises(ConfigError, match=message) as err:
         DatasetConfig.from_yaml(config_with(tmp_path, "bad", **changes))
     assert "bad.yaml" in str(err.value)
+
+
+def test_every_row_of_the_log_is_accounted_for(tiny_log: Path, tmp_path: Path) -> None:
+    """Planted: 10% of the rows with a null time, 5% after the test end. Each is counted with
+    its reason, the split rows and observed labels add up, and max_unassigned stops the run."""
+    frame = pl.read_parquet(tiny_log, hive_partitioning=True)
+    row = pl.int_range(pl.len())
+    frame = frame.with_columns(
+        pl.when(row % 10 == 0)
+        .then(None)
+        .when(row % 20 == 1)
+        .then(pl.date(2024, 2, 1))
+        .otherwise(pl.col("date"))
+        .alias("date")
+    )
+    path = tmp_path / "log.parquet"
+    frame.write_parquet(path, row_group_size=5_000)
+    data = RankerDataModule(str(SYNTHETIC_CONFIG), log_path=str(path))
+    accounting = data.accounting
+    assert accounting["rows"].sum() == len(frame)
+    none = dict(accounting.filter(pl.col("split") == "none").select("reason", "rows").iter_rows())
+    assert none == {
+        "null time ('date')": frame["date"].null_count(),
+        "after the test end 2024-01-14": (frame["date"] > date(2024, 1, 14)).sum(),
+    }
+    assert sum(data.split_rows.values()) == len(frame) - sum(none.values())
+    train = accounting.filter(pl.col("split") == "train")
+    in_train = frame.filter(pl.col("date") <= date(2024, 1, 12))
+    assert train["click"].item() == in_train["click"].is_not_null().sum()
+    with pytest.raises(ConfigError, match=r"are in no split \(.*null time.*\): more than"):
+        RankerDataModule(str(SYNTHETIC_CONFIG), log_path=str(path), max_unassigned=0.1)

@@ -85,6 +85,7 @@ def check_run(client: MlflowClient) -> None:
     for name in (
         "config.yaml",
         "feature_state/feature_state.json",
+        "data/accounting.md",
         "dataset/synthetic.yaml",
         "report.md",
     ):
