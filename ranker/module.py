@@ -30,7 +30,27 @@ Monitor = Literal["auto", "gauc", "auc", "logloss"]
 # What checkpoint selection and early stopping compare, every validation: higher is better.
 MONITOR = "val/monitor"
 FALLBACK: tuple[str, ...] = ("gauc", "auc", "logloss")  # the order "auto" tries
-EMBEDDING_OPTIMIZERS = {"sparse_adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad}
+
+
+class DenseAdam(torch.optim.Adam):
+    """Adam on every row of the tables at every step (the sparse gradients made dense first):
+    rows absent from a batch keep moving with their momentum, as in a dense-embedding model.
+    Costs the whole table per step: for small vocabularies only."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = p.grad.coalesce().to_dense()
+        return super().step(closure)
+
+
+EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sparse_adam": torch.optim.SparseAdam,
+    "adagrad": torch.optim.Adagrad,
+    "adam": DenseAdam,
+}
 
 
 class RankerModule(L.LightningModule):
@@ -45,7 +65,8 @@ class RankerModule(L.LightningModule):
         embedding_learning_rate: learning rate of the embedding tables.
         embedding_optimizer: the embedding tables' optimiser, on sparse gradients (only the
             rows in the batch move): ``sparse_adam`` or ``adagrad`` (accumulated squared
-            gradients per element, no first moment: half SparseAdam's optimiser state).
+            gradients per element, no first moment: half SparseAdam's optimiser state); or
+            ``adam``, dense Adam over every row at every step (small vocabularies only).
         lr_schedule: ``none``, or ``plateau``: both learning rates halve after a validation
             whose monitored metric did not improve.
         gradient_clip: max global norm of the dense gradients (0 = off).
@@ -77,7 +98,7 @@ class RankerModule(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-5,
         embedding_learning_rate: float = 5e-2,
-        embedding_optimizer: Literal["sparse_adam", "adagrad"] = "sparse_adam",
+        embedding_optimizer: Literal["sparse_adam", "adagrad", "adam"] = "sparse_adam",
         lr_schedule: Literal["none", "plateau"] = "none",
         gradient_clip: float = 0.0,
         monitor: Monitor = "auto",

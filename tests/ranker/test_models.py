@@ -12,6 +12,7 @@ from features.state import InputSpec
 from ranker.layers import FusedEmbedding
 from ranker.loss import masked_bce
 from ranker.models import MMoE, SharedBottom
+from ranker.module import DenseAdam
 
 INPUTS = InputSpec(
     cat_names=("user", "item", "hour"),
@@ -106,3 +107,24 @@ def test_a_task_with_no_observed_label_contributes_zero() -> None:
     labels[:, 0] = 1.0
     total, per_task = masked_bce(torch.zeros(4, 2), labels, torch.ones(2))
     assert per_task[1] == 0 and math.isclose(total.item(), math.log(2), rel_tol=1e-6)
+
+
+def test_dense_adam_on_sparse_rows_is_adam_on_a_dense_table() -> None:
+    """``embedding_optimizer: adam``: every row moves (momentum), exactly as torch's Adam on
+    the same table with dense gradients."""
+    torch.manual_seed(0)
+    sparse = torch.nn.Embedding(10, 3, sparse=True)
+    dense = torch.nn.Embedding(10, 3)
+    dense.load_state_dict(sparse.state_dict())
+    optimisers = [
+        DenseAdam(sparse.parameters(), lr=0.1),
+        torch.optim.Adam(dense.parameters(), lr=0.1),
+    ]
+    for step in range(3):
+        ids = torch.tensor([step, step + 1])
+        for table, optimiser in zip((sparse, dense), optimisers, strict=True):
+            optimiser.zero_grad()
+            table(ids).sum().backward()
+            optimiser.step()
+    torch.testing.assert_close(sparse.weight, dense.weight)
+    assert not torch.equal(sparse.weight[0], dense.weight.new_zeros(3))
