@@ -346,8 +346,12 @@ class FeatureState:
         return self._target_arrays(frame.select(self._target_exprs(frame)))
 
     def _target_exprs(self, frame: pl.DataFrame) -> list[pl.Expr]:
+        # A label the rows do not carry (scoring an unlabelled log) is not observed: NaN.
         labels = [
-            pl.col(t.label).cast(pl.Float32).fill_null(float("nan")).alias(f"label:{t.name}")
+            (pl.col(t.label) if t.label in frame.columns else pl.lit(None))
+            .cast(pl.Float32)
+            .fill_null(float("nan"))
+            .alias(f"label:{t.name}")
             for t in self.tasks
         ]
         user = pl.col(self.user_key)

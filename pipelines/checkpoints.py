@@ -129,15 +129,20 @@ def checkpoint_run(path: str | Path) -> str | None:
 # -- loading the model and its data -------------------------------------------------------------
 
 
-def load(
-    located: Located,
-    client: MlflowClient,
-    download: Path,
-    dataset: str | None = None,
-    log_path: str | None = None,
-    batch_size: int = 2048,
-) -> tuple[RankerModule, RankerDataModule]:
-    """The model in eval mode and a DataModule scoring with the model's own FeatureState."""
+@dataclass
+class Loaded:
+    """A trained model and what scoring with it needs, without reading its log."""
+
+    module: RankerModule
+    state: FeatureState
+    dataset: str  # its dataset config
+    log_path: str | None  # the log it was trained on, when the checkpoint names one
+
+
+def load_model(
+    located: Located, client: MlflowClient, download: Path, dataset: str | None = None
+) -> Loaded:
+    """The model in eval mode, its FeatureState and dataset config."""
     checkpoint = read_checkpoint(located.path, located.origin)
     meta = checkpoint.get("mlflow")
     if located.run_id is None and meta and find_run(client, meta["run_id"]):
@@ -146,11 +151,8 @@ def load(
     saved = checkpoint.get("RankerDataModule", {})
     hparams = checkpoint.get("datamodule_hyper_parameters", {})
     dataset = dataset or saved.get("dataset") or hparams.get("dataset")
-    log_path = log_path or saved.get("log_path") or hparams.get("log_path")
     if not dataset:
         raise RunError(f"{located.label}: the checkpoint names no dataset; pass --dataset")
-    data = RankerDataModule(dataset, log_path=log_path, eval_batch_size=batch_size)
-
     if "feature_state" in saved:
         state = FeatureState.from_dict(saved["feature_state"])
     elif located.run_id:  # checkpoints written before the state was embedded
@@ -160,6 +162,23 @@ def load(
         raise RunError(
             f"{located.path} carries no FeatureState and has no MLflow run to fetch it from"
         )
+    return Loaded(module, state, dataset, saved.get("log_path") or hparams.get("log_path"))
+
+
+def load(
+    located: Located,
+    client: MlflowClient,
+    download: Path,
+    dataset: str | None = None,
+    log_path: str | None = None,
+    batch_size: int = 2048,
+) -> tuple[RankerModule, RankerDataModule]:
+    """The model in eval mode and a DataModule scoring with the model's own FeatureState."""
+    loaded = load_model(located, client, download, dataset)
+    module = loaded.module
+    data = RankerDataModule(
+        loaded.dataset, log_path=log_path or loaded.log_path, eval_batch_size=batch_size
+    )
     trained = [(t.name, t.label) for t in module.tasks]
     defined = [(t.name, t.label) for t in data.tasks]
     if trained != defined:
@@ -167,5 +186,5 @@ def load(
             f"{located.label} was trained on tasks {trained}, but {data.config.source} defines "
             f"{defined}"
         )
-    data.use_state(state)
+    data.use_state(loaded.state)
     return module, data

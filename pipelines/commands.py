@@ -5,6 +5,7 @@
                --data.dataset configs/data/synthetic.yaml  # train, track in MLflow, report
     ranker evaluate --run <run id | checkpoint> [--split test]  # HTML + markdown report
     ranker compare <run> <run> ... [--split test]          # side by side, per task
+    ranker predict --model <run> --log_path <log> --out <dir>  # batch scoring to Parquet
     ranker tune --space configs/tune/mmoe.yaml --trials 20 # Optuna search over `ranker fit`
     ranker export --run <run id | checkpoint>             # ONNX, parity-checked, registered
     ranker promote --name ranker-synthetic --alias champion
@@ -144,13 +145,21 @@ COMMANDS = {
     "tune": "hyperparameter search with Optuna over `ranker fit`, best config as YAML",
     "evaluate": "score a run or checkpoint on a split: per-task metrics, expert health, report",
     "compare": "several runs side by side, per task",
+    "predict": "batch scoring of a log to Parquet (one row out per row in), for offline jobs",
     "export": "export a run to ONNX (features in the graph), parity-checked, registered",
     "promote": "point a registered model's alias (e.g. champion) at a version",
     "serve": "the online scoring service (FastAPI + onnxruntime) for a registered model",
 }
 
 
-LIGHTNING = ("fit", "tune", "evaluate", "export", "promote")  # the commands that run Lightning
+LIGHTNING = (
+    "fit",
+    "tune",
+    "evaluate",
+    "predict",
+    "export",
+    "promote",
+)  # the commands that run Lightning
 
 
 def usage() -> str:
@@ -197,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
             CLI(evaluate, args=args)
         elif command == "compare":
             compare_cli(args)
+        elif command == "predict":
+            from pipelines.predict import predict
+
+            CLI(predict, args=args)
         elif command == "tune":
             tune_cli(args)
         elif command in ("export", "promote"):

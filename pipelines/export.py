@@ -35,10 +35,11 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from onnx import compose
 
-from features.config import SPLITS
+from features.config import SPLITS, DatasetConfig
 from features.contract import ITEM_TABLE, META, NULL_INT, NULL_STRING, OUTPUT, USER_TABLE
 from features.datamodule import RankerDataModule
 from features.onnx_graph import preprocessing_model, raw_feeds, raw_inputs, sequence_output
+from features.state import FeatureState
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.render import wide_console
 from pipelines.tracking import resolve_tracking_uri
@@ -99,24 +100,31 @@ def network_model(module: RankerModule) -> onnx.ModelProto:
 
 def build(module: RankerModule, data: RankerDataModule) -> onnx.ModelProto:
     """The whole scorer: raw columns -> probabilities, with the layout in its metadata."""
-    features = preprocessing_model(data.state, data.config.features)
+    return scorer_graph(module, data.state, data.config)
+
+
+def scorer_graph(
+    module: RankerModule, state: FeatureState, config: DatasetConfig
+) -> onnx.ModelProto:
+    """``build`` from the model's FeatureState and dataset config (no log read)."""
+    features = preprocessing_model(state, config.features)
     network = network_model(module)
     features.ir_version = network.ir_version
-    sequences = [sequence_output(s.name) for s in data.state.sequences]
+    sequences = [sequence_output(s.name) for s in state.sequences]
     io_map = [("cat", "cat"), ("num", "num"), *((n, n) for n in sequences)]
     model = compose.merge_models(features, network, io_map=io_map)
-    inputs = raw_inputs(data.state, data.config.features)
+    inputs = raw_inputs(state, config.features)
     onnx.helper.set_model_props(
         model,
         {
             META.TASKS: json.dumps([t.name for t in module.tasks]),
             META.INPUTS: json.dumps([i.to_dict() for i in inputs]),
-            META.USER_KEY: data.config.user_key,
-            META.ITEM_KEY: data.config.item_key,
+            META.USER_KEY: config.user_key,
+            META.ITEM_KEY: config.item_key,
             META.NULL_INT: str(NULL_INT),
             META.NULL_STRING: NULL_STRING,
             META.MODEL: type(module.network).__name__,
-            META.DATASET: data.config.name,
+            META.DATASET: config.name,
         },
     )
     onnx.checker.check_model(model, full_check=True)
@@ -136,9 +144,10 @@ def parity_rows(data: RankerDataModule, rows: int) -> pl.DataFrame:
 
 
 def torch_probabilities(
-    module: RankerModule, data: RankerDataModule, frame: pl.DataFrame
+    module: RankerModule, state: FeatureState, frame: pl.DataFrame
 ) -> np.ndarray:
-    batch = data.state.transform(frame)
+    """Calibrated probabilities ``[N, T]`` of raw rows, by torch (the parity reference)."""
+    batch = state.transform(frame)
     wrapped = Probabilities(module).eval()
     out = []
     with torch.no_grad():
@@ -232,7 +241,7 @@ def check_parity(
 ) -> Parity:
     frame = parity_rows(data, rows)
     inputs = raw_inputs(data.state, data.config.features)
-    expected = torch_probabilities(module, data, frame)
+    expected = torch_probabilities(module, data.state, frame)
     got = onnx_probabilities(session, raw_feeds(frame, inputs))
     diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
     parity = Parity(frame.height, float(diff.max()), float(diff.mean()))

@@ -182,7 +182,7 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
     inputs = raw_inputs(data.state, data.config.features)
     got = session_of(model).run(["probabilities"], raw_feeds(frame, inputs))[0]
     module.calibrator.set(np.ones(tasks), np.zeros(tasks))
-    assert np.abs(got - torch_probabilities(module, data, frame)).max() > 1e-2
+    assert np.abs(got - torch_probabilities(module, data.state, frame)).max() > 1e-2
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["ranker.tasks"]) == [t.name for t in data.tasks]
     assert [i["name"] for i in json.loads(meta["ranker.inputs"])] == [

@@ -45,7 +45,7 @@ def scored(runs: Runs, tmp_path_factory: pytest.TempPathFactory):
     assert len(first[HISTORY][0]) > 0
     return (
         rows,
-        torch_probabilities(module, data, rows),
+        torch_probabilities(module, data.state, rows),
         [t.name for t in module.tasks],
         module,
         data,
@@ -111,7 +111,7 @@ def test_histories_from_the_user_table_and_inline(server: Server, scored, export
     latest = table.filter(pl.col("user_id") == user)[HISTORY][0]
     assert len(latest) == 20  # the snapshot: the user's last 20 clicks in the whole log
     as_table = rows.with_columns(pl.Series(HISTORY, [latest] * rows.height))
-    expected = torch_probabilities(module, data, as_table)
+    expected = torch_probabilities(module, data.state, as_table)
     ids = rows["item_id"].to_list()
     with server.client() as http:
         plain = http.post("/v1/rank", json=request_of(rows, inline=True, history=False)).json()
@@ -127,7 +127,7 @@ def test_histories_from_the_user_table_and_inline(server: Server, scored, export
         assert answer.status_code == 200, answer.text
         np.testing.assert_allclose(
             probabilities(answer.json(), ids, tasks),
-            torch_probabilities(module, data, empty),
+            torch_probabilities(module, data.state, empty),
             atol=1e-5,
         )
 

@@ -1,0 +1,191 @@
+"""``ranker predict``: batch scoring of a behaviour log to Parquet, for offline jobs.
+
+    ranker predict --model <run id | checkpoint> --log_path <parquet file, directory or hive
+                   dataset> --out <directory> [--backend onnx|torch] [--fusion '{click: 1}']
+
+The log is read one row group at a time (side tables joined, derived histories from the
+pre-pass over this log, as in training), scored, and written as one Parquet part file per row
+group: memory stays flat in the log size. Exactly one output row per input row, in the log's
+order: the user key, the item key, the time column, one probability column per task
+(``p_<task>``, calibrated) and, with fusion weights, the fused ``score`` (the weighted sum of the
+probabilities). No label is read. Scored by the ONNX graph ``ranker export`` builds (the
+service's), or by torch (``--backend torch``). Each call is an MLflow run naming the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+from mlflow.tracking import MlflowClient
+from rich.progress import Progress
+
+from features.config import ConfigError, DatasetConfig, SplitSpec
+from features.onnx_graph import raw_feeds, raw_inputs
+from features.source import LogSource
+from pipelines.checkpoints import Loaded, RunError, load_model, locate
+from pipelines.export import cpu_session, onnx_probabilities, scorer_graph, torch_probabilities
+from pipelines.tracking import resolve_tracking_uri
+
+PART = "part-{:05d}.parquet"
+EXPERIMENT = "ranker-predict"
+
+
+@dataclass
+class Predicted:
+    out: Path
+    rows: int
+    files: int
+    seconds: float
+    run_id: str | None
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+def scoring_source(config: DatasetConfig, log_path: str) -> LogSource:
+    """The log to score, read as training reads it, without labels or splits."""
+    unlabelled = dataclasses.replace(
+        config.with_path(log_path), tasks=(), split=SplitSpec(train_end=None)
+    )
+    return LogSource(unlabelled)
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunError(f"{out} holds an earlier result; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class Scorer:
+    """Probabilities ``[N, T]`` of raw rows, by the exported graph or by torch."""
+
+    def __init__(self, loaded: Loaded, config: DatasetConfig, backend: str) -> None:
+        self.loaded, self.backend = loaded, backend
+        self.inputs = raw_inputs(loaded.state, config.features)
+        self.session = None
+        if backend == "onnx":
+            self.session = cpu_session(scorer_graph(loaded.module, loaded.state, config))
+
+    def __call__(self, frame: pl.DataFrame) -> np.ndarray:
+        if self.session is not None:
+            return onnx_probabilities(self.session, raw_feeds(frame, self.inputs))
+        return torch_probabilities(self.loaded.module, self.loaded.state, frame)
+
+
+def output_frame(
+    frame: pl.DataFrame,
+    probs: np.ndarray,
+    keys: list[str],
+    tasks: list[str],
+    fusion: dict[str, float] | None,
+) -> pl.DataFrame:
+    columns = {f"p_{task}": probs[:, t] for t, task in enumerate(tasks)}
+    out = frame.select(keys).with_columns(pl.Series(k, v) for k, v in columns.items())
+    if fusion:
+        score = sum(w * probs[:, tasks.index(task)] for task, w in fusion.items())
+        out = out.with_columns(pl.Series("score", np.asarray(score, dtype=np.float32)))
+    return out
+
+
+def predict(
+    *,
+    model: str,
+    log_path: str,
+    out: Path,
+    backend: Literal["onnx", "torch"] = "onnx",
+    fusion: dict[str, float] | None = None,
+    overwrite: bool = False,
+    dataset: str | None = None,
+    tracking_uri: str | None = None,
+    log: bool = True,
+    quiet: bool = False,
+) -> Predicted:
+    """Score every row of a log with a trained model; write the probabilities as Parquet.
+
+    Args:
+        model: an MLflow run id, or the path of a checkpoint (``.ckpt``).
+        log_path: the log to score (a Parquet file, a directory, a hive-partitioned dataset).
+        out: output directory of the part files.
+        backend: ``onnx`` (the exported graph the service runs) or ``torch``.
+        fusion: task weights of a fused ``score`` column (the weighted sum of probabilities).
+        overwrite: replace an earlier result in ``out``.
+        dataset: dataset config to read instead of the one the model was trained with.
+        tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        log: record the call as an MLflow run (experiment ``ranker-predict``).
+        quiet: no progress bar and no summary.
+    """
+    start = time.perf_counter()
+    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        located = locate(model, client, Path(tmp))
+        loaded = load_model(located, client, Path(tmp), dataset)
+    config = DatasetConfig.from_yaml(loaded.dataset)
+    tasks = [t.name for t in loaded.module.tasks]
+    unknown = sorted(set(fusion or {}) - set(tasks))
+    if unknown:
+        raise ConfigError(f"--fusion names tasks the model does not have: {unknown} ({tasks})")
+    source = scoring_source(config, log_path)
+    scorer = Scorer(loaded, config, backend)
+    prepare_out(out, overwrite)
+    keys = list(dict.fromkeys([config.user_key, config.item_key, config.time_column]))
+    columns = tuple(dict.fromkeys([*keys, *source.columns_needed()]))
+    rows = 0
+    with Progress(disable=quiet, transient=True) as progress:
+        bar = progress.add_task("scoring", total=sum(p.rows for p in source.pieces))
+        for i, piece in enumerate(source.pieces):
+            frame = source.join_side_tables(source.read_piece_columns(piece, columns))
+            scored = output_frame(frame, scorer(frame), keys, tasks, fusion)
+            scored.write_parquet(out / PART.format(i))
+            rows += frame.height
+            progress.update(bar, advance=piece.rows)
+    seconds = time.perf_counter() - start
+    run_id = None
+    if log:
+        run_id = record(
+            client, located.label, located.run_id, log_path, out, backend, rows, seconds
+        )
+    predicted = Predicted(out, rows, len(source.pieces), seconds, run_id)
+    if not quiet:
+        print(
+            f"scored {rows:,} rows of {log_path} with {located.label} ({backend}) in "
+            f"{seconds:.1f} s ({predicted.rows_per_second:,.0f} rows/s): {out}"
+        )
+    return predicted
+
+
+def record(
+    client: MlflowClient,
+    model: str,
+    model_run: str | None,
+    log_path: str,
+    out: Path,
+    backend: str,
+    rows: int,
+    seconds: float,
+) -> str:
+    """The call as an MLflow run of the experiment ``ranker-predict``, naming the model."""
+    found = client.get_experiment_by_name(EXPERIMENT)
+    experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+    tags = {"ranker.command": "predict", "model": model}
+    if model_run:
+        tags["model.run_id"] = model_run
+    run = client.create_run(experiment, tags=tags)
+    run_id = run.info.run_id
+    for key, value in {"log_path": log_path, "out": str(out), "backend": backend}.items():
+        client.log_param(run_id, key, value)
+    client.log_metric(run_id, "rows", rows)
+    client.log_metric(run_id, "seconds", seconds)
+    client.log_metric(run_id, "rows_per_second", rows / seconds if seconds else 0.0)
+    client.set_terminated(run_id)
+    return run_id
