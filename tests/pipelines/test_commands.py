@@ -29,7 +29,7 @@ def test_each_command_has_its_own_help(command: str, capsys: pytest.CaptureFixtu
     assert "usage" in capsys.readouterr().out.lower()
 
 
-@pytest.mark.parametrize("words", [["predict"], ["validate", "--help"], ["fitt"]])
+@pytest.mark.parametrize("words", [["bogus"], ["validate", "--help"], ["fitt"]])
 def test_an_unknown_command_is_a_clear_error(
     words: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
