@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEMO_ROWS ?= 500000
+DEMO_ROWS ?= 200000
 
 .PHONY: install demo test lint format clean
 
@@ -15,10 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# synth -> fit HoME -> evaluate -> export -> promote -> serve -> one ranked request (scripts/demo.sh)
 demo: install
-	$(BIN)/ranker synth --out data/synthetic --rows $(DEMO_ROWS)
-	$(BIN)/ranker fit --config configs/trainer.yaml --config configs/model/mmoe.yaml \
-		--data.dataset configs/data/synthetic.yaml
+	BIN=$(BIN) DEMO_ROWS=$(DEMO_ROWS) bash scripts/demo.sh
 
 test: install
 	$(BIN)/ruff check .
@@ -34,4 +33,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) data mlflow.db mlruns mlartifacts checkpoints
+	rm -rf $(VENV) data mlflow.db mlruns mlartifacts checkpoints reports exports
