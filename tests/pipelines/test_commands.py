@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,28 @@ def test_seed_everything_seeds_the_data_order(
     args = fit_args(tiny_log, tmp_path / "checkpoints", *uri, *flags)[1:]  # without "fit"
     cli = fit_cli(args, run=False, parser_kwargs={"exit_on_error": False})
     assert cli.datamodule.seed == seed
+
+
+def test_a_fit_prints_its_own_lines_only(tiny_log: Path, tmp_path: Path) -> None:
+    """A real `ranker fit` process: no third-party tip, deprecation warning or FLOPs table;
+    the summary line, the accounting table and the report are there. --verbose keeps all."""
+    args = fit_args(
+        tiny_log,
+        tmp_path / "checkpoints",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.logger.init_args.tracking_uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--trainer.enable_progress_bar",
+        "false",
+    )
+    ranker = Path(sys.executable).parent / "ranker"
+    done = subprocess.run([str(ranker), *args], capture_output=True, text=True, check=True)
+    screen = done.stdout + done.stderr
+    for noise in ("Tip", "Warning", "FLOPs", "GPU available", "Seed set"):
+        assert noise not in screen, noise
+    assert "parameters) on synthetic" in screen and "| train |" in screen and "│ mean" in screen
+    verbose = subprocess.run(
+        [str(ranker), *args, "--verbose"], capture_output=True, text=True, check=True
+    )
+    assert "GPU available" in verbose.stdout + verbose.stderr
