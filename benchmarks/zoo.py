@@ -105,13 +105,13 @@ def train(model: str, seed: int, args: argparse.Namespace) -> None:
 
 def short_history(run_id: str, longest: int, client: MlflowClient) -> None:
     """Logs the run's test mean AUC / GAUC over the rows whose history (the model's first
-    sequence) holds at most ``longest`` items, as ``test/history<=N/<metric>/mean``."""
+    sequence) holds at most ``longest`` items, as ``test/history_maxN/<metric>/mean``."""
     from pipelines.checkpoints import load, locate
     from pipelines.evaluate import history_feature, score
     from ranker.calibration import probabilities
     from ranker.metrics import task_metrics
 
-    key = f"test/history<={longest}"
+    key = f"test/history_max{longest}"
     if f"{key}/auc/mean" in client.get_run(run_id).data.metrics:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +145,7 @@ def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table
         for run in (r for rs in by_model.values() for r in rs):
             short_history(run.info.run_id, args.short_history, client)
         by_model = {m: [client.get_run(r.info.run_id) for r in rs] for m, rs in by_model.items()}
-        columns.append((f"history<={args.short_history}/{metric_name}", "mean"))
+        columns.append((f"history_max{args.short_history}/{metric_name}", "mean"))
     out = Table(
         title=f"test {metric_name.upper()}, experiment {args.experiment}: best val "
         f"checkpoint of {args.epochs} epochs, seeds {args.seeds}"
