@@ -15,6 +15,7 @@ service's), or by torch (``--backend torch``). Each call is an MLflow run naming
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 import time
@@ -23,16 +24,21 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import polars as pl
 from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 
 from features.config import ConfigError, DatasetConfig, SplitSpec
+from features.contract import META, RawInput
 from features.onnx_graph import raw_feeds, raw_inputs
 from features.source import LogSource
 from pipelines.checkpoints import Loaded, RunError, load_model, locate
 from pipelines.export import cpu_session, onnx_probabilities, scorer_graph, torch_probabilities
 from pipelines.tracking import resolve_tracking_uri
+from serving.model import ModelError
+from serving.registry import parse, resolve_version
 
 PART = "part-{:05d}.parquet"
 EXPERIMENT = "ranker-predict"
@@ -67,20 +73,97 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-class Scorer:
-    """Probabilities ``[N, T]`` of raw rows, by the exported graph or by torch."""
+@dataclass
+class Model:
+    """What scores: the exported graph (a session) or torch (``loaded``), its tasks and raw
+    inputs, the dataset config that reads the log, and what the MLflow run records."""
 
-    def __init__(self, loaded: Loaded, config: DatasetConfig, backend: str) -> None:
-        self.loaded, self.backend = loaded, backend
-        self.inputs = raw_inputs(loaded.state, config.features)
-        self.session = None
-        if backend == "onnx":
-            self.session = cpu_session(scorer_graph(loaded.module, loaded.state, config))
+    tasks: list[str]
+    inputs: list[RawInput]
+    config: DatasetConfig
+    session: ort.InferenceSession | None
+    loaded: Loaded | None
+    tags: dict[str, str]
 
     def __call__(self, frame: pl.DataFrame) -> np.ndarray:
+        """Calibrated probabilities ``[N, T]`` of raw rows."""
         if self.session is not None:
             return onnx_probabilities(self.session, raw_feeds(frame, self.inputs))
+        assert self.loaded is not None
         return torch_probabilities(self.loaded.module, self.loaded.state, frame)
+
+
+def from_run(ref: str, client: MlflowClient, dataset: str | None, backend: str) -> Model:
+    """A run id or checkpoint: the graph is built from it (or torch scores)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        located = locate(ref, client, Path(tmp))
+        loaded = load_model(located, client, Path(tmp), dataset)
+    config = DatasetConfig.from_yaml(loaded.dataset)
+    session = None
+    if backend == "onnx":
+        session = cpu_session(scorer_graph(loaded.module, loaded.state, config))
+    tags = {"model": located.label, **({"model.run_id": located.run_id} if located.run_id else {})}
+    return Model(
+        [t.name for t in loaded.module.tasks],
+        raw_inputs(loaded.state, config.features),
+        config,
+        session,
+        loaded,
+        tags,
+    )
+
+
+def from_registry(ref: str, client: MlflowClient, dataset: str | None, backend: str) -> Model:
+    """``models:/name@alias`` or ``models:/name/version``: the registered graph (the one the
+    service runs), the dataset config of the run that exported it."""
+    import mlflow
+
+    name, _, _ = parse(ref)
+    try:
+        version = resolve_version(ref, client.tracking_uri)
+    except ModelError as err:
+        raise RunError(str(err)) from None
+    run_id = client.get_model_version(name, version).run_id
+    model = from_run(run_id, client, dataset, "torch")
+    model.tags.update({"model": ref, "model.name": name, "model.version": version})
+    if backend == "onnx":
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}",
+                dst_path=tmp,
+                tracking_uri=client.tracking_uri,
+            )
+            files = sorted(Path(local).rglob("*.onnx"))
+            if not files:
+                raise RunError(f"models:/{name}/{version} holds no .onnx file")
+            model.session = cpu_session(onnx.load(str(files[0])))
+        model.loaded = None
+    return model
+
+
+def from_file(path: Path, dataset: str | None, backend: str) -> Model:
+    """An exported ``.onnx`` file: its tasks and inputs from its metadata; the log is read
+    with ``dataset`` (the file carries no dataset config)."""
+    if backend != "onnx":
+        raise RunError(f"{path} is an ONNX file: it scores with --backend onnx only")
+    if dataset is None:
+        raise RunError(f"{path} carries no dataset config: pass --dataset to read the log")
+    graph = onnx.load(str(path))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    if META.TASKS not in meta or META.INPUTS not in meta:
+        raise RunError(f"{path} is not a model ranker export wrote (no {META.TASKS} metadata)")
+    inputs = [RawInput(**i) for i in json.loads(meta[META.INPUTS])]
+    tags = {"model": str(path)}
+    config = DatasetConfig.from_yaml(dataset)
+    return Model(json.loads(meta[META.TASKS]), inputs, config, cpu_session(graph), None, tags)
+
+
+def resolve(ref: str, client: MlflowClient, dataset: str | None, backend: str) -> Model:
+    if ref.startswith("models:/"):
+        return from_registry(ref, client, dataset, backend)
+    if ref.endswith(".onnx"):
+        return from_file(Path(ref), dataset, backend)
+    return from_run(ref, client, dataset, backend)
 
 
 def output_frame(
@@ -114,29 +197,28 @@ def predict(
     """Score every row of a log with a trained model; write the probabilities as Parquet.
 
     Args:
-        model: an MLflow run id, or the path of a checkpoint (``.ckpt``).
+        model: an MLflow run id, a checkpoint (``.ckpt``), a registered model
+            (``models:/<name>@<alias>`` or ``models:/<name>/<version>``: its ONNX graph, the one
+            the service runs) or an exported ``.onnx`` file (with ``--dataset``).
         log_path: the log to score (a Parquet file, a directory, a hive-partitioned dataset).
         out: output directory of the part files.
         backend: ``onnx`` (the exported graph the service runs) or ``torch``.
         fusion: task weights of a fused ``score`` column (the weighted sum of probabilities).
         overwrite: replace an earlier result in ``out``.
-        dataset: dataset config to read instead of the one the model was trained with.
+        dataset: dataset config that reads the log, instead of the model's (required for
+            a ``.onnx`` file).
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
         log: record the call as an MLflow run (experiment ``ranker-predict``).
         quiet: no progress bar and no summary.
     """
     start = time.perf_counter()
     client = MlflowClient(tracking_uri or resolve_tracking_uri())
-    with tempfile.TemporaryDirectory() as tmp:
-        located = locate(model, client, Path(tmp))
-        loaded = load_model(located, client, Path(tmp), dataset)
-    config = DatasetConfig.from_yaml(loaded.dataset)
-    tasks = [t.name for t in loaded.module.tasks]
+    scorer = resolve(model, client, dataset, backend)
+    config, tasks = scorer.config, scorer.tasks
     unknown = sorted(set(fusion or {}) - set(tasks))
     if unknown:
         raise ConfigError(f"--fusion names tasks the model does not have: {unknown} ({tasks})")
     source = scoring_source(config, log_path)
-    scorer = Scorer(loaded, config, backend)
     prepare_out(out, overwrite)
     keys = list(dict.fromkeys([config.user_key, config.item_key, config.time_column]))
     columns = tuple(dict.fromkeys([*keys, *source.columns_needed()]))
@@ -152,13 +234,12 @@ def predict(
     seconds = time.perf_counter() - start
     run_id = None
     if log:
-        run_id = record(
-            client, located.label, located.run_id, log_path, out, backend, rows, seconds
-        )
+        params = {"log_path": log_path, "out": str(out), "backend": backend}
+        run_id = record(client, scorer.tags, params, rows, seconds)
     predicted = Predicted(out, rows, len(source.pieces), seconds, run_id)
     if not quiet:
         print(
-            f"scored {rows:,} rows of {log_path} with {located.label} ({backend}) in "
+            f"scored {rows:,} rows of {log_path} with {scorer.tags['model']} ({backend}) in "
             f"{seconds:.1f} s ({predicted.rows_per_second:,.0f} rows/s): {out}"
         )
     return predicted
@@ -166,23 +247,17 @@ def predict(
 
 def record(
     client: MlflowClient,
-    model: str,
-    model_run: str | None,
-    log_path: str,
-    out: Path,
-    backend: str,
+    tags: dict[str, str],
+    params: dict[str, str],
     rows: int,
     seconds: float,
 ) -> str:
     """The call as an MLflow run of the experiment ``ranker-predict``, naming the model."""
     found = client.get_experiment_by_name(EXPERIMENT)
     experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
-    tags = {"ranker.command": "predict", "model": model}
-    if model_run:
-        tags["model.run_id"] = model_run
-    run = client.create_run(experiment, tags=tags)
+    run = client.create_run(experiment, tags={"ranker.command": "predict", **tags})
     run_id = run.info.run_id
-    for key, value in {"log_path": log_path, "out": str(out), "backend": backend}.items():
+    for key, value in params.items():
         client.log_param(run_id, key, value)
     client.log_metric(run_id, "rows", rows)
     client.log_metric(run_id, "seconds", seconds)

@@ -13,12 +13,13 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.checkpoints import load, locate
+from pipelines.checkpoints import RunError, load, locate
 from pipelines.commands import main
 from pipelines.evaluate import score
+from pipelines.export import export
 from pipelines.predict import predict
 from ranker.calibration import probabilities
-from tests.conftest import Runs
+from tests.conftest import SYNTHETIC_CONFIG, Runs
 
 RSS = """
 import re, sys
@@ -143,3 +144,49 @@ def test_bad_input_is_named(
     assert "holds an earlier result; pass --overwrite" in err
     err = error("--log_path", str(tiny_log), "--out", str(tmp_path / "d"), "--fusion", "{clik: 1}")
     assert "--fusion names tasks the model does not have: ['clik']" in err
+
+
+def test_a_registered_model_and_an_exported_file_score_the_same(
+    scored: Path, runs: Runs, tiny_log: Path, tmp_path: Path
+) -> None:
+    """models:/<name>/<version> (the graph the service runs) and the .onnx file export wrote
+    (read with --dataset) give the probabilities the run's own graph gave."""
+    exported = export(
+        run=runs.mmoe,
+        name="predict-test",
+        out=tmp_path / "model.onnx",
+        parity=1_000,
+        tracking_uri=runs.uri,
+        quiet=True,
+    )
+    expected = pl.read_parquet(scored)
+    columns = [c for c in expected.columns if c.startswith("p_")]
+    for model, dataset in (
+        (f"models:/predict-test/{exported.version}", None),
+        (str(tmp_path / "model.onnx"), str(SYNTHETIC_CONFIG)),
+    ):
+        out = tmp_path / model.replace("/", "_").replace(":", "")
+        predict(
+            model=model,
+            log_path=str(tiny_log),
+            out=out,
+            dataset=dataset,
+            tracking_uri=runs.uri,
+            quiet=True,
+        )
+        got = pl.read_parquet(out)
+        np.testing.assert_allclose(
+            got.select(columns).to_numpy(), expected.select(columns).to_numpy(), atol=1e-6
+        )
+    client = MlflowClient(runs.uri)
+    experiment = client.get_experiment_by_name("ranker-predict").experiment_id
+    tags = [r.data.tags for r in client.search_runs([experiment])]
+    assert any(t.get("model.version") == exported.version for t in tags)
+    with pytest.raises(RunError, match="pass --dataset to read the log"):
+        predict(
+            model=str(tmp_path / "model.onnx"),
+            log_path=str(tiny_log),
+            out=tmp_path / "x",
+            tracking_uri=runs.uri,
+            quiet=True,
+        )
