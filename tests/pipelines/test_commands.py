@@ -57,7 +57,7 @@ def test_seed_everything_seeds_the_data_order(
 
 def test_a_fit_prints_its_own_lines_only(tiny_log: Path, tmp_path: Path) -> None:
     """A real `ranker fit` process: no third-party tip, deprecation warning or FLOPs table;
-    the summary line, the accounting table and the report are there. --verbose keeps all."""
+    the summary line, the accounting table and the report are there."""
     args = fit_args(
         tiny_log,
         tmp_path / "checkpoints",
@@ -74,7 +74,35 @@ def test_a_fit_prints_its_own_lines_only(tiny_log: Path, tmp_path: Path) -> None
     for noise in ("Tip", "Warning", "FLOPs", "GPU available", "Seed set"):
         assert noise not in screen, noise
     assert "parameters) on synthetic" in screen and "| train |" in screen and "│ mean" in screen
-    verbose = subprocess.run(
-        [str(ranker), *args, "--verbose"], capture_output=True, text=True, check=True
-    )
-    assert "GPU available" in verbose.stdout + verbose.stderr
+
+
+def test_quiet_drops_lightning_chatter_and_keeps_the_run_s_lines() -> None:
+    """What `ranker` installs unless --verbose: a filter on Lightning's log handlers."""
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from pipelines.quiet import quiet
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    logger = logging.getLogger("lightning.pytorch")
+    collect = Collect()
+    logger.addHandler(collect)
+    try:
+        rank_zero_info("💡 Tip: try something else")  # before: kept (as with --verbose)
+        quiet()
+        rank_zero_info("💡 Tip: try something else")
+        rank_zero_info("checkpoints and early stopping: val mean GAUC")
+    finally:
+        logger.removeHandler(collect)
+    assert collect.messages == [
+        "💡 Tip: try something else",
+        "checkpoints and early stopping: val mean GAUC",
+    ]
