@@ -17,6 +17,7 @@ Light on purpose (numpy and polars): the service imports it without torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,6 +32,14 @@ MISSING: dict[str, Any] = {"int64": NULL_INT, "string": NULL_STRING, "float64": 
 NUMPY_TYPE: dict[str, Any] = {"int64": np.int64, "string": object, "float64": np.float64}
 INT64 = (-(2**63), 2**63 - 1)
 USER_TABLE, ITEM_TABLE = "user_features.parquet", "item_features.parquet"
+OPTIMIZED_SUFFIX = ".optimized.onnx"  # the onnxruntime-optimised graph saved beside model.onnx
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # where runs and models are, unless told
+
+
+def resolve_tracking_uri(given: str | None = None) -> str:
+    """The MLflow store: ``given``, else ``MLFLOW_TRACKING_URI``, else the SQLite default (the
+    one rule the pipelines and the service share)."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 class META:

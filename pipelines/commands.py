@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "serve":
             from serving.cli import serve
 
-            CLI(serve, args=args)
+            serve(args)
         else:
             from pipelines.cli import fit_cli
 

@@ -31,7 +31,7 @@ step "4/6 export to ONNX (parity-checked), register, promote to @champion"
 "$BIN/ranker" promote --name "$NAME" --alias champion
 
 step "5/6 serve models:/$NAME@champion on 127.0.0.1:$PORT"
-"$BIN/ranker" serve --model "models:/$NAME@champion" --port "$PORT" --weights '{click: 1, like: 4}' &
+"$BIN/ranker" serve --model "models:/$NAME@champion" --port "$PORT" --weights '{"click": 1, "like": 4}' &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 120); do

@@ -1,71 +1,88 @@
-"""``ranker serve``: the scoring service under uvicorn (no torch, no lightning)."""
+"""``ranker serve``: the scoring service under uvicorn (no torch, no lightning). Its options are
+the fields of ``serving.core.config.Settings``, parsed by pydantic-settings."""
 
 from __future__ import annotations
 
-import gc
+import os
+import shutil
 import sys
-from pathlib import Path
-from typing import Literal
+import tempfile
+from collections.abc import Sequence
 
-from serving.model import Fusion, ModelError
+from pydantic import ValidationError
+from pydantic_settings import CliApp, SettingsError
+
+from serving.core.config import Settings
+from serving.core.metrics import MULTIPROCESS_DIR
+from serving.model import ModelError
 
 
-def serve(
-    *,
-    model: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    user_table: Path | None = None,
-    item_table: Path | None = None,
-    fusion: Literal["sum", "product"] = "sum",
-    weights: dict[str, float] | None = None,
-    max_candidates: int = 1000,
-    max_body_bytes: int = 1_000_000,
-    poll_seconds: float = 10.0,
-    threads: int | None = None,
-    tracking_uri: str | None = None,
-    log_level: str = "warning",
-) -> None:
-    """Serve a ranker ONNX model over HTTP.
+def fail(message: str) -> SystemExit:
+    print(f"ranker serve: error: {message}", file=sys.stderr)
+    return SystemExit(2)
 
-    Args:
-        model: a .onnx file, models:/<name>@<alias> (followed as it moves), or
-            models:/<name>/<version>.
-        host: address to bind.
-        port: port to bind.
-        user_table: user feature snapshot (Parquet) instead of the model's.
-        item_table: item feature snapshot (Parquet) instead of the model's.
-        fusion: how task probabilities combine: weighted sum or weighted product.
-        weights: task -> fusion weight (absent tasks weigh 1), e.g. '{click: 1, like: 4}'.
-        max_candidates: the most candidates one request may carry.
-        max_body_bytes: the largest request body.
-        poll_seconds: how often a registry alias is checked for a new version.
-        threads: onnxruntime intra-op threads (default: all cores).
-        tracking_uri: MLflow store for models:/ references.
-        log_level: uvicorn's log level.
-    """
+
+def parse(args: Sequence[str]) -> Settings:
+    """The settings from the command line (over ``RANKER_SERVE_*`` variables); a bad value is
+    an error naming the option."""
+    try:
+        return CliApp.run(Settings, cli_args=list(args))
+    except ValidationError as err:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise fail(problems) from None
+    except SettingsError as err:
+        raise fail(str(err)) from None
+
+
+def serve(args: Sequence[str]) -> None:
+    settings = parse(args)
+    if settings.workers == 1:
+        run_one(settings)
+    else:
+        run_workers(settings)
+
+
+def run_one(settings: Settings) -> None:
     import uvicorn
 
-    from serving.app import Settings, create_app
+    from serving.main import create_app
 
-    settings = Settings(
-        model=model,
-        user_table=user_table,
-        item_table=item_table,
-        fusion=Fusion(fusion, weights or {}),
-        max_candidates=max_candidates,
-        max_body_bytes=max_body_bytes,
-        poll_seconds=poll_seconds,
-        tracking_uri=tracking_uri,
-        threads=threads,
-    )
     try:
         app = create_app(settings)
     except ModelError as err:
-        print(f"ranker serve: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    # Everything loaded so far (model, tables, libraries) lives as long as the process: move it
-    # out of the collector's reach so a full collection does not pause requests scanning it.
-    gc.collect()
-    gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        raise fail(str(err)) from None
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
+    )
+
+
+def run_workers(settings: Settings) -> None:
+    """``N`` uvicorn worker processes on one socket, each loading its own model from the
+    ``RANKER_SERVE_*`` environment; Prometheus values shared through a directory removed at
+    exit."""
+    import uvicorn
+
+    from serving.core.metrics import Metrics
+    from serving.holder import Holder  # the model is checked here once, then each worker loads
+
+    try:
+        Holder(settings, Metrics(), 1).load()
+    except ModelError as err:
+        raise fail(str(err)) from None
+    shared = tempfile.mkdtemp(prefix="ranker-metrics-")
+    os.environ.update(settings.environment())
+    os.environ[MULTIPROCESS_DIR] = shared
+    try:
+        uvicorn.run(
+            "serving.main:worker_app",
+            factory=True,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

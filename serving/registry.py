@@ -13,13 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from features.contract import ITEM_TABLE, USER_TABLE
+from features.contract import ITEM_TABLE, OPTIMIZED_SUFFIX, USER_TABLE, resolve_tracking_uri
 from serving.model import ModelError, Scorer
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from serving.app import Settings
+    from serving.core.config import Settings
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -39,9 +39,7 @@ def parse(uri: str) -> tuple[str, str | None, str | None]:
 def _client(tracking_uri: str | None) -> MlflowClient:
     from mlflow.tracking import MlflowClient  # only registry models need mlflow
 
-    return MlflowClient(
-        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    )
+    return MlflowClient(resolve_tracking_uri(tracking_uri))
 
 
 def resolve_version(model: str, tracking_uri: str | None) -> str:
@@ -60,8 +58,10 @@ def resolve_version(model: str, tracking_uri: str | None) -> str:
         raise ModelError(f"cannot resolve {model}: {err.message}") from None
 
 
-def load_scorer(settings: Settings, version: str | None = None) -> Scorer:
-    """Download (if registered) and load the model and its feature tables."""
+def load_scorer(settings: Settings, threads: int | None, version: str | None = None) -> Scorer:
+    """The model and its feature tables, in memory. A registered version is downloaded to a
+    temporary directory that is removed once loaded (or once the load fails): the session and
+    the tables need no file afterwards, so reloads leave nothing behind."""
     model = settings.model
     if not model.startswith("models:/"):
         path = Path(model)
@@ -69,26 +69,41 @@ def load_scorer(settings: Settings, version: str | None = None) -> Scorer:
             raise ModelError(f"no model file at {path}")
         user = settings.user_table or _beside(path, USER_TABLE)
         item = settings.item_table or _beside(path, ITEM_TABLE)
-        return Scorer(path, path.stem, "local", str(path), settings.threads, user, item)
+        return Scorer(path, path.stem, "local", str(path), threads, user, item)
+    name, _, _ = parse(model)
+    version = version or resolve_version(model, settings.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix=f"ranker-{name}-{version}-") as target:
+        graph, tables = _download(name, version, settings.tracking_uri, Path(target))
+        return Scorer(
+            graph,
+            name,
+            version,
+            f"models:/{name}/{version}",
+            threads,
+            settings.user_table or tables[USER_TABLE],
+            settings.item_table or tables[ITEM_TABLE],
+        )
 
+
+def _download(
+    name: str, version: str, tracking_uri: str | None, target: Path
+) -> tuple[Path, dict[str, Path | None]]:
+    """A registered version's graph and the feature tables of the run that exported it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    name, _, _ = parse(model)
-    version = version or resolve_version(model, settings.tracking_uri)
-    client = _client(settings.tracking_uri)
-    target = Path(tempfile.mkdtemp(prefix=f"ranker-{name}-{version}-"))
+    client = _client(tracking_uri)
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{version}",
             dst_path=str(target / "model"),
             tracking_uri=client.tracking_uri,
         )
-        files = sorted(Path(local).rglob("*.onnx"))
-        if not files:
+        graphs = sorted(Path(local).rglob("*.onnx"))
+        if not graphs:
             raise ModelError(f"models:/{name}/{version} holds no .onnx file")
         run_id = client.get_model_version(name, version).run_id
-        tables = {}
+        tables: dict[str, Path | None] = {}
         for table in (USER_TABLE, ITEM_TABLE):
             try:
                 tables[table] = Path(
@@ -98,15 +113,8 @@ def load_scorer(settings: Settings, version: str | None = None) -> Scorer:
                 tables[table] = None
     except MlflowException as err:
         raise ModelError(f"cannot download models:/{name}/{version}: {err.message}") from None
-    return Scorer(
-        files[0],
-        name,
-        version,
-        f"models:/{name}/{version}",
-        settings.threads,
-        settings.user_table or tables[USER_TABLE],
-        settings.item_table or tables[ITEM_TABLE],
-    )
+    plain = [g for g in graphs if not g.name.endswith(OPTIMIZED_SUFFIX)]
+    return (plain or graphs)[0], tables
 
 
 def _beside(path: Path, name: str) -> Path | None:

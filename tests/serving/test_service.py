@@ -282,7 +282,7 @@ def test_the_service_process_has_no_torch_or_lightning(server: Server) -> None:
     maps = Path(f"/proc/{server.process.pid}/maps").read_text()
     assert "libtorch" not in maps and "onnxruntime" in maps
     code = (
-        "import sys, serving.app, serving.cli, serving.registry, serving.model\n"
+        "import sys, serving.main, serving.cli, serving.registry, serving.model\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning'))\n"
         "assert not bad, bad"
     )
@@ -310,8 +310,14 @@ def test_start_up_errors_are_clear(exported: Exported, tmp_path: Path) -> None:
     del model.metadata_props[:]
     onnx.save_model(model, str(bare))
     assert "is not a ranker model" in start_up_error("--model", str(bare))
-    err = start_up_error("--model", str(exported.path), "--weights", "{clicks: 2}")
+    err = start_up_error("--model", str(exported.path), "--weights", '{"clicks": 2}')
     assert "fusion weights name tasks the model lacks: ['clicks']" in err
+    err = start_up_error("--model", str(exported.path), "--weights", "like=inf")
+    assert "--weights: Value error, fusion weights must be finite numbers: ['like']" in err
+    assert "--workers: Input should be greater than or equal to 1" in start_up_error(
+        "--model", str(exported.path), "--workers", "0"
+    )
+    assert "--model: Field required" in start_up_error()
     assert "no model file at" in start_up_error("--model", str(tmp_path / "missing.onnx"))
     err = start_up_error("--model", str(exported.path), "--user_table", str(tmp_path / "u.parquet"))
     assert "user feature table" in err and "does not exist" in err

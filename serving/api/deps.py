@@ -1,0 +1,28 @@
+"""What the routes depend on, passed in from the app's state (no module globals)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serving.core.config import Settings
+from serving.core.metrics import Metrics
+from serving.holder import Holder
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_holder(request: Request) -> Holder:
+    return request.app.state.holder
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+HolderDep = Annotated[Holder, Depends(get_holder)]

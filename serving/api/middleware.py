@@ -1,0 +1,86 @@
+"""What wraps every request: the body limit, the measurement, the error answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.core.metrics import Metrics
+from serving.model import RequestError
+
+
+def error(status: int, loc: list, message: str) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": loc, "msg": message}]}, status_code=status)
+
+
+class BodyLimit:
+    """A 413 for a body over ``limit`` bytes, declared (Content-Length) or streamed (chunked),
+    before the app reads it all. It counts what it refuses in ``requests``; a request it cuts
+    short is marked in its scope so the inner measurement does not count it twice."""
+
+    def __init__(self, app: ASGIApp, limit: int, requests: Counter) -> None:
+        self.app, self.limit, self.requests = app, limit, requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit and not scope.get("ranker.refused"):
+                await self._refuse(scope, receive, send)
+                return {"type": "http.disconnect"}  # the app stops reading; its answer is dropped
+            return message
+
+        async def guarded(message: Message) -> None:
+            if not scope.get("ranker.refused"):
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["ranker.refused"] = True
+        self.requests.labels(scope["path"], "413").inc()
+        await error(413, ["body"], f"body over {self.limit} bytes")(scope, receive, send)
+
+
+def install(app: FastAPI, metrics: Metrics, max_body_bytes: int) -> None:
+    """The measurement and body-limit middlewares and the 422 handlers."""
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        start = time.perf_counter()
+        endpoint = request.url.path
+        response = await call_next(request)
+        if not request.scope.get("ranker.refused"):  # BodyLimit counted it
+            metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes, requests=metrics.requests)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        # Location, message and type only: echoing the input back could hold NaN, which JSON
+        # cannot carry (and would turn a 422 into a 500).
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in err.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError) -> JSONResponse:
+        return error(422, err.loc, err.message)

@@ -1,0 +1,27 @@
+"""Liveness, readiness and the Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from serving.api.deps import HolderDep, MetricsDep
+from serving.core.metrics import MEDIA_TYPE
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(holder: HolderDep) -> JSONResponse:
+    ready = holder.current is not None
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+def prometheus(metrics: MetricsDep) -> Response:
+    return Response(metrics.exposition(), media_type=MEDIA_TYPE)

@@ -1,0 +1,61 @@
+"""``POST /v1/rank`` and ``GET /v1/model``: each reads the loaded model once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from serving.api.deps import HolderDep, MetricsDep, SettingsDep
+from serving.model import RequestError
+from serving.schemas import RankRequest, RankResponse
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/model")
+def model(holder: HolderDep) -> dict[str, Any]:
+    loaded = holder.current
+    return {
+        **loaded.scorer.describe(),
+        "fusion": loaded.fusion.kind,
+        "weights": dict(zip(loaded.scorer.tasks, loaded.weights.tolist(), strict=True)),
+    }
+
+
+@router.post("/rank", responses={200: {"model": RankResponse}})
+def rank(
+    body: RankRequest, holder: HolderDep, settings: SettingsDep, metrics: MetricsDep
+) -> Response:
+    n = len(body.candidates)
+    if n > settings.max_candidates:
+        raise RequestError(
+            ["body", "candidates"], f"{n} candidates, at most {settings.max_candidates}"
+        )
+    loaded = holder.current  # one version for the whole request: session, tasks, weights
+    scorer = loaded.scorer
+    metrics.candidates.observe(n)
+    ids = [c.id for c in body.candidates]
+    feeds = scorer.feeds(
+        body.user.id,
+        body.user.features,
+        body.context,
+        ids,
+        [c.features for c in body.candidates],
+        body.user.history,
+    )
+    probs = scorer.score(feeds)
+    scores = loaded.fuse(probs)
+    order = np.argsort(-scores, kind="stable")[: body.top_k]
+    # Built as plain lists and dumped once: re-validating N response objects through pydantic
+    # cost more than scoring them.
+    tasks, rows, fused = scorer.tasks, probs[order].tolist(), scores[order].tolist()
+    candidates = [
+        {"id": ids[i], "score": s, "probabilities": dict(zip(tasks, p, strict=True))}
+        for i, s, p in zip(order.tolist(), fused, rows, strict=True)
+    ]
+    content = {"model": {"name": scorer.name, "version": scorer.version}, "candidates": candidates}
+    return Response(json.dumps(content), media_type="application/json")

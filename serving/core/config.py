@@ -1,0 +1,84 @@
+"""The service's settings, defined once: ``ranker serve --help`` lists them, the command line
+sets them, and so do ``RANKER_SERVE_<NAME>`` environment variables (how each worker process of
+``--workers N`` receives them). The command line wins over the environment."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.model import Fusion
+
+ENV_PREFIX = "RANKER_SERVE_"
+
+
+class Settings(BaseSettings):
+    """``ranker serve``: the scoring service (FastAPI + onnxruntime)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        cli_prog_name="ranker serve",
+        cli_implicit_flags=False,
+        cli_hide_none_type=True,
+    )
+
+    model: str = Field(
+        description="a .onnx file, models:/<name>@<alias> (followed as it moves) or "
+        "models:/<name>/<version>"
+    )
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    workers: int = Field(
+        1, ge=1, description="worker processes, each with its own model (share nothing)"
+    )
+    user_table: Path | None = Field(None, description="user feature snapshot (Parquet)")
+    item_table: Path | None = Field(None, description="item feature snapshot (Parquet)")
+    fusion: Literal["sum", "product"] = Field(
+        "sum", description="how task probabilities combine: weighted sum or weighted product"
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description='task -> fusion weight, absent tasks weigh 1: \'{"click": 1, "like": 4}\' '
+        "or --weights click=1 --weights like=4",
+    )
+    max_candidates: int = Field(1000, ge=1, description="the most candidates one request holds")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="the largest request body")
+    poll_seconds: float = Field(
+        10.0, gt=0, description="how often a registry alias is checked for a new version"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="onnxruntime intra-op threads per worker (default: cores/workers)"
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow store of models:/ references (default: MLFLOW_TRACKING_URI)"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "warning", description="uvicorn's log level"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _finite(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = sorted(task for task, w in weights.items() if not math.isfinite(w))
+        if bad:
+            raise ValueError(f"fusion weights must be finite numbers: {bad}")
+        return weights
+
+    @property
+    def fusion_rule(self) -> Fusion:
+        return Fusion(self.fusion, self.weights)
+
+    def environment(self) -> dict[str, str]:
+        """These settings as ``RANKER_SERVE_*`` variables (a new process's ``Settings()``
+        reads them back)."""
+        values = self.model_dump(mode="json", exclude_none=True)
+        return {
+            f"{ENV_PREFIX}{key.upper()}": value if isinstance(value, str) else json.dumps(value)
+            for key, value in values.items()
+        }

@@ -1,0 +1,89 @@
+"""The model being served: one immutable ``LoadedModel``, swapped by one reference.
+
+A request reads ``holder.current`` once and uses that object throughout, so it scores, fuses
+and labels its answer with one version's session, tasks and weights, whatever a reload does
+meanwhile. Nothing a loaded model needs stays on disk (``serving.registry`` removes the
+download once the session and tables are in memory), so a replaced version is freed with the
+last request that holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.core.config import Settings
+from serving.core.metrics import Metrics
+from serving.model import Fusion, Scorer
+from serving.registry import load_scorer, resolve_version
+
+log = logging.getLogger("ranker.serving")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A scorer with the fusion rule and the weights of its own task list."""
+
+    scorer: Scorer
+    fusion: Fusion
+    weights: np.ndarray  # [T], in ``scorer.tasks`` order
+
+    @classmethod
+    def of(cls, scorer: Scorer, fusion: Fusion) -> LoadedModel:
+        """Refuses (``ModelError``) fusion weights naming a task the model lacks."""
+        return cls(scorer, fusion, fusion.vector(scorer.tasks))
+
+    def fuse(self, probabilities: np.ndarray) -> np.ndarray:
+        """``[N, T]`` probabilities -> ``[N]`` ranking scores."""
+        return self.fusion(probabilities, self.weights)
+
+    @property
+    def label(self) -> tuple[str, str]:
+        return self.scorer.name, self.scorer.version
+
+
+class Holder:
+    """The current ``LoadedModel`` and, for a registry alias, the thread that follows it."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, threads: int) -> None:
+        self.settings, self.metrics, self.threads = settings, metrics, threads
+        self.current: LoadedModel | None = None
+        self._stop = threading.Event()
+
+    def load(self, version: str | None = None) -> LoadedModel:
+        scorer = load_scorer(self.settings, self.threads, version)
+        return LoadedModel.of(scorer, self.settings.fusion_rule)
+
+    def install(self, loaded: LoadedModel) -> None:
+        replaced = self.current.label if self.current is not None else None
+        self.current = loaded  # the one write a reload makes
+        self.metrics.serving(*loaded.label, replaced)
+
+    def follows_alias(self) -> bool:
+        return self.settings.model.startswith("models:/") and "@" in self.settings.model
+
+    def start_polling(self) -> None:
+        if self.follows_alias():
+            threading.Thread(target=self.poll, name="model-reload", daemon=True).start()
+
+    def poll(self) -> None:
+        """Reload when the alias points at another version; keep serving on any failure."""
+        while not self._stop.wait(self.settings.poll_seconds):
+            try:
+                version = resolve_version(self.settings.model, self.settings.tracking_uri)
+                if self.current is not None and version == self.current.scorer.version:
+                    continue
+                self.install(self.load(version))
+                self.metrics.reloads.labels("ok").inc()
+                log.warning("now serving %s version %s", *self.current.label)
+            except Exception:  # a bad new version must not take the service down
+                self.metrics.reloads.labels("failed").inc()
+                log.exception(
+                    "reload of %s failed; still serving the previous version", self.settings.model
+                )
+
+    def stop(self) -> None:
+        self._stop.set()
