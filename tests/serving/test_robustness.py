@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from mlflow.tracking import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
@@ -89,39 +91,151 @@ def test_a_bounded_load_run_has_no_errors_and_flat_memory(server: Server) -> Non
     assert after < before * 1.2 + 20_000, (before, after)  # kB: flat within noise
 
 
-@pytest.fixture()
-def alias_server(runs: Runs, exported: Exported, tmp_path: Path) -> Iterator[tuple[Server, str]]:
-    name = exported.name  # version 1 (HoME) exists; the alias starts there
-    promote(name=name, alias="champion", version=exported.version, tracking_uri=runs.uri)
-    running = start(
-        "--model", f"models:/{name}@champion", "--tracking_uri", runs.uri, "--poll_seconds", "0.5"
-    )
-    yield running, name
-    stop(running)
+WEIGHTS = {"like": 4.0}  # a task both versions have; the others weigh 1
 
 
-def test_hot_reload_under_concurrent_requests_loses_nothing(
-    runs: Runs, exported: Exported, alias_server: tuple[Server, str], tmp_path: Path
+def hammer_checked(url: str, stop_at: threading.Event, seen: Counter, answers: list) -> None:
+    """Like ``hammer``, keeping each answer's version, task list and whether its scores are
+    its own probabilities fused with ``WEIGHTS``."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while not stop_at.is_set():
+            answer = http.post("/v1/rank", json=REQUEST)
+            seen[answer.status_code] += 1
+            if answer.status_code == 200:
+                body = answer.json()
+                first = body["candidates"][0]["probabilities"]
+                fused = all(
+                    abs(
+                        c["score"]
+                        - sum(WEIGHTS.get(t, 1.0) * p for t, p in c["probabilities"].items())
+                    )
+                    < 1e-9
+                    for c in body["candidates"]
+                )
+                answers.append((body["model"]["version"], tuple(first), fused))
+
+
+def serving_version(http: httpx.Client, version: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while http.get("/v1/model").json()["version"] != version:
+        assert time.monotonic() < deadline, f"version {version} never served"
+        time.sleep(0.1)
+
+
+def broken_version(runs: Runs, name: str, tmp_path: Path) -> str:
+    """A registered version whose graph is not ONNX: its download succeeds, its load fails."""
+    client = MlflowClient(runs.uri)
+    garbage = tmp_path / "garbage" / "model.onnx"
+    garbage.parent.mkdir()
+    garbage.write_text("not a model")
+    run = client.create_run(client.get_experiment_by_name("ranker").experiment_id)
+    client.log_artifact(run.info.run_id, str(garbage), "garbage")
+    source = f"{run.info.artifact_uri}/garbage"
+    return str(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
+
+
+def test_reloads_to_another_task_list_answer_each_request_from_one_version(
+    runs: Runs, exported: Exported, tmp_path: Path
 ) -> None:
-    server, name = alias_server
-    newer = export(
-        run=runs.mmoe, name=name, out=tmp_path / "m.onnx", tracking_uri=runs.uri, quiet=True
-    )
-
-    def move_alias() -> None:
-        time.sleep(2)
-        promote(name=name, alias="champion", version=newer.version, tracking_uri=runs.uri)
-
-    seen, versions = run_clients(server.url, 8, 15, during=move_alias)
+    """The alias moves between a HoME (8 tasks) and an MMoE of 2 tasks, then to a version that
+    cannot load, under 8 concurrent clients: no 5xx, every answer's probabilities, scores and
+    version from one model, and no download left in the temporary folder."""
+    name = exported.name
+    first = exported.version
+    other = export(
+        run=runs.two_tasks, name=name, out=tmp_path / "two.onnx", tracking_uri=runs.uri, quiet=True
+    ).version
+    broken = broken_version(runs, name, tmp_path)
+    tasks = {first: 8, other: 2}
+    promote(name=name, alias="champion", version=first, tracking_uri=runs.uri)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    server = start(
+        "--model", f"models:/{name}@champion", "--tracking_uri", runs.uri, "--poll_seconds",
+        "0.3", "--weights", json.dumps(WEIGHTS), env={**os.environ, "TMPDIR": str(temp)},
+    )  # fmt: skip
+    stop_at, seen, answers = threading.Event(), Counter(), []
+    clients = [
+        threading.Thread(target=hammer_checked, args=(server.url, stop_at, seen, answers))
+        for _ in range(8)
+    ]
+    try:
+        for t in clients:
+            t.start()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for version in (other, first, other):  # three reloads, each across task lists
+                time.sleep(1)
+                promote(name=name, alias="champion", version=version, tracking_uri=runs.uri)
+                serving_version(http, version)
+            promote(name=name, alias="champion", version=broken, tracking_uri=runs.uri)
+            time.sleep(2)  # several polls, each a failed load
+            assert http.get("/v1/model").json()["version"] == other
+            metrics = http.get("/metrics").text
+    finally:
+        stop_at.set()
+        for t in clients:
+            t.join(60)
+        stop(server)
     assert set(seen) == {200}, seen
-    assert versions[0] == exported.version and versions[-1] == newer.version
-    switched = versions.index(newer.version)
-    # after the swap only requests already in flight (at most one per client) end on the old
-    assert versions[switched:].count(exported.version) <= 8
-    assert versions[-50:] == [newer.version] * 50
-    with httpx.Client(base_url=server.url) as http:
-        assert http.get("/v1/model").json()["model"] == "MMoE"
-        metrics = http.get("/metrics").text
-    assert 'ranker_model_reloads_total{result="ok"} 1.0' in metrics
-    assert f'ranker_model_info{{name="{name}",version="{newer.version}"}} 1.0' in metrics
-    assert MlflowClient(runs.uri).get_model_version_by_alias(name, "champion").run_id == runs.mmoe
+    assert {version for version, _, _ in answers} == {first, other}
+    assert all(len(names) == tasks[version] for version, names, _ in answers)
+    assert all(fused for _, _, fused in answers)
+    assert 'ranker_model_reloads_total{result="ok"} 3.0' in metrics
+    assert 'ranker_model_reloads_total{result="failed"}' in metrics
+    assert f'ranker_model_info{{name="{name}",version="{other}"}} 1.0' in metrics
+    left = [p.name for p in temp.iterdir() if p.name.startswith("ranker-")]
+    assert left == []  # every download removed, the failed ones too
+
+
+def model_info(http: httpx.Client) -> dict[str, tuple[str, float]]:
+    """pid -> (version, value) of ``ranker_model_info`` across the workers."""
+    found: dict[str, tuple[str, float]] = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "ranker_model_info" and sample.value == 1:
+                found[sample.labels["pid"]] = (sample.labels["version"], sample.value)
+    return found
+
+
+def rank_count(http: httpx.Client) -> float:
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "ranker_requests_total" and labels["endpoint"] == "/v1/rank":
+                return sample.value
+    return 0.0
+
+
+def test_two_workers_serve_reload_and_count_together(
+    runs: Runs, exported: Exported, tmp_path: Path
+) -> None:
+    name = exported.name
+    newer = export(
+        run=runs.two_tasks, name=name, out=tmp_path / "w.onnx", tracking_uri=runs.uri, quiet=True
+    ).version
+    promote(name=name, alias="champion", version=exported.version, tracking_uri=runs.uri)
+    server = start(
+        "--model", f"models:/{name}@champion", "--tracking_uri", runs.uri,
+        "--poll_seconds", "0.3", "--workers", "2",
+    )  # fmt: skip
+    answered = 0
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            deadline = time.monotonic() + 60
+            while len(model_info(http)) < 2:  # each worker loaded its own model
+                assert time.monotonic() < deadline, model_info(http)
+                for _ in range(10):  # a new connection each: the workers share them out
+                    answered += httpx.post(f"{server.url}/v1/rank", json=REQUEST).status_code == 200
+            assert {v for v, _ in model_info(http).values()} == {exported.version}
+            promote(name=name, alias="champion", version=newer, tracking_uri=runs.uri)
+            while {v for v, _ in model_info(http).values()} != {newer}:  # both reload
+                assert time.monotonic() < deadline + 60, model_info(http)
+                time.sleep(0.2)
+            for _ in range(20):
+                answer = httpx.post(f"{server.url}/v1/rank", json=REQUEST)
+                assert answer.json()["model"]["version"] == newer
+                answered += 1
+            assert rank_count(http) == answered  # /metrics sums both workers
+            assert len(model_info(http)) == 2
+    finally:
+        stop(server)
