@@ -17,8 +17,10 @@ Light on purpose (numpy and polars): the service imports it without torch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,11 @@ MISSING: dict[str, Any] = {"int64": NULL_INT, "string": NULL_STRING, "float64": 
 NUMPY_TYPE: dict[str, Any] = {"int64": np.int64, "string": object, "float64": np.float64}
 INT64 = (-(2**63), 2**63 - 1)
 USER_TABLE, ITEM_TABLE = "user_features.parquet", "item_features.parquet"
-OPTIMIZED_SUFFIX = ".optimized.onnx"  # the onnxruntime-optimised graph saved beside model.onnx
+# The onnxruntime-optimised graph export saves beside ``<name>.onnx`` as ``<name>.optimized.onnx``
+# (in a run's ``serving/`` artifacts: ``model.optimized.onnx``); it names the digest of the graph
+# it was made from (``META.OPTIMIZED_FROM``), and a service uses it only when that matches.
+OPTIMIZED_SUFFIX = ".optimized.onnx"
+OPTIMIZED_GRAPH = "model" + OPTIMIZED_SUFFIX
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # where runs and models are, unless told
 
 
@@ -40,6 +46,16 @@ def resolve_tracking_uri(given: str | None = None) -> str:
     """The MLflow store: ``given``, else ``MLFLOW_TRACKING_URI``, else the SQLite default (the
     one rule the pipelines and the service share)."""
     return given or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def optimized_path(graph: Path) -> Path:
+    """Where the optimised graph of ``graph`` is saved: ``m.onnx`` -> ``m.optimized.onnx``."""
+    return graph.with_name(graph.name.removesuffix(".onnx") + OPTIMIZED_SUFFIX)
+
+
+def graph_digest(graph: Path) -> str:
+    """The SHA-256 of a graph file: what ties an optimised graph to its source."""
+    return hashlib.sha256(graph.read_bytes()).hexdigest()
 
 
 class META:
@@ -53,6 +69,8 @@ class META:
     NULL_STRING = "ranker.null_string"
     MODEL = "ranker.model"
     DATASET = "ranker.dataset"
+    OPTIMIZED_FROM = "ranker.optimized_from"  # an optimised graph: its source's graph_digest
+    QUANTIZED = "ranker.quantized"  # "int8" when the matmuls are dynamically quantised
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import numpy as np
@@ -36,12 +38,22 @@ from mlflow.tracking import MlflowClient
 from onnx import compose
 
 from features.config import SPLITS, DatasetConfig
-from features.contract import ITEM_TABLE, META, NULL_INT, NULL_STRING, OUTPUT, USER_TABLE
+from features.contract import (
+    ITEM_TABLE,
+    META,
+    NULL_INT,
+    NULL_STRING,
+    OPTIMIZED_GRAPH,
+    OUTPUT,
+    USER_TABLE,
+    optimized_path,
+)
 from features.datamodule import RankerDataModule
 from features.onnx_graph import preprocessing_model, raw_feeds, raw_inputs, sequence_output
 from features.state import FeatureState
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.render import wide_console
+from pipelines.serving_graph import AucChange, auc_change, quantize_int8, save_optimized
 from pipelines.tracking import resolve_tracking_uri
 from ranker.module import RankerModule
 
@@ -113,6 +125,9 @@ def scorer_graph(
     sequences = [sequence_output(s.name) for s in state.sequences]
     io_map = [("cat", "cat"), ("num", "num"), *((n, n) for n in sequences)]
     model = compose.merge_models(features, network, io_map=io_map)
+    opsets = {o.domain: o.version for o in model.opset_import}  # the merge lists "" twice
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
     inputs = raw_inputs(state, config.features)
     onnx.helper.set_model_props(
         model,
@@ -131,10 +146,13 @@ def scorer_graph(
     return model
 
 
-def parity_rows(data: RankerDataModule, rows: int) -> pl.DataFrame:
-    """Up to ``rows`` real rows: the test split first, then validation, then training."""
+def parity_rows(
+    data: RankerDataModule, rows: int, splits: tuple[str, ...] = tuple(reversed(SPLITS))
+) -> pl.DataFrame:
+    """Up to ``rows`` real rows: the test split first, then validation, then training (or the
+    ``splits`` given, in that order)."""
     parts, missing = [], rows
-    for split in reversed(SPLITS):
+    for split in splits:
         if missing <= 0:
             break
         part = data.source.scan(split).head(missing).collect(engine="streaming")
@@ -253,10 +271,59 @@ def check_parity(
     return parity
 
 
+def check_same(
+    session: ort.InferenceSession,
+    optimized: Path,
+    frame: pl.DataFrame,
+    data: RankerDataModule,
+    tolerance: float,
+) -> None:
+    """The saved optimised graph scores ``frame`` as the checked graph does."""
+    feeds = raw_feeds(frame, raw_inputs(data.state, data.config.features))
+    reloaded = ort.InferenceSession(str(optimized), providers=["CPUExecutionProvider"])
+    diff = np.abs(onnx_probabilities(reloaded, feeds) - onnx_probabilities(session, feeds))
+    if not diff.max() <= tolerance:
+        raise RunError(f"the optimised graph {optimized} differs by {diff.max():.3g}")
+
+
+def quantize_checked(
+    model: onnx.ModelProto,
+    session: ort.InferenceSession,
+    data: RankerDataModule,
+    rows: int,
+    tolerance: float,
+) -> tuple[onnx.ModelProto, AucChange]:
+    """The INT8 graph, if no task's AUC on held-out rows moves by more than ``tolerance``."""
+    frame = parity_rows(data, rows, ("test", "val"))
+    feeds = raw_feeds(frame, raw_inputs(data.state, data.config.features))
+    labels = data.state.transform(frame).labels
+    quantized = quantize_int8(model)
+    tasks = [t.name for t in data.tasks]
+    change = auc_change(
+        onnx_probabilities(session, feeds),
+        onnx_probabilities(cpu_session(quantized), feeds),
+        labels,
+        tasks,
+    )
+    if not change.float_auc:
+        raise RunError(
+            f"no held-out rows of {data.config.path} with both labels: cannot check INT8"
+        )
+    task, delta = change.worst()
+    if not abs(delta) <= tolerance:
+        raise RunError(
+            f"INT8 refused: the AUC of {task} moved by {delta:+.4f} on {change.rows[task]:,} "
+            f"held-out rows of {data.config.path} (tolerance {tolerance:g}); export in float32 "
+            "(no --quantize) or allow more with --quantize_tolerance"
+        )
+    return quantized, change
+
+
 @dataclass
 class Exported:
     path: Path
-    parity: Parity
+    parity: Parity  # of the float graph against torch
+    int8: AucChange | None  # with --quantize int8: the AUC change it was accepted with
     run_id: str | None
     name: str | None
     version: str | None
@@ -273,6 +340,9 @@ def export(
     out: Path | None = None,
     parity: int = 20_000,
     tolerance: float = 1e-5,
+    quantize: Literal["none", "int8"] = "none",
+    quantize_tolerance: float = 0.001,
+    quantize_rows: int = 100_000,
     register: bool = True,
     tracking_uri: str | None = None,
     quiet: bool = False,
@@ -289,6 +359,11 @@ def export(
         parity: real rows scored by both onnxruntime and torch (at least 10,000 when the log
             has them).
         tolerance: the largest allowed |difference| of probabilities.
+        quantize: ``int8``: dynamic INT8 quantisation of the matmuls (smaller, faster on CPU),
+            accepted only if no task's AUC on held-out rows moves by more than
+            ``quantize_tolerance``.
+        quantize_tolerance: the largest allowed |AUC change| of a task under INT8.
+        quantize_rows: held-out rows (test split, then validation) for the AUC check.
         register: log the model to the run and register it (else only write the file).
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
         quiet: print nothing.
@@ -301,9 +376,15 @@ def export(
     model = build(module, data)
     session = cpu_session(model)  # one session for the parity check and the signature
     checked = check_parity(session, module, data, parity, tolerance)
+    change = None
+    if quantize == "int8":
+        model, change = quantize_checked(model, session, data, quantize_rows, quantize_tolerance)
+        session = cpu_session(model)
     path = out or Path("exports") / (located.run_id or located.path.stem) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
+    optimized = save_optimized(path)
+    check_same(session, optimized, parity_rows(data, 2_000), data, tolerance)
     snapshots = feature_snapshots(data)
     for file, frame in snapshots.items():
         frame.write_parquet(path.parent / file)
@@ -314,13 +395,18 @@ def export(
         if located.run_id is None:
             raise RunError(f"{run} has no MLflow run to log the model to; pass --register false")
         version, model_uri = log_and_register(
-            client, located.run_id, model, session, data, name, checked
+            client, located.run_id, model, session, data, name, checked, change
         )
         for file in snapshots:
             client.log_artifact(located.run_id, str(path.parent / file), "serving")
+        with tempfile.TemporaryDirectory() as tmp:  # under its contract name
+            artifact = Path(tmp) / OPTIMIZED_GRAPH
+            shutil.copyfile(optimized, artifact)
+            client.log_artifact(located.run_id, str(artifact), "serving")
     exported = Exported(
         path,
         checked,
+        change,
         located.run_id,
         name if register else None,
         version,
@@ -340,6 +426,7 @@ def log_and_register(
     data: RankerDataModule,
     name: str,
     parity: Parity,
+    change: AucChange | None = None,
 ) -> tuple[str, str]:
     """Log with the ONNX flavour (signature, input example) and register a new version."""
     inputs = raw_inputs(data.state, data.config.features)
@@ -362,6 +449,10 @@ def log_and_register(
                     "export/parity_rows": parity.rows,
                     "export/parity_max_abs_diff": parity.max_abs_diff,
                     "export/parity_mean_abs_diff": parity.mean_abs_diff,
+                    **{
+                        f"export/int8_auc_change/{task}": delta
+                        for task, delta in (change.change.items() if change else ())
+                    },
                 }
             )
     except MlflowException as err:
@@ -377,7 +468,13 @@ def print_export(e: Exported) -> None:
         f"parity: {e.parity.rows:,} real rows, max |difference| {e.parity.max_abs_diff:.2e}, "
         f"mean {e.parity.mean_abs_diff:.2e}"
     )
+    if e.int8 is not None:
+        changes = ", ".join(f"{t} {d:+.4f}" for t, d in e.int8.change.items())
+        rows = max(e.int8.rows.values())
+        console.print(f"INT8: AUC change on up to {rows:,} held-out rows: {changes}")
     console.print(f"ONNX model: {e.path} ({e.path.stat().st_size / 1e6:.1f} MB)")
+    optimized = optimized_path(e.path)
+    console.print(f"  optimised graph: {optimized} ({optimized.stat().st_size / 1e6:.1f} MB)")
     for file in (USER_TABLE, ITEM_TABLE):
         table = e.path.parent / file
         rows = pl.scan_parquet(table).select(pl.len()).collect().item()

@@ -102,6 +102,20 @@ class Routing:
         return weights, (load * probs.mean(0)).sum()
 
 
+def pooled_matmul(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``x [B, D] @ weights [n, D, H] -> [B, n, H]``, every expert reading the same ``x``: one
+    matmul against the ``[D, n * H]`` stack (a single GEMM in torch and in the exported graph,
+    where ``einsum`` ran as a slow generic kernel)."""
+    n, d, h = weights.shape
+    return (x @ weights.permute(1, 0, 2).reshape(d, n * h)).view(-1, n, h)
+
+
+def batched_matmul(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``x [B, n, D] @ weights [n, D, H] -> [B, n, H]``: expert ``k``'s rows times its own
+    weights (one batched matmul over the experts)."""
+    return torch.matmul(x.transpose(0, 1), weights).transpose(0, 1)
+
+
 class FeatureGate(nn.Module):
     """HoME's feature gate for ``n`` experts: ``x_k = x * 2 * sigmoid(x B_k A_k)``, rank ``r``.
 
@@ -116,8 +130,8 @@ class FeatureGate(nn.Module):
         nn.init.uniform_(self.down, -(dim**-0.5), dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = torch.einsum("bd,ndr->bnr", x, self.down)
-        return x.unsqueeze(1) * 2 * torch.sigmoid(torch.einsum("bnr,nrd->bnd", low, self.up))
+        low = pooled_matmul(x, self.down)  # [B, n, r]
+        return x.unsqueeze(1) * 2 * torch.sigmoid(batched_matmul(low, self.up))
 
 
 class ExpertPool(nn.Module):
@@ -161,12 +175,12 @@ class ExpertPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feature_gate is not None:
-            h = torch.einsum("bnd,ndh->bnh", self.feature_gate(x), self.weights[0])
+            h = batched_matmul(self.feature_gate(x), self.weights[0])
         else:
-            h = torch.einsum("bd,ndh->bnh", x, self.weights[0])
+            h = pooled_matmul(x, self.weights[0])
         for layer, (bias, norm) in enumerate(zip(self.biases, self.norms, strict=True)):
             if layer:
-                h = torch.einsum("bnd,ndh->bnh", h, self.weights[layer])
+                h = batched_matmul(h, self.weights[layer])
             h = h + bias
             h = norm(h.flatten(1)).view_as(h)
             h = self.activation(h)
@@ -203,7 +217,7 @@ class NativeResidual(nn.Module):
     def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
             return own[:, 0]
-        return torch.einsum("e,bed->bd", self.weights, own)
+        return (own * self.weights.unsqueeze(-1)).sum(1)
 
 
 @dataclass(frozen=True)

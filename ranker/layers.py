@@ -96,4 +96,4 @@ class Tower(nn.Sequential):
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum: weights [B, E], expert outputs [B, E, D] -> [B, D]."""
-    return torch.einsum("be,bed->bd", weights, experts)
+    return (weights.unsqueeze(-1) * experts).sum(1)

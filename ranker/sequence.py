@@ -51,7 +51,7 @@ class TargetAttention(nn.Module):
 
     def forward(self, e: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(self.scores(e, q).masked_fill(~mask, -1e9), dim=-1) * mask
-        return torch.einsum("bl,bld->bd", weights, e)
+        return (weights.unsqueeze(-1) * e).sum(1)
 
 
 class SequencePooling(nn.Module):
@@ -93,5 +93,5 @@ class SequencePooling(nn.Module):
                 pooled.append(self.attention[spec.name](e, query, mask))
             else:
                 count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
-                pooled.append(torch.einsum("bl,bld->bd", mask.to(e.dtype), e) / count)
+                pooled.append((mask.unsqueeze(-1).to(e.dtype) * e).sum(1) / count)
         return pooled

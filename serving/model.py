@@ -34,6 +34,7 @@ from features.contract import (
     RawInput,
     as_input,
     flatten_recent,
+    graph_digest,
     missing,
     parse_id,
     right_aligned,
@@ -131,6 +132,7 @@ class Scorer:
     threads: int | None = None
     user_table_path: Path | None = None
     item_table_path: Path | None = None
+    optimized_path: Path | None = None  # the optimised graph export saved (used if it matches)
     tasks: list[str] = field(init=False)
     columns: list[RawInput] = field(init=False)
 
@@ -148,9 +150,11 @@ class Scorer:
         if (int(meta[META.NULL_INT]), meta[META.NULL_STRING]) != (NULL_INT, NULL_STRING):
             raise ModelError(f"{self.path} marks missing values differently from this service")
         self.model_class = meta.get(META.MODEL, "")
+        self.quantized = meta.get(META.QUANTIZED, "")
+        self.graph = self._saved_optimization() or self.path
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(self.threads), providers=["CPUExecutionProvider"]
+                str(self.graph), session_options(self.threads), providers=["CPUExecutionProvider"]
             )
         except Exception as err:
             raise ModelError(f"onnxruntime cannot load {self.path}: {err}") from None
@@ -161,6 +165,18 @@ class Scorer:
         self.by_name = {c.name: c for c in self.columns}
         self.user_table = self._table(self.user_table_path, self.user_key, "user")
         self.item_table = self._table(self.item_table_path, self.item_key, "item")
+
+    def _saved_optimization(self) -> Path | None:
+        """The optimised graph, if it was made from this very file (else start-up optimises)."""
+        saved = self.optimized_path
+        if saved is None or not saved.is_file():
+            return None
+        try:
+            proto = onnx.load(str(saved), load_external_data=False)
+        except Exception:
+            return None
+        made_from = {p.key: p.value for p in proto.metadata_props}.get(META.OPTIMIZED_FROM)
+        return saved if made_from == graph_digest(self.path) else None
 
     def _table(self, path: Path | None, key: str, side: str) -> FeatureTable | None:
         if path is None:
@@ -176,6 +192,8 @@ class Scorer:
             "version": self.version,
             "source": self.source,
             "model": self.model_class,
+            "graph": "optimized at export" if self.graph != self.path else "optimized at start-up",
+            "quantized": self.quantized or "no",
             "tasks": self.tasks,
             "user_key": self.user_key,
             "item_key": self.item_key,

@@ -13,7 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from features.contract import ITEM_TABLE, OPTIMIZED_SUFFIX, USER_TABLE, resolve_tracking_uri
+from features.contract import (
+    ITEM_TABLE,
+    OPTIMIZED_GRAPH,
+    USER_TABLE,
+    optimized_path,
+    resolve_tracking_uri,
+)
 from serving.model import ModelError, Scorer
 
 if TYPE_CHECKING:
@@ -69,26 +75,29 @@ def load_scorer(settings: Settings, threads: int | None, version: str | None = N
             raise ModelError(f"no model file at {path}")
         user = settings.user_table or _beside(path, USER_TABLE)
         item = settings.item_table or _beside(path, ITEM_TABLE)
-        return Scorer(path, path.stem, "local", str(path), threads, user, item)
+        optimized = optimized_path(path)
+        return Scorer(path, path.stem, "local", str(path), threads, user, item, optimized)
     name, _, _ = parse(model)
     version = version or resolve_version(model, settings.tracking_uri)
     with tempfile.TemporaryDirectory(prefix=f"ranker-{name}-{version}-") as target:
-        graph, tables = _download(name, version, settings.tracking_uri, Path(target))
+        graph, files = _download(name, version, settings.tracking_uri, Path(target))
         return Scorer(
             graph,
             name,
             version,
             f"models:/{name}/{version}",
             threads,
-            settings.user_table or tables[USER_TABLE],
-            settings.item_table or tables[ITEM_TABLE],
+            settings.user_table or files[USER_TABLE],
+            settings.item_table or files[ITEM_TABLE],
+            files[OPTIMIZED_GRAPH],
         )
 
 
 def _download(
     name: str, version: str, tracking_uri: str | None, target: Path
 ) -> tuple[Path, dict[str, Path | None]]:
-    """A registered version's graph and the feature tables of the run that exported it."""
+    """A registered version's graph, and the feature tables and optimised graph of the run that
+    exported it (``None`` for any it lacks)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -103,18 +112,17 @@ def _download(
         if not graphs:
             raise ModelError(f"models:/{name}/{version} holds no .onnx file")
         run_id = client.get_model_version(name, version).run_id
-        tables: dict[str, Path | None] = {}
-        for table in (USER_TABLE, ITEM_TABLE):
+        files: dict[str, Path | None] = {}
+        for file in (USER_TABLE, ITEM_TABLE, OPTIMIZED_GRAPH):
             try:
-                tables[table] = Path(
-                    client.download_artifacts(run_id, f"serving/{table}", str(target))
+                files[file] = Path(
+                    client.download_artifacts(run_id, f"serving/{file}", str(target))
                 )
             except (MlflowException, OSError):
-                tables[table] = None
+                files[file] = None
     except MlflowException as err:
         raise ModelError(f"cannot download models:/{name}/{version}: {err.message}") from None
-    plain = [g for g in graphs if not g.name.endswith(OPTIMIZED_SUFFIX)]
-    return (plain or graphs)[0], tables
+    return graphs[0], files
 
 
 def _beside(path: Path, name: str) -> Path | None:

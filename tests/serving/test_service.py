@@ -138,6 +138,7 @@ def test_health_model_and_metrics_endpoints(server: Server, exported: Exported) 
         assert http.get("/readyz").json() == {"ready": True}
         model = http.get("/v1/model").json()
         assert model["version"] == "local" and model["model"] == "HoME"
+        assert model["graph"] == "optimized at export" and model["quantized"] == "no"
         assert len(model["tasks"]) == 8 and model["user_table_rows"] > 0
         assert {i["name"] for i in model["inputs"]} >= {"user_id", "item_id", "hour"}
         http.post("/v1/rank", json={"user": {"id": 1}, "candidates": [{"id": 1}] * 7})

@@ -1,0 +1,107 @@
+"""What export does to the graph for the service: the saved optimisation (used only when it
+was made from the very graph served) and INT8 quantisation (refused past an AUC tolerance)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from features.contract import META, OPTIMIZED_GRAPH, graph_digest, optimized_path
+from features.onnx_graph import raw_feeds
+from pipelines.checkpoints import RunError, load, locate
+from pipelines.export import Exported, export, parity_rows
+from pipelines.serving_graph import auc_change
+from serving.model import Scorer
+from tests.conftest import Runs
+
+
+def scorer(path: Path) -> Scorer:
+    return Scorer(path, "m", "local", str(path), 1, optimized_path=optimized_path(path))
+
+
+def test_the_optimised_graph_is_saved_stamped_and_used_only_for_its_source(
+    runs: Runs, tmp_path: Path
+) -> None:
+    exported = export(
+        run=runs.mmoe, out=tmp_path / "a" / "m.onnx", tracking_uri=runs.uri, quiet=True
+    )
+    saved = optimized_path(exported.path)
+    meta = {p.key: p.value for p in onnx.load(str(saved)).metadata_props}
+    assert meta[META.OPTIMIZED_FROM] == graph_digest(exported.path)
+    assert meta[META.TASKS]  # the contract's metadata survives the optimisation
+    assert scorer(exported.path).graph == saved
+    client = MlflowClient(runs.uri)
+    logged = {a.path for a in client.list_artifacts(runs.mmoe, "serving")}
+    assert f"serving/{OPTIMIZED_GRAPH}" in logged
+
+    # A graph beside an optimised file made from another graph: optimised at start-up instead.
+    other = export(
+        run=runs.home, out=tmp_path / "b" / "m.onnx", register=False, tracking_uri=runs.uri,
+        quiet=True,
+    )  # fmt: skip
+    shutil.copyfile(saved, optimized_path(other.path))
+    assert scorer(other.path).graph == other.path
+
+
+@pytest.fixture(scope="module")
+def int8(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    out = tmp_path_factory.mktemp("int8") / "model.onnx"
+    return export(
+        run=runs.home,
+        out=out,
+        quantize="int8",
+        quantize_tolerance=0.05,
+        register=False,
+        tracking_uri=runs.uri,
+        quiet=True,
+    )
+
+
+def test_int8_export_reports_each_tasks_auc_change_and_scores_close(
+    runs: Runs, int8: Exported, tmp_path: Path
+) -> None:
+    model = onnx.load(str(int8.path))
+    assert {p.key: p.value for p in model.metadata_props}[META.QUANTIZED] == "int8"
+    assert "MatMulInteger" in {n.op_type for n in model.graph.node}
+    assert set(int8.int8.change) == set(int8.int8.float_auc) and len(int8.int8.change) == 8
+    assert all(abs(d) <= 0.05 for d in int8.int8.change.values())
+    assert min(int8.int8.rows.values()) > 100
+    float32 = export(
+        run=runs.home, out=tmp_path / "f.onnx", register=False, tracking_uri=runs.uri, quiet=True
+    )
+    client = MlflowClient(runs.uri)
+    _, data = load(locate(runs.home, client, tmp_path), client, tmp_path)
+    frame = parity_rows(data, 500)
+    got = [scorer(e.path).score(raw_feeds(frame, scorer(e.path).columns)) for e in (int8, float32)]
+    assert scorer(int8.path).graph == optimized_path(int8.path)
+    assert 0 < np.abs(got[0] - got[1]).max() < 0.05  # quantised, yet close
+
+
+def test_int8_is_refused_past_the_tolerance(runs: Runs, int8: Exported, tmp_path: Path) -> None:
+    task, worst = int8.int8.worst()
+    assert worst != 0  # thousands of held-out rows: int8 moves every AUC a little
+    with pytest.raises(RunError, match=f"INT8 refused: the AUC of {task} moved by"):
+        export(
+            run=runs.home,
+            out=tmp_path / "m.onnx",
+            quantize="int8",
+            quantize_tolerance=abs(worst) / 2,
+            register=False,
+            tracking_uri=runs.uri,
+            quiet=True,
+        )
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_auc_change_skips_tasks_without_both_classes() -> None:
+    probs = np.array([[0.1, 0.2], [0.9, 0.3], [0.4, 0.8]])
+    labels = np.array([[0.0, 1.0], [1.0, np.nan], [0.0, 1.0]])
+    change = auc_change(probs, probs[:, ::-1].copy(), labels, ["a", "b"])
+    assert change.float_auc == {"a": 1.0} and change.rows == {"a": 3}
+    assert change.int8_auc == {"a": 0.5}  # b's scores (0.2, 0.3, 0.8) against a's labels
+    assert change.worst() == ("a", -0.5)
