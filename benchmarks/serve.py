@@ -1,13 +1,20 @@
-"""Scoring latency: the ONNX session in process, the service over HTTP, and the torch model.
+"""Scoring latency: each graph the service can run, the service over HTTP, and the torch model.
 
-    python benchmarks/serve.py --run <MLflow run id> [--sizes 10 100 500 1000] [--seconds 5]
+    python benchmarks/serve.py --run <MLflow run id> [--sizes 10 100 500 1000] [--seconds 4]
+        [--also other.onnx ...]          # graphs exported by other code, timed alongside
 
-For each number of candidates: p50 / p99 latency and throughput of (a) ``session.run`` in
-process on ready inputs, and the service's own request assembly + run (``feeds``), (b) the
-service (``ranker serve`` on 127.0.0.1) over HTTP at concurrency 1 and 8, (c) the torch model
-in eval mode on tensors already transformed (torch gets its features for free). Requests are
-one real user of the log with N real item ids, ids only (features from the service's tables).
-Then the onnxruntime session options are compared at 500 candidates. Prints markdown tables.
+The run is exported twice (float32 and ``--quantize int8``), each with its optimised graph.
+Requests are one real user of the log with N real item ids, ids only (features from the
+service's tables). Printed as markdown tables:
+
+1. **In process**, per number of candidates, every graph timed in interleaved rounds on the
+   same request (so machine noise falls on all alike): ``session.run`` on the service's own
+   request assembly, p50 / p99, and each graph's session start-up time. Torch eval runs on N
+   transformed rows of the log (torch gets its features for free).
+2. **Over HTTP**: ``ranker serve`` (the float model, optimised at export) at concurrency 1
+   and 8, with the ratio of its p99 to the in-process p99.
+3. **Threads and workers** at 500 candidates over HTTP: ``--workers`` x ``--threads``.
+4. **INT8**: each task's AUC change on held-out rows (what export accepted it with).
 """
 
 from __future__ import annotations
@@ -19,50 +26,45 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import onnxruntime as ort
-import polars as pl
 import torch
 from mlflow.tracking import MlflowClient
 
-from features.contract import OUTPUT
+from features.contract import OUTPUT, optimized_path, resolve_tracking_uri
 from pipelines.checkpoints import load, locate
-from pipelines.export import export, parity_rows
-from pipelines.tracking import resolve_tracking_uri
+from pipelines.export import Exported, Probabilities, export, parity_rows
 from serving.model import Scorer, session_options
 
 RANKER = Path(sys.executable).parent / "ranker"
+ROUNDS = 8
 
 
-def timed(call: Callable[[], object], seconds: float) -> np.ndarray:
-    call()  # warm up
-    latencies = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        call()
-        latencies.append(time.perf_counter() - start)
-    return np.array(latencies)
+def percentiles(latencies: list[float]) -> tuple[float, float]:
+    a = np.array(latencies) * 1e3
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-def row(name: str, n: int, latencies: np.ndarray, wall: float | None = None) -> list[str]:
-    wall = wall if wall is not None else latencies.sum()
-    per_second = len(latencies) / wall
-    return [
-        name,
-        str(n),
-        f"{np.percentile(latencies, 50) * 1e3:.2f}",
-        f"{np.percentile(latencies, 99) * 1e3:.2f}",
-        f"{per_second:,.0f}",
-        f"{per_second * n:,.0f}",
-    ]
+def interleaved(calls: dict[str, Callable[[], object]], seconds: float) -> dict[str, list[float]]:
+    """Each call timed for ``seconds`` in all, in ``ROUNDS`` alternating slices."""
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, call in calls.items():
+            call()  # warm up after the other calls ran
+            end = time.perf_counter() + seconds / ROUNDS
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                call()
+                latencies[name].append(time.perf_counter() - start)
+    return latencies
 
 
-def http_run(url: str, body: dict, clients: int, seconds: float) -> tuple[np.ndarray, float]:
+def http_run(url: str, body: dict, clients: int, seconds: float) -> tuple[list[float], float]:
     latencies: list[float] = []
     errors: list[int] = []
     lock = threading.Lock()
@@ -89,7 +91,7 @@ def http_run(url: str, body: dict, clients: int, seconds: float) -> tuple[np.nda
         t.join()
     if errors:
         raise RuntimeError(f"HTTP errors: {errors[:5]}")
-    return np.array(latencies), time.perf_counter() - start
+    return latencies, time.perf_counter() - start
 
 
 def free_port() -> int:
@@ -98,9 +100,117 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def served(model: Path, *options: str) -> Iterator[str]:
+    port = free_port()
+    command = [str(RANKER), "serve", "--model", str(model), "--port", str(port), *options]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def markdown(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def graphs(float32: Exported, int8: Exported, also: list[Path]) -> dict[str, Path]:
+    found = {
+        "float32, optimised at start-up": float32.path,
+        "float32, optimised at export": optimized_path(float32.path),
+        "int8, optimised at export": optimized_path(int8.path),
+    }
+    found.update({f"{p} (--also)": p for p in also})
+    return found
+
+
+def sessions(paths: dict[str, Path]) -> tuple[dict[str, ort.InferenceSession], dict[str, float]]:
+    """One session per graph, and the best of 3 start-ups (session creation) of each."""
+    made, startup = {}, {}
+    for name, path in paths.items():
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            made[name] = ort.InferenceSession(
+                str(path), session_options(None), providers=["CPUExecutionProvider"]
+            )
+            times.append(time.perf_counter() - start)
+        startup[name] = min(times)
+    return made, startup
+
+
+def in_process(args, scorer, made, torch_call, user, items, rng) -> tuple[list, dict]:
+    rows, p99_at = [], {}
+    for n in args.sizes:
+        ids = rng.choice(items, size=n, replace=n > len(items)).tolist()
+        feeds = scorer.feeds(user, {}, {}, ids, [None] * n)
+        calls = {name: (lambda s=s, f=feeds: s.run([OUTPUT], f)) for name, s in made.items()}
+        calls["request assembly + run (served graph)"] = lambda ids=ids: scorer.score(
+            scorer.feeds(user, {}, {}, ids, [None] * len(ids))
+        )
+        calls["torch eval (features given)"] = torch_call(n)
+        for name, latencies in interleaved(calls, args.seconds).items():
+            p50, p99 = percentiles(latencies)
+            rows.append([name, str(n), f"{p50:.2f}", f"{p99:.2f}", f"{n / p50 * 1e3:,.0f}"])
+            p99_at[(name, n)] = p99
+    return rows, p99_at
+
+
+def torch_caller(module, data, rows: int) -> Callable[[int], Callable[[], object]]:
+    wrapped = Probabilities(module).eval()
+    batch = data.state.transform(parity_rows(data, rows))
+
+    def make(n: int) -> Callable[[], object]:
+        part = batch.map(lambda a: torch.from_numpy(a[:n]))
+        sequences = [part.sequences[name] for name in wrapped.names]
+
+        def call() -> None:
+            with torch.inference_mode():
+                wrapped(part.cat, part.num, *sequences)
+
+        return call
+
+    return make
+
+
+def over_http(args, model: Path, body_of, p99_at: dict) -> list[list[str]]:
+    rows = []
+    with served(model) as url:
+        for n in args.sizes:
+            for clients in (1, 8):
+                latencies, wall = http_run(url, body_of(n), clients, args.seconds)
+                p50, p99 = percentiles(latencies)
+                in_p99 = p99_at[("request assembly + run (served graph)", n)]
+                rows.append(
+                    [str(n), str(clients), f"{p50:.2f}", f"{p99:.2f}",
+                     f"{len(latencies) / wall:,.0f}", f"{p99 / in_p99:.2f}x"]
+                )  # fmt: skip
+    return rows
+
+
+def workers_and_threads(args, model: Path, body: dict) -> list[list[str]]:
+    rows = []
+    for workers, threads in ((1, 2), (1, 1), (2, 1)):
+        options = ("--workers", str(workers), "--threads", str(threads))
+        with served(model, *options) as url:
+            for clients in (1, 8):
+                latencies, wall = http_run(url, body, clients, args.seconds)
+                p50, p99 = percentiles(latencies)
+                rows.append(
+                    [str(workers), str(threads), str(clients), f"{p50:.2f}", f"{p99:.2f}",
+                     f"{len(latencies) / wall:,.0f}"]
+                )  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -108,27 +218,27 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="MLflow run id (or checkpoint path)")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 500, 1000])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--also", type=Path, nargs="*", default=[], help="more graphs to time")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    uri = args.tracking_uri or resolve_tracking_uri()
-    exported = export(run=args.run, out=work / "model.onnx", register=False, tracking_uri=uri)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    exported = {
+        kind: export(
+            run=args.run, out=work / kind / "model.onnx", register=False, tracking_uri=uri,
+            quantize=kind, quantize_tolerance=1.0, quiet=True,  # reported below, not refused
+        )
+        for kind in ("none", "int8")
+    }  # fmt: skip
+    float32, int8 = exported["none"], exported["int8"]
     client = MlflowClient(uri)
     module, data = load(locate(args.run, client, work), client, work)
-    network = module.network.eval()
-    scorer = Scorer(
-        exported.path,
-        "bench",
-        "local",
-        str(exported.path),
-        None,
-        work / "user_features.parquet",
-        work / "item_features.parquet",
-    )
-
+    tables = [float32.path.parent / f for f in ("user_features.parquet", "item_features.parquet")]
+    served_path = float32.path
+    scorer = Scorer(served_path, "bench", "local", "", None, *tables, optimized_path(served_path))
     frame = parity_rows(data, 50_000)
-    user = frame.row(0, named=True)
+    user = frame.row(0, named=True)[data.config.user_key]
     items = frame[data.config.item_key].unique().sort().to_numpy()
     rng = np.random.default_rng(0)
     print(
@@ -137,94 +247,39 @@ def main() -> None:
         f"{ort.__version__}\n"
     )
 
-    port = free_port()
-    server = subprocess.Popen(
-        [str(RANKER), "serve", "--model", str(exported.path), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    made, startup = sessions(graphs(float32, int8, args.also))
+    print(
+        markdown(
+            ["graph", "session start-up ms"], [[k, f"{v * 1e3:.1f}"] for k, v in startup.items()]
+        )
     )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    rows: list[list[str]] = []
-    context = {c: user[c] for c in ("hour", "page", "device") if c in user}
-    try:
-        for n in args.sizes:
-            ids = rng.choice(items, size=n, replace=n > len(items)).tolist()
-            body = {
-                "user": {"id": user[data.config.user_key]},
-                "context": context,
-                "candidates": [{"id": i} for i in ids],
-            }
-            feeds = scorer.feeds(body["user"]["id"], {}, context, ids, [None] * n)
-            rows.append(
-                row(
-                    "(a) ONNX session.run, in process",
-                    n,
-                    timed(lambda f=feeds: scorer.session.run([OUTPUT], f), args.seconds),
-                )
-            )
-            rows.append(
-                row(
-                    "(a') request assembly + run, in process",
-                    n,
-                    timed(
-                        lambda ids=ids, who=body["user"]["id"]: scorer.score(
-                            scorer.feeds(who, {}, context, ids, [None] * len(ids))
-                        ),
-                        args.seconds,
-                    ),
-                )
-            )
-            for clients in (1, 8):
-                latencies, wall = http_run(url, body, clients, args.seconds)
-                rows.append(row(f"(b) HTTP, concurrency {clients}", n, latencies, wall))
-            # torch on the same candidates, features already transformed
-            raw = pl.DataFrame({c: np.broadcast_to(v, n) for c, v in feeds.items()})
-            labels = [pl.lit(None, dtype=pl.Float32).alias(t.label) for t in data.tasks]
-            batch = data.state.transform(raw.with_columns(labels))  # missing markers -> 0
-            cat, num = torch.from_numpy(batch.cat), torch.from_numpy(batch.num)
-
-            def torch_call(cat=cat, num=num) -> None:
-                with torch.inference_mode():
-                    torch.sigmoid(network(cat, num))
-
-            rows.append(row("(c) torch eval, in process", n, timed(torch_call, args.seconds)))
-    finally:
-        server.terminate()
-    headers = ["path", "candidates", "p50 ms", "p99 ms", "requests/s", "candidates/s"]
-    print(markdown(headers, rows))
-
-    # onnxruntime session options at 500 candidates
-    n = 500
-    ids = rng.choice(items, size=n).tolist()
-    feeds = scorer.feeds(user[data.config.user_key], {}, context, ids, [None] * n)
-    option_rows = []
-    for threads in (1, 2):
-        for mode in (ort.ExecutionMode.ORT_SEQUENTIAL, ort.ExecutionMode.ORT_PARALLEL):
-            for spinning in (False, True):
-                options = session_options(threads, spinning)
-                options.execution_mode = mode
-                session = ort.InferenceSession(
-                    str(exported.path), options, providers=["CPUExecutionProvider"]
-                )
-                latencies = timed(lambda s=session: s.run([OUTPUT], feeds), args.seconds / 2)
-                option_rows.append(
-                    [
-                        f"{threads}",
-                        mode.name,
-                        "yes" if spinning else "no",
-                        f"{np.percentile(latencies, 50) * 1e3:.2f}",
-                        f"{np.percentile(latencies, 99) * 1e3:.2f}",
-                    ]
-                )
+    rows, p99_at = in_process(
+        args, scorer, made, torch_caller(module, data, max(args.sizes)), user, items, rng
+    )
     print()
-    headers = ["intra-op threads", "execution mode", "spin-wait", "p50 ms", "p99 ms"]
-    print(markdown(headers, option_rows))
+    print(markdown(["in process", "candidates", "p50 ms", "p99 ms", "candidates/s at p50"], rows))
+
+    def body_of(n: int) -> dict:
+        ids = np.random.default_rng(n).choice(items, size=n, replace=n > len(items)).tolist()
+        return {"user": {"id": user}, "candidates": [{"id": i} for i in ids]}
+
+    print()
+    headers = ["candidates", "clients", "p50 ms", "p99 ms", "requests/s", "p99 / in-process p99"]
+    print(markdown(headers, over_http(args, served_path, body_of, p99_at)))
+    print()
+    headers = ["workers", "threads each", "clients", "p50 ms", "p99 ms", "requests/s"]
+    print(markdown(headers, workers_and_threads(args, served_path, body_of(500))))
+    print()
+    change = int8.int8
+    rows = [
+        [t, f"{change.rows[t]:,}", f"{change.float_auc[t]:.4f}", f"{change.int8_auc[t]:.4f}",
+         f"{change.change[t]:+.4f}"]
+        for t in change.float_auc
+    ]  # fmt: skip
+    print(markdown(["task", "held-out rows", "AUC float32", "AUC int8", "change"], rows))
+    task, worst = change.worst()
+    verdict = "accepts" if abs(worst) <= 0.001 else "refuses"
+    print(f"\nworst: {task} {worst:+.4f}; export's default tolerance (0.001) {verdict} it")
 
 
 if __name__ == "__main__":
