@@ -15,6 +15,7 @@ run with MLflow's ONNX flavour (signature and input example) and registered as a
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -55,6 +56,7 @@ from pipelines.checkpoints import RunError, load, locate
 from pipelines.render import wide_console
 from pipelines.serving_graph import AucChange, auc_change, quantize_int8, save_optimized
 from pipelines.tracking import resolve_tracking_uri
+from ranker.experts import ExpertPool
 from ranker.module import RankerModule
 
 CHUNK = 16384
@@ -89,6 +91,9 @@ def network_model(module: RankerModule) -> onnx.ModelProto:
         for s in spec.sequences
     ]
     names = [sequence_output(s.name) for s in spec.sequences]
+    inference = copy.deepcopy(module).eval()
+    for pool in (m for m in inference.modules() if isinstance(m, ExpertPool)):
+        pool.fold_norms()  # BatchNorm into the weights: one matmul per expert layer
     batch = torch.export.Dim("candidates")
     shapes: tuple = ({0: batch}, {0: batch})  # the sequences, when any: one tuple of them
     shapes += (tuple({0: batch} for _ in sequences),) if sequences else ()
@@ -98,7 +103,7 @@ def network_model(module: RankerModule) -> onnx.ModelProto:
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            Probabilities(module).eval(),
+            Probabilities(inference),
             (cat, num, *sequences),
             dynamo=True,
             input_names=["cat", "num", *names],

@@ -101,4 +101,3 @@ def auc_change(
         before[task] = auc(float_probs[seen, t], y)
         after[task] = auc(int8_probs[seen, t], y)
     return AucChange(rows, before, after)
-

@@ -173,6 +173,21 @@ class ExpertPool(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
+    @torch.no_grad()
+    def fold_norms(self) -> None:
+        """For inference: each eval-mode BatchNorm folded into the weights and bias before it,
+        ``W' = W * s``, ``b' = (b - mu) * s + beta`` with ``s = gamma / sqrt(var + eps)``, so
+        a layer is one matmul and an add (the outputs are unchanged up to rounding)."""
+        for layer, norm in enumerate(self.norms):
+            if not isinstance(norm, nn.BatchNorm1d):
+                continue
+            shape = self.biases[layer].shape  # [n, width]
+            scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).view(shape)
+            self.weights[layer].mul_(scale.unsqueeze(1))
+            shifted = (self.biases[layer] - norm.running_mean.view(shape)) * scale
+            self.biases[layer].copy_(shifted + norm.bias.view(shape))
+            self.norms[layer] = nn.Identity()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feature_gate is not None:
             h = batched_matmul(self.feature_gate(x), self.weights[0])

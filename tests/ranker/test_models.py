@@ -9,6 +9,7 @@ import torch
 
 from features.config import TaskSpec
 from features.state import InputSpec
+from ranker.experts import ExpertPool
 from ranker.layers import FusedEmbedding
 from ranker.loss import masked_bce
 from ranker.models import MMoE, SharedBottom
@@ -128,3 +129,21 @@ def test_dense_adam_on_sparse_rows_is_adam_on_a_dense_table() -> None:
             optimiser.step()
     torch.testing.assert_close(sparse.weight, dense.weight)
     assert not torch.equal(sparse.weight[0], dense.weight.new_zeros(3))
+
+
+def test_folding_expert_norms_leaves_the_eval_outputs_unchanged() -> None:
+    torch.manual_seed(0)
+    pool = ExpertPool(3, 6, (5, 4), activation="swish", normalize=True, feature_gate_rank=2)
+    for norm in pool.norms:  # trained statistics and affine terms, not the initial ones
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 2)
+        norm.bias.data.uniform_(-1, 1)
+    pool.eval()
+    x = torch.randn(9, 6)
+    with torch.no_grad():
+        before = pool(x)
+        pool.fold_norms()
+        after = pool(x)
+    assert not any(isinstance(n, torch.nn.BatchNorm1d) for n in pool.norms)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
