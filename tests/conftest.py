@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from features.synth import generate
 from pipelines.commands import main
+from pipelines.export import Exported, export
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -101,3 +102,12 @@ def runs(tiny_log: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     two.write_text("\n".join(kept).replace("path: ../../data/synthetic", f"path: {tiny_log}"))
     two_tasks = fit(tiny_log, uri, checkpoints, "mmoe", "--data.dataset", str(two))
     return Runs(uri, mmoe, home, two_tasks, checkpoints)
+
+
+@pytest.fixture(scope="session")
+def exported(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """The HoME run exported once (registered as ``ranker-serving-test``, version 1)."""
+    out = tmp_path_factory.mktemp("exported") / "model.onnx"
+    return export(
+        run=runs.home, name="ranker-serving-test", out=out, tracking_uri=runs.uri, quiet=True
+    )

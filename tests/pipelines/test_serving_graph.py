@@ -25,27 +25,22 @@ def scorer(path: Path) -> Scorer:
 
 
 def test_the_optimised_graph_is_saved_stamped_and_used_only_for_its_source(
-    runs: Runs, tmp_path: Path
+    runs: Runs, exported: Exported, int8: Exported, tmp_path: Path
 ) -> None:
-    exported = export(
-        run=runs.mmoe, out=tmp_path / "a" / "m.onnx", tracking_uri=runs.uri, quiet=True
-    )
     saved = optimized_path(exported.path)
     meta = {p.key: p.value for p in onnx.load(str(saved)).metadata_props}
     assert meta[META.OPTIMIZED_FROM] == graph_digest(exported.path)
     assert meta[META.TASKS]  # the contract's metadata survives the optimisation
     assert scorer(exported.path).graph == saved
     client = MlflowClient(runs.uri)
-    logged = {a.path for a in client.list_artifacts(runs.mmoe, "serving")}
+    logged = {a.path for a in client.list_artifacts(runs.home, "serving")}
     assert f"serving/{OPTIMIZED_GRAPH}" in logged
 
     # A graph beside an optimised file made from another graph: optimised at start-up instead.
-    other = export(
-        run=runs.home, out=tmp_path / "b" / "m.onnx", register=False, tracking_uri=runs.uri,
-        quiet=True,
-    )  # fmt: skip
-    shutil.copyfile(saved, optimized_path(other.path))
-    assert scorer(other.path).graph == other.path
+    copy = tmp_path / "m.onnx"
+    shutil.copyfile(exported.path, copy)
+    shutil.copyfile(optimized_path(int8.path), optimized_path(copy))
+    assert scorer(copy).graph == copy
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +58,7 @@ def int8(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> Exported:
 
 
 def test_int8_export_reports_each_tasks_auc_change_and_scores_close(
-    runs: Runs, int8: Exported, tmp_path: Path
+    runs: Runs, exported: Exported, int8: Exported, tmp_path: Path
 ) -> None:
     model = onnx.load(str(int8.path))
     assert {p.key: p.value for p in model.metadata_props}[META.QUANTIZED] == "int8"
@@ -71,13 +66,10 @@ def test_int8_export_reports_each_tasks_auc_change_and_scores_close(
     assert set(int8.int8.change) == set(int8.int8.float_auc) and len(int8.int8.change) == 8
     assert all(abs(d) <= 0.05 for d in int8.int8.change.values())
     assert min(int8.int8.rows.values()) > 100
-    float32 = export(
-        run=runs.home, out=tmp_path / "f.onnx", register=False, tracking_uri=runs.uri, quiet=True
-    )
     client = MlflowClient(runs.uri)
     _, data = load(locate(runs.home, client, tmp_path), client, tmp_path)
     frame = parity_rows(data, 500)
-    got = [scorer(e.path).score(raw_feeds(frame, scorer(e.path).columns)) for e in (int8, float32)]
+    got = [scorer(e.path).score(raw_feeds(frame, scorer(e.path).columns)) for e in (int8, exported)]
     assert scorer(int8.path).graph == optimized_path(int8.path)
     assert 0 < np.abs(got[0] - got[1]).max() < 0.05  # quantised, yet close
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.export import Exported, export
-from tests.conftest import Runs
+from pipelines.export import Exported
 
 RANKER = Path(sys.executable).parent / "ranker"
 
@@ -64,14 +63,6 @@ def stop(server: Server) -> None:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.process.kill()
-
-
-@pytest.fixture(scope="session")
-def exported(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    out = tmp_path_factory.mktemp("exported") / "model.onnx"
-    return export(
-        run=runs.home, name="ranker-serving-test", out=out, tracking_uri=runs.uri, quiet=True
-    )
 
 
 @pytest.fixture(scope="module")

