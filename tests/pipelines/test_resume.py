@@ -20,14 +20,17 @@ from tests.pipelines.test_fit_e2e import fit_args
 EVERY = 6  # optimiser steps between resume checkpoints (two per batch)
 
 
-def command(log: Path, work: Path, *extra: str) -> list[str]:
+def command(log: Path, work: Path, *extra: str, workers: int = 2) -> list[str]:
+    """``ranker fit`` with resume checkpoints every few steps. ``workers``: loader processes
+    (each spawned worker costs seconds here; the requeue test keeps them, the mid-epoch test
+    runs in one stream: the multi-worker plan's resume is exact in test_datamodule)."""
     return [
         sys.executable,
         "-m",
         "pipelines.commands",
-        *fit_args(log, work / "checkpoints"),
+        *fit_args(log, work / "checkpoints", "--trainer.max_epochs", "1"),
         "--data.num_workers",
-        "2",
+        str(workers),
         "--trainer.log_every_n_steps",
         "1",
         "--trainer.enable_progress_bar",
@@ -53,13 +56,13 @@ def test_killed_fit_resumes_mid_epoch_into_the_same_run(tiny_log: Path, tmp_path
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     whole.mkdir(), broken.mkdir()
     done = subprocess.run(
-        command(tiny_log, whole), cwd=whole, env=env, capture_output=True, text=True
+        command(tiny_log, whole, workers=0), cwd=whole, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
     # The same run, killed (SIGKILL: no chance to clean up) once a resume checkpoint exists.
     process = subprocess.Popen(
-        command(tiny_log, broken),
+        command(tiny_log, broken, workers=0),
         cwd=broken,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -78,7 +81,7 @@ def test_killed_fit_resumes_mid_epoch_into_the_same_run(tiny_log: Path, tmp_path
     assert progress["batches"] > 0  # taken mid-epoch
 
     resumed = subprocess.run(
-        command(tiny_log, broken, "--ckpt_path", str(last)),
+        command(tiny_log, broken, "--ckpt_path", str(last), workers=0),
         cwd=broken,
         env=env,
         capture_output=True,
