@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -55,6 +55,38 @@ class FusedEmbedding(nn.Module):
             parts.append(table(cat[:, columns] + offsets).flatten(1))
         parts.append(num)
         return torch.cat(parts, dim=1)
+
+
+class IdDropout(nn.Module):
+    """Training only: each row's id of feature ``f`` replaced by the unknown index 0 with
+    probability ``p_f``, ``[B, F_cat] -> [B, F_cat]``.
+
+    Ids never seen in training (tomorrow's new items) score through the unknown row; without
+    dropout that row learns only from the rare ids folded into it (``min_count``), which
+    behave unlike new ones. With it, the unknown row learns the average id. Sequences keep
+    their ids (only the feature's own column is dropped).
+    """
+
+    def __init__(self, names: Sequence[str], shares: Mapping[str, float]) -> None:
+        super().__init__()
+        unknown = sorted(set(shares) - set(names))
+        if unknown:
+            raise ValueError(f"id_dropout names unknown features {unknown} (known: {list(names)})")
+        bad = sorted(n for n, p in shares.items() if not 0 <= p < 1)
+        if bad:
+            raise ValueError(f"id_dropout shares must be in [0, 1): {bad}")
+        kept = [n for n in names if shares.get(n, 0) > 0]
+        columns = torch.tensor([names.index(n) for n in kept], dtype=torch.long)
+        self.register_buffer("columns", columns, persistent=False)
+        self.register_buffer("shares", torch.tensor([shares[n] for n in kept]), persistent=False)
+
+    def forward(self, cat: torch.Tensor) -> torch.Tensor:
+        if not self.training or not len(self.columns):
+            return cat
+        drop = torch.rand(cat.shape[0], len(self.columns), device=cat.device) < self.shares
+        dropped = cat.clone()
+        dropped[:, self.columns] = cat[:, self.columns].masked_fill(drop, 0)
+        return dropped
 
 
 class MLP(nn.Sequential):

@@ -17,6 +17,7 @@ from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
 from ranker.experts import Routing
+from ranker.layers import IdDropout
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import Scores, task_metrics
 from ranker.models.base import MultiTaskModel
@@ -88,6 +89,9 @@ class RankerModule(L.LightningModule):
             undefined on the data falls back (GAUC, AUC, logloss) with a warning. The metric
             is chosen at the first validation, printed, logged as the param
             ``selection/metric``, and kept for the run (and its resumptions).
+        id_dropout: feature name -> share of training rows whose id is replaced by the
+            unknown index (``ranker.layers.IdDropout``), e.g. ``{video_id: 0.1}``: the unknown
+            row then stands for a new id. None by default.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class RankerModule(L.LightningModule):
         monitor: Monitor = "auto",
         loss_weighting: Literal["fixed", "uncertainty", "pcgrad"] = "fixed",
         calibration: Method = "platt",
+        id_dropout: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if inputs is None or tasks is None:
@@ -116,6 +121,7 @@ class RankerModule(L.LightningModule):
         self.register_buffer("task_weights", torch.tensor([t.weight for t in self.tasks]))
         self.weighting = WEIGHTINGS[loss_weighting](self.task_weights)
         self.calibrator = Calibrator(len(self.tasks))  # the identity until fitted
+        self.id_dropout = IdDropout(inputs.cat_names, id_dropout or {})
         self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
         self._scores: dict[str, Scores] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -193,7 +199,8 @@ class RankerModule(L.LightningModule):
 
     def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
         labels = batch.labels
-        logits, auxiliary = self.network.training_forward(*batch.inputs)
+        cat, num, sequences = batch.inputs
+        logits, auxiliary = self.network.training_forward(self.id_dropout(cat), num, sequences)
         _, per_task = masked_bce(logits, labels, self.task_weights)
         present = (~torch.isnan(labels)).any(0)
         extra = sum(auxiliary.values(), torch.zeros((), device=labels.device))

@@ -144,7 +144,7 @@ def test_the_monitored_metric_falls_back_loudly(monitor, metrics, chosen, value,
     assert module.selected == chosen
 
 
-def test_plateau_schedule_pcgrad_adagrad_and_tower_dropout_train(
+def test_plateau_schedule_pcgrad_adagrad_tower_and_id_dropout_train(
     tiny_log: Path, tmp_path: Path
 ) -> None:
     """The training options of the tuner's search space, on a real fit: each learning rate
@@ -173,6 +173,8 @@ def test_plateau_schedule_pcgrad_adagrad_and_tower_dropout_train(
             "adagrad",
             "--model.network.init_args.tower_dropout",
             "0.1",
+            "--model.id_dropout",
+            "{item_id: 0.1, author_id: 0.05}",
         )
     )
     client, run = run_of(uri)

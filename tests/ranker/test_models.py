@@ -10,7 +10,7 @@ import torch
 from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.experts import ExpertPool
-from ranker.layers import FusedEmbedding
+from ranker.layers import FusedEmbedding, IdDropout
 from ranker.loss import masked_bce
 from ranker.models import MMoE, SharedBottom
 from ranker.module import DenseAdam
@@ -147,3 +147,21 @@ def test_folding_expert_norms_leaves_the_eval_outputs_unchanged() -> None:
         after = pool(x)
     assert not any(isinstance(n, torch.nn.BatchNorm1d) for n in pool.norms)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_id_dropout_sends_the_named_features_known_ids_to_unknown_in_training_only() -> None:
+    names = ("user_id", "item_id", "author_id")
+    dropout = IdDropout(names, {"item_id": 0.3, "author_id": 0.0})
+    cat = torch.randint(1, 50, (20_000, 3))
+    torch.manual_seed(0)
+    dropped = dropout.train()(cat)
+    assert torch.equal(dropped[:, [0, 2]], cat[:, [0, 2]])  # other features untouched
+    share = (dropped[:, 1] == 0).float().mean().item()
+    assert abs(share - 0.3) < 0.02
+    kept = dropped[:, 1] != 0
+    assert torch.equal(dropped[kept, 1], cat[kept, 1])
+    assert torch.equal(dropout.eval()(cat), cat)  # scoring sees every id
+    with pytest.raises(ValueError, match=r"unknown features \['video'\]"):
+        IdDropout(names, {"video": 0.1})
+    with pytest.raises(ValueError, match=r"shares must be in \[0, 1\): \['item_id'\]"):
+        IdDropout(names, {"item_id": 1.0})
