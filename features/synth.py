@@ -241,6 +241,44 @@ def _strings(labels: tuple[str, ...], codes: np.ndarray) -> pl.Series:
     return pl.Series(labels, dtype=pl.Utf8).gather(codes)
 
 
+FRESH_BOOST, FRESH_DAYS = 8.0, 1.0  # a new item's extra exposure, and how fast it fades
+
+
+def _release_days(
+    i_author: np.ndarray, authors: int, days: int, share: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Release day of each item (0: before the log) and its author, for a catalogue that grows:
+    ``share`` of the items and of the authors are released on a uniform day 1 .. days - 1. An
+    item whose author is released after it takes an author released in time instead."""
+    items = len(i_author)
+    a_release = np.where(rng.random(authors) < share, rng.integers(1, max(days, 2), authors), 0)
+    i_release = np.where(rng.random(items) < share, rng.integers(1, max(days, 2), items), 0)
+    a_release[0] = i_release[0] = 0  # the catalogue is never empty
+    late = a_release[i_author] > i_release
+    early = np.flatnonzero(a_release == 0)
+    i_author = np.where(late, early[rng.integers(0, len(early), items)], i_author)
+    return i_release, i_author
+
+
+def _sample_by_day(
+    popularity: np.ndarray,
+    release: np.ndarray,
+    day: np.ndarray,
+    days: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Each impression's item among those released by its day: popularity times a freshness
+    boost ``1 + FRESH_BOOST * exp(-age / FRESH_DAYS)`` for items released during the log (one
+    draw per day, vectorised within it)."""
+    item = np.empty(len(day), dtype=np.int64)
+    for d in range(days):
+        rows = np.flatnonzero(day == d)
+        age = d - release
+        fresh = np.where(release > 0, 1.0 + FRESH_BOOST * np.exp(-age / FRESH_DAYS), 1.0)
+        item[rows] = _sample(np.where(age >= 0, popularity * fresh, 0.0), len(rows), rng)
+    return item
+
+
 def generate_log(
     rows: int = 1_000_000,
     days: int = 14,
@@ -250,6 +288,7 @@ def generate_log(
     authors: int = 5_000,
     seed: int = 0,
     drift: float = DEFAULT_DRIFT,
+    new_items: float = 0.0,
 ) -> pl.DataFrame:
     """Generate a synthetic impression log (one row per impression), sorted by ``ts``.
 
@@ -258,13 +297,18 @@ def generate_log(
     features, one Int8 label per task and its true probability ``p_<task>`` (Float32).
     ``drift`` is the daily std of the users' interest drift per latent coordinate, relative to
     the static interest's (see ``_drifting_latents``); 0 keeps interests static.
+    ``new_items`` is the share of items (and of authors) released during the log rather than
+    before it (``_release_days``): each appears from its release day on, boosted while fresh
+    (``_sample_by_day``); 0 keeps the catalogue fixed (and the log as it always was).
     """
     _check_positive(rows=rows, days=days, users=users, items=items, authors=authors)
     _check_drift(drift)
+    if not 0 <= new_items < 1:
+        raise ValueError(f"new_items must be in [0, 1), got {new_items}")
     start_dt = _parse_start(start)
     rng = np.random.default_rng(seed)
     # Spawned (not drawn) from ``rng``: every other draw is the same whatever ``drift`` is.
-    drift_rng = rng.spawn(1)[0]
+    drift_rng, release_rng = rng.spawn(2) if new_items else (rng.spawn(1)[0], None)
 
     # --- users (fixed attributes) -------------------------------------------------------
     u_gender = _choice(_GENDER_P, users, rng)
@@ -308,6 +352,10 @@ def generate_log(
     )
     # Better content gets more exposure, on top of the power-law popularity.
     i_popularity = _zipf_weights(items, 0.95, 10.0, rng) * np.exp(0.5 * i_quality)
+    i_release = np.zeros(items, dtype=np.int64)
+    if release_rng is not None:
+        i_release, i_author = _release_days(i_author, authors, days, new_items, release_rng)
+        i_upload = np.where(i_release > 0, -i_release, i_upload)  # uploaded after the start
 
     # --- interaction matrices --------------------------------------------------------------
     w_group = {g: _bilinear(rng) for g in GROUPS}
@@ -318,6 +366,8 @@ def generate_log(
     item = _sample(i_popularity, rows, rng)
     weekday = np.array([(start_dt + timedelta(days=d)).weekday() for d in range(days)])
     day = _sample(np.where(weekday >= 5, _WEEKEND_BOOST, 1.0), rows, rng)
+    if release_rng is not None:
+        item = _sample_by_day(i_popularity, i_release, day, days, release_rng)
     hour = _sample(np.asarray(_HOUR_TRAFFIC), rows, rng)
     start_ts = int(start_dt.timestamp())
     ts = start_ts + day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, rows)
@@ -478,6 +528,7 @@ def generate(
     seed: int = 0,
     rows_per_group: int = 65_536,
     drift: float = DEFAULT_DRIFT,
+    new_items: float = 0.0,
 ) -> Path:
     """Generate a synthetic log and write it to ``out_dir``; returns ``out_dir``."""
     frame = generate_log(
@@ -489,5 +540,6 @@ def generate(
         authors=authors,
         seed=seed,
         drift=drift,
+        new_items=new_items,
     )
     return write_log(frame, out_dir, rows_per_group=rows_per_group)

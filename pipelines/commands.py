@@ -35,6 +35,7 @@ def synth(
     authors: int = 5_000,
     seed: int = 0,
     drift: float = 0.2,
+    new_items: float = 0.0,
     rows_per_group: int = 65_536,
 ) -> None:
     """Generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet by date).
@@ -50,6 +51,8 @@ def synth(
         seed: random seed; the same arguments give the same log.
         drift: daily std of each user's interest drift (a random walk of the latent), relative
             to the static interest; 0 keeps interests static.
+        new_items: share of the items and authors released during the log (from day 1 on,
+            most seen while fresh) instead of before it; 0 keeps the catalogue fixed.
         rows_per_group: Parquet row-group size.
     """
     from features.synth import generate_log, write_log
@@ -64,6 +67,7 @@ def synth(
         authors=authors,
         seed=seed,
         drift=drift,
+        new_items=new_items,
     )
     path = write_log(frame, out, rows_per_group=rows_per_group)
     print_synth_summary(frame, path)

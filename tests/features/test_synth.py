@@ -366,3 +366,25 @@ def test_bad_rows_per_group(small: pl.DataFrame, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rows_per_group must be a positive integer"):
         write_log(small, tmp_path / "x", rows_per_group=0)
     assert not (tmp_path / "x").exists()
+
+
+def test_new_items_and_authors_appear_over_the_days_and_are_seen_fresh() -> None:
+    frame = generate_log(rows=60_000, days=7, users=2_000, items=4_000, authors=400, seed=3,
+                         new_items=0.3)  # fmt: skip
+    first = frame.group_by("item_id").agg(pl.col("date").min().alias("first"))
+    by_day = first.group_by("first").len().sort("first")
+    assert by_day.height == 7 and (by_day["len"][1:] > 0).all()  # new items every day
+    # A new item's upload day is its release, after the log's start: never shown before it.
+    released = frame.filter(pl.col("item_upload_days") < 0)
+    start = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
+    day = ((released["ts"] - start) // 86_400).to_numpy()
+    assert (day >= -released["item_upload_days"].to_numpy()).all()
+    # A realistic share of each later day's impressions is on items younger than a day.
+    fresh = (day == -released["item_upload_days"].to_numpy()).sum() / frame.filter(
+        pl.col("date") != "2024-01-01"
+    ).height
+    assert 0.05 < fresh < 0.5, fresh
+    authors_first = frame.group_by("author_id").agg(pl.col("date").min()).get_column("date")
+    assert (authors_first != "2024-01-01").any()  # new authors too
+    with pytest.raises(ValueError, match="new_items must be in"):
+        generate_log(rows=10, new_items=1.0)
