@@ -53,6 +53,7 @@ class FeatureSpec:
     embedding_dim: int = 16
     min_count: int = 1  # values seen fewer times fold into the unknown index 0
     max_size: int | None = None  # keep at most this many most frequent values
+    hash_buckets: int | None = None  # categorical, integer ids: hashed, no fitted vocabulary
     transform: Transform = "standardize"  # numeric only
     buckets: int = 16  # quantile_bucket only
     max_len: int = 20  # sequence only
@@ -222,6 +223,8 @@ def _check(config: DatasetConfig, where: str) -> None:
             raise ConfigError(f"{at}: min_count must be >= 1, got {spec.min_count}")
         if spec.max_size is not None and spec.max_size < 1:
             raise ConfigError(f"{at}: max_size must be >= 1, got {spec.max_size}")
+        if spec.hash_buckets is not None:
+            _check_hashed(spec, at)
         if spec.transform == "quantile_bucket" and spec.buckets < 2:
             raise ConfigError(f"{at}: buckets must be >= 2, got {spec.buckets}")
         if spec.kind == "sequence":
@@ -312,9 +315,18 @@ def _check_sequence(config: DatasetConfig, spec: FeatureSpec, at: str) -> None:
         raise ConfigError(f"{at}: side: a history derived from the log is a user feature")
     if spec.from_label is None and spec.timestamp is not None:
         raise ConfigError(f"{at}: timestamp is only for a derived sequence (with from_label)")
-    for key in ("min_count", "max_size", "transform", "buckets"):
+    for key in ("min_count", "max_size", "hash_buckets", "transform", "buckets"):
         if getattr(spec, key) != getattr(SEQUENCE_DEFAULTS, key):
             raise ConfigError(f"{at}: {key} does not apply to a sequence")
+
+
+def _check_hashed(spec: FeatureSpec, at: str) -> None:
+    if spec.kind == "numeric":
+        raise ConfigError(f"{at}: hash_buckets is for a categorical feature")
+    if spec.hash_buckets < 1:
+        raise ConfigError(f"{at}: hash_buckets must be >= 1, got {spec.hash_buckets}")
+    if spec.min_count != 1 or spec.max_size is not None:
+        raise ConfigError(f"{at}: min_count / max_size shape a fitted vocabulary, not hash_buckets")
 
 
 def _order_key(value: str | int) -> str:

@@ -28,6 +28,10 @@ import polars as pl
 import pyarrow as pa
 
 OUTPUT = "probabilities"
+# A hashed categorical feature (``hash_buckets: N``): id -> 1 + ((id mod P) * A + C) mod P mod N,
+# computed the same way by the polars transform and inside the graph (int64, no overflow:
+# (P - 1) * A + C < 2**63); 0 stays the missing / unparsable index.
+HASH_PRIME, HASH_MULTIPLIER, HASH_INCREMENT = 2_147_483_647, 48_271, 12_345
 NULL_INT = -(2**63)  # int64 min: a missing integer id
 NULL_STRING = "\x00"  # a missing string category
 MISSING: dict[str, Any] = {"int64": NULL_INT, "string": NULL_STRING, "float64": float("nan")}

@@ -28,7 +28,14 @@ import polars as pl
 from onnx import TensorProto, helper, numpy_helper
 
 from features.config import FeatureSpec
-from features.contract import RawInput, as_input
+from features.contract import (
+    HASH_INCREMENT,
+    HASH_MULTIPLIER,
+    HASH_PRIME,
+    NULL_INT,
+    RawInput,
+    as_input,
+)
 from features.state import CategoricalState, FeatureState, NumericState
 
 OPSET = 18
@@ -98,6 +105,8 @@ class _Graph:
 
 def _lookup(g: _Graph, x: str, state: CategoricalState) -> str:
     """Vocabulary index of each value (1..V), 0 for anything else."""
+    if state.hash_buckets:
+        return _hashed(g, x, state.hash_buckets)
     indices = list(range(1, len(state.values) + 1))
     if state.dtype == "int":
         keys = {"keys_int64s": [int(v) for v in state.values]}
@@ -109,6 +118,23 @@ def _lookup(g: _Graph, x: str, state: CategoricalState) -> str:
     return g.op(
         "LabelEncoder", [x], f"{state.name}_index", values_int64s=indices, default_int64=0, **keys
     )
+
+
+def _hashed(g: _Graph, x: str, buckets: int) -> str:
+    """``features.state.hashed_index`` as ops: 1 + ((x mod P) * A + C) mod P mod N, the
+    missing marker -> 0 (ONNX's integer Mod takes the divisor's sign, as polars' does)."""
+
+    def const(value: int, hint: str) -> str:
+        return g.const(np.array(value, dtype=np.int64), hint)
+
+    prime = const(HASH_PRIME, "hash_prime")
+    r = g.op("Mod", [x, prime], "hash_r")
+    mixed = g.op("Mul", [r, const(HASH_MULTIPLIER, "hash_a")], "hash_m")
+    mixed = g.op("Add", [mixed, const(HASH_INCREMENT, "hash_c")], "hash_mixed")
+    bucket = g.op("Mod", [g.op("Mod", [mixed, prime], "hash_p"), const(buckets, "hash_n")], "b")
+    index = g.op("Add", [bucket, const(1, "one")], "hash_index")
+    missing = g.op("Equal", [x, const(NULL_INT, "null_int")], "hash_missing")
+    return g.op("Where", [missing, const(0, "zero"), index], "hashed")
 
 
 def _missing(g: _Graph, x: str) -> str:

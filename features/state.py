@@ -27,8 +27,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features.config import DatasetConfig, FeatureSpec, TaskSpec
-from features.contract import flatten_recent, right_aligned
+from features.config import ConfigError, DatasetConfig, FeatureSpec, TaskSpec
+from features.contract import (
+    HASH_INCREMENT,
+    HASH_MULTIPLIER,
+    HASH_PRIME,
+    flatten_recent,
+    right_aligned,
+)
 
 STATE_FILE = "feature_state.json"
 INLINE_VOCAB_LIMIT = 50_000  # larger vocabularies go to a Parquet file beside the JSON
@@ -96,10 +102,11 @@ class CategoricalState:
     column: str
     dtype: str  # "int" or "str": how raw values are normalised before lookup
     values: list[Any]  # value i has index i + 1
+    hash_buckets: int = 0  # > 0: ids hashed into 1..hash_buckets, no vocabulary (``values`` empty)
 
     @property
     def cardinality(self) -> int:
-        return len(self.values) + 1
+        return (self.hash_buckets or len(self.values)) + 1
 
     @cached_property
     def lookup(self) -> tuple[pl.Series, pl.Series]:
@@ -135,6 +142,16 @@ class NumericState:
         return len(self.boundaries) + 2  # 0 = missing, then one per interval
 
 
+def _hashed_state(spec: FeatureSpec, dtype: str, logged: pl.DataType) -> CategoricalState:
+    if dtype != "int":
+        raise ConfigError(
+            f"feature '{spec.name}': hash_buckets needs integer ids, but column '{spec.column}' "
+            f"holds {logged}: the exported graph has no string hash to match (use a fitted "
+            "vocabulary for it)"
+        )
+    return CategoricalState(spec.name, spec.column, "int", [], spec.hash_buckets)
+
+
 def categorical_expr(column: str, dtype: pl.DataType) -> tuple[pl.Expr, str]:
     """Normalise a categorical column: integers (and booleans) stay ints, the rest strings."""
     if dtype.is_integer() or dtype == pl.Boolean:
@@ -150,8 +167,16 @@ def lookup_expr(state: CategoricalState, dtype: pl.DataType, column: str = "") -
         value = pl.col(column or state.column).cast(pl.Int64, strict=numeric)
     else:
         value = pl.col(column or state.column).cast(pl.String)
+    if state.hash_buckets:
+        return hashed_index(value, state.hash_buckets)
     vocab, indices = state.lookup
     return value.replace_strict(vocab, indices, default=0, return_dtype=pl.Int64).fill_null(0)
+
+
+def hashed_index(ids: pl.Expr, buckets: int) -> pl.Expr:
+    """Integer ids -> 1 + their hash mod ``buckets`` (``features.contract``); null -> 0."""
+    mixed = (ids % HASH_PRIME) * HASH_MULTIPLIER + HASH_INCREMENT
+    return (mixed % HASH_PRIME % buckets + 1).fill_null(0)
 
 
 def numeric_expr(column: str, transform: str) -> pl.Expr:
@@ -213,6 +238,7 @@ class FeatureState:
         schema = train.collect_schema()
         queries: list[pl.LazyFrame] = []
         plans: list[tuple[FeatureSpec, str]] = []
+        hashed: dict[str, CategoricalState] = {}
         stats: list[pl.Expr] = []
         quantiles: list[pl.Expr] = []
         for spec in config.features:
@@ -220,6 +246,9 @@ class FeatureState:
                 continue  # shares the vocabulary of a categorical feature
             if spec.kind == "categorical":
                 expr, dtype = categorical_expr(spec.column, schema[spec.column])
+                if spec.hash_buckets:
+                    hashed[spec.name] = _hashed_state(spec, dtype, schema[spec.column])
+                    continue  # no fit pass: the hash needs none
                 counts = (
                     train.select(expr.alias("value"))
                     .drop_nulls()
@@ -255,11 +284,16 @@ class FeatureState:
         for summary in results[len(plans) :]:
             row |= summary.row(0, named=True)
 
-        categorical = [
-            CategoricalState(
+        fitted = {
+            spec.name: CategoricalState(
                 spec.name, spec.column, dtype, vocabularies[spec.name]["value"].to_list()
             )
             for spec, dtype in plans
+        }
+        categorical = [
+            hashed.get(spec.name) or fitted[spec.name]
+            for spec in config.features
+            if spec.kind == "categorical"
         ]
         numeric = []
         for spec in config.features:

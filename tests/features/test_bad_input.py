@@ -150,6 +150,28 @@ def test_directory_without_parquet(tmp_path: Path) -> None:
             "train_end must come before",
         ),
         ({"tasks": []}, "'tasks' is empty"),
+        (
+            {"features": [{"name": "u", "kind": "numeric", "side": "user", "hash_buckets": 8}]},
+            "hash_buckets is for a categorical feature",
+        ),
+        (
+            {"features": [{"name": "u", "kind": "categorical", "side": "user", "hash_buckets": 0}]},
+            "hash_buckets must be >= 1",
+        ),
+        (
+            {
+                "features": [
+                    {
+                        "name": "u",
+                        "kind": "categorical",
+                        "side": "user",
+                        "hash_buckets": 8,
+                        "min_count": 2,
+                    }
+                ]
+            },
+            "min_count / max_size shape a fitted vocabulary, not hash_buckets",
+        ),
     ],
 )
 def test_config_errors_name_the_file_and_key(tmp_path: Path, change: dict, message: str) -> None:
@@ -232,3 +254,15 @@ def test_corrupt_files_skipped_and_counted_when_asked(tiny_log: Path, tmp_path: 
     assert dm.split_rows["train"] == scan.select(pl.len()).collect().item()
     batches = list(dm.dataset("train"))
     assert sum(len(b) for b in batches) == dm.split_rows["train"]
+
+
+def test_hashing_string_ids_is_refused_naming_the_feature(tiny_log: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load(SYNTHETIC_CONFIG.read_text())
+    raw["path"] = str(tiny_log)
+    for feature in raw["features"]:
+        if feature["name"] == "user_gender":  # logged as strings
+            feature["hash_buckets"] = 8
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"feature 'user_gender': hash_buckets needs integer ids"):
+        RankerDataModule(str(path)).state  # noqa: B018 -- fitting the state raises

@@ -46,6 +46,19 @@ def synthetic(tiny_log: Path) -> RankerDataModule:
     return RankerDataModule(str(SYNTHETIC_CONFIG), log_path=str(tiny_log))
 
 
+@pytest.fixture(scope="module")
+def hashed(tiny_log: Path, tmp_path_factory: pytest.TempPathFactory) -> RankerDataModule:
+    """The synthetic dataset with item and author ids hashed (the history shares the items')."""
+    config = tmp_path_factory.mktemp("hashed") / "hashed.yaml"
+    text = SYNTHETIC_CONFIG.read_text().replace("path: ../../data/synthetic", f"path: {tiny_log}")
+    for name, buckets in (("item_id", 997), ("author_id", 50)):
+        line = f"  - {{name: {name}, kind: categorical, side: item, embedding_dim: 16}}"
+        assert line in text
+        text = text.replace(line, line[:-1] + f", hash_buckets: {buckets}}}")
+    config.write_text(text)
+    return RankerDataModule(str(config), log_path=str(tiny_log))
+
+
 def with_bad_values(frame: pl.DataFrame, data: RankerDataModule) -> pl.DataFrame:
     """Unknown ids, missing values and non-finite numbers in the first rows."""
     state = data.state
@@ -55,7 +68,7 @@ def with_bad_values(frame: pl.DataFrame, data: RankerDataModule) -> pl.DataFrame
     for s in state.categorical:
         column = frame[s.column]
         if s.dtype == "int":
-            unknown = pl.Series([10**12 + i for i in range(n)], dtype=pl.Int64)
+            unknown = pl.Series([(-1) ** i * 10**12 + i for i in range(n)], dtype=pl.Int64)
         else:
             unknown = pl.Series([f"never seen {i}" for i in range(n)])
         out = out.with_columns(
@@ -92,7 +105,7 @@ def with_bad_values(frame: pl.DataFrame, data: RankerDataModule) -> pl.DataFrame
     return out
 
 
-@pytest.mark.parametrize("which", ["synthetic", "kuairand"])
+@pytest.mark.parametrize("which", ["synthetic", "kuairand", "hashed"])
 def test_the_feature_graph_equals_the_training_transform(which: str, request) -> None:
     data: RankerDataModule = request.getfixturevalue(which)
     frame = with_bad_values(parity_rows(data, 5000), data)
@@ -110,7 +123,12 @@ def test_the_feature_graph_equals_the_training_transform(which: str, request) ->
         lengths = expected.lengths[seq.name]
         assert (lengths == 0).any() and (lengths >= seq.max_len).any()  # empty and truncated
         assert (got[lengths == 0] == 0).all()
-        assert (got[3::5] == 0).any(axis=1).all()  # the planted unknown and missing ids -> 0
+        assert (got[3::5] == 0).any(axis=1).all()  # the planted missing ids -> 0
+    assert which != "hashed" or sum(bool(s.hash_buckets) for s in data.state.categorical) == 2
+    for j, s in enumerate(data.state.categorical):
+        if s.hash_buckets:  # every id in a bucket (unknown ones too), missing -> 0
+            assert cat[:, j].max() <= s.hash_buckets and (cat[1::7, j] == 0).all()
+            assert (cat[2::7, j] > 0).all() and len(np.unique(cat[:, j])) > s.hash_buckets // 4
 
 
 def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataModule) -> None:
@@ -151,14 +169,14 @@ def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataMod
             },
         ),
         (
-            "synthetic",
+            "hashed",  # item and author ids hashed, the history too (attention over it)
             {
                 "class_path": "ranker.models.AWMoE",
                 "init_args": {"num_experts": 4, "expert_hidden": [32], "routing": {"top_k": 2}},
             },
         ),
     ],
-    ids=["home", "mmoe", "mmoe_topk", "aw_moe"],
+    ids=["home", "mmoe", "mmoe_topk", "aw_moe_hashed"],
 )
 def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict, request) -> None:
     data: RankerDataModule = request.getfixturevalue(which)
