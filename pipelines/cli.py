@@ -128,7 +128,7 @@ class RankerCLI(LightningCLI):
         run_id = checkpoint_run(path)
         if run_id is None:
             return
-        uri = logger.init_args.get("tracking_uri") or resolve_tracking_uri()
+        uri = resolve_tracking_uri(logger.init_args.get("tracking_uri"))
         if find_run(MlflowClient(uri), run_id) is None:
             raise RunError(
                 f"{path} was written by MLflow run '{run_id}', which is not in the tracking "

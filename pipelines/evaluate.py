@@ -174,7 +174,7 @@ def evaluate(
         log: log the report and metrics to the model's MLflow run, when it has one.
         quiet: print nothing.
     """
-    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +298,7 @@ def compare(
     """
     if len(runs) < 2:
         raise RunError(f"compare needs at least two runs, got {len(runs)}")
-    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
     evaluations = []
     for ref in runs:
         is_run = not Path(ref).exists() and find_run(client, ref) is not None

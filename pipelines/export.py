@@ -255,6 +255,11 @@ def cpu_session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def graph_feeds(data: RankerDataModule, frame: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Raw rows of ``data``'s log as the exported graph's inputs."""
+    return raw_feeds(frame, raw_inputs(data.state, data.config.features))
+
+
 def check_parity(
     session: ort.InferenceSession,
     module: RankerModule,
@@ -263,9 +268,8 @@ def check_parity(
     tolerance: float,
 ) -> Parity:
     frame = parity_rows(data, rows)
-    inputs = raw_inputs(data.state, data.config.features)
     expected = torch_probabilities(module, data.state, frame)
-    got = onnx_probabilities(session, raw_feeds(frame, inputs))
+    got = onnx_probabilities(session, graph_feeds(data, frame))
     diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
     parity = Parity(frame.height, float(diff.max()), float(diff.mean()))
     if not parity.max_abs_diff <= tolerance:  # NaN fails too
@@ -284,7 +288,7 @@ def check_same(
     tolerance: float,
 ) -> None:
     """The saved optimised graph scores ``frame`` as the checked graph does."""
-    feeds = raw_feeds(frame, raw_inputs(data.state, data.config.features))
+    feeds = graph_feeds(data, frame)
     reloaded = ort.InferenceSession(str(optimized), providers=["CPUExecutionProvider"])
     diff = np.abs(onnx_probabilities(reloaded, feeds) - onnx_probabilities(session, feeds))
     if not diff.max() <= tolerance:
@@ -300,7 +304,7 @@ def quantize_checked(
 ) -> tuple[onnx.ModelProto, AucChange]:
     """The INT8 graph, if no task's AUC on held-out rows moves by more than ``tolerance``."""
     frame = parity_rows(data, rows, ("test", "val"))
-    feeds = raw_feeds(frame, raw_inputs(data.state, data.config.features))
+    feeds = graph_feeds(data, frame)
     labels = data.state.transform(frame).labels
     quantized = quantize_int8(model)
     tasks = [t.name for t in data.tasks]
@@ -374,7 +378,7 @@ def export(
         quiet: print nothing.
     """
     start = time.perf_counter()
-    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
     with tempfile.TemporaryDirectory() as tmp:
         located = locate(run, client, Path(tmp))
         module, data = load(located, client, Path(tmp), dataset, log_path)
@@ -504,7 +508,7 @@ def promote(
         version: the version (default: the latest).
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
     """
-    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as err:

@@ -212,7 +212,7 @@ def predict(
         quiet: no progress bar and no summary.
     """
     start = time.perf_counter()
-    client = MlflowClient(tracking_uri or resolve_tracking_uri())
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
     scorer = resolve(model, client, dataset, backend)
     config, tasks = scorer.config, scorer.tasks
     unknown = sorted(set(fusion or {}) - set(tasks))

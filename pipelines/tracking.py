@@ -58,7 +58,7 @@ class MLflowLogger(MLFlowLogger):
         run_id: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.tracking_uri = tracking_uri or resolve_tracking_uri()
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
         with _store_lock(self.tracking_uri):
             super().__init__(
                 experiment_name=experiment_name,

@@ -372,7 +372,7 @@ def tune(
     fit_args = [*space.fit_args(), *fit_args]
     config = check(space, space_path, fit_args)
     logger = config.trainer.logger.init_args
-    uri = logger.get("tracking_uri") or resolve_tracking_uri()
+    uri = resolve_tracking_uri(logger.get("tracking_uri"))
     client = MlflowClient(uri)
     name = study_name or f"tune-{space_path.stem}"
     study = open_study(name, storage or default_storage(uri), seed, pruner, startup_trials)
