@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py --run <MLflow run id> [--sizes 10 100 500 1000] [--seconds 4]
         [--also other.onnx ...]          # graphs exported by other code, timed alongside
+        [--in-process-only]              # skip the HTTP and workers tables
 
 The run is exported twice (float32 and ``--quantize int8``), each with its optimised graph.
 Requests are one real user of the log with N real item ids, ids only (features from the
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 500, 1000])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--also", type=Path, nargs="*", default=[], help="more graphs to time")
+    parser.add_argument("--in-process-only", action="store_true", help="tables 1 and 4 only")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -263,12 +265,14 @@ def main() -> None:
         ids = np.random.default_rng(n).choice(items, size=n, replace=n > len(items)).tolist()
         return {"user": {"id": user}, "candidates": [{"id": i} for i in ids]}
 
-    print()
-    headers = ["candidates", "clients", "p50 ms", "p99 ms", "requests/s", "p99 / in-process p99"]
-    print(markdown(headers, over_http(args, served_path, body_of, p99_at)))
-    print()
-    headers = ["workers", "threads each", "clients", "p50 ms", "p99 ms", "requests/s"]
-    print(markdown(headers, workers_and_threads(args, served_path, body_of(500))))
+    if not args.in_process_only:
+        print()
+        headers = ["candidates", "clients", "p50 ms", "p99 ms", "requests/s"]
+        headers.append("p99 / in-process p99")
+        print(markdown(headers, over_http(args, served_path, body_of, p99_at)))
+        print()
+        headers = ["workers", "threads each", "clients", "p50 ms", "p99 ms", "requests/s"]
+        print(markdown(headers, workers_and_threads(args, served_path, body_of(500))))
     print()
     change = int8.int8
     rows = [

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,46 @@ class META:
     DATASET = "ranker.dataset"
     OPTIMIZED_FROM = "ranker.optimized_from"  # an optimised graph: its source's graph_digest
     QUANTIZED = "ranker.quantized"  # "int8" when the matmuls are dynamically quantised
+
+
+# Inside the exported graph, the feature part hands the network its inputs in two parts: per
+# candidate ("cat", "num", N rows) and per request (REQUEST_CAT, REQUEST_NUM and every sequence,
+# R rows: 1 for one request, N for rows of as many), with REQUEST_INDEX [N] the request row of
+# each candidate. The network computes what reads only the request R times, not N.
+REQUEST_CAT, REQUEST_NUM, REQUEST_INDEX = "request:cat", "request:num", "request:index"
+
+
+@dataclass(frozen=True)
+class RequestLayout:
+    """Which of a model's ``cat`` / ``num`` columns (``InputSpec`` order) belong to the request
+    (user / context features) rather than the candidate (item features)."""
+
+    cat_request: tuple[bool, ...]
+    num_request: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, cat_names: Sequence[str], num_names: Sequence[str], sides: Mapping[str, str]):
+        """From the features' ``side`` (``sides``: feature name -> user | item | context)."""
+        return cls(
+            tuple(sides[n] != "item" for n in cat_names),
+            tuple(sides[n] != "item" for n in num_names),
+        )
+
+    @property
+    def cat_candidate_columns(self) -> list[int]:
+        return [i for i, r in enumerate(self.cat_request) if not r]
+
+    @property
+    def cat_request_columns(self) -> list[int]:
+        return [i for i, r in enumerate(self.cat_request) if r]
+
+    @property
+    def num_candidate_columns(self) -> list[int]:
+        return [i for i, r in enumerate(self.num_request) if not r]
+
+    @property
+    def num_request_columns(self) -> list[int]:
+        return [i for i, r in enumerate(self.num_request) if r]
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 
 ``FeatureState.transform`` (polars) and this graph are the same function: raw column values in,
 the model's ``cat`` int64 ``[N, F_cat]``, ``num`` float32 ``[N, F_num]`` and per sequence
-``sequence:<name>`` int64 ``[N, L]`` out. The inputs follow ``features.contract``:
+``sequence:<name>`` int64 ``[N, L]`` out, the request's columns held once per request (below).
+The inputs follow ``features.contract``:
 
 * One graph input per raw column, named after the column, 1-D (a sequence: ``[rows, L]``, the
   most recent ids right-aligned, padded with the missing marker). Item columns have ``N`` rows
   (the candidates); user and context columns have 1 row (one request) or ``N`` (offline batch
-  scoring); the graph broadcasts them to ``N``.
+  scoring). The outputs keep them apart (``features.contract.RequestLayout``): the request's
+  columns stay at their own row count, so the network computes their share once per request.
 * Categorical columns: int64 for integer vocabularies, string otherwise; ``ai.onnx.ml``
   ``LabelEncoder`` maps each value to its vocabulary index, anything else to 0 (unknown).
   A missing value is sent as ``NULL_INT`` / ``NULL_STRING``, which no vocabulary holds. A
@@ -33,7 +35,11 @@ from features.contract import (
     HASH_MULTIPLIER,
     HASH_PRIME,
     NULL_INT,
+    REQUEST_CAT,
+    REQUEST_INDEX,
+    REQUEST_NUM,
     RawInput,
+    RequestLayout,
     as_input,
 )
 from features.state import CategoricalState, FeatureState, NumericState
@@ -169,40 +175,97 @@ def _dense(g: _Graph, x: str, state: NumericState) -> str:
     return g.op("Cast", [filled], "f32", to=TensorProto.FLOAT)
 
 
-def preprocessing_model(state: FeatureState, features: tuple[FeatureSpec, ...]) -> onnx.ModelProto:
-    """Raw columns -> ``cat`` [N, F_cat] int64 and ``num`` [N, F_num] float32."""
-    inputs = raw_inputs(state, features)
-    g = _Graph()
-    # N: the most rows of any input (the candidates); 1-row user / context inputs broadcast.
-    shapes = [g.op("Shape", [i.name], "shape", start=0, end=1) for i in inputs]
-    rows = g.op("ReduceMax", [g.op("Concat", shapes, "shapes", axis=0)], "rows", keepdims=1)
-    axis1 = g.const(np.array([1], dtype=np.int64), "axis1")
+def request_layout(state: FeatureState, features: tuple[FeatureSpec, ...]) -> RequestLayout:
+    """Which of the model's ``cat`` / ``num`` columns are the request's (user / context)."""
+    spec = state.input_spec(features)
+    return RequestLayout.of(spec.cat_names, spec.num_names, {f.name: f.side for f in features})
 
-    def as_column(x: str) -> str:  # [1 or N] -> [N, 1]
-        return g.op("Unsqueeze", [g.op("Expand", [x, rows], "expanded"), axis1], "column")
+
+def _stack(g: _Graph, columns: list[str], rows: str, dtype: np.dtype, out: str) -> None:
+    """1-D columns -> ``out`` ``[rows, len(columns)]`` (an ``[rows, 0]`` tensor when none)."""
+    axis1 = g.const(np.array([1], dtype=np.int64), "axis1")
+    expanded = [
+        g.op("Unsqueeze", [g.op("Expand", [x, rows], "expanded"), axis1], "column") for x in columns
+    ]
+    if expanded:
+        g.nodes.append(helper.make_node("Concat", expanded, [out], axis=1))
+        return
+    shape = g.op("Concat", [rows, g.const(np.array([0], dtype=np.int64), "zero")], "s", axis=0)
+    zero = numpy_helper.from_array(np.array([0], dtype=dtype))
+    g.nodes.append(helper.make_node("ConstantOfShape", [shape], [out], value=zero))
+
+
+def _most_rows(g: _Graph, inputs: list[RawInput]) -> str:
+    """``[1]``: the most rows of ``inputs`` (1 when there are none)."""
+    shapes = [g.op("Shape", [i.name], "shape", start=0, end=1) for i in inputs]
+    shapes.append(g.const(np.array([1], dtype=np.int64), "one_row"))
+    return g.op("ReduceMax", [g.op("Concat", shapes, "shapes", axis=0)], "rows", keepdims=1)
+
+
+def preprocessing_model(state: FeatureState, features: tuple[FeatureSpec, ...]) -> onnx.ModelProto:
+    """Raw columns -> the network's inputs, split per candidate and per request
+    (``features.contract.RequestLayout``): ``cat`` / ``num`` ``[N, .]`` of the item features,
+    ``request:cat`` / ``request:num`` ``[R, .]`` of the user / context ones and the sequences
+    ``[R, L]``, and ``request:index`` ``[N]`` (each candidate's request row: R is 1, or N)."""
+    inputs = raw_inputs(state, features)
+    layout = request_layout(state, features)
+    g = _Graph()
+    # N: the most rows of any input (the candidates); R: of the request's inputs. Expanding
+    # range(R) to N rows is the index, and fails unless R is 1 or N.
+    rows = _most_rows(g, inputs)
+    request_rows = _most_rows(g, [i for i in inputs if not i.per_candidate])
+    scalar = g.op("Squeeze", [request_rows], "R")
+    zero, one = g.const(np.int64(0), "zero"), g.const(np.int64(1), "one")
+    request_range = g.op("Range", [zero, scalar, one], "request_range")
+    g.nodes.append(helper.make_node("Expand", [request_range, rows], [REQUEST_INDEX]))
 
     vocabulary = {c.name: c for c in state.categorical}
-    for seq in state.sequences:  # [1 or N, L] raw ids -> [N, L] indices
-        shape = g.op("Concat", [rows, g.const(np.array([seq.max_len], np.int64), "L")], "s", axis=0)
+    for seq in state.sequences:  # [1 or N, L] raw ids -> [R, L] indices
+        length = g.const(np.array([seq.max_len], np.int64), "L")
+        shape = g.op("Concat", [request_rows, length], "s", axis=0)
         ids = _lookup(g, seq.column, vocabulary[seq.vocabulary])
         g.nodes.append(helper.make_node("Expand", [ids, shape], [sequence_output(seq.name)]))
-    cat_columns = [as_column(_lookup(g, s.column, s)) for s in state.categorical]
-    cat_columns += [as_column(_bucket(g, s.column, s)) for s in state.bucketized]
-    num_columns = [as_column(_dense(g, s.column, s)) for s in state.dense]
-    g.nodes.append(helper.make_node("Concat", cat_columns, ["cat"], axis=1))
-    if num_columns:
-        g.nodes.append(helper.make_node("Concat", num_columns, ["num"], axis=1))
-    else:  # no dense features: an [N, 0] tensor
-        shape = g.op("Concat", [rows, g.const(np.array([0], dtype=np.int64), "zero")], "s", axis=0)
-        g.nodes.append(
-            helper.make_node(
-                "ConstantOfShape",
-                [shape],
-                ["num"],
-                value=numpy_helper.from_array(np.array([0], dtype=np.float32)),
-            )
+    cat = [_lookup(g, s.column, s) for s in state.categorical]
+    cat += [_bucket(g, s.column, s) for s in state.bucketized]
+    num = [_dense(g, s.column, s) for s in state.dense]
+    for columns, on_request, dtype, names in (
+        (cat, layout.cat_request, np.int64, ("cat", REQUEST_CAT)),
+        (num, layout.num_request, np.float32, ("num", REQUEST_NUM)),
+    ):
+        mine = [c for c, r in zip(columns, on_request, strict=True) if not r]
+        _stack(g, mine, rows, dtype, names[0])
+        _stack(
+            g,
+            [c for c, r in zip(columns, on_request, strict=True) if r],
+            request_rows,
+            dtype,
+            names[1],
         )
+
     dims = {True: "candidates", False: "request_rows"}
+    width = {
+        "cat": len(layout.cat_candidate_columns),
+        "num": len(layout.num_candidate_columns),
+        REQUEST_CAT: len(layout.cat_request_columns),
+        REQUEST_NUM: len(layout.num_request_columns),
+    }
+    outputs = [
+        *(
+            helper.make_tensor_value_info(
+                sequence_output(seq.name), TensorProto.INT64, ["request_rows", seq.max_len]
+            )
+            for seq in state.sequences
+        ),
+        *(
+            helper.make_tensor_value_info(
+                name,
+                TensorProto.INT64 if "cat" in name else TensorProto.FLOAT,
+                ["candidates" if name in ("cat", "num") else "request_rows", n],
+            )
+            for name, n in width.items()
+        ),
+        helper.make_tensor_value_info(REQUEST_INDEX, TensorProto.INT64, ["candidates"]),
+    ]
     graph = helper.make_graph(
         g.nodes,
         "ranker_features",
@@ -214,20 +277,7 @@ def preprocessing_model(state: FeatureState, features: tuple[FeatureSpec, ...]) 
             )
             for i in inputs
         ],
-        [
-            *(
-                helper.make_tensor_value_info(
-                    sequence_output(seq.name), TensorProto.INT64, ["candidates", seq.max_len]
-                )
-                for seq in state.sequences
-            ),
-            helper.make_tensor_value_info(
-                "cat", TensorProto.INT64, ["candidates", len(cat_columns)]
-            ),
-            helper.make_tensor_value_info(
-                "num", TensorProto.FLOAT, ["candidates", len(num_columns)]
-            ),
-        ],
+        outputs,
         g.initializers,
     )
     model = helper.make_model(

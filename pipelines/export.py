@@ -46,17 +46,28 @@ from features.contract import (
     NULL_STRING,
     OPTIMIZED_GRAPH,
     OUTPUT,
+    REQUEST_CAT,
+    REQUEST_INDEX,
+    REQUEST_NUM,
     USER_TABLE,
+    RequestLayout,
     optimized_path,
 )
 from features.datamodule import RankerDataModule
-from features.onnx_graph import preprocessing_model, raw_feeds, raw_inputs, sequence_output
+from features.onnx_graph import (
+    preprocessing_model,
+    raw_feeds,
+    raw_inputs,
+    request_layout,
+    sequence_output,
+)
 from features.state import FeatureState
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.render import wide_console
 from pipelines.serving_graph import AucChange, auc_change, quantize_int8, save_optimized
 from pipelines.tracking import resolve_tracking_uri
 from ranker.experts import ExpertPool
+from ranker.layers import RequestSplit
 from ranker.module import RankerModule
 
 CHUNK = 16384
@@ -78,35 +89,80 @@ class Probabilities(torch.nn.Module):
         return torch.sigmoid(self.calibrator(logits))
 
 
-def network_model(module: RankerModule) -> onnx.ModelProto:
-    """``cat``, ``num``, the sequences -> probabilities, exported with a dynamic batch (traced
-    with 4 rows)."""
+class SplitProbabilities(torch.nn.Module):
+    """``Probabilities`` of the feature graph's outputs, split per candidate and per request
+    (``features.contract.RequestLayout``): a network that takes a ``RequestSplit`` computes the
+    request's share of its first layer once per request; any other gets its inputs joined back
+    to one row per candidate."""
+
+    def __init__(self, module: RankerModule, layout: RequestLayout) -> None:
+        super().__init__()
+        self.network, self.calibrator, self.layout = module.network, module.calibrator, layout
+        self.names = [s.name for s in module.network.inputs.sequences]
+
+    def forward(
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        request_cat: torch.Tensor,
+        request_num: torch.Tensor,
+        index: torch.Tensor,
+        *sequences: torch.Tensor,
+    ) -> torch.Tensor:
+        ids = dict(zip(self.names, sequences, strict=True))
+        network, layout = self.network, self.layout
+        if network.splits_request:
+            x = network.embed_split(cat, num, request_cat, request_num, index, ids, layout)
+            logits = network.head(x, None)
+        else:
+            cat = RequestSplit(
+                cat, request_cat, index, layout.cat_candidate_columns, layout.cat_request_columns
+            ).dense()
+            num = RequestSplit(
+                num, request_num, index, layout.num_candidate_columns, layout.num_request_columns
+            ).dense()
+            logits = network(cat, num, {k: v.index_select(0, index) for k, v in ids.items()})
+        return torch.sigmoid(self.calibrator(logits))
+
+
+def network_model(module: RankerModule, layout: RequestLayout) -> onnx.ModelProto:
+    """The feature graph's outputs -> probabilities, exported with dynamic candidate and
+    request row counts (traced with 4 candidates of 2 requests)."""
     spec = module.inputs
-    rows = 4  # the dynamo exporter specialises a batch of 1; any size >= 2 stays symbolic
-    cat = torch.stack([torch.arange(rows) % c for c in spec.cardinalities], dim=1)
-    num = torch.zeros(rows, spec.num_numeric)
+    rows, requests = 4, 2  # the dynamo exporter specialises 1; any size >= 2 stays symbolic
+
+    def ids(columns: list[int], n: int) -> torch.Tensor:  # [n, len(columns)] valid ids
+        cardinality = torch.tensor([spec.cardinalities[c] for c in columns], dtype=torch.long)
+        return torch.arange(n).unsqueeze(1) % cardinality
+
     sequences = [
-        torch.arange(rows * s.max_len).view(rows, s.max_len)
-        % spec.cardinalities[spec.cat_names.index(s.vocabulary)]
-        for s in spec.sequences
+        ids([spec.cat_names.index(s.vocabulary)] * s.max_len, requests) for s in spec.sequences
     ]
+    example = (
+        ids(layout.cat_candidate_columns, rows),
+        torch.zeros(rows, len(layout.num_candidate_columns)),
+        ids(layout.cat_request_columns, requests),
+        torch.zeros(requests, len(layout.num_request_columns)),
+        torch.arange(rows) % requests,
+        *sequences,
+    )
     names = [sequence_output(s.name) for s in spec.sequences]
     inference = copy.deepcopy(module).eval()
     for pool in (m for m in inference.modules() if isinstance(m, ExpertPool)):
         pool.fold_norms()  # BatchNorm into the weights: one matmul per expert layer
-    batch = torch.export.Dim("candidates")
-    shapes: tuple = ({0: batch}, {0: batch})  # the sequences, when any: one tuple of them
-    shapes += (tuple({0: batch} for _ in sequences),) if sequences else ()
+    n, r = torch.export.Dim("candidates"), torch.export.Dim("request_rows")
+    shapes: tuple = ({0: n}, {0: n}, {0: r}, {0: r}, {0: n})
+    shapes += (tuple({0: r} for _ in sequences),) if sequences else ()
     # The exporter narrates each step on stdout and warns about optional packages; keep the
     # command's output to what the user asked for (errors still raise).
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            Probabilities(inference),
-            (cat, num, *sequences),
+            SplitProbabilities(inference, layout),
+            example,
             dynamo=True,
-            input_names=["cat", "num", *names],
+            input_names=["cat", "num", REQUEST_CAT, REQUEST_NUM, REQUEST_INDEX, *names],
             output_names=[OUTPUT],
             dynamic_shapes=shapes,
             opset_version=18,
@@ -125,10 +181,11 @@ def scorer_graph(
 ) -> onnx.ModelProto:
     """``build`` from the model's FeatureState and dataset config (no log read)."""
     features = preprocessing_model(state, config.features)
-    network = network_model(module)
+    network = network_model(module, request_layout(state, config.features))
     features.ir_version = network.ir_version
     sequences = [sequence_output(s.name) for s in state.sequences]
-    io_map = [("cat", "cat"), ("num", "num"), *((n, n) for n in sequences)]
+    names = ["cat", "num", REQUEST_CAT, REQUEST_NUM, REQUEST_INDEX, *sequences]
+    io_map = [(n, n) for n in names]
     model = compose.merge_models(features, network, io_map=io_map)
     opsets = {o.domain: o.version for o in model.opset_import}  # the merge lists "" twice
     del model.opset_import[:]

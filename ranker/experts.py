@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ranker.layers import ACTIVATIONS, mix
+from ranker.layers import ACTIVATIONS, RequestSplit, as_dense, linear, mix
 
 Residual = Literal["self_gate", "native"]
 
@@ -102,12 +102,14 @@ class Routing:
         return weights, (load * probs.mean(0)).sum()
 
 
-def pooled_matmul(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def pooled_matmul(x: torch.Tensor | RequestSplit, weights: torch.Tensor) -> torch.Tensor:
     """``x [B, D] @ weights [n, D, H] -> [B, n, H]``, every expert reading the same ``x``: one
     matmul against the ``[D, n * H]`` stack (a single GEMM in torch and in the exported graph,
-    where ``einsum`` ran as a slow generic kernel)."""
+    where ``einsum`` ran as a slow generic kernel; split per part for a ``RequestSplit``)."""
     n, d, h = weights.shape
-    return (x @ weights.permute(1, 0, 2).reshape(d, n * h)).view(-1, n, h)
+    stacked = weights.permute(1, 0, 2).reshape(d, n * h)
+    out = x.matmul(stacked) if isinstance(x, RequestSplit) else x @ stacked
+    return out.view(-1, n, h)
 
 
 def batched_matmul(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -129,9 +131,9 @@ class FeatureGate(nn.Module):
         self.up = nn.Parameter(torch.zeros(num_experts, rank, dim))  # A_k
         nn.init.uniform_(self.down, -(dim**-0.5), dim**-0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | RequestSplit) -> torch.Tensor:
         low = pooled_matmul(x, self.down)  # [B, n, r]
-        return x.unsqueeze(1) * 2 * torch.sigmoid(batched_matmul(low, self.up))
+        return as_dense(x).unsqueeze(1) * 2 * torch.sigmoid(batched_matmul(low, self.up))
 
 
 class ExpertPool(nn.Module):
@@ -188,7 +190,7 @@ class ExpertPool(nn.Module):
             self.biases[layer].copy_(shifted + norm.bias.view(shape))
             self.norms[layer] = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | RequestSplit) -> torch.Tensor:
         if self.feature_gate is not None:
             h = batched_matmul(self.feature_gate(x), self.weights[0])
         else:
@@ -212,8 +214,8 @@ class SelfGate(nn.Module):
         super().__init__()
         self.linear = nn.Linear(input_dim, num_experts)
 
-    def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(x)
+    def forward(self, x: torch.Tensor | RequestSplit, own: torch.Tensor) -> torch.Tensor:
+        logits = linear(x, self.linear)
         weights = torch.sigmoid(logits) if own.shape[1] == 1 else torch.softmax(logits, -1)
         return mix(weights, own)
 
@@ -321,7 +323,9 @@ class ExpertLayer(nn.Module):
         def read(keys: tuple[str, ...]) -> torch.Tensor:
             if keys not in joined:
                 parts = [reps[k] for k in keys]
-                joined[keys] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+                joined[keys] = (
+                    parts[0] if len(parts) == 1 else torch.cat([as_dense(p) for p in parts], -1)
+                )
             return joined[keys]
 
         outputs = {p.name: self.pools[p.name](read(p.inputs)) for p in self.pool_specs}
@@ -329,7 +333,7 @@ class ExpertLayer(nn.Module):
         for g in self.gate_specs:
             x = read(g.inputs)
             experts = torch.cat([outputs[p] for p in g.pools], dim=1)
-            weights, balance = self.routing.route(self.gates[g.name](x))
+            weights, balance = self.routing.route(linear(x, self.gates[g.name]))
             new[g.name] = mix(weights, experts)
             for pool in g.always:
                 new[g.name] = new[g.name] + outputs[pool].sum(1)

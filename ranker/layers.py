@@ -35,6 +35,10 @@ class FusedEmbedding(nn.Module):
             self.register_buffer(f"columns_{width}", torch.tensor(columns), persistent=False)
             self.register_buffer(f"offsets_{width}", offsets, persistent=False)
         self.widths = widths
+        self.dims = tuple(inputs.embedding_dims)
+        # ``forward`` lays the features out table by table, in feature order within a table.
+        order = [f for w in widths for f, d in enumerate(self.dims) if d == w]
+        self.output_starts = {f: sum(self.dims[g] for g in order[:k]) for k, f in enumerate(order)}
         self.output_dim = sum(inputs.embedding_dims) + inputs.num_numeric
         # Feature f's (table, first row): for lookups of other ids in its vocabulary.
         self.rows_of = []
@@ -55,6 +59,28 @@ class FusedEmbedding(nn.Module):
             parts.append(table(cat[:, columns] + offsets).flatten(1))
         parts.append(num)
         return torch.cat(parts, dim=1)
+
+    def output_columns(self, feature: int) -> list[int]:
+        """The columns of ``forward``'s output that hold feature ``feature``'s vector."""
+        start = self.output_starts[feature]
+        return list(range(start, start + self.dims[feature]))
+
+    def embed_columns(
+        self, cat: torch.Tensor, features: Sequence[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """``cat [B, len(features)]`` holding only ``features``' ids: their vectors ``[B, D]``,
+        one lookup per table, and the columns of ``forward``'s output they stand for."""
+        parts, columns = [], []
+        for table in range(len(self.tables)):
+            mine = [j for j, f in enumerate(features) if self.rows_of[f][0] == table]
+            if not mine:
+                continue
+            starts = torch.tensor([self.rows_of[features[j]][1] for j in mine])
+            parts.append(self.tables[table](cat[:, mine] + starts).flatten(1))
+            columns += [c for j in mine for c in self.output_columns(features[j])]
+        if not parts:
+            return cat.new_zeros((cat.shape[0], 0), dtype=torch.float32), columns
+        return torch.cat(parts, dim=1), columns
 
 
 class IdDropout(nn.Module):
@@ -124,6 +150,61 @@ class Tower(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).squeeze(-1)
+
+
+class RequestSplit:
+    """A model input ``x [N, D]`` held as its two parts: the columns that vary per candidate,
+    ``candidate [N, D_c]``, and those of the request, ``request [R, D_r]`` (R = 1 for one
+    request scoring N candidates, R = N for rows of as many requests), with ``index [N]`` the
+    request row of each candidate. ``candidate_columns`` / ``request_columns`` say which
+    columns of ``x`` each part holds.
+
+    A linear map of ``x`` splits the same way (the rows of ``W`` taken per part),
+
+        x W + b = candidate W_c + (request W_r + b)[index]
+
+    so the request's share of a first layer is computed R times rather than N (``matmul``);
+    ``dense()`` is ``x`` itself, for what is not linear in ``x``. Used by the exported scorer
+    (``pipelines.export``), where one user's features meet hundreds of candidates.
+    """
+
+    def __init__(
+        self,
+        candidate: torch.Tensor,
+        request: torch.Tensor,
+        index: torch.Tensor,
+        candidate_columns: Sequence[int],
+        request_columns: Sequence[int],
+    ) -> None:
+        self.candidate, self.request, self.index = candidate, request, index
+        self.candidate_columns = torch.tensor(list(candidate_columns), dtype=torch.long)
+        self.request_columns = torch.tensor(list(request_columns), dtype=torch.long)
+        order = torch.tensor([*candidate_columns, *request_columns], dtype=torch.long)
+        self.inverse = torch.argsort(order)
+        self._dense: torch.Tensor | None = None
+
+    def matmul(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight (+ bias)`` for ``weight [D, H]``: ``[N, H]``."""
+        request = self.request @ weight[self.request_columns]
+        if bias is not None:
+            request = request + bias
+        return self.candidate @ weight[self.candidate_columns] + request.index_select(0, self.index)
+
+    def dense(self) -> torch.Tensor:
+        """``x [N, D]`` (built once)."""
+        if self._dense is None:
+            rows = self.request.index_select(0, self.index)
+            self._dense = torch.cat([self.candidate, rows], dim=1)[:, self.inverse]
+        return self._dense
+
+
+def as_dense(x: torch.Tensor | RequestSplit) -> torch.Tensor:
+    return x.dense() if isinstance(x, RequestSplit) else x
+
+
+def linear(x: torch.Tensor | RequestSplit, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``, split per part when ``x`` is a ``RequestSplit``."""
+    return x.matmul(layer.weight.T, layer.bias) if isinstance(x, RequestSplit) else layer(x)
 
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

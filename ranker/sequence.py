@@ -75,7 +75,26 @@ class SequencePooling(nn.Module):
                 if s.pooling == "target_attention"
             }
         )
+        self.dims = dims
         self.output_dim = sum(dims)
+
+    def pool(
+        self,
+        i: int,
+        embedding: FusedEmbedding,
+        ids: torch.Tensor,
+        target: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sequence ``i``'s vector ``[B, D]`` from its ids ``[B, L]`` (with attention, the
+        rows' ``target`` ids ``[B]`` are the query)."""
+        spec = self.specs[i]
+        e = embedding.lookup(self.vocabulary[i], ids)  # [B, L, D]
+        mask = ids > 0
+        if spec.name in self.attention:
+            query = embedding.lookup(self.target[i], target)
+            return self.attention[spec.name](e, query, mask)
+        count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
+        return (mask.unsqueeze(-1).to(e.dtype) * e).sum(1) / count
 
     def forward(
         self,
@@ -83,15 +102,7 @@ class SequencePooling(nn.Module):
         cat: torch.Tensor,
         sequences: dict[str, torch.Tensor],
     ) -> list[torch.Tensor]:
-        pooled = []
-        for spec, vocabulary, target in zip(self.specs, self.vocabulary, self.target, strict=True):
-            ids = sequences[spec.name]
-            e = embedding.lookup(vocabulary, ids)  # [B, L, D]
-            mask = ids > 0
-            if spec.name in self.attention:
-                query = embedding.lookup(target, cat[:, target])
-                pooled.append(self.attention[spec.name](e, query, mask))
-            else:
-                count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
-                pooled.append((mask.unsqueeze(-1).to(e.dtype) * e).sum(1) / count)
-        return pooled
+        return [
+            self.pool(i, embedding, sequences[s.name], cat[:, t] if t >= 0 else None)
+            for i, (s, t) in enumerate(zip(self.specs, self.target, strict=True))
+        ]

@@ -45,6 +45,8 @@ from ranker.sequence import TargetAttention
 
 
 class AWMoE(ExpertModel):
+    splits_request = False  # its gates read the candidate's id beside the sequence
+
     def __init__(
         self,
         inputs: InputSpec,

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from features.config import TaskSpec
+from features.contract import RequestLayout
 from features.state import InputSpec
 from ranker.experts import Internals
-from ranker.layers import FusedEmbedding, Tower
+from ranker.layers import FusedEmbedding, RequestSplit, Tower
 from ranker.sequence import SequencePooling
 
 Sequences = dict[str, torch.Tensor] | None
@@ -26,6 +27,8 @@ class MultiTaskModel(nn.Module):
     ``forward`` is the exported path. ``forward_with_internals`` also returns every expert's
     output and every gate's weights (see ``ranker.experts.Internals``) for diagnostics.
     """
+
+    splits_request = False  # whether ``head`` takes a ``RequestSplit`` (see ``embed_split``)
 
     def __init__(self, inputs: InputSpec, tasks: Sequence[TaskSpec]) -> None:
         super().__init__()
@@ -44,6 +47,49 @@ class MultiTaskModel(nn.Module):
         if not self.inputs.sequences:
             return x
         return torch.cat([x, *self.pooling(self.embedding, cat, sequences or {})], dim=1)
+
+    def embed_split(
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        request_cat: torch.Tensor,
+        request_num: torch.Tensor,
+        index: torch.Tensor,
+        sequences: dict[str, torch.Tensor],
+        layout: RequestLayout,
+    ) -> RequestSplit:
+        """``embed`` of inputs split as the exported scorer holds them (``layout``): the
+        candidates' columns ``cat [N, F_c]``, ``num [N, F_nc]``, the request's ``request_cat
+        [R, F_r]``, ``request_num [R, F_nr]`` and sequences ``[R, L]``, ``index [N]`` the
+        request row of each candidate. A mean-pooled sequence stays a request column;
+        attention whose query is a candidate feature makes a candidate column."""
+        e, pooling = self.embedding, self.pooling
+        on_candidate, on_request = layout.cat_candidate_columns, layout.cat_request_columns
+        candidate, candidate_columns = e.embed_columns(cat, on_candidate)
+        request, request_columns = e.embed_columns(request_cat, on_request)
+        width = sum(e.dims)
+        candidate_parts, request_parts = [candidate, num], [request, request_num]
+        candidate_columns += [width + j for j in layout.num_candidate_columns]
+        request_columns += [width + j for j in layout.num_request_columns]
+        start = e.output_dim
+        for i, (spec, target) in enumerate(zip(pooling.specs, pooling.target, strict=True)):
+            ids, columns = sequences[spec.name], list(range(start, start + pooling.dims[i]))
+            start += pooling.dims[i]
+            if target >= 0 and not layout.cat_request[target]:
+                query = cat[:, on_candidate.index(target)]
+                candidate_parts.append(pooling.pool(i, e, ids.index_select(0, index), query))
+                candidate_columns += columns
+            else:
+                query = request_cat[:, on_request.index(target)] if target >= 0 else None
+                request_parts.append(pooling.pool(i, e, ids, query))
+                request_columns += columns
+        return RequestSplit(
+            torch.cat(candidate_parts, dim=1),
+            torch.cat(request_parts, dim=1),
+            index,
+            candidate_columns,
+            request_columns,
+        )
 
     @property
     def task_keys(self) -> list[str]:
@@ -78,6 +124,8 @@ class ExpertModel(MultiTaskModel):
 
     Subclasses append their layers to ``self.layers`` and call ``add_towers``.
     """
+
+    splits_request = True  # the first layer's matmuls split per part; the rest reads dense x
 
     def __init__(self, inputs: InputSpec, tasks: Sequence[TaskSpec]) -> None:
         super().__init__(inputs, tasks)

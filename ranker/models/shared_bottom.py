@@ -18,7 +18,7 @@ from torch import nn
 from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.experts import Internals
-from ranker.layers import MLP, Tower
+from ranker.layers import MLP, RequestSplit, Tower, linear
 from ranker.models.base import MultiTaskModel
 
 
@@ -40,8 +40,12 @@ class SharedBottom(MultiTaskModel):
             for _ in self.tasks
         )
 
-    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
-        h = self.bottom(x)
+    splits_request = True  # the bottom's first layer splits per part
+
+    def head(self, x: torch.Tensor | RequestSplit, internals: Internals | None) -> torch.Tensor:
+        h = linear(x, self.bottom[0])
+        for layer in list(self.bottom)[1:]:
+            h = layer(h)
         if internals is not None:  # the bottom is the one (shared) expert every task uses
             internals.experts["bottom/shared"] = h.unsqueeze(1)
         return torch.stack([tower(h) for tower in self.towers], dim=1)

@@ -14,9 +14,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from features.contract import NULL_INT
+from features.contract import NULL_INT, REQUEST_CAT, REQUEST_INDEX, REQUEST_NUM
 from features.datamodule import RankerDataModule
-from features.onnx_graph import preprocessing_model, raw_feeds, raw_inputs, sequence_output
+from features.onnx_graph import (
+    preprocessing_model,
+    raw_feeds,
+    raw_inputs,
+    request_layout,
+    sequence_output,
+)
 from pipelines.checkpoints import RunError
 from pipelines.commands import main
 from pipelines.export import (
@@ -34,6 +40,29 @@ from tests.conftest import KUAIRAND_CONFIG, SYNTHETIC_CONFIG, Runs
 
 def session_of(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def feature_outputs(
+    data: RankerDataModule, feeds: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], int]:
+    """The feature graph's outputs joined back to one row per candidate: ``cat``, ``num``, the
+    sequences, and the request row count R the graph kept."""
+    layout = request_layout(data.state, data.config.features)
+    names = [sequence_output(s.name) for s in data.state.sequences]
+    graph = preprocessing_model(data.state, data.config.features)
+    out = dict(zip(["cat", "num", REQUEST_CAT, REQUEST_NUM, REQUEST_INDEX, *names],
+                   session_of(graph).run(
+                       ["cat", "num", REQUEST_CAT, REQUEST_NUM, REQUEST_INDEX, *names], feeds
+                   ), strict=True))  # fmt: skip
+    index = out[REQUEST_INDEX]
+    rows = len(index)
+    cat = np.zeros((rows, len(layout.cat_request)), dtype=np.int64)
+    cat[:, layout.cat_candidate_columns] = out["cat"]
+    cat[:, layout.cat_request_columns] = out[REQUEST_CAT][index]
+    num = np.zeros((rows, len(layout.num_request)), dtype=np.float32)
+    num[:, layout.num_candidate_columns] = out["num"]
+    num[:, layout.num_request_columns] = out[REQUEST_NUM][index]
+    return cat, num, [out[n][index] for n in names], len(out[REQUEST_CAT])
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +140,7 @@ def test_the_feature_graph_equals_the_training_transform(which: str, request) ->
     frame = with_bad_values(parity_rows(data, 5000), data)
     expected = data.state.transform(frame)
     inputs = raw_inputs(data.state, data.config.features)
-    names = [sequence_output(s.name) for s in data.state.sequences]
-    cat, num, *sequences = session_of(preprocessing_model(data.state, data.config.features)).run(
-        ["cat", "num", *names], raw_feeds(frame, inputs)
-    )
+    cat, num, sequences, _ = feature_outputs(data, raw_feeds(frame, inputs))
     np.testing.assert_array_equal(cat, expected.cat)
     np.testing.assert_array_equal(num, expected.num)  # float64 math, then float32, as polars
     assert (cat[1::7, 0] == 0).all() and (cat[2::7, 0] == 0).all()  # missing / unknown -> 0
@@ -134,11 +160,10 @@ def test_the_feature_graph_equals_the_training_transform(which: str, request) ->
 def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataModule) -> None:
     frame = parity_rows(synthetic, 200)
     inputs = raw_inputs(synthetic.state, synthetic.config.features)
-    session = session_of(preprocessing_model(synthetic.state, synthetic.config.features))
     feeds = raw_feeds(frame, inputs)
     request = {i.name: feeds[i.name][:1] if not i.per_candidate else feeds[i.name] for i in inputs}
-    names = [sequence_output(s.name) for s in synthetic.state.sequences]
-    cat, num, *sequences = session.run(["cat", "num", *names], request)
+    cat, num, sequences, request_rows = feature_outputs(synthetic, request)
+    assert request_rows == 1  # the request's columns stay one row until the network
     user_first = frame.head(1).select([i.name for i in inputs if not i.per_candidate])
     broadcast = frame.with_columns(
         [pl.Series(c, [user_first[c][0]] * frame.height) for c in user_first.columns]
@@ -148,6 +173,7 @@ def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataMod
     np.testing.assert_array_equal(num, expected.num)
     np.testing.assert_array_equal(sequences[0], expected.sequences["recent_clicks"])
     assert {i.side for i in inputs} == {"user", "item", "context"}
+    session = session_of(preprocessing_model(synthetic.state, synthetic.config.features))
     assert session.get_inputs()[0].type in ("tensor(int64)", "tensor(string)", "tensor(double)")
 
 
@@ -156,6 +182,7 @@ def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataMod
     [
         ("synthetic", {"class_path": "ranker.models.HoME", "init_args": {"expert_hidden": [32]}}),
         ("kuairand", {"class_path": "ranker.models.MMoE", "init_args": {"num_experts": 3}}),
+        ("kuairand", {"class_path": "ranker.models.PLE", "init_args": {"expert_hidden": [32]}}),
         (
             "synthetic",
             {
@@ -176,7 +203,7 @@ def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataMod
             },
         ),
     ],
-    ids=["home", "mmoe", "mmoe_topk", "aw_moe_hashed"],
+    ids=["home", "mmoe", "ple", "mmoe_topk", "aw_moe_hashed"],
 )
 def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict, request) -> None:
     data: RankerDataModule = request.getfixturevalue(which)
