@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.config import SPLITS, ConfigError, DatasetConfig, SplitName, TaskSpec
 from features.source import LogSource, Piece
-from features.state import Batch, FeatureState, InputSpec
+from features.state import Batch, FeatureState, InputSpec, check_parent
 
 # ParquetBatches.__len__ is exact with any number of workers (each stream's batches are planned);
 # Lightning's caution about lengths of iterable datasets does not apply.
@@ -243,6 +243,12 @@ class RankerDataModule(L.LightningDataModule):
             null time, before the train start, after the test end) before the run stops with
             an error; 1.0 only reports them (``accounting``, printed and logged by
             ``ranker fit``).
+        parent_state: a warm start's parent FeatureState (a directory ``FeatureState.save``
+            wrote; ``ranker fit --warm_start`` sets it): the vocabularies grow from the
+            parent's (``features.state.grown``), the numeric statistics are the parent's.
+        grow_vocabulary: with ``parent_state``, add the window's new ids (else the parent's
+            vocabularies stay as they were: new ids score as unknown).
+        refit_numeric: with ``parent_state``, fit the numeric statistics on this window.
     """
 
     def __init__(
@@ -257,6 +263,9 @@ class RankerDataModule(L.LightningDataModule):
         skip_corrupt_files: bool = False,
         history_cache: str | None = None,
         max_unassigned: float = 1.0,
+        parent_state: str | None = None,
+        grow_vocabulary: bool = True,
+        refit_numeric: bool = False,
     ) -> None:
         super().__init__()
         # In the checkpoint ("datamodule_hyper_parameters"): where the model's data lives.
@@ -286,11 +295,22 @@ class RankerDataModule(L.LightningDataModule):
             )
         self._datasets: dict[str, ParquetBatches] = {}
         self._resume: dict[str, int] | None = None  # from a checkpoint taken while training
+        self.parent = FeatureState.load(parent_state) if parent_state else None
+        if self.parent is not None:
+            check_parent(self.parent, self.config)  # before anything is fitted
+        self.grow_vocabulary, self.refit_numeric = grow_vocabulary, refit_numeric
 
     @cached_property
     def state(self) -> FeatureState:
         train = self.source.scan("train", sequences=False)
-        return FeatureState.fit(train, self.config, self.split_rows["train"])
+        return FeatureState.fit(
+            train,
+            self.config,
+            self.split_rows["train"],
+            self.parent,
+            self.grow_vocabulary,
+            self.refit_numeric,
+        )
 
     @property
     def input_spec(self) -> InputSpec:

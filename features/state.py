@@ -103,6 +103,9 @@ class CategoricalState:
     dtype: str  # "int" or "str": how raw values are normalised before lookup
     values: list[Any]  # value i has index i + 1
     hash_buckets: int = 0  # > 0: ids hashed into 1..hash_buckets, no vocabulary (``values`` empty)
+    # Per value, the generation (training window of a warm-started line) it was last seen in;
+    # empty: all in generation 0. Eviction under ``max_size`` drops the oldest first.
+    last_seen: list[int] = field(default_factory=list)
 
     @property
     def cardinality(self) -> int:
@@ -185,6 +188,97 @@ def numeric_expr(column: str, transform: str) -> pl.Expr:
     return x.clip(lower_bound=0).log1p() if transform == "log1p" else x
 
 
+def grown(
+    old: CategoricalState, counts: pl.DataFrame, spec: FeatureSpec, generation: int, grow: bool
+) -> CategoricalState:
+    """A warm start's vocabulary: ``old``'s, grown with a new window's ``counts`` (``value``,
+    ``count``, most frequent first).
+
+    Old ids keep their place (and so their embedding rows); ids new to the window with at
+    least ``min_count`` rows are appended, most frequent first (none with ``grow=False``);
+    every id seen in the window is stamped with this ``generation``. Past ``max_size``, the
+    least recently seen ids are evicted: the oldest ``last_seen`` first, then the fewest rows
+    in this window, then the latest added.
+    """
+    dtype = old.lookup[0].dtype
+    n = len(old.values)
+    before = pl.DataFrame(
+        {
+            "value": old.lookup[0],
+            "last_seen": pl.Series(old.last_seen or [0] * n, dtype=pl.Int64),
+            "order": pl.int_range(n, eager=True, dtype=pl.Int64),
+        }
+    )
+    counts = counts.with_columns(pl.col("value").cast(dtype), pl.col("count").cast(pl.Int64))
+    pool = before.join(counts, on="value", how="left", maintain_order="left").with_columns(
+        last_seen=pl.when(pl.col("count").is_null())
+        .then(pl.col("last_seen"))
+        .otherwise(pl.lit(generation, dtype=pl.Int64)),
+        count=pl.col("count").fill_null(0),
+    )
+    if grow:
+        new = counts.filter(
+            pl.col("count") >= spec.min_count, ~pl.col("value").is_in(old.lookup[0].implode())
+        )
+        new = new.with_columns(
+            last_seen=pl.lit(generation, dtype=pl.Int64),
+            order=pl.int_range(n, n + new.height, dtype=pl.Int64),
+        )
+        pool = pl.concat([pool, new.select(pool.columns)])
+    if spec.max_size and pool.height > spec.max_size:
+        ranked = pool.sort(["last_seen", "count", "order"], descending=[True, True, False])
+        pool = pool.filter(pl.col("order").is_in(ranked["order"].head(spec.max_size).implode()))
+    return CategoricalState(
+        old.name, old.column, old.dtype, pool["value"].to_list(), 0, pool["last_seen"].to_list()
+    )
+
+
+def _kinds_of_state(state: FeatureState) -> dict[str, str]:
+    kinds = {
+        c.name: f"categorical hashed into {c.hash_buckets}" if c.hash_buckets else "categorical"
+        for c in state.categorical
+    }
+    kinds |= {n.name: f"numeric ({n.transform})" for n in state.numeric}
+    kinds |= {s.name: f"a sequence of {s.vocabulary} ({s.pooling})" for s in state.sequences}
+    return kinds
+
+
+def _kinds_of_config(config: DatasetConfig) -> dict[str, str]:
+    kinds = {}
+    for f in config.features:
+        if f.kind == "categorical":
+            kinds[f.name] = (
+                f"categorical hashed into {f.hash_buckets}" if f.hash_buckets else "categorical"
+            )
+        elif f.kind == "numeric":
+            kinds[f.name] = f"numeric ({f.transform})"
+        else:
+            kinds[f.name] = f"a sequence of {f.vocabulary_of} ({f.pooling})"
+    return kinds
+
+
+def check_parent(parent: FeatureState, config: DatasetConfig) -> None:
+    """A warm start's dataset has the parent's tasks and features, each of the same kind; else
+    one error naming every difference."""
+    problems = []
+    then, now = [t.name for t in parent.tasks], [t.name for t in config.tasks]
+    if then != now:
+        problems.append(f"tasks {now} here, {then} in the parent")
+    before, here = _kinds_of_state(parent), _kinds_of_config(config)
+    for name in sorted(set(before) | set(here)):
+        if name not in before:
+            problems.append(f"feature '{name}' is not in the parent")
+        elif name not in here:
+            problems.append(f"the parent's feature '{name}' is missing here")
+        elif before[name] != here[name]:
+            problems.append(f"feature '{name}' is {here[name]} here, {before[name]} in the parent")
+    if problems:
+        where = config.source or config.name
+        raise ConfigError(
+            f"warm start: {where} does not match the parent model's data: " + "; ".join(problems)
+        )
+
+
 class FeatureState:
     def __init__(
         self,
@@ -193,12 +287,14 @@ class FeatureState:
         tasks: list[TaskSpec],
         user_key: str,
         sequences: list[SequenceState] | None = None,
+        generation: int = 0,
     ) -> None:
         self.categorical = categorical
         self.numeric = numeric
         self.tasks = tasks
         self.user_key = user_key
         self.sequences = sequences or []
+        self.generation = generation  # 0: fitted cold; k: the k-th warm start of a line
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -227,13 +323,27 @@ class FeatureState:
     # -- fitting ------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, train: pl.LazyFrame, config: DatasetConfig, rows: int = 0) -> FeatureState:
+    def fit(
+        cls,
+        train: pl.LazyFrame,
+        config: DatasetConfig,
+        rows: int = 0,
+        parent: FeatureState | None = None,
+        grow: bool = True,
+        refit_numeric: bool = False,
+    ) -> FeatureState:
         """Fit on the (lazy) training split: one streaming ``collect_all`` for all features.
 
         Vocabularies, means and standard deviations are exact. Quantile boundaries need the
         values in memory, so with ``rows`` (the split's size) above ``QUANTILE_SAMPLE`` they
         come from every k-th row, about ``QUANTILE_SAMPLE`` of them: memory stays flat.
+
+        With a ``parent`` (a warm start), each vocabulary grows from the parent's (``grown``;
+        ``grow=False`` keeps it as it was) and the numeric statistics are the parent's unless
+        ``refit_numeric``.
         """
+        if parent is not None:
+            check_parent(parent, config)
         every = max(1, -(-rows // QUANTILE_SAMPLE))
         schema = train.collect_schema()
         queries: list[pl.LazyFrame] = []
@@ -254,12 +364,16 @@ class FeatureState:
                     .drop_nulls()
                     .group_by("value")
                     .agg(pl.len().alias("count"))
-                    .filter(pl.col("count") >= spec.min_count)
                     # Most frequent first; ties by value so the vocabulary is deterministic.
                     .sort(["count", "value"], descending=[True, False])
                 )
-                queries.append(counts.head(spec.max_size) if spec.max_size else counts)
+                if parent is None:  # a warm start needs every count (``grown``)
+                    counts = counts.filter(pl.col("count") >= spec.min_count)
+                    counts = counts.head(spec.max_size) if spec.max_size else counts
+                queries.append(counts)
                 plans.append((spec, dtype))
+            elif parent is not None and not refit_numeric:
+                continue  # the parent's statistics
             elif spec.transform == "quantile_bucket":
                 qs = np.linspace(0, 1, spec.buckets + 1)[1:-1]
                 x = numeric_expr(spec.column, spec.transform)
@@ -284,22 +398,31 @@ class FeatureState:
         for summary in results[len(plans) :]:
             row |= summary.row(0, named=True)
 
+        generation = parent.generation + 1 if parent is not None else 0
+        before = {c.name: c for c in parent.categorical} if parent is not None else {}
         fitted = {
-            spec.name: CategoricalState(
+            spec.name: grown(before[spec.name], vocabularies[spec.name], spec, generation, grow)
+            if parent is not None
+            else CategoricalState(
                 spec.name, spec.column, dtype, vocabularies[spec.name]["value"].to_list()
             )
             for spec, dtype in plans
         }
+        if parent is not None:
+            hashed = {name: before[name] for name in hashed}
         categorical = [
             hashed.get(spec.name) or fitted[spec.name]
             for spec in config.features
             if spec.kind == "categorical"
         ]
         numeric = []
+        kept = {n.name: n for n in parent.numeric} if parent and not refit_numeric else {}
         for spec in config.features:
             if spec.kind != "numeric":
                 continue
-            if spec.transform == "quantile_bucket":
+            if spec.name in kept:
+                numeric.append(kept[spec.name])
+            elif spec.transform == "quantile_bucket":
                 qs = [row[k] for k in row if k.startswith(f"{spec.name}:q") and row[k] is not None]
                 numeric.append(
                     NumericState(spec.name, spec.column, spec.transform, boundaries=sorted(set(qs)))
@@ -326,7 +449,28 @@ class FeatureState:
             )
             for spec in config.sequences
         ]
-        return cls(categorical, numeric, list(config.tasks), config.user_key, sequences)
+        return cls(categorical, numeric, list(config.tasks), config.user_key, sequences, generation)
+
+    def rows_from(self, parent: FeatureState) -> list[np.ndarray]:
+        """Per embedded input (``input_spec`` order), the parent's index of each of this
+        state's indices, -1 where the parent has none (a new id): what a warm start copies.
+        Hashed features and quantile buckets map index to index."""
+        before = {c.name: c for c in [*parent.categorical, *parent.bucketized]}
+        maps = []
+        for state in [*self.categorical, *self.bucketized]:
+            old = before[state.name]
+            if not isinstance(state, CategoricalState) or state.hash_buckets:
+                index = np.arange(state.cardinality, dtype=np.int64)
+                maps.append(np.where(index < old.cardinality, index, -1))
+                continue
+            position = pl.DataFrame(
+                {"value": old.values, "old": np.arange(1, len(old.values) + 1)},
+                schema={"value": state.lookup[0].dtype, "old": pl.Int64},
+            )
+            new = pl.DataFrame({"value": state.lookup[0]})
+            found = new.join(position, on="value", how="left", maintain_order="left")
+            maps.append(np.concatenate([[0], found["old"].fill_null(-1).to_numpy()]))
+        return maps
 
     # -- transform ----------------------------------------------------------------------------
 
@@ -411,6 +555,7 @@ class FeatureState:
         checkpoint (where the DataModule stores it beside the model)."""
         return {
             "version": 1,
+            "generation": self.generation,
             "user_key": self.user_key,
             "categorical": [asdict(s) for s in self.categorical],
             "numeric": [asdict(n) for n in self.numeric],
@@ -426,6 +571,7 @@ class FeatureState:
             [TaskSpec(**t) for t in doc["tasks"]],
             doc["user_key"],
             [SequenceState(**s) for s in doc.get("sequences", [])],
+            doc.get("generation", 0),
         )
 
     def save(self, directory: str | Path) -> Path:
@@ -435,7 +581,10 @@ class FeatureState:
         for entry in doc["categorical"]:
             if len(entry["values"]) > INLINE_VOCAB_LIMIT:
                 file = f"vocab_{entry['name']}.parquet"
-                pl.DataFrame({"value": entry["values"]}).write_parquet(directory / file)
+                columns = {"value": entry["values"]}
+                if entry["last_seen"]:
+                    columns["last_seen"], entry["last_seen"] = entry["last_seen"], file
+                pl.DataFrame(columns).write_parquet(directory / file)
                 entry["values"] = file
         path = directory / STATE_FILE
         path.write_text(json.dumps(doc, indent=1))
@@ -449,4 +598,7 @@ class FeatureState:
         for entry in doc["categorical"]:
             if isinstance(entry["values"], str):
                 entry["values"] = pl.read_parquet(path.parent / entry["values"])["value"].to_list()
+            if isinstance(entry.get("last_seen"), str):
+                file = path.parent / entry["last_seen"]
+                entry["last_seen"] = pl.read_parquet(file)["last_seen"].to_list()
         return cls.from_dict(doc)

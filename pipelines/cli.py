@@ -5,6 +5,7 @@ key, checked before anything runs."""
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -20,6 +21,7 @@ from pipelines.checkpoints import RunError, checkpoint_run, find_run, requeued_c
 from pipelines.render import Table, fmt
 from pipelines.report import fit_report, print_report
 from pipelines.tracking import MLflowLogger, resolve_tracking_uri
+from pipelines.warm_start import Parent, resolve, save_state, warm_start
 from ranker.module import RankerModule
 
 
@@ -111,6 +113,7 @@ class RankerCLI(LightningCLI):
         """``--ckpt_path`` continues the checkpoint's MLflow run rather than starting one; so
         does a SLURM job requeued by Lightning (it resumes from the checkpoint it saved)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        self.warm_start_parent(config)
         if config is not None and config.get("data") is not None and config.data.seed is None:
             # One seed: the data order follows seed_everything (an explicit --data.seed wins).
             seed = config.get("seed_everything")
@@ -136,7 +139,36 @@ class RankerCLI(LightningCLI):
             )
         logger.init_args.run_id = run_id
 
+    def warm_start_parent(self, config: Namespace) -> None:
+        """``--warm_start``: the parent downloaded (kept for the run), its FeatureState handed
+        to the DataModule."""
+        self.parent: Parent | None = None
+        reference = config.get("warm_start") if self.subcommand == "fit" else None
+        if not reference:
+            return
+        logger = config.trainer.logger
+        given = logger.init_args.get("tracking_uri") if isinstance(logger, Namespace) else None
+        self._parent_files = tempfile.TemporaryDirectory(prefix="ranker-parent-")
+        where = Path(self._parent_files.name)
+        self.parent = resolve(reference, MlflowClient(resolve_tracking_uri(given)), where)
+        config.data.parent_state = save_state(self.parent, where / "parent_state")
+
+    def before_fit(self) -> None:
+        """A warm start (not a resumption, whose checkpoint holds it all): the parent's
+        weights and optimiser state, the lineage tags."""
+        config = self.config.get(self.subcommand)
+        if self.parent is not None and not config.get("ckpt_path"):
+            warm_start(self.trainer, self.model, self.parent, self.datamodule.state)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--warm_start",
+            type=str | None,
+            default=None,
+            help="start from a trained model: an MLflow run id, a checkpoint, or "
+            "models:/<name>@<alias> (or /<version>); its vocabularies grow with this window's "
+            "ids (--data.grow_vocabulary, --data.refit_numeric)",
+        )
         # The model's inputs and tasks come from the fitted data, not from its config.
         parser.link_arguments("data.input_spec", "model.inputs", apply_on="instantiate")
         parser.link_arguments("data.tasks", "model.tasks", apply_on="instantiate")
