@@ -81,8 +81,14 @@ def compare_cli(args: list[str]) -> None:
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to compare on")
     parser.add_argument("--out", type=Path, default=None, help="report directory")
     parser.add_argument("--tracking_uri", default=None, help="MLflow store")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="score every run on this dataset config's split (the same rows for all) instead "
+        "of each run's own; nothing is logged",
+    )
     options = parser.parse_args(args)
-    compare(options.runs, options.split, options.out, options.tracking_uri)
+    compare(options.runs, options.split, options.out, options.tracking_uri, dataset=options.dataset)
 
 
 def tune_cli(args: list[str]) -> None:

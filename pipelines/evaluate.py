@@ -290,22 +290,31 @@ def compare(
     out: Path | None = None,
     tracking_uri: str | None = None,
     quiet: bool = False,
+    dataset: str | None = None,
 ) -> list[Evaluation]:
     """Side-by-side per-task metrics and expert-health flags of several runs.
 
     A run's evaluation that ``ranker evaluate`` logged for this split is reused; a run without
-    one (or a checkpoint path) is evaluated first, which logs it.
+    one (or a checkpoint path) is evaluated first, which logs it. With ``dataset``, every run
+    is scored on that dataset config's split instead (the same rows for all, e.g. a champion
+    and its challenger on tomorrow's data), each with its own FeatureState; nothing is logged.
     """
     if len(runs) < 2:
         raise RunError(f"compare needs at least two runs, got {len(runs)}")
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     evaluations = []
+    uri = client.tracking_uri
     for ref in runs:
+        if dataset:
+            evaluations.append(
+                evaluate(
+                    run=ref, split=split, dataset=dataset, tracking_uri=uri, log=False, quiet=True
+                )
+            )
+            continue
         is_run = not Path(ref).exists() and find_run(client, ref) is not None
         earlier = logged_evaluation(client, ref, split) if is_run else None
-        evaluations.append(
-            earlier or evaluate(run=ref, split=split, tracking_uri=client.tracking_uri, quiet=True)
-        )
+        evaluations.append(earlier or evaluate(run=ref, split=split, tracking_uri=uri, quiet=True))
     base = evaluations[0]
     for e in evaluations[1:]:
         if e.tasks != base.tasks:

@@ -18,6 +18,7 @@ from features.datamodule import RankerDataModule
 from features.state import CategoricalState, grown
 from features.synth import generate
 from pipelines.checkpoints import locate, read_checkpoint
+from pipelines.evaluate import compare
 from pipelines.export import parity_rows, torch_probabilities
 from pipelines.warm_start import TAG_PARENT_RUN, TAG_WARM_START, resolve, take_weights
 from ranker.module import RankerModule
@@ -97,15 +98,21 @@ def test_a_warm_start_scores_the_ids_its_parent_knew_as_the_parent(line: Line) -
     assert differs.any(axis=1).mean() > 0.9  # new ids read their own (new) rows
 
 
-def test_ranker_fit_warm_starts_from_a_registered_alias(line: Line) -> None:
+@pytest.fixture(scope="module")
+def child(line: Line) -> str:
+    """The late window warm-started from the parent, named by a registry alias."""
     client = MlflowClient(line.uri)
     client.create_registered_model("ranker-warm")
     version = client.create_model_version("ranker-warm", f"runs:/{line.parent}/x", line.parent)
     client.set_registered_model_alias("ranker-warm", "champion", version.version)
-    child = fit(
+    return fit(
         line.log, line.uri, line.checkpoints, "mmoe",
         "--data.dataset", str(line.late), "--warm_start", "models:/ranker-warm@champion",
     )  # fmt: skip
+
+
+def test_ranker_fit_warm_starts_from_a_registered_alias(line: Line, child: str) -> None:
+    client = MlflowClient(line.uri)
     tags = client.get_run(child).data.tags
     assert tags[TAG_WARM_START] == "models:/ranker-warm@champion"
     assert tags[TAG_PARENT_RUN] == line.parent
@@ -124,6 +131,18 @@ def test_ranker_fit_warm_starts_from_a_registered_alias(line: Line) -> None:
     users = len(state["categorical"][0]["values"]) + 1
     new_rows = moments[users + 1 + known : users + 1 + len(state["categorical"][1]["values"])]
     assert (new_rows.abs().sum(dim=1) > 0).float().mean() > 0.5  # new ids' rows trained
+
+
+def test_compare_scores_a_champion_and_its_challenger_on_the_same_rows(
+    line: Line, child: str, tmp_path: Path
+) -> None:
+    parent, warm = compare(
+        [line.parent, child], "val", tmp_path, line.uri, quiet=True, dataset=str(line.late)
+    )
+    assert parent.rows == warm.rows > 1000 and parent.dataset == warm.dataset
+    assert "different data" not in (tmp_path / "comparison.md").read_text()
+    own = compare([line.parent, child], "val", tmp_path / "own", line.uri, quiet=True)
+    assert own[0].rows != own[1].rows  # each on its own window's validation day
 
 
 def test_eviction_keeps_the_most_recently_seen_ids() -> None:
