@@ -4,6 +4,7 @@ from scratch, a frozen vocabulary and hashed ids.
     ranker synth --rows 300000 --new_items 0.3 --out data/new_items
     python benchmarks/continual.py --log data/new_items [--model configs/model/mmoe.yaml]
         [--variants warm scratch frozen hashed] [--epochs 1] [--work continual]
+        [--fit-args "--data.batch_size 512"]
 
 Every day d (1 .. D - 2) each variant trains on day d alone and validates on day d + 1 (the
 checkpoint and the calibration; one epoch leaves nothing to choose), and is scored on day
@@ -31,6 +32,7 @@ import argparse
 import contextlib
 import io
 import re
+import shlex
 import tempfile
 import time
 from datetime import date, timedelta
@@ -81,7 +83,8 @@ def fit(args, dataset: Path, uri: str, checkpoints: Path, *extra: str) -> tuple[
              "--data.dataset", str(dataset), "--trainer.max_epochs", str(args.epochs),
              "--trainer.enable_progress_bar", "false", "--seed_everything", "0",
              "--trainer.logger.init_args.tracking_uri", uri,
-             "--trainer.logger.init_args.checkpoint_dir", str(checkpoints), *extra]
+             "--trainer.logger.init_args.checkpoint_dir", str(checkpoints),
+             *shlex.split(args.fit_args), *extra]
         )  # fmt: skip
     seconds = time.perf_counter() - start
     client = MlflowClient(uri)
@@ -145,6 +148,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "configs" / "model" / "mmoe.yaml"))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--fit-args", default="", help="more `ranker fit` flags, one string")
     parser.add_argument("--hash-buckets", type=int, nargs=2, default=[1 << 17, 1 << 14],
                         help="buckets of item_id and author_id (hashed variant)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("continual"))
