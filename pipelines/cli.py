@@ -142,7 +142,7 @@ class RankerCLI(LightningCLI):
     def warm_start_parent(self, config: Namespace) -> None:
         """``--warm_start``: the parent downloaded (kept for the run), its FeatureState handed
         to the DataModule."""
-        self.parent: Parent | None = None
+        self.warm_parent: Parent | None = None
         reference = config.get("warm_start") if self.subcommand == "fit" else None
         if not reference:
             return
@@ -150,15 +150,15 @@ class RankerCLI(LightningCLI):
         given = logger.init_args.get("tracking_uri") if isinstance(logger, Namespace) else None
         self._parent_files = tempfile.TemporaryDirectory(prefix="ranker-parent-")
         where = Path(self._parent_files.name)
-        self.parent = resolve(reference, MlflowClient(resolve_tracking_uri(given)), where)
-        config.data.parent_state = save_state(self.parent, where / "parent_state")
+        self.warm_parent = resolve(reference, MlflowClient(resolve_tracking_uri(given)), where)
+        config.data.parent_state = save_state(self.warm_parent, where / "parent_state")
 
     def before_fit(self) -> None:
         """A warm start (not a resumption, whose checkpoint holds it all): the parent's
         weights and optimiser state, the lineage tags."""
         config = self.config.get(self.subcommand)
-        if self.parent is not None and not config.get("ckpt_path"):
-            warm_start(self.trainer, self.model, self.parent, self.datamodule.state)
+        if self.warm_parent is not None and not config.get("ckpt_path"):
+            warm_start(self.trainer, self.model, self.warm_parent, self.datamodule.state)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

@@ -249,6 +249,7 @@ class TrialCLI(RankerCLI):
         super().__init__(*args, **kwargs)
 
     def before_fit(self) -> None:
+        super().before_fit()  # a warm start, when asked
         logger = self.trainer.logger
         client, run = logger.experiment, logger.run_id
         client.set_tag(run, "mlflow.parentRunId", self.parent)

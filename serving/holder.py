@@ -45,6 +45,9 @@ class LoadedModel:
         return self.scorer.name, self.scorer.version
 
 
+STOP_TIMEOUT_S = 60.0  # the longest a shutdown waits for a load under way
+
+
 class Holder:
     """The current ``LoadedModel`` and, for a registry alias, the thread that follows it."""
 
@@ -52,6 +55,7 @@ class Holder:
         self.settings, self.metrics, self.threads = settings, metrics, threads
         self.current: LoadedModel | None = None
         self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
 
     def load(self, version: str | None = None) -> LoadedModel:
         scorer = load_scorer(self.settings, self.threads, version)
@@ -67,7 +71,8 @@ class Holder:
 
     def start_polling(self) -> None:
         if self.follows_alias():
-            threading.Thread(target=self.poll, name="model-reload", daemon=True).start()
+            self._poller = threading.Thread(target=self.poll, name="model-reload", daemon=True)
+            self._poller.start()
 
     def poll(self) -> None:
         """Reload when the alias points at another version; keep serving on any failure."""
@@ -86,4 +91,7 @@ class Holder:
                 )
 
     def stop(self) -> None:
+        """Stop following the alias; a load under way finishes first (and removes its files)."""
         self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=STOP_TIMEOUT_S)
