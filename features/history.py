@@ -48,9 +48,15 @@ BUCKET_ROWS = 1_000_000
 MANIFEST = "manifest.json"
 
 
+def ranker_cache() -> Path:
+    """Where ranker caches what it derives (histories, compiled code): ``$RANKER_CACHE`` or
+    ``~/.cache/ranker``."""
+    return Path(os.environ.get("RANKER_CACHE") or Path.home() / ".cache" / "ranker")
+
+
 def cache_root() -> Path:
-    """Where derived histories are cached: ``$RANKER_CACHE`` or ``~/.cache/ranker``."""
-    return Path(os.environ.get("RANKER_CACHE") or Path.home() / ".cache" / "ranker") / "histories"
+    """Where derived histories are cached: ``ranker_cache()/histories``."""
+    return ranker_cache() / "histories"
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,49 @@ class ExpertPool(nn.Module):
         return h
 
 
+def pools_together(
+    pools: Sequence[ExpertPool], x: torch.Tensor | RequestSplit
+) -> list[torch.Tensor]:
+    """Several pools of the same shape reading the same ``x``, computed as one pool: each layer
+    one (batched) matmul over all their experts, then each pool's own normalisation; the same
+    outputs as ``[pool(x) for pool in pools]`` (HoME's one-expert task pools, PLE's task and
+    shared pools: a few large kernels instead of many small ones)."""
+    sizes = [pool.num_experts for pool in pools]
+    if pools[0].feature_gate is not None:
+        gated = torch.cat([pool.feature_gate(x) for pool in pools], dim=1)  # [B, sum n, D]
+        h = batched_matmul(gated, torch.cat([pool.weights[0] for pool in pools]))
+    else:
+        h = pooled_matmul(x, torch.cat([pool.weights[0] for pool in pools]))
+    for layer in range(len(pools[0].biases)):
+        if layer:
+            h = batched_matmul(h, torch.cat([pool.weights[layer] for pool in pools]))
+        h = h + torch.cat([pool.biases[layer] for pool in pools])
+        if not isinstance(pools[0].norms[layer], nn.Identity):
+            parts = h.split(sizes, dim=1)
+            normed = [
+                p.norms[layer](part.flatten(1)).view_as(part)
+                for p, part in zip(pools, parts, strict=True)
+            ]
+            h = torch.cat(normed, dim=1)
+        h = pools[0].activation(h)
+    return list(h.split(sizes, dim=1))
+
+
+def same_shape(a: ExpertPool, b: ExpertPool) -> bool:
+    """Whether two pools can be computed as one (``pools_together``)."""
+    widths = [tuple(w.shape[1:]) for w in a.weights], [tuple(w.shape[1:]) for w in b.weights]
+    kinds = [type(n) for n in a.norms], [type(n) for n in b.norms]
+    gates = a.feature_gate is None, b.feature_gate is None
+    ranks = [g.down.shape[2] for g in (a.feature_gate, b.feature_gate) if g is not None]
+    return (
+        widths[0] == widths[1]
+        and kinds[0] == kinds[1]
+        and gates[0] == gates[1]
+        and len(set(ranks)) <= 1
+        and type(a.activation) is type(b.activation)
+    )
+
+
 class SelfGate(nn.Module):
     """HoME's self gate: a residual from a task's own experts, so they always get gradient.
 
@@ -314,6 +357,51 @@ class ExpertLayer(nn.Module):
             }
         )
         self.output_dim = expert_hidden[-1]
+        # Pools of one shape on the same input run as one pool; gates on the same input as
+        # one matmul.
+        self.pool_groups: list[list[str]] = []
+        for p in self.pool_specs:
+            group = next(
+                (
+                    g
+                    for g in self.pool_groups
+                    if self._inputs_of(g[0]) == p.inputs
+                    and same_shape(self.pools[g[0]], self.pools[p.name])
+                ),
+                None,
+            )
+            group.append(p.name) if group is not None else self.pool_groups.append([p.name])
+        self.gate_groups: dict[tuple[str, ...], list[str]] = {}
+        for g in self.gate_specs:
+            self.gate_groups.setdefault(g.inputs, []).append(g.name)
+
+    def _inputs_of(self, pool: str) -> tuple[str, ...]:
+        return next(p.inputs for p in self.pool_specs if p.name == pool)
+
+    def _pool_outputs(self, read: Any) -> dict[str, torch.Tensor]:
+        outputs = {}
+        for group in self.pool_groups:
+            x = read(self._inputs_of(group[0]))
+            if len(group) == 1:
+                outputs[group[0]] = self.pools[group[0]](x)
+            else:
+                pools = [self.pools[name] for name in group]
+                outputs.update(zip(group, pools_together(pools, x), strict=True))
+        return outputs
+
+    def _gate_logits(self, read: Any) -> dict[str, torch.Tensor]:
+        logits = {}
+        for keys, names in self.gate_groups.items():
+            x = read(keys)
+            if len(names) == 1:
+                logits[names[0]] = linear(x, self.gates[names[0]])
+                continue
+            weight = torch.cat([self.gates[n].weight for n in names])
+            bias = torch.cat([self.gates[n].bias for n in names])
+            both = x.matmul(weight.T, bias) if isinstance(x, RequestSplit) else x @ weight.T + bias
+            sizes = [self.gates[n].out_features for n in names]
+            logits.update(zip(names, both.split(sizes, dim=-1), strict=True))
+        return logits
 
     def forward(
         self, reps: dict[str, torch.Tensor], internals: Internals | None = None
@@ -328,12 +416,13 @@ class ExpertLayer(nn.Module):
                 )
             return joined[keys]
 
-        outputs = {p.name: self.pools[p.name](read(p.inputs)) for p in self.pool_specs}
+        outputs = self._pool_outputs(read)
+        logits = self._gate_logits(read)
         new = {}
         for g in self.gate_specs:
             x = read(g.inputs)
             experts = torch.cat([outputs[p] for p in g.pools], dim=1)
-            weights, balance = self.routing.route(linear(x, self.gates[g.name]))
+            weights, balance = self.routing.route(logits[g.name])
             new[g.name] = mix(weights, experts)
             for pool in g.always:
                 new[g.name] = new[g.name] + outputs[pool].sum(1)

@@ -207,6 +207,22 @@ def linear(x: torch.Tensor | RequestSplit, layer: nn.Linear) -> torch.Tensor:
     return x.matmul(layer.weight.T, layer.bias) if isinstance(x, RequestSplit) else layer(x)
 
 
+def towers_together(towers: Sequence[Tower], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Every task's tower on its own input ``[B, D]`` at once: each layer one batched matmul
+    over the towers' weights (stacked at each call, the parameters stay per task), the same
+    logits ``[B, T]`` as ``torch.stack([t(x) for t, x in zip(towers, inputs)], 1)``."""
+    h = torch.stack(list(inputs))  # [T, B, D]
+    layers = zip(*([*tower[0], tower[1]] for tower in towers), strict=True)
+    for same in layers:  # the k-th module of every tower
+        if isinstance(same[0], nn.Linear):
+            weight = torch.stack([m.weight for m in same]).transpose(1, 2)  # [T, D, H]
+            bias = torch.stack([m.bias for m in same]).unsqueeze(1)  # [T, 1, H]
+            h = torch.baddbmm(bias, h, weight)
+        else:  # the activation, or dropout: the same module kind in every tower
+            h = same[0](h)
+    return h.squeeze(-1).T
+
+
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum: weights [B, E], expert outputs [B, E, D] -> [B, D]."""
     return (weights.unsqueeze(-1) * experts).sum(1)

@@ -92,6 +92,11 @@ class RankerModule(L.LightningModule):
         id_dropout: feature name -> share of training rows whose id is replaced by the
             unknown index (``ranker.layers.IdDropout``), e.g. ``{video_id: 0.1}``: the unknown
             row then stands for a new id. None by default.
+        compile: train with the dense part after the embedding lookup compiled
+            (``torch.compile``; the lookup's sparse gradients do not compile), its code cached
+            on disk across runs (``$RANKER_CACHE/inductor``). Off by default: on 2 CPU cores
+            the first run's compilation costs more than it saves at the sizes of
+            ``benchmarks/`` (``benchmarks/train_step.py``).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class RankerModule(L.LightningModule):
         loss_weighting: Literal["fixed", "uncertainty", "pcgrad"] = "fixed",
         calibration: Method = "platt",
         id_dropout: dict[str, float] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if inputs is None or tasks is None:
@@ -168,7 +174,13 @@ class RankerModule(L.LightningModule):
         self._epoch_start, self._epoch_samples = time.perf_counter(), 0
         self._last_batch_end = self._epoch_start
 
+    def compile_network(self) -> None:
+        """With ``compile``: the network's dense part compiled for the training steps."""
+        if self.hparams.get("compile"):
+            self.network.compile_dense()
+
     def on_fit_start(self) -> None:
+        self.compile_network()
         if not isinstance(self.weighting, PCGrad):
             return
         if self.trainer.world_size > 1:
@@ -181,6 +193,9 @@ class RankerModule(L.LightningModule):
                 "--model.loss_weighting pcgrad takes its gradients outside the fp16 loss "
                 "scaler: train in 32 or bf16 precision"
             )
+
+    def on_fit_end(self) -> None:
+        self.network.eager()  # evaluation, calibration and export run the eager modules
 
     def on_train_start(self) -> None:
         self._start_clock()  # a run resumed mid-epoch gets no on_train_epoch_start

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -10,9 +11,10 @@ from torch import nn
 
 from features.config import TaskSpec
 from features.contract import RequestLayout
+from features.history import ranker_cache
 from features.state import InputSpec
 from ranker.experts import Internals
-from ranker.layers import FusedEmbedding, RequestSplit, Tower
+from ranker.layers import FusedEmbedding, RequestSplit, Tower, towers_together
 from ranker.sequence import SequencePooling
 
 Sequences = dict[str, torch.Tensor] | None
@@ -29,6 +31,7 @@ class MultiTaskModel(nn.Module):
     """
 
     splits_request = False  # whether ``head`` takes a ``RequestSplit`` (see ``embed_split``)
+    compiled_parts: tuple[str, ...] = ("head",)  # what ``compile_dense`` compiles
 
     def __init__(self, inputs: InputSpec, tasks: Sequence[TaskSpec]) -> None:
         super().__init__()
@@ -47,6 +50,20 @@ class MultiTaskModel(nn.Module):
         if not self.inputs.sequences:
             return x
         return torch.cat([x, *self.pooling(self.embedding, cat, sequences or {})], dim=1)
+
+    def compile_dense(self) -> None:
+        """``torch.compile`` what follows the embedding lookup (``compiled_parts``; the
+        lookup's sparse gradients do not compile), until ``eager()``. The compiled code is
+        cached on disk across runs (``TORCHINDUCTOR_CACHE_DIR``, default
+        ``$RANKER_CACHE/inductor``): a second run of the same shapes does not compile again."""
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ranker_cache() / "inductor"))
+        for name in self.compiled_parts:
+            self.__dict__[name] = torch.compile(getattr(type(self), name).__get__(self))
+
+    def eager(self) -> None:
+        """Back to the eager methods (a compiled function does not copy or pickle)."""
+        for name in self.compiled_parts:
+            self.__dict__.pop(name, None)
 
     def embed_split(
         self,
@@ -126,6 +143,7 @@ class ExpertModel(MultiTaskModel):
     """
 
     splits_request = True  # the first layer's matmuls split per part; the rest reads dense x
+    compiled_parts = ("towers_on",)  # the layers and towers, whatever the model puts before
 
     def __init__(self, inputs: InputSpec, tasks: Sequence[TaskSpec]) -> None:
         super().__init__(inputs, tasks)
@@ -164,5 +182,4 @@ class ExpertModel(MultiTaskModel):
         then the towers: logits ``[B, T]``."""
         for layer in self.layers:
             reps = layer(reps, internals)
-        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
-        return torch.stack(logits, dim=1)
+        return towers_together(self.towers, [reps[k] for k in self.task_keys])

@@ -1,0 +1,94 @@
+"""Fewer, larger kernels and the compiled step: the same numbers as the modules one by one.
+
+Pools of one shape on one input run as one pool (``pools_together``), a layer's gates on one
+input as one matmul, the towers as one batched matmul per layer (``towers_together``); and
+``compile_dense`` compiles what follows the lookup. Each is checked against the plain
+per-module computation with the same weights: logits, gradients and the state dict."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ranker.experts import ExpertLayer
+from ranker.layers import linear
+from ranker.models import build
+from ranker.models.base import ExpertModel
+from tests.conftest import CONFIGS
+from tests.ranker.common import INPUTS, TASKS, batch, network_config
+
+FUSED = ["home.yaml", "ple.yaml", "cgc.yaml", "adatt.yaml", "mmoe.yaml", "home/no_norm.yaml"]
+
+
+def one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pool, gate and tower computed on its own (the code before the fusion)."""
+
+    def pool_outputs(self, read):
+        return {p.name: self.pools[p.name](read(p.inputs)) for p in self.pool_specs}
+
+    def gate_logits(self, read):
+        return {g.name: linear(read(g.inputs), self.gates[g.name]) for g in self.gate_specs}
+
+    def towers_on(self, reps, internals):
+        for layer in self.layers:
+            reps = layer(reps, internals)
+        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
+        return torch.stack(logits, dim=1)
+
+    monkeypatch.setattr(ExpertLayer, "_pool_outputs", pool_outputs)
+    monkeypatch.setattr(ExpertLayer, "_gate_logits", gate_logits)
+    monkeypatch.setattr(ExpertModel, "towers_on", towers_on)
+
+
+def logits_and_grads(model: torch.nn.Module, cat, num) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    logits = model(cat, num)
+    (logits * torch.linspace(-1, 1, logits.shape[1])).sum().backward()
+    grads = {n: p.grad.to_dense() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_pools_gates_and_towers_equal_the_modules_one_by_one(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    network = network_config(CONFIGS / "model" / name)
+    model = build(network, INPUTS, TASKS, expert_hidden=[16, 8], tower_hidden=[8]).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference = copy.deepcopy(model)
+    cat, num = batch(64)
+    fused = logits_and_grads(model, cat, num)
+    with monkeypatch.context() as patch:
+        one_by_one(patch)
+        plain = logits_and_grads(reference, cat, num)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert fused[1].keys() == plain[1].keys()
+    for key in plain[1]:
+        torch.testing.assert_close(fused[1][key], plain[1][key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.state_dict(), reference.state_dict())  # BatchNorm stats too
+    groups = [g for layer in model.layers for g in layer.pool_groups]
+    assert name == "mmoe.yaml" or any(len(g) > 1 for g in groups)  # something ran together
+
+
+def test_the_compiled_dense_part_trains_as_the_eager_one() -> None:
+    torch.manual_seed(0)
+    network = network_config(CONFIGS / "model" / "mmoe.yaml")
+    eager = build(network, INPUTS, TASKS[:2], num_experts=2, expert_hidden=[8], tower_hidden=[4])
+    compiled = copy.deepcopy(eager)
+    keys = compiled.state_dict().keys()
+    compiled.compile_dense()
+    assert compiled.state_dict().keys() == keys  # checkpoints load into either
+    cat, num = batch(32)
+    for _ in range(2):  # the second step reuses the compiled code
+        expected, got = logits_and_grads(eager, cat, num), logits_and_grads(compiled, cat, num)
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+        for key in expected[1]:
+            torch.testing.assert_close(got[1][key], expected[1][key], rtol=1e-4, atol=1e-6)
+    compiled.eager()
+    copy.deepcopy(compiled).load_state_dict(eager.state_dict())
+    assert "towers_on" not in compiled.__dict__
