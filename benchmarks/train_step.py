@@ -11,9 +11,10 @@ SparseAdam on the embedding rows, on batches of a generated log already in memor
   backward pass of one batch (matmuls and the like; elementwise work is not counted).
 - **Peak**: ``torch.mm`` of two 4096 x 4096 fp32 matrices on the same threads, best of 5.
 - **Variants**, timed in interleaved rounds (each round runs every variant over the same
-  batches, so the VM's drift falls on all alike): ``eager``; ``per-task`` (the towers one by
-  one, as before they were batched); ``compiled`` (``--model.compile true``: the dense part
-  after the lookup through ``torch.compile``; its compile time is printed apart).
+  batches, so the VM's drift falls on all alike): ``eager``; ``per-task`` (every pool, gate
+  and tower on its own, as before they were batched); ``compiled`` (``--model.compile
+  true``: the dense part after the lookup through ``torch.compile``; the first step, which
+  compiles, is timed apart).
 
 Prints one markdown table: model, variant, FLOP per sample, samples/s (median round), GFLOP/s
 and the share of the peak.
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from features.datamodule import RankerDataModule, TensorBatch  # noqa: E402
+from ranker.experts import ExpertLayer  # noqa: E402
+from ranker.layers import linear  # noqa: E402
 from ranker.loss import masked_bce  # noqa: E402
 from ranker.models import build  # noqa: E402
 from ranker.models.base import ExpertModel  # noqa: E402
@@ -92,7 +95,13 @@ def flop_per_sample(module: RankerModule, batch: TensorBatch) -> float:
 
 @contextlib.contextmanager
 def per_task_towers() -> Iterator[None]:
-    """The towers one by one (the code before they were batched)."""
+    """Every pool, gate and tower computed on its own (the code before they were batched)."""
+
+    def pool_outputs(self, read):
+        return {p.name: self.pools[p.name](read(p.inputs)) for p in self.pool_specs}
+
+    def gate_logits(self, read):
+        return {g.name: linear(read(g.inputs), self.gates[g.name]) for g in self.gate_specs}
 
     def towers_on(self, reps, internals):
         for layer in self.layers:
@@ -100,12 +109,13 @@ def per_task_towers() -> Iterator[None]:
         logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
         return torch.stack(logits, dim=1)
 
-    batched = ExpertModel.towers_on
+    saved = ExpertLayer._pool_outputs, ExpertLayer._gate_logits, ExpertModel.towers_on
+    ExpertLayer._pool_outputs, ExpertLayer._gate_logits = pool_outputs, gate_logits
     ExpertModel.towers_on = towers_on
     try:
         yield
     finally:
-        ExpertModel.towers_on = batched
+        ExpertLayer._pool_outputs, ExpertLayer._gate_logits, ExpertModel.towers_on = saved
 
 
 def main() -> None:

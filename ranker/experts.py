@@ -207,16 +207,13 @@ class ExpertPool(nn.Module):
 def pools_together(
     pools: Sequence[ExpertPool], x: torch.Tensor | RequestSplit
 ) -> list[torch.Tensor]:
-    """Several pools of the same shape reading the same ``x``, computed as one pool: each layer
-    one (batched) matmul over all their experts, then each pool's own normalisation; the same
-    outputs as ``[pool(x) for pool in pools]`` (HoME's one-expert task pools, PLE's task and
-    shared pools: a few large kernels instead of many small ones)."""
+    """Several pools of one shape (``same_shape``) reading the same ``x``, computed as one pool:
+    the first layer one matmul over all their experts' weights, each later layer one batched
+    matmul, then each pool's own normalisation; the same outputs as ``[pool(x) for pool in
+    pools]`` (PLE's, CGC's and AdaTT's task and shared pools: a few large kernels instead of
+    many small ones)."""
     sizes = [pool.num_experts for pool in pools]
-    if pools[0].feature_gate is not None:
-        gated = torch.cat([pool.feature_gate(x) for pool in pools], dim=1)  # [B, sum n, D]
-        h = batched_matmul(gated, torch.cat([pool.weights[0] for pool in pools]))
-    else:
-        h = pooled_matmul(x, torch.cat([pool.weights[0] for pool in pools]))
+    h = pooled_matmul(x, torch.cat([pool.weights[0] for pool in pools]))
     for layer in range(len(pools[0].biases)):
         if layer:
             h = batched_matmul(h, torch.cat([pool.weights[layer] for pool in pools]))
@@ -233,17 +230,16 @@ def pools_together(
 
 
 def same_shape(a: ExpertPool, b: ExpertPool) -> bool:
-    """Whether two pools can be computed as one (``pools_together``)."""
+    """Whether two pools are computed as one (``pools_together``): of one shape, and without
+    feature gates. With them (HoME) every expert reads its own gated input, the pools' first
+    layers are batched matmuls anyway, and joining them cost more in copies than it saved in
+    kernels (HoME's step 0.86x on 2 CPU cores, ``benchmarks/train_step.py``)."""
+    if a.feature_gate is not None or b.feature_gate is not None:
+        return False
     widths = [tuple(w.shape[1:]) for w in a.weights], [tuple(w.shape[1:]) for w in b.weights]
     kinds = [type(n) for n in a.norms], [type(n) for n in b.norms]
-    gates = a.feature_gate is None, b.feature_gate is None
-    ranks = [g.down.shape[2] for g in (a.feature_gate, b.feature_gate) if g is not None]
     return (
-        widths[0] == widths[1]
-        and kinds[0] == kinds[1]
-        and gates[0] == gates[1]
-        and len(set(ranks)) <= 1
-        and type(a.activation) is type(b.activation)
+        widths[0] == widths[1] and kinds[0] == kinds[1] and type(a.activation) is type(b.activation)
     )
 
 

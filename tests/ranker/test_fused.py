@@ -19,7 +19,14 @@ from ranker.models.base import ExpertModel
 from tests.conftest import CONFIGS
 from tests.ranker.common import INPUTS, TASKS, batch, network_config
 
-FUSED = ["home.yaml", "ple.yaml", "cgc.yaml", "adatt.yaml", "mmoe.yaml", "home/no_norm.yaml"]
+FUSED = [
+    "home.yaml",
+    "ple.yaml",
+    "cgc.yaml",
+    "adatt.yaml",
+    "mmoe.yaml",
+    "home/no_feature_gate.yaml",
+]
 
 
 def one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,10 +76,12 @@ def test_fused_pools_gates_and_towers_equal_the_modules_one_by_one(
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
     assert fused[1].keys() == plain[1].keys()
     for key in plain[1]:
-        torch.testing.assert_close(fused[1][key], plain[1][key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fused[1][key], plain[1][key], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.state_dict(), reference.state_dict())  # BatchNorm stats too
     groups = [g for layer in model.layers for g in layer.pool_groups]
-    assert name == "mmoe.yaml" or any(len(g) > 1 for g in groups)  # something ran together
+    assert (len(groups) < sum(len(layer.pools) for layer in model.layers)) == (
+        name in ("ple.yaml", "cgc.yaml", "adatt.yaml", "home/no_feature_gate.yaml")
+    )  # pools ran together, where they have no feature gates
 
 
 def test_the_compiled_dense_part_trains_as_the_eager_one() -> None:
