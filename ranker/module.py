@@ -95,8 +95,8 @@ class RankerModule(L.LightningModule):
         compile: train with the dense part after the embedding lookup compiled
             (``torch.compile``; the lookup's sparse gradients do not compile), its code cached
             on disk across runs (``$RANKER_CACHE/inductor``). Off by default: on 2 CPU cores
-            the first run's compilation costs more than it saves at the sizes of
-            ``benchmarks/`` (``benchmarks/train_step.py``).
+            it makes HoME's step 1.15x faster, yet a 430k-row epoch of ``ranker fit`` was
+            slower end to end, even with the cache (``benchmarks/RESULTS.md``).
     """
 
     def __init__(
