@@ -16,7 +16,9 @@ For each generated log size and each model, three measurements, each in its own 
 
 Logs are generated under ``--data-dir`` the first time. Prints one table, then the targets:
 ranker fit >= 85% of the ceiling, data path >= 3x the ceiling, peak RSS at the largest log
-within 1.2x of the smallest.
+within 1.2x of the smallest; and each model's FLOP per sample (forward and backward, counted
+by ``FlopCounterMode``), the machine's fp32 matmul peak (``torch.mm`` of two 4096 x 4096
+matrices) and the share of it the step and ``ranker fit`` reach (``benchmarks/train_step.py``).
 """
 
 from __future__ import annotations
@@ -126,7 +128,14 @@ def measure(cell: str, model: str, log: Path, args: argparse.Namespace) -> dict[
         if len(batches) == args.ceiling_batches:
             break
     memory = DataLoader(batches, batch_size=None)
-    return {"samples_per_sec": one_epoch(module, args.accelerator, train_dataloaders=memory)}
+    from benchmarks.train_step import flop_per_sample, matmul_peak
+
+    flops, peak = flop_per_sample(module, batches[0]), matmul_peak()
+    return {
+        "samples_per_sec": one_epoch(module, args.accelerator, train_dataloaders=memory),
+        "flop_per_sample": flops,
+        "peak_flops": peak,
+    }
 
 
 # -- the parent: runs each cell in a child, reads its peak RSS ---------------------------------
@@ -263,9 +272,12 @@ def main() -> None:
     for cell in results:
         ceiling = cell["ceiling"]["samples_per_sec"]
         fit, data = cell["fit"]["samples_per_sec"], cell["data"]["samples_per_sec"]
+        flops, peak = cell["ceiling"]["flop_per_sample"], cell["ceiling"]["peak_flops"]
         line = (
             f"{cell['model']} {cell['rows']:,}: {end_to_end} {fit / ceiling:.0%} of the "
-            f"ceiling (target >= 85%), data path {data / ceiling:.1f}x (target >= 3x)"
+            f"ceiling (target >= 85%), data path {data / ceiling:.1f}x (target >= 3x); "
+            f"{flops / 1e6:.2f} MFLOP per sample, matmul peak {peak / 1e9:.0f} GFLOP/s: the "
+            f"step at {ceiling * flops / peak:.0%} of it, {end_to_end} at {fit * flops / peak:.0%}"
         )
         if cell["rows"] == largest and largest != smallest:
             base = next(c for c in results if c["rows"] == smallest and c["model"] == cell["model"])
