@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.config import SPLITS, ConfigError, DatasetConfig, SplitName, TaskSpec
 from features.source import LogSource, Piece
-from features.state import Batch, FeatureState, InputSpec, check_parent
+from features.state import Batch, FeatureState, InputSpec
 
 # ParquetBatches.__len__ is exact with any number of workers (each stream's batches are planned);
 # Lightning's caution about lengths of iterable datasets does not apply.
@@ -296,8 +296,6 @@ class RankerDataModule(L.LightningDataModule):
         self._datasets: dict[str, ParquetBatches] = {}
         self._resume: dict[str, int] | None = None  # from a checkpoint taken while training
         self.parent = FeatureState.load(parent_state) if parent_state else None
-        if self.parent is not None:
-            check_parent(self.parent, self.config)  # before anything is fitted
         self.grow_vocabulary, self.refit_numeric = grow_vocabulary, refit_numeric
 
     @cached_property

@@ -366,7 +366,10 @@ class ExpertLayer(nn.Module):
                 ),
                 None,
             )
-            group.append(p.name) if group is not None else self.pool_groups.append([p.name])
+            if group is None:
+                self.pool_groups.append([p.name])
+            else:
+                group.append(p.name)
         self.gate_groups: dict[tuple[str, ...], list[str]] = {}
         for g in self.gate_specs:
             self.gate_groups.setdefault(g.inputs, []).append(g.name)
