@@ -94,9 +94,10 @@ class RankerModule(L.LightningModule):
             row then stands for a new id. None by default.
         compile: train with the dense part after the embedding lookup compiled
             (``torch.compile``; the lookup's sparse gradients do not compile), its code cached
-            on disk across runs (``$RANKER_CACHE/inductor``). Off by default: on 2 CPU cores
-            it makes HoME's step 1.15x faster, yet a 430k-row epoch of ``ranker fit`` was
-            slower end to end, even with the cache (``benchmarks/RESULTS.md``).
+            on disk across runs (``$RANKER_CACHE/inductor``); validation runs eager. Off by
+            default: on 2 CPU cores it makes HoME's step 1.15x faster, but one 430k-row epoch
+            of ``ranker fit`` only breaks even with the cache, and is 1.09x slower without
+            (``benchmarks/RESULTS.md``).
     """
 
     def __init__(
@@ -199,6 +200,9 @@ class RankerModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._start_clock()  # a run resumed mid-epoch gets no on_train_epoch_start
+
+    def on_validation_epoch_start(self) -> None:
+        self.network.use_compiled(False)  # validation runs eager (``compile``)
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -358,6 +362,7 @@ class RankerModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._report("val")
+        self.network.use_compiled(True)  # training resumes compiled (a no-op when not compiling)
 
     def test_step(self, batch: TensorBatch, batch_idx: int) -> None:
         self._collect("test", batch)

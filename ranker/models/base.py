@@ -57,13 +57,26 @@ class MultiTaskModel(nn.Module):
         cached on disk across runs (``TORCHINDUCTOR_CACHE_DIR``, default
         ``$RANKER_CACHE/inductor``): a second run of the same shapes does not compile again."""
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ranker_cache() / "inductor"))
-        for name in self.compiled_parts:
-            self.__dict__[name] = torch.compile(getattr(type(self), name).__get__(self))
+        # Static shapes: an epoch's batch sizes differ by one row at most, two graphs at most.
+        self._compiled = {
+            name: torch.compile(getattr(type(self), name).__get__(self), dynamic=False)
+            for name in self.compiled_parts
+        }
+        self.use_compiled(True)
+
+    def use_compiled(self, on: bool) -> None:
+        """Run the compiled methods (``on``) or the eager ones, keeping what was compiled
+        (training switches to eager for its validation passes: no graph to compile for them)."""
+        for name, compiled in getattr(self, "_compiled", {}).items():
+            if on:
+                self.__dict__[name] = compiled
+            else:
+                self.__dict__.pop(name, None)
 
     def eager(self) -> None:
-        """Back to the eager methods (a compiled function does not copy or pickle)."""
-        for name in self.compiled_parts:
-            self.__dict__.pop(name, None)
+        """Back to the eager methods for good (a compiled function does not copy or pickle)."""
+        self.use_compiled(False)
+        self._compiled = {}
 
     def embed_split(
         self,

@@ -98,6 +98,12 @@ def test_the_compiled_dense_part_trains_as_the_eager_one() -> None:
         torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
         for key in expected[1]:
             torch.testing.assert_close(got[1][key], expected[1][key], rtol=1e-4, atol=1e-6)
+    kept = compiled.__dict__["towers_on"]
+    compiled.use_compiled(False)  # validation's passes: the eager method, the code kept
+    assert "towers_on" not in compiled.__dict__
+    compiled.use_compiled(True)
+    assert compiled.__dict__["towers_on"] is kept  # nothing compiled again
     compiled.eager()
+    compiled.use_compiled(True)  # after the fit: nothing left to switch to
     copy.deepcopy(compiled).load_state_dict(eager.state_dict())
     assert "towers_on" not in compiled.__dict__
