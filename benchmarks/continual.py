@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines.checkpoints import load, locate
@@ -112,13 +113,13 @@ def next_day(run: str, client: MlflowClient, dataset: Path, day_index: int) -> d
     return {k: float(np.nanmean(v)) for k, v in out.items()} | {"young_rows": int(young.sum())}
 
 
-def champion_step(args, run: str, dataset: Path, uri: str, out: Path, day: date) -> str:
+def champion_step(run: str, dataset: Path, uri: str, out: Path, day: date) -> str:
     """Compare ``run`` with the champion on the next day; export and promote it if it does at
     least as well (the first day: always). Returns what happened."""
     client = MlflowClient(uri)
     try:
         champion = client.get_model_version_by_alias(NAME, "champion").run_id
-    except Exception:  # no champion yet
+    except MlflowException:  # no champion yet
         champion = None
     verdict = "first"
     if champion:
@@ -175,7 +176,7 @@ def main() -> None:
             run, seconds = fit(args, dataset, uri, checkpoints, *extra)
             previous[variant] = run
             scores = next_day(run, client, dataset, index + 1)
-            note = champion_step(args, run, dataset, uri, args.work, day) if (
+            note = champion_step(run, dataset, uri, args.work, day) if (
                 variant == "warm") else ""  # fmt: skip
             rows.append({"day": str(day), "variant": variant, **scores, "fit_s": seconds,
                          "note": note})  # fmt: skip

@@ -94,7 +94,7 @@ def flop_per_sample(module: RankerModule, batch: TensorBatch) -> float:
 
 
 @contextlib.contextmanager
-def per_task_towers() -> Iterator[None]:
+def one_by_one() -> Iterator[None]:
     """Every pool, gate and tower computed on its own (the code before they were batched)."""
 
     def pool_outputs(self, read):
@@ -155,7 +155,7 @@ def main() -> None:
             optimizers = module.configure_optimizers()
             optimizers = optimizers[0] if isinstance(optimizers, tuple) else optimizers
             module.compile_network()
-            context = per_task_towers() if name == "per-task" else contextlib.nullcontext()
+            context = one_by_one() if name == "per-task" else contextlib.nullcontext()
             with context:
                 flops = flops or flop_per_sample(module, warm)
                 compile_s[name] = _timed(lambda m=module, o=optimizers: step(m, o, warm))
@@ -163,7 +163,7 @@ def main() -> None:
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, (module, optimizers, _) in variants.items():
-                context = per_task_towers() if name == "per-task" else contextlib.nullcontext()
+                context = one_by_one() if name == "per-task" else contextlib.nullcontext()
                 with context:
                     seconds[name].append(
                         _timed(lambda m=module, o=optimizers: [step(m, o, b) for b in batches])

@@ -81,15 +81,15 @@ def save_state(parent: Parent, directory: Path) -> str:
 # -- the weights ----------------------------------------------------------------------------
 
 
-def table_rows(child: RankerModule, parent: RankerModule, maps: list[np.ndarray]) -> list[Any]:
+def table_rows(
+    child: RankerModule, parent: RankerModule, maps: list[np.ndarray]
+) -> list[torch.Tensor]:
     """Per embedding table of ``child``, the parent's row of each of its rows (-1: none), from
-    the per-feature index maps of ``FeatureState.rows_from``."""
+    the per-feature index maps of ``FeatureState.rows_from`` (widths matched: ``check_inputs``)."""
     new, old = child.network.embedding, parent.network.embedding
     rows = [torch.full((t.num_embeddings,), -1, dtype=torch.long) for t in new.tables]
     for f, index in enumerate(maps):
-        (table, start), (old_table, old_start) = new.rows_of[f], old.rows_of[f]
-        if new.widths[table] != old.widths[old_table]:
-            raise RunError("warm start: embedding tables differ in width")  # checked before
+        (table, start), (_, old_start) = new.rows_of[f], old.rows_of[f]
         source = torch.from_numpy(index)
         rows[table][start : start + len(index)] = torch.where(source >= 0, source + old_start, -1)
     return rows

@@ -355,32 +355,28 @@ class ExpertLayer(nn.Module):
         self.output_dim = expert_hidden[-1]
         # Pools of one shape on the same input run as one pool; gates on the same input as
         # one matmul.
-        self.pool_groups: list[list[str]] = []
+        self.pool_groups: list[tuple[tuple[str, ...], list[str]]] = []  # (input, pools)
         for p in self.pool_specs:
             group = next(
                 (
-                    g
-                    for g in self.pool_groups
-                    if self._inputs_of(g[0]) == p.inputs
-                    and same_shape(self.pools[g[0]], self.pools[p.name])
+                    names
+                    for inputs, names in self.pool_groups
+                    if inputs == p.inputs and same_shape(self.pools[names[0]], self.pools[p.name])
                 ),
                 None,
             )
             if group is None:
-                self.pool_groups.append([p.name])
+                self.pool_groups.append((p.inputs, [p.name]))
             else:
                 group.append(p.name)
         self.gate_groups: dict[tuple[str, ...], list[str]] = {}
         for g in self.gate_specs:
             self.gate_groups.setdefault(g.inputs, []).append(g.name)
 
-    def _inputs_of(self, pool: str) -> tuple[str, ...]:
-        return next(p.inputs for p in self.pool_specs if p.name == pool)
-
     def _pool_outputs(self, read: Any) -> dict[str, torch.Tensor]:
         outputs = {}
-        for group in self.pool_groups:
-            x = read(self._inputs_of(group[0]))
+        for inputs, group in self.pool_groups:
+            x = read(inputs)
             if len(group) == 1:
                 outputs[group[0]] = self.pools[group[0]](x)
             else:

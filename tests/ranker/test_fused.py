@@ -12,10 +12,8 @@ import copy
 import pytest
 import torch
 
-from ranker.experts import ExpertLayer
-from ranker.layers import linear
+from benchmarks.train_step import one_by_one
 from ranker.models import build
-from ranker.models.base import ExpertModel
 from tests.conftest import CONFIGS
 from tests.ranker.common import INPUTS, TASKS, batch, network_config
 
@@ -29,26 +27,6 @@ FUSED = [
 ]
 
 
-def one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every pool, gate and tower computed on its own (the code before the fusion)."""
-
-    def pool_outputs(self, read):
-        return {p.name: self.pools[p.name](read(p.inputs)) for p in self.pool_specs}
-
-    def gate_logits(self, read):
-        return {g.name: linear(read(g.inputs), self.gates[g.name]) for g in self.gate_specs}
-
-    def towers_on(self, reps, internals):
-        for layer in self.layers:
-            reps = layer(reps, internals)
-        logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
-        return torch.stack(logits, dim=1)
-
-    monkeypatch.setattr(ExpertLayer, "_pool_outputs", pool_outputs)
-    monkeypatch.setattr(ExpertLayer, "_gate_logits", gate_logits)
-    monkeypatch.setattr(ExpertModel, "towers_on", towers_on)
-
-
 def logits_and_grads(model: torch.nn.Module, cat, num) -> tuple[torch.Tensor, dict]:
     model.zero_grad()
     logits = model(cat, num)
@@ -58,9 +36,7 @@ def logits_and_grads(model: torch.nn.Module, cat, num) -> tuple[torch.Tensor, di
 
 
 @pytest.mark.parametrize("name", FUSED)
-def test_fused_pools_gates_and_towers_equal_the_modules_one_by_one(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fused_pools_gates_and_towers_equal_the_modules_one_by_one(name: str) -> None:
     torch.manual_seed(0)
     network = network_config(CONFIGS / "model" / name)
     model = build(network, INPUTS, TASKS, expert_hidden=[16, 8], tower_hidden=[8]).train()
@@ -70,8 +46,7 @@ def test_fused_pools_gates_and_towers_equal_the_modules_one_by_one(
     reference = copy.deepcopy(model)
     cat, num = batch(64)
     fused = logits_and_grads(model, cat, num)
-    with monkeypatch.context() as patch:
-        one_by_one(patch)
+    with one_by_one():  # every pool, gate and tower on its own (the code before the fusion)
         plain = logits_and_grads(reference, cat, num)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
     assert fused[1].keys() == plain[1].keys()
