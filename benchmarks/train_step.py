@@ -95,7 +95,8 @@ def flop_per_sample(module: RankerModule, batch: TensorBatch) -> float:
 
 @contextlib.contextmanager
 def one_by_one() -> Iterator[None]:
-    """Every pool, gate and tower computed on its own (the code before they were batched)."""
+    """Every pool, gate, mixture and tower computed on its own (the code before they were
+    batched)."""
 
     def pool_outputs(self, read):
         return {p.name: self.pools[p.name](read(p.inputs)) for p in self.pool_specs}
@@ -103,19 +104,38 @@ def one_by_one() -> Iterator[None]:
     def gate_logits(self, read):
         return {g.name: linear(read(g.inputs), self.gates[g.name]) for g in self.gate_specs}
 
+    def mix(self, outputs, logits, read, internals):
+        new = {}
+        for g in self.gate_specs:
+            experts = torch.cat([outputs[p] for p in g.pools], dim=1)
+            weights, _ = self.routing.route(logits[g.name])
+            new[g.name] = (weights.unsqueeze(-1) * experts).sum(1)
+            for pool in g.always:
+                new[g.name] = new[g.name] + outputs[pool].sum(1)
+            if g.residual:
+                own = outputs[g.own]
+                residual = self.residuals[g.name].coefficients(read(g.inputs), len(own))
+                new[g.name] = new[g.name] + (residual.unsqueeze(-1) * own).sum(1)
+        return new
+
     def towers_on(self, reps, internals):
         for layer in self.layers:
             reps = layer(reps, internals)
         logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
         return torch.stack(logits, dim=1)
 
-    saved = ExpertLayer._pool_outputs, ExpertLayer._gate_logits, ExpertModel.towers_on
+    saved = (
+        ExpertLayer._pool_outputs, ExpertLayer._gate_logits, ExpertLayer._mix, ExpertModel.towers_on
+    )  # fmt: skip
     ExpertLayer._pool_outputs, ExpertLayer._gate_logits = pool_outputs, gate_logits
-    ExpertModel.towers_on = towers_on
+    ExpertLayer._mix, ExpertModel.towers_on = mix, towers_on
     try:
         yield
     finally:
-        ExpertLayer._pool_outputs, ExpertLayer._gate_logits, ExpertModel.towers_on = saved
+        (
+            ExpertLayer._pool_outputs, ExpertLayer._gate_logits, ExpertLayer._mix,
+            ExpertModel.towers_on,
+        ) = saved  # fmt: skip
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ranker.layers import ACTIVATIONS, RequestSplit, as_dense, linear, mix
+from ranker.layers import ACTIVATIONS, RequestSplit, as_dense, linear
 
 Residual = Literal["self_gate", "native"]
 
@@ -44,6 +44,9 @@ class Internals:
     gates: dict[str, tuple[list[str], torch.Tensor]] = field(default_factory=dict)
     # Top-k gates only: sum_i f_i P_i of the batch (``Routing``), a scalar per gate.
     balance: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Top-k gates only: each row's gap between its k-th and (k+1)-th logit, ``[B]``; where it
+    # is within rounding, another runtime may route the row to other experts.
+    margins: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,15 @@ class Routing:
             )
         return (*(w // m for w in hidden[:-1]), hidden[-1])
 
+    def margin(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The gap between each row's k-th and (k+1)-th largest logit ``[B]`` (None without
+        top-k)."""
+        k = self.top_k
+        if not k or k >= logits.shape[-1]:
+            return None
+        top = logits.topk(k + 1, dim=-1).values
+        return top[:, k - 1] - top[:, k]
+
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gate logits ``[B, E]`` -> (weights ``[B, E]``, ``sum_i f_i P_i`` or None). The
         experts a row is routed to are those with a weight above 0."""
@@ -102,20 +114,33 @@ class Routing:
         return weights, (load * probs.mean(0)).sum()
 
 
-def pooled_matmul(x: torch.Tensor | RequestSplit, weights: torch.Tensor) -> torch.Tensor:
-    """``x [B, D] @ weights [n, D, H] -> [B, n, H]``, every expert reading the same ``x``: one
-    matmul against the ``[D, n * H]`` stack (a single GEMM in torch and in the exported graph,
-    where ``einsum`` ran as a slow generic kernel; split per part for a ``RequestSplit``)."""
+def pooled_matmul(
+    x: torch.Tensor | RequestSplit, weights: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [B, D] @ weights [n, D, H] (+ bias [n, H]) -> [B, n, H]``, every expert reading the
+    same ``x``: one matmul against the ``[D, n * H]`` stack (a single GEMM in torch and in the
+    exported graph, where ``einsum`` ran as a slow generic kernel; split per part for a
+    ``RequestSplit``), the bias added by the GEMM itself."""
     n, d, h = weights.shape
     stacked = weights.permute(1, 0, 2).reshape(d, n * h)
-    out = x.matmul(stacked) if isinstance(x, RequestSplit) else x @ stacked
+    flat = None if bias is None else bias.reshape(n * h)
+    if isinstance(x, RequestSplit):
+        out = x.matmul(stacked, flat)
+    else:
+        out = x @ stacked if flat is None else torch.addmm(flat, x, stacked)
     return out.view(-1, n, h)
 
 
-def batched_matmul(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``x [B, n, D] @ weights [n, D, H] -> [B, n, H]``: expert ``k``'s rows times its own
-    weights (one batched matmul over the experts)."""
-    return torch.matmul(x.transpose(0, 1), weights).transpose(0, 1)
+def batched_matmul(
+    x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [B, n, D] @ weights [n, D, H] (+ bias [n, H]) -> [B, n, H]``: expert ``k``'s rows
+    times its own weights (one batched matmul over the experts, adding the bias)."""
+    rows = x.transpose(0, 1)
+    out = (
+        torch.matmul(rows, weights) if bias is None else torch.baddbmm(bias[:, None], rows, weights)
+    )
+    return out.transpose(0, 1)
 
 
 class FeatureGate(nn.Module):
@@ -192,14 +217,14 @@ class ExpertPool(nn.Module):
 
     def forward(self, x: torch.Tensor | RequestSplit) -> torch.Tensor:
         if self.feature_gate is not None:
-            h = batched_matmul(self.feature_gate(x), self.weights[0])
+            h = batched_matmul(self.feature_gate(x), self.weights[0], self.biases[0])
         else:
-            h = pooled_matmul(x, self.weights[0])
-        for layer, (bias, norm) in enumerate(zip(self.biases, self.norms, strict=True)):
+            h = pooled_matmul(x, self.weights[0], self.biases[0])
+        for layer, norm in enumerate(self.norms):
             if layer:
-                h = batched_matmul(h, self.weights[layer])
-            h = h + bias
-            h = norm(h.flatten(1)).view_as(h)
+                h = batched_matmul(h, self.weights[layer], self.biases[layer])
+            if not isinstance(norm, nn.Identity):  # per expert: over the n * H features
+                h = norm(h.flatten(1)).view(h.shape)
             h = self.activation(h)
         return h
 
@@ -213,11 +238,16 @@ def pools_together(
     pools]`` (PLE's, CGC's and AdaTT's task and shared pools: a few large kernels instead of
     many small ones)."""
     sizes = [pool.num_experts for pool in pools]
-    h = pooled_matmul(x, torch.cat([pool.weights[0] for pool in pools]))
+
+    def joined(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(
+            torch.cat([getattr(p, kind)[layer] for p in pools]) for kind in ("weights", "biases")
+        )
+
+    h = pooled_matmul(x, *joined(0))
     for layer in range(len(pools[0].biases)):
         if layer:
-            h = batched_matmul(h, torch.cat([pool.weights[layer] for pool in pools]))
-        h = h + torch.cat([pool.biases[layer] for pool in pools])
+            h = batched_matmul(h, *joined(layer))
         if not isinstance(pools[0].norms[layer], nn.Identity):
             parts = h.split(sizes, dim=1)
             normed = [
@@ -253,10 +283,10 @@ class SelfGate(nn.Module):
         super().__init__()
         self.linear = nn.Linear(input_dim, num_experts)
 
-    def forward(self, x: torch.Tensor | RequestSplit, own: torch.Tensor) -> torch.Tensor:
+    def coefficients(self, x: torch.Tensor | RequestSplit, rows: int) -> torch.Tensor:
+        """The weights of the own experts ``[B, n]``."""
         logits = linear(x, self.linear)
-        weights = torch.sigmoid(logits) if own.shape[1] == 1 else torch.softmax(logits, -1)
-        return mix(weights, own)
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, -1)
 
 
 class NativeResidual(nn.Module):
@@ -266,14 +296,16 @@ class NativeResidual(nn.Module):
     def __init__(self, num_experts: int) -> None:
         super().__init__()
         self.weights = None
+        self.num_experts = num_experts
         if num_experts > 1:  # initialised as the reference implementation does
             bound = (1 / num_experts) ** 0.5
             self.weights = nn.Parameter(torch.empty(num_experts).uniform_(-bound, bound))
 
-    def forward(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    def coefficients(self, x: torch.Tensor | RequestSplit, rows: int) -> torch.Tensor:
+        """The weights of the native experts, the same for every row: ``[B, n]``."""
         if self.weights is None:
-            return own[:, 0]
-        return (own * self.weights.unsqueeze(-1)).sum(1)
+            return torch.ones(rows, 1, device=as_dense(x).device)
+        return self.weights.expand(rows, -1)
 
 
 @dataclass(frozen=True)
@@ -372,6 +404,34 @@ class ExpertLayer(nn.Module):
         self.gate_groups: dict[tuple[str, ...], list[str]] = {}
         for g in self.gate_specs:
             self.gate_groups.setdefault(g.inputs, []).append(g.name)
+        self._mixing_matrix(size)
+
+    def _mixing_matrix(self, size: dict[str, int]) -> None:
+        """Every gate of the layer mixes the layer's experts (all pools, ``[B, E, D]``) with one
+        batched matmul, ``[B, G, E] @ [B, E, D]``. Gate ``g``'s row of the ``[B, G, E]`` weights
+        is its routed weights, plus its residual's weights on its own pool, plus 1 on each
+        always-on pool, zero elsewhere: the coefficients of every gate, concatenated ``[B, J]``,
+        times a fixed 0/1 matrix ``spread [J, G * E]``, plus the constant ``always [G * E]``."""
+        start, experts = {}, 0
+        for p in self.pool_specs:
+            start[p.name], experts = experts, experts + size[p.name]
+
+        def columns(pools: Sequence[str]) -> list[int]:
+            return [start[p] + i for p in pools for i in range(size[p])]
+
+        spread, always = [], torch.zeros(len(self.gate_specs), experts)
+        for row, g in enumerate(self.gate_specs):
+            for column in columns(g.pools) + (columns([g.own]) if g.residual else []):
+                spread.append(row * experts + column)
+            always[row, columns(g.always)] = 1.0
+        matrix = torch.zeros(len(spread), len(self.gate_specs) * experts)
+        matrix[torch.arange(len(spread)), torch.tensor(spread)] = 1.0
+        identity = matrix.shape[0] == matrix.shape[1] and bool(
+            (matrix == torch.eye(len(spread))).all()
+        )
+        self.register_buffer("spread", None if identity else matrix, persistent=False)
+        self.register_buffer("always", always.flatten() if always.any() else None, persistent=False)
+        self.num_experts = experts
 
     def _pool_outputs(self, read: Any) -> dict[str, torch.Tensor]:
         outputs = {}
@@ -412,22 +472,42 @@ class ExpertLayer(nn.Module):
             return joined[keys]
 
         outputs = self._pool_outputs(read)
-        logits = self._gate_logits(read)
-        new = {}
+        new = self._mix(outputs, self._gate_logits(read), read, internals)
+        if internals is not None:
+            internals.experts.update({f"{self.name}/{p}": o for p, o in outputs.items()})
+        return new
+
+    def _mix(
+        self,
+        outputs: dict[str, torch.Tensor],
+        logits: dict[str, torch.Tensor],
+        read: Any,
+        internals: Internals | None,
+    ) -> dict[str, torch.Tensor]:
+        """Each gate's representation ``[B, D]``: its experts weighed by the routed weights,
+        plus the always-on pools and the residual, all gates in one batched matmul
+        (``_mixing_matrix``)."""
+        coefficients = []
         for g in self.gate_specs:
-            x = read(g.inputs)
-            experts = torch.cat([outputs[p] for p in g.pools], dim=1)
             weights, balance = self.routing.route(logits[g.name])
-            new[g.name] = mix(weights, experts)
-            for pool in g.always:
-                new[g.name] = new[g.name] + outputs[pool].sum(1)
+            coefficients.append(weights)
             if g.residual:
-                new[g.name] = new[g.name] + self.residuals[g.name](x, outputs[g.own])
+                rows = weights.shape[0]
+                coefficients.append(self.residuals[g.name].coefficients(read(g.inputs), rows))
             if internals is not None:
                 names = [f"{self.name}/{p}/{i}" for p in g.pools for i in range(len(self.pools[p]))]
                 internals.gates[f"{self.name}/{g.name}"] = (names, weights)
                 if balance is not None:
                     internals.balance[f"{self.name}/{g.name}"] = balance
-        if internals is not None:
-            internals.experts.update({f"{self.name}/{p}": o for p, o in outputs.items()})
-        return new
+                margin = self.routing.margin(logits[g.name])
+                if margin is not None:
+                    internals.margins[f"{self.name}/{g.name}"] = margin
+        joined = torch.cat(coefficients, dim=1) if len(coefficients) > 1 else coefficients[0]
+        mixing = joined if self.spread is None else joined @ self.spread
+        if self.always is not None:
+            mixing = mixing + self.always
+        parts = [outputs[p.name] for p in self.pool_specs]
+        experts = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [B, E, D]
+        mixed = torch.matmul(mixing.view(-1, len(self.gate_specs), self.num_experts), experts)
+        # unbind, not mixed[:, i]: its gradient is one stack, not a zero-filled [B, G, D] per gate
+        return dict(zip((g.name for g in self.gate_specs), mixed.unbind(1), strict=True))

@@ -1,4 +1,4 @@
-"""Building blocks of the zoo: the fused embedding, an MLP, a tower, the gated mix."""
+"""Building blocks of the zoo: the fused embedding, an MLP, a tower, the request split."""
 
 from __future__ import annotations
 
@@ -221,8 +221,3 @@ def towers_together(towers: Sequence[Tower], inputs: Sequence[torch.Tensor]) -> 
         else:  # the activation, or dropout: the same module kind in every tower
             h = same[0](h)
     return h.squeeze(-1).T
-
-
-def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted sum: weights [B, E], expert outputs [B, E, D] -> [B, D]."""
-    return (weights.unsqueeze(-1) * experts).sum(1)

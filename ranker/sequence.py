@@ -38,7 +38,15 @@ class TargetAttention(nn.Module):
     def __init__(self, dim: int, hidden: int = 32) -> None:
         super().__init__()
         self.dim = dim
-        self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        # No bias on the score: the softmax over positions ignores a constant.
+        self.mlp = nn.Sequential(
+            nn.Linear(4 * dim, hidden), nn.SiLU(), nn.Linear(hidden, 1, bias=False)
+        )
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # Checkpoints before 2026-12-01 hold that bias (it never changed a score).
+        state_dict.pop(f"{prefix}mlp.2.bias", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def scores(self, e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``MLP([e_j, q, e_j - q, e_j * q])`` for every position: ``[B, L]``."""

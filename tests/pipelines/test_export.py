@@ -222,7 +222,10 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
     if "routing" in network["init_args"]:  # top-k routing is in the graph, not folded away
         assert "TopK" in {node.op_type for node in model.graph.node}
     parity = check_parity(session_of(model), module, data, rows=10_000, tolerance=1e-5)
-    assert parity.rows == 10_000 and parity.max_abs_diff <= 1e-5
+    assert parity.rows + parity.ties == 10_000 and parity.max_abs_diff <= 1e-5
+    # Rows on a top-k near-tie are left out (another runtime's rounding may route them to
+    # other experts): only with top-k routing, and few.
+    assert parity.ties <= 100 if "routing" in network["init_args"] else parity.ties == 0
     frame = parity_rows(data, 500)
     inputs = raw_inputs(data.state, data.config.features)
     got = session_of(model).run(["probabilities"], raw_feeds(frame, inputs))[0]
@@ -234,7 +237,7 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
         i.name for i in session_of(model).get_inputs()
     ]
     assert int(meta["ranker.null_int"]) == NULL_INT
-    with pytest.raises(RunError, match="ONNX parity failed on 10,000 rows"):
+    with pytest.raises(RunError, match=f"ONNX parity failed on {parity.rows:,} rows"):
         check_parity(session_of(model), module, data, rows=10_000, tolerance=-1.0)
 
 

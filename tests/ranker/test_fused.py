@@ -24,6 +24,7 @@ FUSED = [
     "adatt.yaml",
     "mmoe.yaml",
     "home/no_feature_gate.yaml",
+    "mmoe_topk.yaml",
 ]
 
 

@@ -27,7 +27,17 @@ def test_top_k_keeps_exactly_k_weights_per_row_summing_to_one() -> None:
         assert balance is not None
     dense, none = Routing().route(logits)
     torch.testing.assert_close(dense, torch.softmax(logits, -1))
-    assert none is None
+    assert none is None and Routing().margin(logits) is None
+
+
+def test_the_margin_is_the_gap_between_the_kth_and_next_logit_and_is_recorded() -> None:
+    logits = torch.tensor([[3.0, 1.0, 2.5, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(Routing(top_k=1).margin(logits), torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(Routing(top_k=2).margin(logits), torch.tensor([1.5, 0.0]))
+    model = MMoE(INPUTS, TASKS, expert_hidden=[16, 8], routing=Routing(top_k=2))
+    _, internals = model.forward_with_internals(*batch(32))
+    assert set(internals.margins) == set(internals.gates)
+    assert all(m.shape == (32,) and (m >= 0).all() for m in internals.margins.values())
 
 
 def test_balance_term_on_a_hand_computed_case() -> None:

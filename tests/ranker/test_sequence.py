@@ -115,3 +115,17 @@ def test_target_attention_is_the_mlp_over_the_din_concatenation() -> None:
     qe = q.unsqueeze(1).expand_as(e)
     naive = unit.mlp(torch.cat([e, qe, e - qe, e * qe], dim=-1)).squeeze(-1)
     torch.testing.assert_close(unit.scores(e, q), naive)
+
+
+def test_attention_scores_have_no_bias_and_older_checkpoints_still_load() -> None:
+    """A constant added to every score is lost in the softmax over positions: the score layer
+    has no bias, and a state dict from before (with that bias) loads with the same output."""
+    torch.manual_seed(0)
+    model = model_of(CONFIGS / "model" / "mmoe.yaml")
+    unit = model.pooling.attention["clicked"]
+    assert unit.mlp[2].bias is None
+    e, q, mask = torch.randn(6, 5, 8), torch.randn(6, 8), torch.rand(6, 5) > 0.3
+    before = unit(e, q, mask)
+    older = {**unit.state_dict(), "mlp.2.bias": torch.tensor([3.0])}
+    unit.load_state_dict(older)
+    torch.testing.assert_close(unit(e, q, mask), before)
