@@ -161,7 +161,9 @@ class RankerModule(L.LightningModule):
         hp = self.hparams
         embedding = EMBEDDING_OPTIMIZERS[hp.embedding_optimizer]
         optimisers = [
-            torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay),
+            torch.optim.AdamW(
+                groups, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=True
+            ),
             embedding(sparse, lr=hp.embedding_learning_rate),
         ]
         if hp.lr_schedule == "none":

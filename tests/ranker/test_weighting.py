@@ -28,6 +28,7 @@ def test_uncertainty_weights_move_toward_the_clean_task() -> None:
     torch.testing.assert_close(module.weighting.current(), torch.tensor([1.0, 2.0]))
     optimisers = module.configure_optimizers()
     assert any(module.weighting.log_variance is p for p in optimisers[0].param_groups[1]["params"])
+    assert optimisers[0].defaults["fused"]  # one kernel for all dense parameters (CPU and GPU)
     g = torch.Generator().manual_seed(1)
     for step in range(300):
         cat, num = batch(256, seed=step)
