@@ -134,6 +134,7 @@ class RankerModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._epoch_start = self._last_batch_end = 0.0
         self._epoch_samples = 0
+        self._task_loss_sum = torch.zeros(len(self.tasks))
         self.selected: str | None = None  # the monitored metric, chosen at first validation
 
     @property
@@ -175,6 +176,7 @@ class RankerModule(L.LightningModule):
 
     def _start_clock(self) -> None:
         self._epoch_start, self._epoch_samples = time.perf_counter(), 0
+        self._task_loss_sum = torch.zeros(len(self.task_names), device=self.device)
         self._last_batch_end = self._epoch_start
 
     def compile_network(self) -> None:
@@ -244,10 +246,9 @@ class RankerModule(L.LightningModule):
         if auxiliary:
             aux = {f"train/aux/{k}": v for k, v in auxiliary.items()}
             self.log_dict(aux, on_epoch=True, batch_size=1)
-        self.log_dict(
-            {f"train/loss/{n}": v for n, v in zip(self.task_names, per_task, strict=True)},
-            batch_size=len(labels),
-        )
+        # Summed here, logged once an epoch: a Lightning ``log`` call costs ~0.5 ms on CPU
+        # (a tenth of MMoE's step for eight tasks).
+        self._task_loss_sum = self._task_loss_sum + per_task.detach() * len(labels)
         return loss
 
     def on_train_epoch_end(self) -> None:
@@ -257,6 +258,12 @@ class RankerModule(L.LightningModule):
         self.log_dict(
             {f"train/task_weight/{n}": w for n, w in zip(self.task_names, weights, strict=True)}
         )
+        if self._epoch_samples:  # each task's mean training loss over the epoch
+            means = self._task_loss_sum / self._epoch_samples
+            self.log_dict(
+                {f"train/loss/{n}": v for n, v in zip(self.task_names, means, strict=True)},
+                sync_dist=True,
+            )
         if seconds > 0 and self._epoch_samples:
             self.log("train/samples_per_sec", self._epoch_samples / seconds)
             self.log("train/epoch_seconds", seconds)

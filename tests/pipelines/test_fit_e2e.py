@@ -77,6 +77,8 @@ def check_run(client: MlflowClient) -> None:
     assert metrics["calibration/scale/click"] > 0
     weights = client.get_metric_history(run.info.run_id, "train/task_weight/click")
     assert [w.value for w in weights] == [1.0, 1.0]  # fixed, logged every epoch
+    losses = client.get_metric_history(run.info.run_id, "train/loss/click")
+    assert len(losses) == 2 and all(0 < p.value < 1 for p in losses)  # the epoch's mean
     history = client.get_metric_history(run.info.run_id, "val/gauc/mean")
     assert len(history) >= 2  # one per epoch, then the best checkpoint's re-validation
     assert run.data.tags["model"] == "MMoE" and run.data.tags["dataset"] == "synthetic"
