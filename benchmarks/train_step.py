@@ -114,7 +114,7 @@ def one_by_one() -> Iterator[None]:
                 new[g.name] = new[g.name] + outputs[pool].sum(1)
             if g.residual:
                 own = outputs[g.own]
-                residual = self.residuals[g.name].coefficients(read(g.inputs), len(own))
+                residual = self.residuals[g.name].coefficients(read(g.inputs), weights)
                 new[g.name] = new[g.name] + (residual.unsqueeze(-1) * own).sum(1)
         return new
 

@@ -283,8 +283,8 @@ class SelfGate(nn.Module):
         super().__init__()
         self.linear = nn.Linear(input_dim, num_experts)
 
-    def coefficients(self, x: torch.Tensor | RequestSplit, rows: int) -> torch.Tensor:
-        """The weights of the own experts ``[B, n]``."""
+    def coefficients(self, x: torch.Tensor | RequestSplit, routed: torch.Tensor) -> torch.Tensor:
+        """The weights of the own experts ``[B, n]`` (``routed``: the gate's own weights)."""
         logits = linear(x, self.linear)
         return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, -1)
 
@@ -296,16 +296,16 @@ class NativeResidual(nn.Module):
     def __init__(self, num_experts: int) -> None:
         super().__init__()
         self.weights = None
-        self.num_experts = num_experts
         if num_experts > 1:  # initialised as the reference implementation does
             bound = (1 / num_experts) ** 0.5
             self.weights = nn.Parameter(torch.empty(num_experts).uniform_(-bound, bound))
 
-    def coefficients(self, x: torch.Tensor | RequestSplit, rows: int) -> torch.Tensor:
-        """The weights of the native experts, the same for every row: ``[B, n]``."""
+    def coefficients(self, x: torch.Tensor | RequestSplit, routed: torch.Tensor) -> torch.Tensor:
+        """The weights of the native experts, the same for every row of ``routed [B, E]``
+        (the gate's own weights): ``[B, n]``."""
         if self.weights is None:
-            return torch.ones(rows, 1, device=as_dense(x).device)
-        return self.weights.expand(rows, -1)
+            return routed.new_ones(routed.shape[0], 1)
+        return self.weights.expand(routed.shape[0], -1)
 
 
 @dataclass(frozen=True)
@@ -431,7 +431,7 @@ class ExpertLayer(nn.Module):
         )
         self.register_buffer("spread", None if identity else matrix, persistent=False)
         self.register_buffer("always", always.flatten() if always.any() else None, persistent=False)
-        self.num_experts = experts
+        self.total_experts = experts
 
     def _pool_outputs(self, read: Any) -> dict[str, torch.Tensor]:
         outputs = {}
@@ -492,8 +492,7 @@ class ExpertLayer(nn.Module):
             weights, balance = self.routing.route(logits[g.name])
             coefficients.append(weights)
             if g.residual:
-                rows = weights.shape[0]
-                coefficients.append(self.residuals[g.name].coefficients(read(g.inputs), rows))
+                coefficients.append(self.residuals[g.name].coefficients(read(g.inputs), weights))
             if internals is not None:
                 names = [f"{self.name}/{p}/{i}" for p in g.pools for i in range(len(self.pools[p]))]
                 internals.gates[f"{self.name}/{g.name}"] = (names, weights)
@@ -508,6 +507,6 @@ class ExpertLayer(nn.Module):
             mixing = mixing + self.always
         parts = [outputs[p.name] for p in self.pool_specs]
         experts = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [B, E, D]
-        mixed = torch.matmul(mixing.view(-1, len(self.gate_specs), self.num_experts), experts)
+        mixed = torch.matmul(mixing.view(-1, len(self.gate_specs), self.total_experts), experts)
         # unbind, not mixed[:, i]: its gradient is one stack, not a zero-filled [B, G, D] per gate
         return dict(zip((g.name for g in self.gate_specs), mixed.unbind(1), strict=True))
