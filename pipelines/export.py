@@ -256,8 +256,8 @@ def near_ties(module: RankerModule, state: FeatureState, frame: pl.DataFrame) ->
             _, internals = module.network.eval().forward_with_internals(
                 part.cat, part.num, part.sequences
             )
-            gaps = torch.stack(list(internals.margins.values()), dim=1)
-            ties[rows] = (gaps < TIE_GAP).any(1).numpy()
+            for gap in internals.margins.values():  # none where top_k >= the experts
+                ties[rows] |= (gap < TIE_GAP).numpy()
     return ties
 
 
