@@ -43,10 +43,13 @@ import polars as pl
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from features.contract import OUTPUT
 from pipelines.checkpoints import load, locate
 from pipelines.commands import main as ranker
 from pipelines.evaluate import compare
-from pipelines.export import export, promote, torch_probabilities
+from pipelines.export import export
+from pipelines.export.parity import torch_outputs
+from pipelines.export.registry import promote
 from ranker.metrics import auc, gauc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +104,7 @@ def next_day(run: str, client: MlflowClient, dataset: Path, day_index: int) -> d
         module, data = load(locate(run, client, Path(work)), client, Path(work), str(dataset))
     frame = data.source.scan("val").collect(engine="streaming")
     batch = data.state.transform(frame)
-    probs = torch_probabilities(module, data.state, frame)
+    probs = torch_outputs(module, data.state, frame)[OUTPUT]
     young = (frame["item_upload_days"] == -day_index).to_numpy()
     out: dict[str, list[float]] = {"auc": [], "gauc": [], "auc_young": []}
     for t in range(probs.shape[1]):

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from features.contract import resolve_tracking_uri
+from features.contract import OUTPUT, resolve_tracking_uri
 from pipelines.checkpoints import load, locate
-from pipelines.export import torch_probabilities
+from pipelines.export.parity import torch_outputs
 from ranker.metrics import auc, calibration, logloss
 
 
@@ -32,7 +32,7 @@ def slices(run: str, client: MlflowClient, feature: str | None, split: str) -> t
     batch = data.state.transform(frame)
     feature = feature or data.config.item_key
     column = list(module.inputs.cat_names).index(feature)
-    probs = torch_probabilities(module, data.state, frame)
+    probs = torch_outputs(module, data.state, frame)[OUTPUT]
     return probs, batch.labels, batch.cat[:, column] == 0, [t.name for t in module.tasks], feature
 
 

@@ -176,8 +176,8 @@ def measure_steps(data: dict[str, RankerDataModule], steps: int, blocks: int) ->
 def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds: float) -> list:
     from benchmarks.serve import timed
     from features.contract import ITEM_TABLE, USER_TABLE
-    from pipelines.export import build as build_onnx
-    from pipelines.export import feature_snapshots
+    from pipelines.export.graph import scorer_graph
+    from pipelines.export.snapshots import feature_snapshots
     from serving.model import Scorer
 
     lines = ["| model | history | p50 ms | p99 ms |", "|---|---|---:|---:|"]
@@ -193,7 +193,7 @@ def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds:
             folder.mkdir(exist_ok=True)
             import onnx
 
-            onnx.save_model(build_onnx(module, d), str(folder / "model.onnx"))
+            onnx.save_model(scorer_graph(module, d.state, d.config), str(folder / "model.onnx"))
             for file, frame in feature_snapshots(d).items():
                 frame.write_parquet(folder / file)
             scorer = Scorer(

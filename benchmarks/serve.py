@@ -38,8 +38,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from features.contract import OUTPUT, optimized_path, resolve_tracking_uri
+from features.datamodule import to_tensors
 from pipelines.checkpoints import load, locate
-from pipelines.export import Exported, Probabilities, export, parity_rows
+from pipelines.export import Exported, export
+from pipelines.export.parity import parity_rows
+from ranker.scoring import batch_outputs
 from serving.model import Scorer, session_options
 
 RANKER = Path(sys.executable).parent / "ranker"
@@ -168,16 +171,16 @@ def in_process(args, scorer, made, torch_call, user, items, rng) -> tuple[list, 
 
 
 def torch_caller(module, data, rows: int) -> Callable[[int], Callable[[], object]]:
-    wrapped = Probabilities(module).eval()
-    batch = data.state.transform(parity_rows(data, rows))
+    """Torch's scoring path (``ranker.scoring``) on ``n`` transformed rows: the reference."""
+    batch = to_tensors(data.state.transform(parity_rows(data, rows)))
+    module.eval()
 
     def make(n: int) -> Callable[[], object]:
-        part = batch.map(lambda a: torch.from_numpy(a[:n]))
-        sequences = [part.sequences[name] for name in wrapped.names]
+        part = batch.map(lambda t: t[:n])
 
         def call() -> None:
             with torch.inference_mode():
-                wrapped(part.cat, part.num, *sequences)
+                batch_outputs(module.network, part, module.calibrator)
 
         return call
 

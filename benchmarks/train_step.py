@@ -74,8 +74,8 @@ def build_module(model: str, data: RankerDataModule, **options: object) -> Ranke
 
 def step(module: RankerModule, optimizers: list, batch: TensorBatch) -> None:
     """What ``RankerModule.training_step`` computes, without the trainer's logging."""
-    logits, auxiliary = module.network.training_forward(*batch.inputs)
-    _, per_task = masked_bce(logits, batch.labels, module.task_weights)
+    outputs, auxiliary = module.network.training_forward(*batch.inputs)
+    _, per_task = masked_bce(outputs["logits"], batch.labels, module.task_weights)
     present = (~torch.isnan(batch.labels)).any(0)
     loss = module.weighting(per_task, present) + sum(auxiliary.values(), torch.zeros(()))
     for optimizer in optimizers:
@@ -87,8 +87,8 @@ def step(module: RankerModule, optimizers: list, batch: TensorBatch) -> None:
 
 def flop_per_sample(module: RankerModule, batch: TensorBatch) -> float:
     with FlopCounterMode(display=False) as counter:
-        logits, _ = module.network.training_forward(*batch.inputs)
-        masked_bce(logits, batch.labels, module.task_weights)[0].backward()
+        outputs, _ = module.network.training_forward(*batch.inputs)
+        masked_bce(outputs["logits"], batch.labels, module.task_weights)[0].backward()
     module.zero_grad()
     return counter.get_total_flops() / len(batch)
 
@@ -122,7 +122,7 @@ def one_by_one() -> Iterator[None]:
         for layer in self.layers:
             reps = layer(reps, internals)
         logits = [tower(reps[k]) for k, tower in zip(self.task_keys, self.towers, strict=True)]
-        return torch.stack(logits, dim=1)
+        return {"logits": torch.stack(logits, dim=1)}
 
     saved = (
         ExpertLayer._pool_outputs, ExpertLayer._gate_logits, ExpertLayer._mix, ExpertModel.towers_on

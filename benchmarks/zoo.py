@@ -107,7 +107,7 @@ def short_history(run_id: str, longest: int, client: MlflowClient) -> None:
     """Logs the run's test mean AUC / GAUC over the rows whose history (the model's first
     sequence) holds at most ``longest`` items, as ``test/history_maxN/<metric>/mean``."""
     from pipelines.checkpoints import load, locate
-    from pipelines.evaluate import history_feature, score
+    from pipelines.evaluate import history_feature, score_split
     from ranker.calibration import probabilities
     from ranker.metrics import task_metrics
 
@@ -118,9 +118,9 @@ def short_history(run_id: str, longest: int, client: MlflowClient) -> None:
         module, data = load(locate(run_id, client, Path(tmp)), client, Path(tmp), None, None, 2048)
         if history_feature(data) is None:
             return
-        scores, _ = score(module, data, "test")
-    logits, labels, users = scores.arrays()
-    rows = scores.lengths <= longest
+        scored, _ = score_split(module, data, "test")
+    logits, labels, users = scored.outputs["logits"], scored.labels, scored.users
+    rows = scored.lengths <= longest
     probs = probabilities(logits, module.calibrator)
     metrics = task_metrics(probs[rows], labels[rows], users[rows], module.task_names)
     client.log_metric(run_id, f"{key}/rows", float(rows.sum()))

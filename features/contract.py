@@ -10,7 +10,12 @@
   numbers as float64; missing values as ``MISSING`` markers that no vocabulary holds; an
   integer id that does not parse is missing; a sequence keeps its most recent ``length``
   values, right-aligned (most recent last), padded with the missing marker;
-* the output (``OUTPUT``), the metadata keys (``META``) and the feature-table files.
+* the outputs: a model returns named tensors (``LOGITS`` ``[B, T]`` for every ranker, more
+  names for other kinds of model); the graph has one output per name (``graph_output``), the
+  ranking output being ``OUTPUT``;
+* the fusion of task probabilities into one ranking score (``Fusion``), the same for
+  ``ranker predict`` and ``ranker serve``;
+* the metadata keys (``META``) and the feature-table files.
 
 Light on purpose (numpy and polars): the service imports it without torch.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,23 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-OUTPUT = "probabilities"
+LOGITS = "logits"  # every model's output: per-task logits [B, T] (the one the loss reads)
+
+
+def is_logits(name: str) -> bool:
+    """Whether a model output holds per-task logits (its last axis the tasks): ``logits``, or
+    any name ending in ``_logits`` (e.g. an uplift model's ``arm_logits [B, A, T]``)."""
+    return name == LOGITS or name.endswith("_" + LOGITS)
+
+
+def graph_output(name: str) -> str:
+    """The exported graph's output for a model output: logits become calibrated probabilities
+    (``logits`` -> ``probabilities``, ``arm_logits`` -> ``arm_probabilities``); any other
+    output keeps its name and values."""
+    return name.removesuffix(LOGITS) + "probabilities" if is_logits(name) else name
+
+
+OUTPUT = graph_output(LOGITS)  # the ranking output the service reads: "probabilities" [N, T]
 # A hashed categorical feature (``hash_buckets: N``): id -> 1 + ((id mod P) * A + C) mod P mod N,
 # computed the same way by the polars transform and inside the graph (int64, no overflow:
 # (P - 1) * A + C < 2**63); 0 stays the missing / unparsable index.
@@ -197,3 +218,44 @@ def parse_id(value: Any, dtype: str) -> Any:
     if isinstance(value, float):
         value = int(value) if value.is_integer() else NULL_INT
     return value if INT64[0] < value <= INT64[1] else NULL_INT
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How task probabilities become one ranking score, for ``ranker predict`` and
+    ``ranker serve`` alike: ``sum`` = sum_t w_t p_t, ``product`` = prod_t p_t ** w_t (computed
+    as exp(sum_t w_t log p_t)).
+
+    The rule for tasks: with no weights, every task weighs 1; with weights, exactly the tasks
+    named count and every other task weighs 0 (left out of the sum; ``p ** 0 = 1`` in the
+    product). Naming a task the model lacks is an error.
+    """
+
+    kind: str = "sum"
+    weights: Mapping[str, float] = field(default_factory=dict)  # task -> weight
+
+    def __post_init__(self) -> None:
+        if self.kind not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got '{self.kind}'")
+        bad = sorted(t for t, w in self.weights.items() if not np.isfinite(w))
+        if bad:
+            raise ValueError(f"fusion weights must be finite numbers: {bad}")
+
+    def vector(self, tasks: Sequence[str]) -> np.ndarray:
+        """The weights ``[T]`` in ``tasks`` order; ``ValueError`` naming unknown tasks."""
+        unknown = sorted(set(self.weights) - set(tasks))
+        if unknown:
+            raise ValueError(f"fusion weights name tasks the model lacks: {unknown} ({tasks})")
+        if not self.weights:
+            return np.ones(len(tasks))
+        return np.array([float(self.weights.get(t, 0.0)) for t in tasks])
+
+    def __call__(self, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """``[N, T]`` probabilities and ``vector``'s weights -> ``[N]`` scores (float64)."""
+        p = probs.astype(np.float64)
+        if self.kind == "product":
+            return np.exp(np.log(np.clip(p, 1e-12, 1.0)) @ weights)
+        return p @ weights
+
+
+FUSIONS = ("sum", "product")

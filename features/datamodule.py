@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -68,6 +68,27 @@ class TensorBatch:
         """What a model takes: ``model(*batch.inputs)``."""
         return self.cat, self.num, self.sequences
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TensorBatch:
+        """The same batch with ``fn`` applied to every tensor."""
+        return TensorBatch(
+            fn(self.cat),
+            fn(self.num),
+            fn(self.labels),
+            fn(self.users),
+            {k: fn(v) for k, v in self.sequences.items()},
+            {k: fn(v) for k, v in self.lengths.items()},
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TensorBatch:
+        """Every tensor on ``device`` (Lightning calls this to move a batch; so does
+        ``ranker.scoring``). ``non_blocking`` from pinned memory overlaps the copy."""
+        return self.map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> TensorBatch:
+        """Every tensor in page-locked memory (the DataLoader calls this with
+        ``pin_memory=True``): copies to a GPU can then run asynchronously."""
+        return self.map(lambda t: t.pin_memory())
+
 
 def _concat(batches: list[Batch]) -> Batch:
     if len(batches) == 1:
@@ -90,6 +111,16 @@ def _slice(batch: Batch, index: slice | np.ndarray) -> Batch:
 def to_tensors(batch: Batch) -> TensorBatch:
     t = batch.map(torch.from_numpy)
     return TensorBatch(t.cat, t.num, t.labels, t.users, t.sequences, t.lengths)
+
+
+def frame_batches(
+    state: FeatureState, frame: pl.DataFrame, batch_size: int = 16_384
+) -> Iterator[TensorBatch]:
+    """Raw rows (side tables joined, derived histories present) transformed once, then cut
+    into batches of ``batch_size`` rows, in order."""
+    batch = state.transform(frame)
+    for begin in range(0, len(batch), batch_size):
+        yield to_tensors(_slice(batch, slice(begin, begin + batch_size)))
 
 
 def _world() -> tuple[int, int]:
@@ -406,6 +437,7 @@ class RankerDataModule(L.LightningDataModule):
             multiprocessing_context="spawn" if workers else None,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers else None,
+            pin_memory=torch.cuda.is_available(),  # TensorBatch.pin_memory: async copies
         )
 
     def train_dataloader(self) -> DataLoader:

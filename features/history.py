@@ -281,17 +281,55 @@ def _key_ranges(handle: pq.ParquetFile) -> tuple[np.ndarray, np.ndarray]:
 # -- one bucket -------------------------------------------------------------------------------
 
 
+# -- the rule: which events enter a user's history, in what order ------------------------------
+
+
+def event_time(timestamp: str) -> pl.Expr:
+    """An event's time as a float (datetimes by their physical value): what orders a history."""
+    return pl.col(timestamp).to_physical().cast(pl.Float64)
+
+
+def placed(user: pl.Expr, time: pl.Expr) -> pl.Expr:
+    """Whether an event has a place in a user's timeline: a user, and a time neither null nor
+    NaN (``time`` as ``event_time`` gives it)."""
+    return user.is_not_null() & time.is_not_null() & ~time.is_nan()
+
+
+def positive(label: str) -> pl.Expr:
+    """Whether an event's ``from_label`` is 1 (null is not)."""
+    return (pl.col(label).cast(pl.Float64) == 1).fill_null(False)
+
+
+def latest_histories(
+    log: pl.LazyFrame, user_key: str, specs: list[FeatureSpec], columns: list[str]
+) -> list[pl.LazyFrame]:
+    """Per user, each derived sequence (``specs``, their values from ``columns``) as it
+    stands after the whole of ``log``: the values at the user's last ``max_len`` positives,
+    most recent last, ties in time in log order (the same rule, and order, as ``derive``'s
+    per-impression histories). What the service holds for a request made after the log."""
+    out = []
+    for spec, value in zip(specs, columns, strict=True):
+        time = event_time(spec.timestamp)
+        out.append(
+            log.filter(positive(spec.from_label) & placed(pl.col(user_key), time))
+            .select(user_key, time.alias("__t"), value)
+            .sort("__t", maintain_order=True)
+            .group_by(user_key, maintain_order=True)
+            .agg(pl.col(value).tail(spec.max_len).alias(spec.column))
+        )
+    return out
+
+
 def _histories(frame: pl.DataFrame, user_key: str, group: HistoryGroup) -> pl.DataFrame:
     """Each row's derived sequences of ``group`` (rows of whole users, in ``frame``'s order)."""
-    time = pl.col(group.timestamp).to_physical().cast(pl.Float64)
     events = frame.select(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("__i"),
         pl.col(user_key).alias("__user"),
-        time.alias("__t"),
-        (pl.col(group.label).cast(pl.Float64) == 1).fill_null(False).alias("__pos"),
+        event_time(group.timestamp).alias("__t"),
+        positive(group.label).alias("__pos"),
         *(pl.col(v).alias(f"__v{j}") for j, v in enumerate(group.values)),
     )
-    usable = pl.col("__user").is_not_null() & pl.col("__t").is_not_null() & ~pl.col("__t").is_nan()
+    usable = placed(pl.col("__user"), pl.col("__t"))
     positives = (
         events.filter(pl.col("__pos") & usable).sort("__user", "__t", "__i").with_row_index("__p")
     )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from features.contract import LOGITS
 from features.datamodule import RankerDataModule
 from ranker.calibration import fit, probabilities
-from ranker.metrics import Scores, task_metrics
+from ranker.metrics import task_metrics
 from ranker.module import RankerModule
+from ranker.scoring import score
 
 
 def validation_logits(
@@ -18,23 +19,11 @@ def validation_logits(
     also under DDP: each rank reads the whole split, so each fits the same calibration)."""
     dataset = data.dataset("val")
     world, dataset.world = dataset.world, (1, 0)
-    scores = Scores(dataset.rows, len(module.tasks))
-    was_training = module.training
-    module.eval()
     try:
-        with torch.inference_mode():
-            for batch in dataset:
-                cat, num, sequences = batch.inputs
-                logits = module(
-                    cat.to(module.device),
-                    num.to(module.device),
-                    {k: v.to(module.device) for k, v in sequences.items()},
-                )
-                scores.add(logits.float().cpu().numpy(), batch.labels.numpy(), batch.users.numpy())
+        scored = score(module.network, dataset, rows=dataset.rows)
     finally:
         dataset.world = world
-        module.train(was_training)
-    return scores.arrays()
+    return scored.outputs[LOGITS], scored.labels, scored.users
 
 
 def calibrate(module: RankerModule, data: RankerDataModule) -> dict[str, float]:

@@ -12,12 +12,16 @@
 
     ranker serve --model models:/ranker-synthetic@champion  # the scoring service
 
-Each command imports only what it needs: ``serve`` runs without torch or lightning.
+Every job is one line of ``JOBS``; each imports only what it needs when it runs: ``serve``
+runs without torch or lightning.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from jsonargparse import CLI, ArgumentParser
@@ -149,32 +153,86 @@ def tune_cli(args: list[str]) -> None:
     )
 
 
-COMMANDS = {
-    "synth": "generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet)",
-    "fit": "train a model on a dataset config: tracked in MLflow, calibrated, reported",
-    "tune": "hyperparameter search with Optuna over `ranker fit`, best config as YAML",
-    "evaluate": "score a run or checkpoint on a split: per-task metrics, expert health, report",
-    "compare": "several runs side by side, per task",
-    "predict": "batch scoring of a log to Parquet (one row out per row in), for offline jobs",
-    "export": "export a run to ONNX (features in the graph), parity-checked, registered",
-    "promote": "point a registered model's alias (e.g. champion) at a version",
-    "serve": "the online scoring service (FastAPI + onnxruntime) for a registered model",
+@dataclass(frozen=True)
+class Job:
+    """One ``ranker`` command: its line in the help, what runs it (given the words after the
+    command's name), and whether it runs Lightning (whose log handlers ``quiet`` then filters)."""
+
+    help: str
+    run: Callable[[list[str]], None]
+    lightning: bool = False
+
+
+def function_job(module: str, name: str) -> Callable[[list[str]], None]:
+    """A job whose options are a function's arguments (jsonargparse reads its signature and
+    docstring: ``ranker <job> --help``), imported only when the job runs."""
+
+    def run(args: list[str]) -> None:
+        CLI(getattr(importlib.import_module(module), name), args=args)
+
+    return run
+
+
+def fit_job(args: list[str]) -> None:
+    from pipelines.cli import fit_cli
+
+    words = ["fit", *args]
+    # LightningCLI reads sys.argv when given no args (and warns when given both): from the
+    # console they are these very words.
+    fit_cli(None if sys.argv[1:] == words else words)
+
+
+def serve_job(args: list[str]) -> None:
+    from serving.cli import serve
+
+    serve(args)
+
+
+JOBS: dict[str, Job] = {
+    "synth": Job(
+        "generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet)",
+        function_job("pipelines.commands", "synth"),
+    ),
+    "fit": Job(
+        "train a model on a dataset config: tracked in MLflow, calibrated, reported",
+        fit_job,
+        lightning=True,
+    ),
+    "tune": Job(
+        "hyperparameter search with Optuna over `ranker fit`, best config as YAML",
+        tune_cli,
+        lightning=True,
+    ),
+    "evaluate": Job(
+        "score a run or checkpoint on a split: per-task metrics, expert health, report",
+        function_job("pipelines.evaluate", "evaluate"),
+        lightning=True,
+    ),
+    "compare": Job("several runs side by side, per task", compare_cli),
+    "predict": Job(
+        "batch scoring of a log to Parquet (one row out per row in), for offline jobs",
+        function_job("pipelines.predict", "predict"),
+        lightning=True,
+    ),
+    "export": Job(
+        "export a run to ONNX (features in the graph), parity-checked, registered",
+        function_job("pipelines.export", "export"),
+        lightning=True,
+    ),
+    "promote": Job(
+        "point a registered model's alias (e.g. champion) at a version",
+        function_job("pipelines.export.registry", "promote"),
+        lightning=True,
+    ),
+    "serve": Job(
+        "the online scoring service (FastAPI + onnxruntime) for a registered model", serve_job
+    ),
 }
 
 
-LIGHTNING = (
-    "fit",
-    "tune",
-    "evaluate",
-    "predict",
-    "export",
-    "promote",
-)  # the commands that run Lightning
-
-
 def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    width = max(map(len, JOBS))
+    lines = [f"  {name:<{width}}  {job.help}" for name, job in JOBS.items()]
     return (
         "usage: ranker <command> [options] [--verbose]   (ranker <command> --help: its "
         "options; --verbose: third-party messages and warnings too)\n\n"
@@ -188,52 +246,26 @@ def main(argv: list[str] | None = None) -> None:
     words = [w for w in words if w != "--verbose"]
     if argv is None:
         sys.argv[1:] = words  # LightningCLI reads sys.argv itself
-    else:
-        argv = words
     command, args = (words[0], words[1:]) if words else ("", [])
     if command in ("", "-h", "--help", "help"):
         print(usage(), end="", file=sys.stdout if command else sys.stderr)
         raise SystemExit(0 if command else 2)
-    if command not in COMMANDS:
+    job = JOBS.get(command)
+    if job is None:
         print(
-            f"ranker: error: unknown command '{command}' (commands: {', '.join(COMMANDS)})",
+            f"ranker: error: unknown command '{command}' (commands: {', '.join(JOBS)})",
             file=sys.stderr,
         )
         raise SystemExit(2)
     if not verbose:
         from pipelines.quiet import quiet
 
-        if command in LIGHTNING:
+        if job.lightning:
             import lightning.pytorch  # noqa: F401 -- its log handlers, to filter
 
         quiet()
     try:
-        if command == "synth":
-            CLI(synth, args=args)
-        elif command == "evaluate":
-            from pipelines.evaluate import evaluate
-
-            CLI(evaluate, args=args)
-        elif command == "compare":
-            compare_cli(args)
-        elif command == "predict":
-            from pipelines.predict import predict
-
-            CLI(predict, args=args)
-        elif command == "tune":
-            tune_cli(args)
-        elif command in ("export", "promote"):
-            from pipelines import export
-
-            CLI(getattr(export, command), args=args)
-        elif command == "serve":
-            from serving.cli import serve
-
-            serve(args)
-        else:
-            from pipelines.cli import fit_cli
-
-            fit_cli(argv)  # None: LightningCLI reads sys.argv itself (its first word is "fit")
+        job.run(args)
     except ConfigError as err:
         print(f"ranker: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,14 +13,12 @@ in the tracking store, logged to that run (``evaluation/<split>/``) with its met
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import mlflow
 import numpy as np
@@ -29,8 +27,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features.config import SplitName
+from features.contract import LOGITS
 from features.datamodule import RankerDataModule
 from pipelines.checkpoints import RunError, find_run, load, locate
+from pipelines.evaluation import EVALUATION_FILE, RELIABILITY_BINS, SAMPLE_ROWS, Evaluation
 from pipelines.render import (
     comparison_html,
     comparison_markdown,
@@ -42,93 +42,28 @@ from pipelines.render import (
 from pipelines.report import oracle_metrics
 from pipelines.tracking import resolve_tracking_uri
 from ranker.calibration import probabilities
-from ranker.diagnostics import ExpertStats, HealthLimits, health, json_safe, observe
-from ranker.metrics import Scores, metrics_by_history, reliability, task_metrics
+from ranker.diagnostics import ExpertStats, HealthLimits, health
+from ranker.metrics import metrics_by_history, reliability, task_metrics
 from ranker.module import RankerModule
-
-EVALUATION_FILE = "evaluation.json"
-RELIABILITY_BINS = 20
-SAMPLE_ROWS = 2048  # rows of expert outputs kept for the distribution plots
-
-
-@dataclass
-class Evaluation:
-    """Everything a report shows, as plain data (``evaluation.json``; ``compare`` reads it)."""
-
-    label: str  # what the user named: a run id or a checkpoint path
-    run_id: str | None
-    checkpoint: str
-    model: str
-    params: int
-    dataset: str
-    log_path: str
-    split: str
-    rows: int
-    tasks: list[str]
-    groups: dict[str, str]
-    metrics: dict[str, float]  # "<metric>/<task>", "<metric>/mean", positive_rate/, count/
-    oracle: dict[str, float] | None  # the true probabilities' metrics (generated logs)
-    reliability: dict[str, dict[str, list[float]]]  # task -> rows / pred / rate per bin
-    health: dict[str, Any]  # ranker.diagnostics.HealthReport.to_dict()
-    limits: dict[str, float]
-    seconds: dict[str, float]
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    history: str | None = None  # the sequence feature whose length buckets ``by_history``
-    by_history: dict[str, dict[str, float]] | None = None  # bucket -> metrics of its rows
-    uncalibrated: dict[str, float] | None = None  # metrics before the model's calibration
-
-    @property
-    def short_id(self) -> str:
-        return self.run_id[:8] if self.run_id else Path(self.checkpoint).stem
-
-    @property
-    def name(self) -> str:
-        """Short name for tables: model and run (or checkpoint file)."""
-        return f"{self.model} ({self.short_id})"
-
-    @property
-    def flags(self) -> list[str]:
-        return list(self.health.get("flags", []))
-
-    def value(self, metric: str, task: str) -> float:
-        v = self.metrics.get(f"{metric}/{task}")
-        return math.nan if v is None else float(v)
-
-    def to_json(self) -> str:
-        return json.dumps(json_safe(asdict(self)), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Evaluation:
-        doc = json.loads(text)
-        for key in ("metrics", "oracle"):
-            if doc.get(key) is not None:
-                doc[key] = {k: math.nan if v is None else v for k, v in doc[key].items()}
-        return cls(**doc)
-
+from ranker.scoring import Scored, score
 
 # -- scoring ------------------------------------------------------------------------------------
 
 
-def score(
+def score_split(
     module: RankerModule, data: RankerDataModule, split: SplitName
-) -> tuple[Scores, ExpertStats]:
-    """One pass over the split: the network's raw logits (in the scores' probability slot),
-    labels, users and the length of the first sequence feature's history, and the expert
-    statistics."""
+) -> tuple[Scored, ExpertStats]:
+    """One pass over the split: the network's outputs (raw logits), labels, users and the
+    length of the first sequence feature's history, and the expert statistics."""
     stats = ExpertStats(sample_rows=SAMPLE_ROWS)
     dataset = data.dataset(split)
-    scores = Scores(dataset.rows, len(data.tasks))
     history = history_feature(data)
-    for logits, batch in observe(module.network, dataset, stats):
-        scores.add(
-            logits.float().cpu().numpy(),
-            batch.labels.numpy(),
-            batch.users.numpy(),
-            batch.lengths[history].numpy() if history else None,
-        )
-    if not scores.size:
+    scored = score(
+        module.network, dataset, rows=dataset.rows, internals=stats.update, history=history
+    )
+    if not scored.size:
         raise RunError(f"the {split} split of {data.config.path} has no rows")
-    return scores, stats
+    return scored, stats
 
 
 def history_feature(data: RankerDataModule) -> str | None:
@@ -183,19 +118,19 @@ def evaluate(
         seconds["load"] = time.perf_counter() - start
 
         tick = time.perf_counter()
-        scores, stats = score(module, data, split)
+        scored, stats = score_split(module, data, split)
         seconds["score"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     tasks = module.task_names
-    logits, labels, users = scores.arrays()
+    logits, labels, users = scored.outputs[LOGITS], scored.labels, scored.users
     probs = probabilities(logits, module.calibrator)
     metrics = task_metrics(probs, labels, users, tasks)
     identity = bool((module.calibrator.scale == 1).all() and (module.calibrator.bias == 0).all())
     uncalibrated = None if identity else task_metrics(probabilities(logits), labels, users, tasks)
     history = history_feature(data)
     by_history = (
-        metrics_by_history(probs, labels, users, scores.lengths, tasks) if history else None
+        metrics_by_history(probs, labels, users, scored.lengths, tasks) if history else None
     )
     curves = reliability_curves(probs, labels, tasks)
     seconds["metrics"] = time.perf_counter() - tick

@@ -7,9 +7,10 @@ The log is read one row group at a time (side tables joined, derived histories f
 pre-pass over this log, as in training), scored, and written as one Parquet part file per row
 group: memory stays flat in the log size. Exactly one output row per input row, in the log's
 order: the user key, the item key, the time column, one probability column per task
-(``p_<task>``, calibrated) and, with fusion weights, the fused ``score`` (the weighted sum of the
-probabilities). No label is read. Scored by the ONNX graph ``ranker export`` builds (the
-service's), or by torch (``--backend torch``). Each call is an MLflow run naming the model.
+(``p_<task>``, calibrated), the columns of any other output the model names (``output_columns``)
+and, with ``--fusion``, the fused ``score`` (``features.contract.Fusion``: the service's rule).
+No label is read. Scored by the ONNX graph ``ranker export`` builds (the service's), or by torch
+(``--backend torch``). Each call is an MLflow run naming the model.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 
 from features.config import ConfigError, DatasetConfig, SplitSpec
-from features.contract import META, RawInput
+from features.contract import FUSIONS, META, OUTPUT, Fusion, RawInput
 from features.onnx_graph import raw_feeds, raw_inputs
 from features.source import LogSource
 from pipelines.checkpoints import Loaded, RunError, load_model, locate
-from pipelines.export import cpu_session, onnx_probabilities, scorer_graph, torch_probabilities
+from pipelines.export.graph import scorer_graph
+from pipelines.export.parity import cpu_session, onnx_outputs, torch_outputs
 from pipelines.tracking import resolve_tracking_uri
 from serving.model import ModelError
 from serving.registry import parse, resolve_version
@@ -85,12 +87,12 @@ class Model:
     loaded: Loaded | None
     tags: dict[str, str]
 
-    def __call__(self, frame: pl.DataFrame) -> np.ndarray:
-        """Calibrated probabilities ``[N, T]`` of raw rows."""
+    def __call__(self, frame: pl.DataFrame) -> dict[str, np.ndarray]:
+        """The graph's named outputs of raw rows (calibrated ``probabilities [N, T]``...)."""
         if self.session is not None:
-            return onnx_probabilities(self.session, raw_feeds(frame, self.inputs))
+            return onnx_outputs(self.session, raw_feeds(frame, self.inputs))
         assert self.loaded is not None
-        return torch_probabilities(self.loaded.module, self.loaded.state, frame)
+        return torch_outputs(self.loaded.module, self.loaded.state, frame)
 
 
 def from_run(ref: str, client: MlflowClient, dataset: str | None, backend: str) -> Model:
@@ -166,18 +168,39 @@ def resolve(ref: str, client: MlflowClient, dataset: str | None, backend: str) -
     return from_run(ref, client, dataset, backend)
 
 
+def output_columns(outputs: dict[str, np.ndarray], tasks: list[str]) -> dict[str, np.ndarray]:
+    """One column per task of each output: ``p_<task>`` of ``probabilities``; ``<name>_<task>``
+    of another ``[N, T]`` output, ``<name>_<i>_<task>`` of an ``[N, K, T]`` one (an uplift
+    model's arms), ``<name>`` of an ``[N]`` one, ``<name>_<j>`` of any other shape."""
+    columns = {}
+    for name, values in outputs.items():
+        prefix = "p" if name == OUTPUT else name
+        if values.ndim == 1:
+            columns[name] = values
+        elif values.shape[-1] == len(tasks) and values.ndim in (2, 3):
+            rows = values.reshape(len(values), -1, len(tasks))
+            middle = [""] if values.ndim == 2 else [f"_{i}" for i in range(rows.shape[1])]
+            for i, part in enumerate(middle):
+                for t, task in enumerate(tasks):
+                    columns[f"{prefix}{part}_{task}"] = rows[:, i, t]
+        else:
+            flat = values.reshape(len(values), -1)
+            columns.update({f"{name}_{j}": flat[:, j] for j in range(flat.shape[1])})
+    return columns
+
+
 def output_frame(
     frame: pl.DataFrame,
-    probs: np.ndarray,
+    outputs: dict[str, np.ndarray],
     keys: list[str],
     tasks: list[str],
-    fusion: dict[str, float] | None,
+    fusion: Fusion | None,
 ) -> pl.DataFrame:
-    columns = {f"p_{task}": probs[:, t] for t, task in enumerate(tasks)}
+    columns = output_columns(outputs, tasks)
     out = frame.select(keys).with_columns(pl.Series(k, v) for k, v in columns.items())
-    if fusion:
-        score = sum(w * probs[:, tasks.index(task)] for task, w in fusion.items())
-        out = out.with_columns(pl.Series("score", np.asarray(score, dtype=np.float32)))
+    if fusion is not None:
+        score = fusion(outputs[OUTPUT], fusion.vector(tasks)).astype(np.float32)
+        out = out.with_columns(pl.Series("score", score))
     return out
 
 
@@ -188,6 +211,7 @@ def predict(
     out: Path,
     backend: Literal["onnx", "torch"] = "onnx",
     fusion: dict[str, float] | None = None,
+    fusion_kind: Literal["sum", "product"] | None = None,
     overwrite: bool = False,
     dataset: str | None = None,
     tracking_uri: str | None = None,
@@ -203,7 +227,11 @@ def predict(
         log_path: the log to score (a Parquet file, a directory, a hive-partitioned dataset).
         out: output directory of the part files.
         backend: ``onnx`` (the exported graph the service runs) or ``torch``.
-        fusion: task weights of a fused ``score`` column (the weighted sum of probabilities).
+        fusion: task weights of a fused ``score`` column: only the tasks named count (the
+            others weigh 0); ``{}`` weighs every task 1 (the rule of ``ranker serve
+            --weights``).
+        fusion_kind: ``sum`` (sum_t w_t p_t, the default) or ``product`` (prod_t p_t ** w_t) of
+            the fused ``score``; either alone writes the score with every task weighing 1.
         overwrite: replace an earlier result in ``out``.
         dataset: dataset config that reads the log, instead of the model's (required for
             a ``.onnx`` file).
@@ -215,9 +243,13 @@ def predict(
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     scorer = resolve(model, client, dataset, backend)
     config, tasks = scorer.config, scorer.tasks
-    unknown = sorted(set(fusion or {}) - set(tasks))
-    if unknown:
-        raise ConfigError(f"--fusion names tasks the model does not have: {unknown} ({tasks})")
+    rule = None
+    if fusion is not None or fusion_kind is not None:
+        try:
+            rule = Fusion(fusion_kind or FUSIONS[0], fusion or {})
+            rule.vector(tasks)
+        except ValueError as err:
+            raise ConfigError(f"--fusion: {err}") from None
     source = scoring_source(config, log_path)
     prepare_out(out, overwrite)
     keys = list(dict.fromkeys([config.user_key, config.item_key, config.time_column]))
@@ -227,7 +259,7 @@ def predict(
         bar = progress.add_task("scoring", total=sum(p.rows for p in source.pieces))
         for i, piece in enumerate(source.pieces):
             frame = source.join_side_tables(source.read_piece_columns(piece, columns))
-            scored = output_frame(frame, scorer(frame), keys, tasks, fusion)
+            scored = output_frame(frame, scorer(frame), keys, tasks, rule)
             scored.write_parquet(out / PART.format(i))
             rows += frame.height
             progress.update(bar, advance=piece.rows)

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -16,9 +16,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from pipelines import plots
-
-if TYPE_CHECKING:
-    from pipelines.evaluate import Evaluation
+from pipelines.evaluation import RELIABILITY_BINS, SAMPLE_ROWS, Evaluation
 
 TEMPLATES = Environment(loader=PackageLoader("pipelines"), autoescape=select_autoescape())
 
@@ -213,8 +211,6 @@ def evaluation_images(e: Evaluation, samples: dict[str, np.ndarray]) -> dict[str
 
 
 def evaluation_html(e: Evaluation, samples: dict[str, np.ndarray]) -> str:
-    from pipelines.evaluate import RELIABILITY_BINS, SAMPLE_ROWS
-
     return TEMPLATES.get_template("evaluation.html.j2").render(
         e=e,
         health=e.health,

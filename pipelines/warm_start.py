@@ -12,7 +12,6 @@ table initialises it (``copy_weights``). The parent's optimiser state follows th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from features.state import FeatureState
 from pipelines.checkpoints import Loaded, RunError, load_model, locate, read_checkpoint
 from ranker.module import RankerModule
+from serving.model import ModelError
+from serving.registry import parse
 
 TAG_PARENT_RUN = "warm_start.parent_run"  # the parent's MLflow run id
 TAG_WARM_START = "warm_start.from"  # what the user named (a models:/ URI, a path, a run id)
@@ -43,10 +44,10 @@ class Parent:
 
 def _registered_run(reference: str, client: MlflowClient) -> str:
     """``models:/name@alias`` or ``models:/name/N`` -> the version's run id."""
-    match = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", reference)
-    if match is None:
-        raise RunError(f"{reference}: give models:/<name>@<alias> or models:/<name>/<version>")
-    name, alias, version = match.groups()
+    try:
+        name, alias, version = parse(reference)
+    except ModelError as err:
+        raise RunError(str(err)) from None
     try:
         found = (
             client.get_model_version_by_alias(name, alias)

@@ -21,9 +21,9 @@ This module measures them on a held-out split from the ``Internals`` a model rec
     exact whatever the batching, and a constant expert has std exactly 0). Per gate
     ``"<layer>/<gate>"``: the sum over rows of its weights ``[E]`` and the row count.
 
-``observe(model, batches, stats)`` / ``collect(model, batches)``
-    Run the model in eval mode without gradients over the batches and accumulate the stats
-    (``observe`` yields the logits too, for metrics computed in the same pass).
+``ExpertStats.update(internals)``
+    Called with each batch's internals as the model scores a split (``ranker.scoring.score``
+    with ``internals=stats.update``), so metrics and expert health come from one pass.
 
 ``health(stats, tasks, ...)`` -> ``HealthReport``, with these definitions:
 
@@ -58,16 +58,14 @@ Everything is vectorised per pool / gate; nothing here reads or writes files.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from features.datamodule import TensorBatch
 from ranker.experts import Internals
-from ranker.models.base import MultiTaskModel
 
 __all__ = [
     "ExpertRow",
@@ -77,10 +75,8 @@ __all__ = [
     "HealthReport",
     "SharedExpertRow",
     "TaskRow",
-    "collect",
     "health",
     "json_safe",
-    "observe",
 ]
 
 _NAN = float("nan")
@@ -233,51 +229,6 @@ class ExpertStats:
         """Mean weight per expert of the gate, ``[E]`` (rows sum to 1, so this does too)."""
         rows = self.gate_rows[gate]
         return self.gate_sum[gate] / rows if rows else np.full(len(self.gate_sum[gate]), _NAN)
-
-
-def observe(
-    model: MultiTaskModel,
-    batches: Iterable[TensorBatch],
-    stats: ExpertStats,
-    max_batches: int | None = None,
-) -> Iterator[tuple[torch.Tensor, TensorBatch]]:
-    """Score ``batches``, adding each batch's internals to
-    ``stats``; yields ``(logits, batch)`` so a caller can compute metrics in the same pass.
-
-    Runs in eval mode (BatchNorm on running statistics, no dropout) in inference mode, at most
-    ``max_batches`` batches; every module's training mode is restored afterwards.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for i, batch in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
-                cat, num, sequences = batch.inputs
-                logits, internals = model.forward_with_internals(
-                    cat.to(device), num.to(device), {k: v.to(device) for k, v in sequences.items()}
-                )
-                stats.update(internals)
-                yield logits, batch
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
-def collect(
-    model: MultiTaskModel,
-    batches: Iterable[TensorBatch],
-    max_batches: int | None = None,
-    sample_rows: int = 0,
-) -> ExpertStats:
-    """``ExpertStats`` of ``model`` over ``batches``; see ``observe``."""
-    stats = ExpertStats(sample_rows=sample_rows)
-    for _ in observe(model, batches, stats, max_batches):
-        pass
-    return stats
 
 
 @dataclass

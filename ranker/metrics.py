@@ -36,7 +36,6 @@ import numpy as np
 
 __all__ = [
     "METRICS",
-    "Scores",
     "auc",
     "calibration",
     "ece",
@@ -285,58 +284,6 @@ def _nanmean(values: Sequence[float]) -> float:
     # Explicit instead of np.nanmean, which warns on an all-nan slice.
     finite = [v for v in values if not np.isnan(v)]
     return float(sum(finite) / len(finite)) if finite else _NAN
-
-
-class Scores:
-    """A split's predictions, labels (``[N, T]``) and users (``[N]``), gathered batch by batch
-    into arrays allocated once for ``rows`` (doubled when more come).
-
-    One allocation per array, not one per batch: small arrays kept batch after batch fragment
-    the heap between the loader's large short-lived buffers, and memory then grows with the
-    split several times faster than the scores do (validating 790k rows: +0.28 GB for 57 MB
-    of scores). Rows never written are never touched, so planning for more costs nothing.
-    """
-
-    def __init__(self, rows: int, tasks: int) -> None:
-        rows = max(rows, 1)
-        self._probs = np.empty((rows, tasks), np.float32)
-        self._labels = np.empty((rows, tasks), np.float32)
-        self._users = np.empty(rows, np.int64)
-        self._lengths = np.empty(rows, np.int64)  # a history's length per row (-1: none)
-        self.size = 0
-
-    def add(
-        self,
-        probs: np.ndarray,
-        labels: np.ndarray,
-        users: np.ndarray,
-        lengths: np.ndarray | None = None,
-    ) -> None:
-        start, end = self.size, self.size + len(users)
-        if end > len(self._users):
-            self._grow(max(end, 2 * len(self._users)))
-        self._probs[start:end] = probs
-        self._labels[start:end] = labels
-        self._users[start:end] = users
-        self._lengths[start:end] = -1 if lengths is None else lengths
-        self.size = end
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """The history length of each row added so far (-1 where none was given)."""
-        return self._lengths[: self.size]
-
-    def _grow(self, rows: int) -> None:
-        for name in ("_probs", "_labels", "_users", "_lengths"):
-            old = getattr(self, name)
-            new = np.empty((rows, *old.shape[1:]), old.dtype)
-            new[: self.size] = old[: self.size]
-            setattr(self, name, new)
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(probs, labels, users) of the rows added so far (views)."""
-        n = self.size
-        return self._probs[:n], self._labels[:n], self._users[:n]
 
 
 def task_rows(

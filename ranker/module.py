@@ -13,14 +13,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from features.config import TaskSpec
+from features.contract import LOGITS, OUTPUT
 from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
 from ranker.experts import Routing
 from ranker.layers import IdDropout
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
-from ranker.metrics import Scores, task_metrics
-from ranker.models.base import MultiTaskModel
+from ranker.metrics import task_metrics
+from ranker.models.base import MultiTaskModel, Outputs
+from ranker.scoring import Scored, batch_outputs, graph_outputs
 from ranker.sharded_metrics import sharded_task_metrics
 
 # The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
@@ -130,7 +132,7 @@ class RankerModule(L.LightningModule):
         self.calibrator = Calibrator(len(self.tasks))  # the identity until fitted
         self.id_dropout = IdDropout(inputs.cat_names, id_dropout or {})
         self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
-        self._scores: dict[str, Scores] = {}
+        self._scores: dict[str, Scored] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._epoch_start = self._last_batch_end = 0.0
         self._epoch_samples = 0
@@ -143,7 +145,7 @@ class RankerModule(L.LightningModule):
 
     def forward(
         self, cat: torch.Tensor, num: torch.Tensor, sequences: dict[str, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    ) -> Outputs:
         return self.network(cat, num, sequences)
 
     # -- training -----------------------------------------------------------------------------
@@ -223,8 +225,8 @@ class RankerModule(L.LightningModule):
     def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
         labels = batch.labels
         cat, num, sequences = batch.inputs
-        logits, auxiliary = self.network.training_forward(self.id_dropout(cat), num, sequences)
-        _, per_task = masked_bce(logits, labels, self.task_weights)
+        outputs, auxiliary = self.network.training_forward(self.id_dropout(cat), num, sequences)
+        _, per_task = masked_bce(outputs[LOGITS], labels, self.task_weights)
         present = (~torch.isnan(labels)).any(0)
         extra = sum(auxiliary.values(), torch.zeros((), device=labels.device))
         loss = self.weighting(per_task, present) + extra
@@ -271,15 +273,12 @@ class RankerModule(L.LightningModule):
     # -- evaluation ---------------------------------------------------------------------------
 
     def _collect(self, stage: str, batch: TensorBatch) -> None:
-        labels, users = batch.labels, batch.users
-        logits = self.calibrator(self(*batch.inputs))
-        loss, _ = masked_bce(logits, labels, self.task_weights)
-        self.log(f"{stage}/loss", loss, batch_size=len(labels), sync_dist=True)
+        outputs = batch_outputs(self.network, batch)
+        loss, _ = masked_bce(self.calibrator(outputs[LOGITS]), batch.labels, self.task_weights)
+        self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
         if stage not in self._scores:
-            self._scores[stage] = Scores(self._planned_rows(stage, len(labels)), len(self.tasks))
-        self._scores[stage].add(
-            torch.sigmoid(logits).float().cpu().numpy(), labels.cpu().numpy(), users.cpu().numpy()
-        )
+            self._scores[stage] = Scored(self._planned_rows(stage, len(batch)))
+        self._scores[stage].add(graph_outputs(outputs, self.calibrator), batch)
 
     def _planned_rows(self, stage: str, batch_rows: int) -> int:
         """Rows this rank will score: its batches times the first's size (the largest)."""
@@ -294,8 +293,9 @@ class RankerModule(L.LightningModule):
 
     def _report(self, stage: str) -> None:
         # A rank that read no row group of the split still joins the collectives, with no rows.
-        scores = self._scores.pop(stage, None) or Scores(0, len(self.tasks))
-        probs, labels, users = scores.arrays()
+        scores = self._scores.pop(stage, None) or Scored()
+        probs, users = scores.output(OUTPUT, len(self.tasks)), scores.users
+        labels = scores.labels.reshape(-1, len(self.tasks))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Exact under DDP (GAUC's users span ranks), no rank holding more than its share.
             metrics = sharded_task_metrics(probs, labels, users, self.task_names)

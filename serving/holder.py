@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from features.contract import Fusion
 from serving.core.config import Settings
 from serving.core.metrics import Metrics
-from serving.model import Fusion, Scorer
+from serving.model import ModelError, Scorer
 from serving.registry import load_scorer, resolve_version
 
 log = logging.getLogger("ranker.serving")
@@ -34,7 +35,10 @@ class LoadedModel:
     @classmethod
     def of(cls, scorer: Scorer, fusion: Fusion) -> LoadedModel:
         """Refuses (``ModelError``) fusion weights naming a task the model lacks."""
-        return cls(scorer, fusion, fusion.vector(scorer.tasks))
+        try:
+            return cls(scorer, fusion, fusion.vector(scorer.tasks))
+        except ValueError as err:
+            raise ModelError(str(err)) from None
 
     def fuse(self, probabilities: np.ndarray) -> np.ndarray:
         """``[N, T]`` probabilities -> ``[N]`` ranking scores."""

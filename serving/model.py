@@ -134,6 +134,7 @@ class Scorer:
     item_table_path: Path | None = None
     optimized_path: Path | None = None  # the optimised graph export saved (used if it matches)
     tasks: list[str] = field(init=False)
+    outputs: list[str] = field(init=False)  # the graph's named outputs, ``OUTPUT`` among them
     columns: list[RawInput] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,7 +161,8 @@ class Scorer:
             raise ModelError(f"onnxruntime cannot load {self.path}: {err}") from None
         graph_inputs = {i.name for i in self.session.get_inputs()}
         missing = [c.name for c in self.columns if c.name not in graph_inputs]
-        if missing or [o.name for o in self.session.get_outputs()] != [OUTPUT]:
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        if missing or OUTPUT not in self.outputs:
             raise ModelError(f"{self.path} lacks inputs {missing} or the '{OUTPUT}' output")
         self.by_name = {c.name: c for c in self.columns}
         self.user_table = self._table(self.user_table_path, self.user_key, "user")
@@ -195,6 +197,7 @@ class Scorer:
             "graph": "optimized at export" if self.graph != self.path else "optimized at start-up",
             "quantized": self.quantized or "no",
             "tasks": self.tasks,
+            "outputs": self.outputs,
             "user_key": self.user_key,
             "item_key": self.item_key,
             "inputs": [c.to_dict() for c in self.columns],
@@ -341,24 +344,3 @@ class Scorer:
 
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([OUTPUT], feeds)[0]
-
-
-@dataclass(frozen=True)
-class Fusion:
-    """How task probabilities become one ranking score: ``sum`` = sum_t w_t p_t,
-    ``product`` = prod_t p_t ** w_t (computed as exp(sum_t w_t log p_t))."""
-
-    kind: str = "sum"
-    weights: Mapping[str, float] = field(default_factory=dict)  # task -> weight; absent = 1
-
-    def vector(self, tasks: Sequence[str]) -> np.ndarray:
-        unknown = sorted(set(self.weights) - set(tasks))
-        if unknown:
-            raise ModelError(f"fusion weights name tasks the model lacks: {unknown} ({tasks})")
-        return np.array([float(self.weights.get(t, 1.0)) for t in tasks])
-
-    def __call__(self, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        p = probs.astype(np.float64)
-        if self.kind == "product":
-            return np.exp(np.log(np.clip(p, 1e-12, 1.0)) @ weights)
-        return p @ weights

@@ -31,15 +31,17 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def parse(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
-    rest = uri.removeprefix("models:/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, alias, None
-    name, _, version = rest.partition("/")
-    if not name or not version:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3").
+    The one reading of a registry reference (the service, ``predict`` and ``--warm_start``)."""
+    rest = uri.removeprefix("models:/") if uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    version = None
+    if not at:
+        name, _, version = rest.partition("/")
+    parts = (name, alias) if at else (name, version)
+    if not all(parts) or "/" in "".join(parts) or not (at or version.isdigit()):
         raise ModelError(f"'{uri}' is neither models:/<name>@<alias> nor models:/<name>/<version>")
-    return name, None, version
+    return name, alias or None, version
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:

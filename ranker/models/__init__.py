@@ -1,4 +1,7 @@
-"""The model zoo. Every model: ``forward(cat [B, F_cat], num [B, F_num]) -> logits [B, T]``."""
+"""The model zoo. Every model has one signature (``ranker.models.base``):
+
+``forward(cat [B, F_cat], num [B, F_num], sequences {name: [B, L]}) -> {"logits": [B, T], ...}``
+"""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from torch import nn
 from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.experts import ExpertLayer, GateSpec, Internals, PoolSpec, Routing
-from ranker.models.base import ExpertModel, Sequences
+from ranker.models.base import ExpertModel, Outputs, Sequences
 from ranker.sequence import TargetAttention
 
 
@@ -114,27 +114,25 @@ class AWMoE(ExpertModel):
             for k, unit in self.attention.items()
         }
 
-    def _logits(
+    def _outputs(
         self,
         cat: torch.Tensor,
         num: torch.Tensor,
         sequences: Sequences,
         internals: Internals | None,
         gates: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    ) -> Outputs:
         gates = self.gate_inputs(cat, sequences) if gates is None else gates
         return self.towers_on({"x": self.embed(cat, num, sequences), **gates}, internals)
 
-    def forward(
-        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
-    ) -> torch.Tensor:
-        return self._logits(cat, num, sequences, None)
+    def forward(self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None) -> Outputs:
+        return self._outputs(cat, num, sequences, None)
 
     def forward_with_internals(
         self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
-    ) -> tuple[torch.Tensor, Internals]:
+    ) -> tuple[Outputs, Internals]:
         internals = Internals()
-        return self._logits(cat, num, sequences, internals), internals
+        return self._outputs(cat, num, sequences, internals), internals
 
     def gate_probabilities(self, gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each task gate's softmax (before any top-k) on gate inputs ``gates``: ``[B, E]``."""
@@ -160,12 +158,12 @@ class AWMoE(ExpertModel):
 
     def training_forward(
         self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[Outputs, dict[str, torch.Tensor]]:
         gates = self.gate_inputs(cat, sequences)  # once, for the logits and the contrast
         internals = Internals() if self.routed else None
-        logits = self._logits(cat, num, sequences, internals, gates)
+        outputs = self._outputs(cat, num, sequences, internals, gates)
         auxiliary = self.auxiliary_losses(internals) if internals is not None else {}
         if self.contrastive_weight:
             loss = self.contrastive_loss(cat, sequences, gates)
             auxiliary["contrastive"] = self.contrastive_weight * loss
-        return logits, auxiliary
+        return outputs, auxiliary

@@ -1,5 +1,12 @@
 """The one signature every model of the zoo has:
-``forward(cat [B, F_cat], num [B, F_num], sequences {name: [B, L]}) -> logits [B, T]``."""
+``forward(cat [B, F_cat], num [B, F_num], sequences {name: [B, L]}) -> {name: tensor}``.
+
+A model returns **named outputs** (``Outputs``): ``logits [B, T]`` (``features.contract.LOGITS``)
+for every ranker, the output the loss, the metrics and calibration read; a model of another kind
+adds its own names (an uplift model's ``arm_logits [B, A, T]``, a second head per task), and
+scoring (``ranker.scoring``), export (one graph output per name) and ``ranker predict`` carry
+them through without code of their own.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import torch
 from torch import nn
 
 from features.config import TaskSpec
-from features.contract import RequestLayout
+from features.contract import LOGITS, RequestLayout
 from features.history import ranker_cache
 from features.state import InputSpec
 from ranker.experts import Internals
@@ -18,10 +25,12 @@ from ranker.layers import FusedEmbedding, RequestSplit, Tower, towers_together
 from ranker.sequence import SequencePooling
 
 Sequences = dict[str, torch.Tensor] | None
+Outputs = dict[str, torch.Tensor]  # name -> tensor; always ``logits [B, T]``
 
 
 class MultiTaskModel(nn.Module):
-    """Embeds the inputs once; subclasses map the embedded ``x`` to one logit per task.
+    """Embeds the inputs once; subclasses map the embedded ``x`` to named outputs (``head``),
+    ``logits [B, T]`` among them.
 
     ``x`` is every categorical feature's embedding, the numeric inputs, then each sequence
     pooled (``ranker.sequence``): so every model reads sequences without code of its own.
@@ -126,25 +135,25 @@ class MultiTaskModel(nn.Module):
         """Representation names of the tasks: ``task:<name>``."""
         return [f"task:{t.name}" for t in self.tasks]
 
-    def forward(
-        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
-    ) -> torch.Tensor:
+    def forward(self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None) -> Outputs:
         return self.head(self.embed(cat, num, sequences), None)
 
     def forward_with_internals(
         self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
-    ) -> tuple[torch.Tensor, Internals]:
+    ) -> tuple[Outputs, Internals]:
         internals = Internals()
         return self.head(self.embed(cat, num, sequences), internals), internals
 
-    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
+    def head(self, x: torch.Tensor, internals: Internals | None) -> Outputs:
+        """The named outputs of the embedded input ``x`` ``[B, input_dim]`` (or a
+        ``RequestSplit`` of it, where ``splits_request``)."""
         raise NotImplementedError
 
     def training_forward(
         self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and the model's auxiliary losses (named, weighted, added to the task loss):
-        none by default."""
+    ) -> tuple[Outputs, dict[str, torch.Tensor]]:
+        """The outputs and the model's auxiliary losses (named, weighted, added to the task
+        loss): none by default."""
         return self(cat, num, sequences), {}
 
 
@@ -164,13 +173,13 @@ class ExpertModel(MultiTaskModel):
 
     def training_forward(
         self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[Outputs, dict[str, torch.Tensor]]:
         """With a balance loss (``Routing.balance``): ``balance`` = the mean over top-k gates
         of ``alpha * sum_i f_i P_i``."""
         if not self.routed:
             return self(cat, num, sequences), {}
-        logits, internals = self.forward_with_internals(cat, num, sequences)
-        return logits, self.auxiliary_losses(internals)
+        outputs, internals = self.forward_with_internals(cat, num, sequences)
+        return outputs, self.auxiliary_losses(internals)
 
     @property
     def routed(self) -> bool:
@@ -187,12 +196,12 @@ class ExpertModel(MultiTaskModel):
         width = self.layers[-1].output_dim
         self.towers = nn.ModuleList(Tower(width, hidden, activation, dropout) for _ in self.tasks)
 
-    def head(self, x: torch.Tensor, internals: Internals | None) -> torch.Tensor:
+    def head(self, x: torch.Tensor, internals: Internals | None) -> Outputs:
         return self.towers_on({"x": x}, internals)
 
-    def towers_on(self, reps: dict[str, torch.Tensor], internals: Internals | None) -> torch.Tensor:
+    def towers_on(self, reps: dict[str, torch.Tensor], internals: Internals | None) -> Outputs:
         """The layers over the named representations ``reps`` (``x`` and any a model adds),
-        then the towers: logits ``[B, T]``."""
+        then the towers: ``{"logits": [B, T]}``."""
         for layer in self.layers:
             reps = layer(reps, internals)
-        return towers_together(self.towers, [reps[k] for k in self.task_keys])
+        return {LOGITS: towers_together(self.towers, [reps[k] for k in self.task_keys])}

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from features.config import TaskSpec
+from features.contract import LOGITS
 from features.state import InputSpec
 from ranker.experts import Internals
 from ranker.layers import MLP, RequestSplit, Tower, linear
-from ranker.models.base import MultiTaskModel
+from ranker.models.base import MultiTaskModel, Outputs
 
 
 class SharedBottom(MultiTaskModel):
@@ -42,10 +43,10 @@ class SharedBottom(MultiTaskModel):
 
     splits_request = True  # the bottom's first layer splits per part
 
-    def head(self, x: torch.Tensor | RequestSplit, internals: Internals | None) -> torch.Tensor:
+    def head(self, x: torch.Tensor | RequestSplit, internals: Internals | None) -> Outputs:
         h = linear(x, self.bottom[0])
         for layer in list(self.bottom)[1:]:
             h = layer(h)
         if internals is not None:  # the bottom is the one (shared) expert every task uses
             internals.experts["bottom/shared"] = h.unsqueeze(1)
-        return torch.stack([tower(h) for tower in self.towers], dim=1)
+        return {LOGITS: torch.stack([tower(h) for tower in self.towers], dim=1)}

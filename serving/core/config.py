@@ -5,14 +5,13 @@ sets them, and so do ``RANKER_SERVE_<NAME>`` environment variables (how each wor
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.model import Fusion
+from features.contract import Fusion
 
 ENV_PREFIX = "RANKER_SERVE_"
 
@@ -44,8 +43,9 @@ class Settings(BaseSettings):
     )
     weights: dict[str, float] = Field(
         default_factory=dict,
-        description='task -> fusion weight, absent tasks weigh 1: \'{"click": 1, "like": 4}\' '
-        "or --weights click=1 --weights like=4",
+        description='task -> fusion weight: \'{"click": 1, "like": 4}\' or --weights click=1 '
+        "--weights like=4; only the tasks named count (the others weigh 0), none named: every "
+        "task weighs 1 (the rule of ranker predict --fusion too)",
     )
     max_candidates: int = Field(1000, ge=1, description="the most candidates one request holds")
     max_body_bytes: int = Field(1_000_000, ge=1, description="the largest request body")
@@ -65,9 +65,7 @@ class Settings(BaseSettings):
     @field_validator("weights")
     @classmethod
     def _finite(cls, weights: dict[str, float]) -> dict[str, float]:
-        bad = sorted(task for task, w in weights.items() if not math.isfinite(w))
-        if bad:
-            raise ValueError(f"fusion weights must be finite numbers: {bad}")
+        Fusion(weights=weights)  # refuses NaN and infinite weights
         return weights
 
     @property

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from features.config import ConfigError, DatasetConfig
+from features.history import latest_histories
 from features.source import LogSource
 
 
@@ -262,3 +263,39 @@ def test_empty_files_and_row_groups_get_empty_sidecars(tmp_path: Path) -> None:
             frame.with_columns(pl.col("item_id").cast(pl.Int64)), "item_id", "click", 5
         )
     ]
+
+
+def test_the_latest_history_is_what_an_impression_after_the_log_derives(tmp_path: Path) -> None:
+    """The service's snapshot (``latest_histories``) and training's per-impression rule agree:
+    one more impression per user after the whole log derives exactly the snapshot."""
+    frame = random_log(seed=5)
+    users = frame["user_id"].unique().sort()
+    after = pl.DataFrame(
+        {
+            "user_id": users,
+            "item_id": pl.Series([0] * len(users), dtype=frame["item_id"].dtype),
+            "author_id": pl.Series([0] * len(users), dtype=frame["author_id"].dtype),
+            "ts": pl.Series([10**6] * len(users), dtype=pl.Int64),
+            "date": pl.Series([3] * len(users), dtype=pl.Int64),
+            "click": [False] * len(users),
+            "like": pl.Series([0] * len(users), dtype=frame["like"].dtype),
+        }
+    )
+    log = write(pl.concat([frame, after]), tmp_path / "log", files=1)
+    cfg = config(tmp_path, log)
+    source = LogSource(cfg, history_cache=tmp_path / "cache")
+    got = source._scan(derived=True).filter(pl.col("ts") == 10**6).collect().sort("user_id")
+    specs = [s for s in cfg.sequences if s.derived]
+    values = [cfg.feature(s.vocabulary_of).column for s in specs]
+    latest = pl.concat(
+        [
+            h.collect().sort("user_id")
+            for h in latest_histories(frame.lazy(), "user_id", specs, values)
+        ],
+        how="align",
+    )
+    snapshot = dict(zip(latest["user_id"], latest.select("history", "authors").rows(), strict=True))
+    for user, history, authors in got.select("user_id", "history", "authors").iter_rows():
+        expected = snapshot.get(user, ([], []))
+        assert (list(history), list(authors)) == (list(expected[0]), list(expected[1]))
+    assert sum(len(h) for h in got["history"].to_list()) > 50  # real histories compared

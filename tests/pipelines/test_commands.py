@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import fit_cli
-from pipelines.commands import COMMANDS, main
+from pipelines.commands import JOBS, main
 from tests.pipelines.test_fit_e2e import fit_args
 
 
@@ -18,12 +18,12 @@ def test_the_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> Non
         main(["--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    for command in COMMANDS:
+    for command in JOBS:
         assert f"  {command} " in out
-    assert set(COMMANDS) >= {"synth", "fit", "tune", "evaluate", "compare", "export", "serve"}
+    assert set(JOBS) >= {"synth", "fit", "tune", "evaluate", "compare", "export", "serve"}
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", list(JOBS))
 def test_each_command_has_its_own_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         main([command, "--help"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from features.contract import NULL_INT, REQUEST_CAT, REQUEST_INDEX, REQUEST_NUM
+from features.contract import NULL_INT, OUTPUT, REQUEST_CAT, REQUEST_INDEX, REQUEST_NUM
 from features.datamodule import RankerDataModule
 from features.onnx_graph import (
     preprocessing_model,
@@ -25,14 +25,10 @@ from features.onnx_graph import (
 )
 from pipelines.checkpoints import RunError
 from pipelines.commands import main
-from pipelines.export import (
-    build,
-    check_parity,
-    export,
-    parity_rows,
-    promote,
-    torch_probabilities,
-)
+from pipelines.export import export
+from pipelines.export.graph import scorer_graph
+from pipelines.export.parity import check_parity, parity_rows, torch_outputs
+from pipelines.export.registry import promote
 from ranker.models import build as build_network
 from ranker.module import RankerModule
 from tests.conftest import KUAIRAND_CONFIG, SYNTHETIC_CONFIG, Runs
@@ -218,7 +214,7 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
             p.add_(0.05 * torch.randn_like(p))
     tasks = len(data.tasks)  # a fitted calibration travels into the graph
     module.calibrator.set(np.linspace(0.5, 1.5, tasks), np.linspace(-0.4, 0.4, tasks))
-    model = build(module, data)
+    model = scorer_graph(module, data.state, data.config)
     if "routing" in network["init_args"]:  # top-k routing is in the graph, not folded away
         assert "TopK" in {node.op_type for node in model.graph.node}
     parity = check_parity(session_of(model), module, data, rows=10_000, tolerance=1e-5)
@@ -230,7 +226,7 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
     inputs = raw_inputs(data.state, data.config.features)
     got = session_of(model).run(["probabilities"], raw_feeds(frame, inputs))[0]
     module.calibrator.set(np.ones(tasks), np.zeros(tasks))
-    assert np.abs(got - torch_probabilities(module, data.state, frame)).max() > 1e-2
+    assert np.abs(got - torch_outputs(module, data.state, frame)[OUTPUT]).max() > 1e-2
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["ranker.tasks"]) == [t.name for t in data.tasks]
     assert [i["name"] for i in json.loads(meta["ranker.inputs"])] == [

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.commands import main
-from pipelines.evaluate import score
+from pipelines.evaluate import score_split
 from pipelines.export import export
 from pipelines.predict import predict
 from ranker.calibration import probabilities
@@ -62,8 +62,8 @@ def test_one_row_out_per_row_in_equal_to_evaluate(scored: Path, runs: Runs, tiny
     client = MlflowClient(runs.uri)
     with tempfile.TemporaryDirectory() as tmp:
         module, data = load(locate(runs.mmoe, client, Path(tmp)), client, Path(tmp))
-    scores, _ = score(module, data, "test")
-    logits, _, users = scores.arrays()
+    scored, _ = score_split(module, data, "test")
+    logits, users = scored.outputs["logits"], scored.users
     expected = probabilities(logits, module.calibrator)
     test = out.filter(pl.col("date") > pl.lit("2024-01-13").str.to_date())
     tasks = [f"p_{t.name}" for t in module.tasks]
@@ -143,7 +143,7 @@ def test_bad_input_is_named(
     err = error("--log_path", str(tiny_log), "--out", str(tmp_path / "c"))
     assert "holds an earlier result; pass --overwrite" in err
     err = error("--log_path", str(tiny_log), "--out", str(tmp_path / "d"), "--fusion", "{clik: 1}")
-    assert "--fusion names tasks the model does not have: ['clik']" in err
+    assert "--fusion: fusion weights name tasks the model lacks: ['clik']" in err
 
 
 def test_a_registered_model_and_an_exported_file_score_the_same(

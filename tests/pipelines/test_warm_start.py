@@ -14,12 +14,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from features.config import FeatureSpec
+from features.contract import OUTPUT
 from features.datamodule import RankerDataModule
 from features.state import CategoricalState, grown
 from features.synth import generate
 from pipelines.checkpoints import locate, read_checkpoint
 from pipelines.evaluate import compare
-from pipelines.export import parity_rows, torch_probabilities
+from pipelines.export.parity import parity_rows, torch_outputs
 from pipelines.warm_start import TAG_PARENT_RUN, TAG_WARM_START, resolve, take_weights
 from ranker.module import RankerModule
 from tests.conftest import SYNTHETIC_CONFIG, fit
@@ -87,13 +88,14 @@ def test_a_warm_start_scores_the_ids_its_parent_knew_as_the_parent(line: Line) -
     assert 200 < new.sum() < len(frame) - 200
     known = pl.Series(~new)
     np.testing.assert_allclose(
-        torch_probabilities(child, state, frame.filter(known)),
-        torch_probabilities(parent.module, parent.state, frame.filter(known)),
+        torch_outputs(child, state, frame.filter(known))[OUTPUT],
+        torch_outputs(parent.module, parent.state, frame.filter(known))[OUTPUT],
         rtol=0,
         atol=1e-6,
     )
-    differs = torch_probabilities(child, state, frame.filter(~known)) != torch_probabilities(
-        parent.module, parent.state, frame.filter(~known)
+    differs = (
+        torch_outputs(child, state, frame.filter(~known))[OUTPUT]
+        != torch_outputs(parent.module, parent.state, frame.filter(~known))[OUTPUT]
     )
     assert differs.any(axis=1).mean() > 0.9  # new ids read their own (new) rows
 

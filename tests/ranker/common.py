@@ -8,7 +8,11 @@ import torch
 import yaml
 
 from features.config import TaskSpec
+from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
+from ranker.diagnostics import ExpertStats
+from ranker.models.base import MultiTaskModel
+from ranker.scoring import score
 
 INPUTS = InputSpec(("user", "item", "hour"), (40, 60, 24), (8, 8, 4), ("age", "duration"))
 TASKS = (
@@ -70,3 +74,15 @@ def sequences(n: int, seed: int = 0, empty_every: int = 3) -> dict[str, torch.Te
         pad = torch.arange(spec.max_len) < (spec.max_len - lengths)[:, None]
         out[spec.name] = ids.masked_fill(pad, 0)
     return out
+
+
+def expert_stats(
+    model: MultiTaskModel,
+    batches: list[TensorBatch],
+    sample_rows: int = 0,
+    max_batches: int | None = None,
+) -> ExpertStats:
+    """The expert statistics of scoring ``batches`` (as ``ranker evaluate`` gathers them)."""
+    stats = ExpertStats(sample_rows=sample_rows)
+    score(model, batches, internals=stats.update, max_batches=max_batches)
+    return stats

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from features.datamodule import TensorBatch
-from ranker.diagnostics import ExpertStats, HealthLimits, collect, health
+from ranker.diagnostics import ExpertStats, HealthLimits, health
 from ranker.experts import Internals
 from ranker.models import PLE, AdaTT, HoME, MMoE, MultiTaskModel, SharedBottom, build
-from tests.ranker.common import INPUTS, SMALL, TASKS, batch
+from tests.ranker.common import INPUTS, SMALL, TASKS, batch, expert_stats
 
 NAMES = [t.name for t in TASKS]
 RATES = {"click": 0.3, "long_view": 0.2, "like": 0.02, "comment": 0.008}
@@ -42,7 +42,7 @@ def cgc() -> PLE:
 
 
 def report_of(model: MultiTaskModel, **kwargs: object):
-    return health(collect(model, batches()), NAMES, positive_rates=RATES, **kwargs)
+    return health(expert_stats(model, batches()), NAMES, positive_rates=RATES, **kwargs)
 
 
 def test_a_healthy_mmoe_has_no_collapse() -> None:
@@ -211,15 +211,15 @@ def test_shared_bottom_has_experts_and_an_empty_gate_matrix() -> None:
     assert data["tasks"][0]["own_mass"] is None and data["tasks"][0]["positive_rate"] == 0.3
 
 
-def test_collect_restores_training_mode_and_stops_at_max_batches() -> None:
+def test_scoring_restores_training_mode_and_stops_at_max_batches() -> None:
     model = mmoe()
     model.train()
     model.towers[0].eval()  # a mixed state comes back as it was
-    stats = collect(model, batches(4, n=16), max_batches=2)
+    stats = expert_stats(model, batches(4, n=16), max_batches=2)
     assert stats.batches == 2 and stats.gate_rows["mmoe/task:click"] == 32
     assert model.training and not model.towers[0].training and model.towers[1].training
     model.eval()
-    collect(model, batches(1, n=16))
+    expert_stats(model, batches(1, n=16))
     assert not any(m.training for m in model.modules())
 
 
@@ -242,8 +242,8 @@ def test_a_dead_expert_and_a_pinned_gate_are_collapsed_and_a_healthy_model_is_no
 def test_the_output_sample_is_uniform_rows_and_independent_of_batching() -> None:
     model = mmoe()
     data = batches(4, n=40)
-    by_batch = collect(model, data, sample_rows=50)
-    whole = collect(
+    by_batch = expert_stats(model, data, sample_rows=50)
+    whole = expert_stats(
         model,
         [
             TensorBatch(
@@ -266,4 +266,4 @@ def test_the_output_sample_is_uniform_rows_and_independent_of_batching() -> None
         ).numpy()
     matches = (sample[:, None] == outputs[None]).all(axis=(2, 3))
     assert (matches.sum(axis=1) == 1).all() and len(set(matches.argmax(axis=1))) == 50
-    assert collect(model, data).samples == {}  # off by default
+    assert expert_stats(model, data).samples == {}  # off by default

@@ -30,7 +30,7 @@ FUSED = [
 
 def logits_and_grads(model: torch.nn.Module, cat, num) -> tuple[torch.Tensor, dict]:
     model.zero_grad()
-    logits = model(cat, num)
+    logits = model(cat, num)["logits"]
     (logits * torch.linspace(-1, 1, logits.shape[1])).sum().backward()
     grads = {n: p.grad.to_dense() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), grads

@@ -11,7 +11,6 @@ from sklearn.metrics import roc_auc_score
 
 from ranker.metrics import (
     METRICS,
-    Scores,
     auc,
     calibration,
     ece,
@@ -306,25 +305,6 @@ def test_reliability_bins_hold_equal_row_counts_of_sorted_predictions(n: int) ->
     assert (rows * rate).sum() == pytest.approx(y.sum())
     empty = reliability(np.zeros(0), np.zeros(0))
     assert all(len(a) == 0 for a in empty)
-
-
-@pytest.mark.parametrize("planned", [0, 5, 37, 1000])
-def test_scores_hold_every_batch_in_order_whatever_was_planned(planned: int) -> None:
-    rng = np.random.default_rng(planned)
-    batches = [
-        (rng.random((n, 3), np.float32), rng.random((n, 3)), rng.integers(0, 9, n))
-        for n in (8, 8, 7, 0, 14)
-    ]
-    scores = Scores(planned, tasks=3)
-    for batch in batches:
-        scores.add(*batch)
-    probs, labels, users = scores.arrays()
-    assert scores.size == 37
-    np.testing.assert_array_equal(probs, np.concatenate([b[0] for b in batches]))
-    expected = np.concatenate([b[1] for b in batches]).astype(np.float32)
-    np.testing.assert_array_equal(labels, expected)
-    np.testing.assert_array_equal(users, np.concatenate([b[2] for b in batches]))
-    assert (probs.dtype, labels.dtype, users.dtype) == (np.float32, np.float32, np.int64)
 
 
 def test_task_metrics_same_from_float32_and_float64_inputs() -> None:

@@ -59,7 +59,7 @@ def test_fused_embedding_offsets_and_sparse_gradients() -> None:
 def test_signature_and_finite_outputs(name: str) -> None:
     model = MODELS[name]()
     cat, num = batch()
-    logits = model(cat, num)
+    logits = model(cat, num)["logits"]
     assert logits.shape == (64, len(TASKS)) and torch.isfinite(logits).all()
 
 
@@ -77,7 +77,7 @@ def test_a_few_steps_lower_the_loss(name: str) -> None:
     optimizers = [torch.optim.AdamW(dense, lr=1e-2), torch.optim.SparseAdam(sparse, lr=1e-2)]
     first = None
     for _ in range(30):
-        loss, _ = masked_bce(model(cat, num), labels, weights)
+        loss, _ = masked_bce(model(cat, num)["logits"], labels, weights)
         first = first if first is not None else loss.item()
         for opt in optimizers:
             opt.zero_grad()

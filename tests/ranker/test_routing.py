@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ranker.diagnostics import collect, health
+from features.datamodule import TensorBatch
+from ranker.diagnostics import health
 from ranker.experts import Routing
 from ranker.models import AWMoE, MMoE
-from tests.ranker.common import INPUTS, ITEM, SEQ_INPUTS, TASKS, batch, sequences
+from tests.ranker.common import INPUTS, ITEM, SEQ_INPUTS, TASKS, batch, expert_stats, sequences
 
 
 def test_top_k_keeps_exactly_k_weights_per_row_summing_to_one() -> None:
@@ -67,8 +68,8 @@ def topk_mmoe(**routing: float) -> MMoE:
 def test_a_gradient_reaches_exactly_the_experts_that_received_rows() -> None:
     model = topk_mmoe(top_k=1, granularity=4)  # 16 routed experts
     cat, num = batch(2)  # 2 rows x 4 gates x top-1: at most 8 of the 16 get rows
-    logits, internals = model.forward_with_internals(cat, num)
-    logits.sum().backward()
+    outputs, internals = model.forward_with_internals(cat, num)
+    outputs["logits"].sum().backward()
     routed = torch.zeros(16, dtype=torch.bool)
     for _, weights in internals.gates.values():
         routed |= (weights > 0).any(0)
@@ -104,7 +105,8 @@ def test_the_balance_loss_trains_and_the_report_shows_load_and_idle_experts() ->
     with torch.no_grad():
         for gate in model.layers[0].gates.values():
             gate.bias[0] = -1e4
-    stats = collect(model, [type("B", (), {"inputs": (cat, num, {})})()])
+    labels = torch.zeros(len(cat), len(TASKS))
+    stats = expert_stats(model, [TensorBatch(cat, num, labels, torch.arange(len(cat)))])
     report = health(stats, [t.name for t in TASKS])
     assert "routing: expert mmoe/shared/0 receives no rows (no top-k gate routes to it)" in (
         report.flags
@@ -160,7 +162,8 @@ def test_aw_moe_trains_its_gates_from_the_history_and_needs_one() -> None:
     model = aw_moe(contrastive_weight=0.1)
     cat, num = batch(64)
     seqs = sequences(64)
-    logits, auxiliary = model.training_forward(cat, num, seqs)
+    outputs, auxiliary = model.training_forward(cat, num, seqs)
+    logits = outputs["logits"]
     assert set(auxiliary) == {"contrastive"} and logits.shape == (64, len(TASKS))
     (logits.sum() + auxiliary["contrastive"]).backward()
     for k, unit in model.attention.items():

@@ -49,7 +49,7 @@ def test_every_zoo_model_trains_with_sequences(path: Path) -> None:
     for step in range(40):
         for o in optimisers:
             o.zero_grad()
-        loss, _ = masked_bce(model(cat, num, seqs), labels, torch.ones(len(TASKS)))
+        loss, _ = masked_bce(model(cat, num, seqs)["logits"], labels, torch.ones(len(TASKS)))
         loss.backward()
         if step == 0:
             attention = model.pooling.attention["clicked"].mlp[0].weight.grad
@@ -67,7 +67,7 @@ def test_empty_and_unknown_histories_are_finite_with_finite_gradients() -> None:
         {s.name: torch.zeros(8, s.max_len, dtype=torch.int64) for s in SEQ_INPUTS.sequences},
         sequences(8, empty_every=1),
     ):
-        logits = model(cat, num, seqs)
+        logits = model(cat, num, seqs)["logits"]
         assert torch.isfinite(logits).all()
         logits.sum().backward()
         for name, p in model.named_parameters():

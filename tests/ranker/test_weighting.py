@@ -35,7 +35,7 @@ def test_uncertainty_weights_move_toward_the_clean_task() -> None:
         clean = (cat[:, 1] % 2).float()
         noisy = torch.randint(0, 2, (256,), generator=g).float()
         labels = torch.stack([clean, noisy], 1)
-        _, per_task = masked_bce(module(cat, num), labels, module.task_weights)
+        _, per_task = masked_bce(module(cat, num)["logits"], labels, module.task_weights)
         loss = module.weighting(per_task)
         for o in optimisers:
             o.zero_grad()
@@ -93,7 +93,7 @@ def test_pcgrad_gradients_are_the_projected_task_gradients() -> None:
     labels = torch.stack([(cat[:, 1] % 2).float(), 1 - (cat[:, 1] % 2).float()], 1)
 
     def per_task() -> torch.Tensor:
-        return masked_bce(module(cat, num), labels, module.task_weights)[1]
+        return masked_bce(module(cat, num)["logits"], labels, module.task_weights)[1]
 
     alone = []
     for t in range(2):

@@ -55,10 +55,10 @@ def rows(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
 def test_every_config_builds_with_the_signature(path: Path) -> None:
     model = from_config(path, SEQ_INPUTS)
     inputs = rows()
-    logits = model(*inputs)
+    logits = model(*inputs)["logits"]
     assert logits.shape == (32, len(TASKS)) and torch.isfinite(logits).all()
     again, internals = model.forward_with_internals(*inputs)
-    torch.testing.assert_close(logits, again)
+    torch.testing.assert_close(logits, again["logits"])
     for name, (experts, weights) in internals.gates.items():
         assert weights.shape == (32, len(experts)), name
         torch.testing.assert_close(weights.sum(1), torch.ones(32))
@@ -73,7 +73,7 @@ def test_gradient_reaches_every_parameter(path: Path) -> None:
     first_step = {}
     for step in range(2):
         model.zero_grad()
-        model(*inputs).sum().backward()
+        model(*inputs)["logits"].sum().backward()
         for name, p in model.named_parameters():
             if step == 0:
                 first_step[name] = p.grad is not None and bool(p.grad.to_dense().abs().sum() > 0)
@@ -87,7 +87,7 @@ def test_gradient_reaches_every_parameter(path: Path) -> None:
 
 def test_every_expert_gate_and_feature_gate_gets_gradient_at_the_first_step() -> None:
     model = from_config(CONFIGS / "model" / "home.yaml", **SMALL)
-    model(*batch()).sum().backward()
+    model(*batch())["logits"].sum().backward()
     for name, p in model.named_parameters():
         if "embedding" in name or name.endswith("feature_gate.down"):
             continue  # sparse rows / the gate's B, zero-gradient while A = 0 by design
@@ -155,11 +155,11 @@ def test_home_task_gates_never_see_another_groups_experts() -> None:
         assert not [e for e in experts if other in e]
     assert len(internals.gates["meta/shared"][0]) == 2 + 2 + 2  # the shared gate sees all
     # Changing the interaction group's task-layer experts leaves the watch tasks untouched.
-    before = model(cat, num)
+    before = model(cat, num)["logits"]
     task_layer = model.layers[1]
     perturb(task_layer.pools["group:interaction"])
     perturb(task_layer.pools["task:like"])
-    after = model(cat, num)
+    after = model(cat, num)["logits"]
     torch.testing.assert_close(after[:, :2], before[:, :2])
     assert not torch.allclose(after[:, 2], before[:, 2])
 
@@ -190,8 +190,8 @@ def test_batchnorm_experts_behave_in_eval_mode() -> None:
     for _ in range(3):
         model(cat, num)  # training mode: running statistics move
     model.eval()
-    whole = model(cat, num)
-    alone = torch.cat([model(cat[i : i + 1], num[i : i + 1]) for i in range(4)])
+    whole = model(cat, num)["logits"]
+    alone = torch.cat([model(cat[i : i + 1], num[i : i + 1])["logits"] for i in range(4)])
     torch.testing.assert_close(whole[:4], alone)  # a row's score does not depend on its batch
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert norms and all(n.num_batches_tracked > 0 for n in norms)
@@ -221,7 +221,7 @@ def test_a_few_steps_lower_the_loss(path: Path) -> None:
     optimizers = [torch.optim.AdamW(dense, lr=1e-2), torch.optim.SparseAdam(sparse, lr=1e-2)]
     losses = []
     for _ in range(40):
-        loss, _ = masked_bce(model(cat, num, seqs), labels, torch.ones(len(TASKS)))
+        loss, _ = masked_bce(model(cat, num, seqs)["logits"], labels, torch.ones(len(TASKS)))
         losses.append(loss.item())
         for opt in optimizers:
             opt.zero_grad()

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from pipelines.export import Exported, export, promote
+from pipelines.export import Exported, export
+from pipelines.export.registry import promote
 from tests.conftest import Runs
 from tests.serving.conftest import Server, start, stop
 

@@ -13,10 +13,13 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
+from features.contract import OUTPUT, Fusion
 from pipelines.checkpoints import load, locate
-from pipelines.export import Exported, parity_rows, torch_probabilities
+from pipelines.export import Exported
+from pipelines.export.parity import parity_rows, torch_outputs
+from pipelines.predict import output_frame
 from tests.conftest import Runs
-from tests.serving.conftest import RANKER, Server, free_port
+from tests.serving.conftest import RANKER, Server, free_port, start, stop
 
 USER_COLUMNS = ("user_gender", "user_age", "user_city_tier", "user_active_degree")
 USER_NUMBERS = ("user_follow_count", "user_register_days")
@@ -45,7 +48,7 @@ def scored(runs: Runs, tmp_path_factory: pytest.TempPathFactory):
     assert len(first[HISTORY][0]) > 0
     return (
         rows,
-        torch_probabilities(module, data.state, rows),
+        torch_outputs(module, data.state, rows)[OUTPUT],
         [t.name for t in module.tasks],
         module,
         data,
@@ -111,7 +114,7 @@ def test_histories_from_the_user_table_and_inline(server: Server, scored, export
     latest = table.filter(pl.col("user_id") == user)[HISTORY][0]
     assert len(latest) == 20  # the snapshot: the user's last 20 clicks in the whole log
     as_table = rows.with_columns(pl.Series(HISTORY, [latest] * rows.height))
-    expected = torch_probabilities(module, data.state, as_table)
+    expected = torch_outputs(module, data.state, as_table)[OUTPUT]
     ids = rows["item_id"].to_list()
     with server.client() as http:
         plain = http.post("/v1/rank", json=request_of(rows, inline=True, history=False)).json()
@@ -127,7 +130,7 @@ def test_histories_from_the_user_table_and_inline(server: Server, scored, export
         assert answer.status_code == 200, answer.text
         np.testing.assert_allclose(
             probabilities(answer.json(), ids, tasks),
-            torch_probabilities(module, data.state, empty),
+            torch_outputs(module, data.state, empty)[OUTPUT],
             atol=1e-5,
         )
 
@@ -322,3 +325,32 @@ def test_start_up_errors_are_clear(exported: Exported, tmp_path: Path) -> None:
     assert "no model file at" in start_up_error("--model", str(tmp_path / "missing.onnx"))
     err = start_up_error("--model", str(exported.path), "--user_table", str(tmp_path / "u.parquet"))
     assert "user feature table" in err and "does not exist" in err
+
+
+def test_predict_and_serve_fuse_the_same_weights_into_the_same_scores(
+    exported: Exported, scored
+) -> None:
+    """One fusion rule (``features.contract.Fusion``): the service's scores are those
+    ``ranker predict`` writes for the same probabilities and weights; tasks not named weigh 0."""
+    rows, _, tasks, _, _ = scored
+    weights = {"click": 1.0, "like": 2.0}
+    running = start(
+        "--model", str(exported.path), "--fusion", "product", "--weights", json.dumps(weights)
+    )
+    try:
+        with running.client() as http:
+            answer = http.post("/v1/rank", json=request_of(rows, inline=True)).json()
+            described = http.get("/v1/model").json()
+    finally:
+        stop(running)
+    assert described["fusion"] == "product"
+    assert described["weights"] == {t: weights.get(t, 0.0) for t in tasks}
+    ids = [c["id"] for c in answer["candidates"]]
+    probs = probabilities(answer, ids, tasks)
+    served = np.array([c["score"] for c in answer["candidates"]])
+    frame = pl.DataFrame({"item_id": ids})
+    outputs = {OUTPUT: probs.astype(np.float32)}
+    predicted = output_frame(frame, outputs, ["item_id"], tasks, Fusion("product", weights))
+    np.testing.assert_allclose(predicted["score"].to_numpy(), served, rtol=1e-5)
+    click, like = probs[:, tasks.index("click")], probs[:, tasks.index("like")]
+    np.testing.assert_allclose(served, click * like**2, rtol=1e-5)

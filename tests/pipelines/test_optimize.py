@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 from features.contract import META, OPTIMIZED_GRAPH, graph_digest, optimized_path
 from features.onnx_graph import raw_feeds
 from pipelines.checkpoints import RunError, load, locate
-from pipelines.export import Exported, export, parity_rows
-from pipelines.serving_graph import auc_change
+from pipelines.export import Exported, export
+from pipelines.export.optimize import auc_change
+from pipelines.export.parity import parity_rows
 from serving.model import Scorer
 from tests.conftest import Runs
 

@@ -1,0 +1,163 @@
+"""``ranker export``: a trained run as a registered, self-contained ONNX model.
+
+    ranker export --run <run id | checkpoint> [--name ranker-synthetic]
+
+The job, by role: the graph (``graph``: raw columns in, one output per named model output,
+``probabilities [N, T]`` for a ranker), its checks against torch on real rows (``parity``:
+every output within ``tolerance`` or the export fails; the INT8 gate), the onnxruntime-optimised
+copy (``optimize``), the feature tables the service fills requests from (``snapshots``), and the
+MLflow model registry (``registry``: logged with the ONNX flavour, registered as a new version;
+``ranker promote``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import polars as pl
+from mlflow.tracking import MlflowClient
+
+from features.contract import ITEM_TABLE, OPTIMIZED_GRAPH, USER_TABLE, optimized_path
+from pipelines.checkpoints import RunError, load, locate
+from pipelines.export.graph import scorer_graph
+from pipelines.export.optimize import AucChange, save_optimized
+from pipelines.export.parity import (
+    Parity,
+    check_parity,
+    check_same,
+    cpu_session,
+    parity_rows,
+    quantize_checked,
+)
+from pipelines.export.registry import log_and_register
+from pipelines.export.snapshots import feature_snapshots
+from pipelines.render import wide_console
+from pipelines.tracking import resolve_tracking_uri
+
+
+@dataclass
+class Exported:
+    path: Path
+    parity: Parity  # of the float graph against torch
+    int8: AucChange | None  # with --quantize int8: the AUC change it was accepted with
+    run_id: str | None
+    name: str | None
+    version: str | None
+    model_uri: str | None
+    seconds: float
+
+
+def export(
+    *,
+    run: str,
+    name: str | None = None,
+    dataset: str | None = None,
+    log_path: str | None = None,
+    out: Path | None = None,
+    parity: int = 20_000,
+    tolerance: float = 1e-5,
+    quantize: Literal["none", "int8"] = "none",
+    quantize_tolerance: float = 0.001,
+    quantize_rows: int = 100_000,
+    register: bool = True,
+    tracking_uri: str | None = None,
+    quiet: bool = False,
+) -> Exported:
+    """Export a trained model to ONNX (raw features in, probabilities out), check parity on
+    real rows, log it to its MLflow run and register it as a new version.
+
+    Args:
+        run: an MLflow run id, or the path of a checkpoint (``.ckpt``) with a run.
+        name: registered model name (default ``ranker-<dataset>``).
+        dataset: dataset config to use instead of the one the model was trained on.
+        log_path: log to take parity rows from instead of the training log.
+        out: where to write the ``.onnx`` file (default ``exports/<run>/model.onnx``).
+        parity: real rows scored by both onnxruntime and torch (at least 10,000 when the log
+            has them).
+        tolerance: the largest allowed |difference| of probabilities.
+        quantize: ``int8``: dynamic INT8 quantisation of the matmuls (smaller, faster on CPU),
+            accepted only if no task's AUC on held-out rows moves by more than
+            ``quantize_tolerance``.
+        quantize_tolerance: the largest allowed |AUC change| of a task under INT8.
+        quantize_rows: held-out rows (test split, then validation) for the AUC check.
+        register: log the model to the run and register it (else only write the file).
+        tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        quiet: print nothing.
+    """
+    start = time.perf_counter()
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        located = locate(run, client, Path(tmp))
+        module, data = load(located, client, Path(tmp), dataset, log_path)
+    model = scorer_graph(module, data.state, data.config)
+    session = cpu_session(model)  # one session for the parity check and the signature
+    checked = check_parity(session, module, data, parity, tolerance)
+    change = None
+    if quantize == "int8":
+        model, change = quantize_checked(model, session, data, quantize_rows, quantize_tolerance)
+        session = cpu_session(model)
+    path = out or Path("exports") / (located.run_id or located.path.stem) / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    optimized = save_optimized(path)
+    check_same(session, optimized, parity_rows(data, 2_000), module, data, tolerance)
+    snapshots = feature_snapshots(data)
+    for file, frame in snapshots.items():
+        frame.write_parquet(path.parent / file)
+
+    name = name or f"ranker-{data.config.name}"
+    version = model_uri = None
+    if register:
+        if located.run_id is None:
+            raise RunError(f"{run} has no MLflow run to log the model to; pass --register false")
+        version, model_uri = log_and_register(
+            client, located.run_id, model, session, data, name, checked, change
+        )
+        for file in snapshots:
+            client.log_artifact(located.run_id, str(path.parent / file), "serving")
+        with tempfile.TemporaryDirectory() as tmp:  # under its contract name
+            artifact = Path(tmp) / OPTIMIZED_GRAPH
+            shutil.copyfile(optimized, artifact)
+            client.log_artifact(located.run_id, str(artifact), "serving")
+    exported = Exported(
+        path,
+        checked,
+        change,
+        located.run_id,
+        name if register else None,
+        version,
+        model_uri,
+        time.perf_counter() - start,
+    )
+    if not quiet:
+        print_export(exported)
+    return exported
+
+
+def print_export(e: Exported) -> None:
+    console = wide_console()
+    console.print(
+        f"parity: {e.parity.rows:,} real rows, max |difference| {e.parity.max_abs_diff:.2e}, "
+        f"mean {e.parity.mean_abs_diff:.2e}"
+        + (f" ({e.parity.ties:,} rows on a top-k near-tie left out)" if e.parity.ties else "")
+    )
+    if e.int8 is not None:
+        changes = ", ".join(f"{t} {d:+.4f}" for t, d in e.int8.change.items())
+        rows = max(e.int8.rows.values())
+        console.print(f"INT8: AUC change on up to {rows:,} held-out rows: {changes}")
+    console.print(f"ONNX model: {e.path} ({e.path.stat().st_size / 1e6:.1f} MB)")
+    optimized = optimized_path(e.path)
+    console.print(f"  optimised graph: {optimized} ({optimized.stat().st_size / 1e6:.1f} MB)")
+    for file in (USER_TABLE, ITEM_TABLE):
+        table = e.path.parent / file
+        rows = pl.scan_parquet(table).select(pl.len()).collect().item()
+        console.print(f"  feature table: {table} ({rows:,} rows)")
+    if e.version:
+        console.print(f"registered: {e.model_uri} (run {e.run_id})")
+    console.print(f"exported in {e.seconds:.1f} s", style="dim")
