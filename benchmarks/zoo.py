@@ -40,10 +40,6 @@ from pipelines.tracking import resolve_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ["shared_bottom", "mmoe", "cgc", "ple", "adatt", "home"]
-KUAIRAND_BIAS = (
-    "KuaiRand subset bias: only rows where the user liked or hated the video were kept (then "
-    "15-core filtered), so 'like' (0.81) and the other rates are unlike a random exposure log."
-)
 
 
 def without_sequences(dataset: Path, directory: Path) -> Path:
@@ -247,8 +243,8 @@ def main() -> None:
         wide_console().print(result)
         if args.markdown:
             print(markdown(result))
-    if config.name == "kuairand":
-        wide_console().print(KUAIRAND_BIAS)
+    if config.note:
+        wide_console().print(config.note)
 
 
 if __name__ == "__main__":

@@ -260,8 +260,8 @@ class RankerDataModule(L.LightningDataModule):
         dataset: path of a dataset config (``configs/data/*.yaml``).
         log_path: read the log from here instead of the config's ``path``.
         batch_size: training batch size.
-        eval_batch_size: validation / test batch size (2,048: HoME validates 1.55x faster
-            than at 16,384 on 2 cores, its activations staying in cache).
+        eval_batch_size: validation / test batch size (2,048: the activations stay in cache;
+            the measured speed-up over 16,384 is in ``benchmarks/RESULTS.md``).
         num_workers: loader processes per split (0 = in the training process).
         shuffle_buffer: rows pooled and permuted together when training.
         seed: shuffling seed (``ranker fit``: the run's ``seed_everything`` unless given).

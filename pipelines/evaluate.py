@@ -103,8 +103,8 @@ def evaluate(
         dataset: dataset config to read instead of the one the model was trained on.
         log_path: log to read instead of the dataset config's (or the training run's).
         out: report directory (default ``reports/<run or checkpoint>/<split>``).
-        batch_size: rows scored per batch (2,048: HoME scores 1.27x faster than at 16,384
-            on a 2-core CPU, the activations staying in cache).
+        batch_size: rows scored per batch (2,048: the activations stay in cache; the
+            measured speed-up over 16,384 is in ``benchmarks/RESULTS.md``).
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
         log: log the report and metrics to the model's MLflow run, when it has one.
         quiet: print nothing.

@@ -143,12 +143,8 @@ def fit_report(
             "best AUC / GAUC: the true probabilities of the synthetic log, on the "
             "same validation rows: the ceiling any model can reach."
         )
-    if datamodule.config.name == "kuairand":
-        notes.append(
-            "KuaiRand subset bias: only rows where the user liked or hated the video "
-            "were kept (then 15-core filtered), so 'like' (0.81) and the other rates "
-            "are unlike a random exposure log."
-        )
+    if datamodule.config.note:
+        notes.append(datamodule.config.note)
     return FitReport(
         model=type(module.network).__name__,
         dataset=datamodule.config.name,

@@ -263,7 +263,7 @@ def same_shape(a: ExpertPool, b: ExpertPool) -> bool:
     """Whether two pools are computed as one (``pools_together``): of one shape, and without
     feature gates. With them (HoME) every expert reads its own gated input, the pools' first
     layers are batched matmuls anyway, and joining them cost more in copies than it saved in
-    kernels (HoME's step 0.86x on 2 CPU cores, ``benchmarks/train_step.py``)."""
+    kernels (measured by ``benchmarks/train_step.py``; figures in ``benchmarks/RESULTS.md``)."""
     if a.feature_gate is not None or b.feature_gate is not None:
         return False
     widths = [tuple(w.shape[1:]) for w in a.weights], [tuple(w.shape[1:]) for w in b.weights]

@@ -97,9 +97,8 @@ class RankerModule(L.LightningModule):
         compile: train with the dense part after the embedding lookup compiled
             (``torch.compile``; the lookup's sparse gradients do not compile), its code cached
             on disk across runs (``$RANKER_CACHE/inductor``); validation runs eager. Off by
-            default: on 2 CPU cores it makes HoME's step 1.15x faster, but one 430k-row epoch
-            of ``ranker fit`` only breaks even with the cache, and is 1.09x slower without
-            (``benchmarks/RESULTS.md``).
+            default: it speeds the step up, but a whole ``ranker fit`` epoch only breaks even
+            once the compiled code is cached (the figures: ``benchmarks/RESULTS.md``).
     """
 
     def __init__(

@@ -110,7 +110,7 @@ def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOp
     """One request is one small batch: run its operators one after another on ``threads``
     intra-op threads (parallel inter-op scheduling only adds hand-offs for graphs this
     narrow), with every graph optimisation on. Threads spin-wait between operators: on two
-    cores that halves in-process latency at 500 candidates and did not lengthen the HTTP tail
+    cores that shortens in-process latency and did not lengthen the HTTP tail
     (``benchmarks/serve.py`` measures each choice; RESULTS.md has the figures)."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
