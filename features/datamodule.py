@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.config import SPLITS, ConfigError, DatasetConfig, SplitName, TaskSpec
 from features.source import LogSource, Piece
-from features.state import Batch, FeatureState, InputSpec
+from features.state import Batch, FeatureState, InputSpec, map_fields
 
 # ParquetBatches.__len__ is exact with any number of workers (each stream's batches are planned);
 # Lightning's caution about lengths of iterable datasets does not apply.
@@ -70,14 +70,7 @@ class TensorBatch:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TensorBatch:
         """The same batch with ``fn`` applied to every tensor."""
-        return TensorBatch(
-            fn(self.cat),
-            fn(self.num),
-            fn(self.labels),
-            fn(self.users),
-            {k: fn(v) for k, v in self.sequences.items()},
-            {k: fn(v) for k, v in self.lengths.items()},
-        )
+        return map_fields(self, fn)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TensorBatch:
         """Every tensor on ``device`` (Lightning calls this to move a batch; so does

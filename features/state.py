@@ -86,14 +86,20 @@ class Batch:
 
     def map(self, fn: Any) -> Batch:
         """The same batch with ``fn`` applied to every array (a slice, a concatenation)."""
-        return Batch(
-            fn(self.cat),
-            fn(self.num),
-            fn(self.labels),
-            fn(self.users),
-            {k: fn(v) for k, v in self.sequences.items()},
-            {k: fn(v) for k, v in self.lengths.items()},
-        )
+        return map_fields(self, fn)
+
+
+def map_fields(batch: Any, fn: Any) -> Any:
+    """A batch of the same type (``Batch``, ``TensorBatch``: the same named fields) with
+    ``fn`` applied to every array of it."""
+    return type(batch)(
+        fn(batch.cat),
+        fn(batch.num),
+        fn(batch.labels),
+        fn(batch.users),
+        {k: fn(v) for k, v in batch.sequences.items()},
+        {k: fn(v) for k, v in batch.lengths.items()},
+    )
 
 
 @dataclass

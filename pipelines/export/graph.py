@@ -50,15 +50,9 @@ class GraphNetwork(torch.nn.Module):
         self.network, self.calibrator, self.layout = module.network, module.calibrator, layout
         self.names = [s.name for s in module.network.inputs.sequences]
 
-    def outputs(
-        self,
-        cat: torch.Tensor,
-        num: torch.Tensor,
-        request_cat: torch.Tensor,
-        request_num: torch.Tensor,
-        index: torch.Tensor,
-        *sequences: torch.Tensor,
-    ) -> Outputs:
+    def outputs(self, *inputs: torch.Tensor) -> Outputs:
+        """``inputs``: ``forward``'s, in its order."""
+        cat, num, request_cat, request_num, index, *sequences = inputs
         ids = dict(zip(self.names, sequences, strict=True))
         network, layout = self.network, self.layout
         if network.splits_request:
