@@ -145,7 +145,9 @@ def step_time(model_name: str, specs: dict, tasks, steps: int, blocks: int) -> d
                 start = time.perf_counter()
                 for o in optimisers[key]:
                     o.zero_grad()
-                loss, _ = masked_bce(module(cat, num, sequences), labels, module.task_weights)
+                loss, _ = masked_bce(
+                    module(cat, num, sequences)["logits"], labels, module.task_weights
+                )
                 loss.backward()
                 for o in optimisers[key]:
                     o.step()

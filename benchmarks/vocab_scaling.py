@@ -84,7 +84,7 @@ def step_ms(model: str, vocab: int, sparse: bool, steps: int) -> float:
     times = []
     for i, (cat, num, labels) in enumerate(batches(vocab, steps + 3)):
         start = time.perf_counter()
-        loss, _ = masked_bce(net(cat, num), labels, weights)
+        loss, _ = masked_bce(net(cat, num)["logits"], labels, weights)
         for opt in optimizers:
             opt.zero_grad()
         loss.backward()

@@ -104,8 +104,8 @@ def short_history(run_id: str, longest: int, client: MlflowClient) -> None:
     sequence) holds at most ``longest`` items, as ``test/history_maxN/<metric>/mean``."""
     from pipelines.checkpoints import load, locate
     from pipelines.evaluate import history_feature, score_split
-    from ranker.calibration import probabilities
     from ranker.metrics import task_metrics
+    from ranker.scoring import probabilities
 
     key = f"test/history_max{longest}"
     if f"{key}/auc/mean" in client.get_run(run_id).data.metrics:

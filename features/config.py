@@ -144,7 +144,7 @@ class DatasetConfig:
     path: Path | None = None  # the log; absent when the split names a path per split
     time_column: str | None = None  # required by a time split; orders feature snapshots
     side_tables: tuple[SideTable, ...] = field(default=())
-    note: str | None = None  # said beside every figure a report gives on this data (a bias)
+    note: str | None = None  # printed with ``ranker fit``'s report on this data (a known bias)
     source: Path | None = None  # the YAML file this came from, for error messages
 
     @property

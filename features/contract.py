@@ -74,6 +74,21 @@ def resolve_tracking_uri(given: str | None = None) -> str:
     return given or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3");
+    ``ValueError`` otherwise. The one reading of a registry reference (the service,
+    ``predict`` and ``fit --warm_start``)."""
+    rest = uri.removeprefix("models:/") if uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    version = None
+    if not at:
+        name, _, version = rest.partition("/")
+    parts = (name, alias) if at else (name, version)
+    if not all(parts) or "/" in "".join(parts) or not (at or version.isdigit()):
+        raise ValueError(f"'{uri}' is neither models:/<name>@<alias> nor models:/<name>/<version>")
+    return name, alias or None, version
+
+
 def optimized_path(graph: Path) -> Path:
     """Where the optimised graph of ``graph`` is saved: ``m.onnx`` -> ``m.optimized.onnx``."""
     return graph.with_name(graph.name.removesuffix(".onnx") + OPTIMIZED_SUFFIX)

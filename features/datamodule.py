@@ -72,9 +72,12 @@ class TensorBatch:
         """The same batch with ``fn`` applied to every tensor."""
         return map_fields(self, fn)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> TensorBatch:
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> TensorBatch:
         """Every tensor on ``device`` (Lightning calls this to move a batch; so does
-        ``ranker.scoring``). ``non_blocking`` from pinned memory overlaps the copy."""
+        ``ranker.scoring``). ``non_blocking`` (default: on for a GPU) overlaps the copy from
+        pinned memory with the work under way."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
         return self.map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TensorBatch:
@@ -430,8 +433,13 @@ class RankerDataModule(L.LightningDataModule):
             multiprocessing_context="spawn" if workers else None,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers else None,
-            pin_memory=torch.cuda.is_available(),  # TensorBatch.pin_memory: async copies
+            pin_memory=self._on_gpu(),  # TensorBatch.pin_memory: asynchronous copies
         )
+
+    def _on_gpu(self) -> bool:
+        """Whether the trainer runs on a GPU (batches then arrive in pinned memory)."""
+        strategy = getattr(self.trainer, "strategy", None)
+        return strategy is not None and strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -64,6 +64,7 @@ class InputSpec:
     embedding_dims: tuple[int, ...]
     num_names: tuple[str, ...]
     sequences: tuple[SequenceInput, ...] = ()
+    cat_sides: tuple[str, ...] = ()  # per categorical feature: user | item | context
 
     @property
     def num_numeric(self) -> int:
@@ -314,6 +315,7 @@ class FeatureState:
 
     def input_spec(self, features: tuple[FeatureSpec, ...]) -> InputSpec:
         dims = {f.name: f.embedding_dim for f in features}
+        sides = {f.name: f.side for f in features}
         embedded = [*self.categorical, *self.bucketized]
         return InputSpec(
             cat_names=tuple(s.name for s in embedded),
@@ -324,6 +326,7 @@ class FeatureState:
                 SequenceInput(s.name, s.vocabulary, s.max_len, s.pooling, s.target)
                 for s in self.sequences
             ),
+            cat_sides=tuple(sides[s.name] for s in embedded),
         )
 
     # -- fitting ------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import numpy as np
 
 from features.contract import LOGITS
 from features.datamodule import RankerDataModule
-from ranker.calibration import fit, probabilities
+from ranker.calibration import fit
 from ranker.metrics import task_metrics
 from ranker.module import RankerModule
-from ranker.scoring import score
+from ranker.scoring import probabilities, score
 
 
 def validation_logits(
@@ -23,7 +23,8 @@ def validation_logits(
         scored = score(module.network, dataset, rows=dataset.rows)
     finally:
         dataset.world = world
-    return scored.outputs[LOGITS], scored.labels, scored.users
+    tasks = len(module.tasks)  # (0, T) arrays when the split has no row
+    return scored.output(LOGITS, tasks), scored.labels.reshape(-1, tasks), scored.users
 
 
 def calibrate(module: RankerModule, data: RankerDataModule) -> dict[str, float]:

@@ -41,11 +41,10 @@ from pipelines.render import (
 )
 from pipelines.report import oracle_metrics
 from pipelines.tracking import resolve_tracking_uri
-from ranker.calibration import probabilities
 from ranker.diagnostics import ExpertStats, HealthLimits, health
 from ranker.metrics import metrics_by_history, reliability, task_metrics
 from ranker.module import RankerModule
-from ranker.scoring import Scored, score
+from ranker.scoring import Scored, probabilities, score
 
 # -- scoring ------------------------------------------------------------------------------------
 

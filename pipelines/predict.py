@@ -197,6 +197,9 @@ def output_frame(
     fusion: Fusion | None,
 ) -> pl.DataFrame:
     columns = output_columns(outputs, tasks)
+    taken = sorted(set(columns) & {*keys, "score"})
+    if taken:
+        raise RunError(f"the model's outputs would overwrite the columns {taken}: rename them")
     out = frame.select(keys).with_columns(pl.Series(k, v) for k, v in columns.items())
     if fusion is not None:
         score = fusion(outputs[OUTPUT], fusion.vector(tasks)).astype(np.float32)

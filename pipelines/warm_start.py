@@ -22,11 +22,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from features.contract import parse_model_uri
 from features.state import FeatureState
 from pipelines.checkpoints import Loaded, RunError, load_model, locate, read_checkpoint
 from ranker.module import RankerModule
-from serving.model import ModelError
-from serving.registry import parse
 
 TAG_PARENT_RUN = "warm_start.parent_run"  # the parent's MLflow run id
 TAG_WARM_START = "warm_start.from"  # what the user named (a models:/ URI, a path, a run id)
@@ -45,8 +44,8 @@ class Parent:
 def _registered_run(reference: str, client: MlflowClient) -> str:
     """``models:/name@alias`` or ``models:/name/N`` -> the version's run id."""
     try:
-        name, alias, version = parse(reference)
-    except ModelError as err:
+        name, alias, version = parse_model_uri(reference)
+    except ValueError as err:
         raise RunError(str(err)) from None
     try:
         found = (

@@ -42,14 +42,6 @@ class Calibrator(nn.Module):
         self.bias.copy_(torch.as_tensor(bias, dtype=self.bias.dtype))
 
 
-def probabilities(logits: np.ndarray, calibrator: Calibrator | None = None) -> np.ndarray:
-    """``sigmoid`` of the logits ``[N, T]``, through ``calibrator`` when given (numpy in,
-    numpy out: what evaluation and the calibration report compare)."""
-    z = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
-    with torch.no_grad():
-        return torch.sigmoid(calibrator(z) if calibrator is not None else z).numpy()
-
-
 def fit(logits: np.ndarray, labels: np.ndarray, method: Method) -> tuple[np.ndarray, np.ndarray]:
     """``(scale [T], bias [T])`` minimising each task's logloss on its observed labels (NaN =
     not observed); a task with one class only (or none) keeps the identity."""

@@ -83,6 +83,24 @@ class FusedEmbedding(nn.Module):
         return torch.cat(parts, dim=1), columns
 
 
+# ``--model.id_dropout auto``: item-side ids with more than this many values (the unknown index
+# aside) get ``AUTO_ID_DROPOUT``: where tomorrow brings new items, whose ids score through the
+# unknown row. Smaller item vocabularies (a category, a type) are left as they are.
+AUTO_ID_DROPOUT, AUTO_ID_DROPOUT_MIN_IDS = 0.1, 1_000
+
+
+def auto_id_dropout(inputs: InputSpec) -> dict[str, float]:
+    """The ``auto`` rule: ``{feature: 0.1}`` for every item-side categorical feature with more
+    than 1,000 ids."""
+    return {
+        name: AUTO_ID_DROPOUT
+        for name, side, rows in zip(
+            inputs.cat_names, inputs.cat_sides, inputs.cardinalities, strict=False
+        )
+        if side == "item" and rows - 1 > AUTO_ID_DROPOUT_MIN_IDS
+    }
+
+
 class IdDropout(nn.Module):
     """Training only: each row's id of feature ``f`` replaced by the unknown index 0 with
     probability ``p_f``, ``[B, F_cat] -> [B, F_cat]``.
@@ -106,10 +124,18 @@ class IdDropout(nn.Module):
         self.register_buffer("columns", columns, persistent=False)
         self.register_buffer("shares", torch.tensor([shares[n] for n in kept]), persistent=False)
 
-    def forward(self, cat: torch.Tensor) -> torch.Tensor:
+    def forward(self, cat: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """``seed`` (e.g. the run's seed and the step): the rows dropped follow from it alone,
+        so a resumed run drops what the uninterrupted one did; else the global generator."""
         if not self.training or not len(self.columns):
             return cat
-        drop = torch.rand(cat.shape[0], len(self.columns), device=cat.device) < self.shares
+        shape = (cat.shape[0], len(self.columns))
+        if seed is None:
+            noise = torch.rand(shape, device=cat.device)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.rand(shape, generator=generator).to(cat.device)
+        drop = noise < self.shares
         dropped = cat.clone()
         dropped[:, self.columns] = cat[:, self.columns].masked_fill(drop, 0)
         return dropped

@@ -18,7 +18,7 @@ from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
 from ranker.experts import Routing
-from ranker.layers import IdDropout
+from ranker.layers import IdDropout, auto_id_dropout
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import task_metrics
 from ranker.models.base import MultiTaskModel, Outputs
@@ -49,8 +49,46 @@ class DenseAdam(torch.optim.Adam):
         return super().step(closure)
 
 
+class RowWiseAdagrad(torch.optim.Optimizer):
+    """Adagrad with one accumulator per embedding row, as TorchRec / FBGEMM
+    (``EXACT_ROWWISE_ADAGRAD``) and DLRM train their tables. For row ``r`` with gradient
+    ``g_r [D]`` in a step:
+
+        G_r <- G_r + mean_d g_rd^2,        w_r <- w_r - lr * g_r / (sqrt(G_r) + eps)
+
+    A row's rate falls with how often (and how strongly) it has moved: a rare id keeps large
+    steps, a frequent one settles, so one learning rate holds from small vocabularies (every
+    row in every batch) to huge ones. Sparse gradients move only the batch's rows; the state
+    is one float per row (SparseAdam keeps two per element)."""
+
+    def __init__(self, params: Any, lr: float = 0.05, eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            lr, eps = group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "sum" not in state:
+                    state["sum"] = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
+                grad = p.grad
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows, values = grad.indices()[0], grad.values()
+                else:
+                    rows, values = torch.arange(p.shape[0], device=p.device), grad
+                state["sum"].index_add_(0, rows, values.pow(2).mean(1))
+                scale = state["sum"].index_select(0, rows).sqrt_().add_(eps).reciprocal_()
+                p.index_add_(0, rows, values * scale.unsqueeze(1), alpha=-lr)
+        return None
+
+
 EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sparse_adam": torch.optim.SparseAdam,
+    "rowwise_adagrad": RowWiseAdagrad,
     "adagrad": torch.optim.Adagrad,
     "adam": DenseAdam,
 }
@@ -67,9 +105,11 @@ class RankerModule(L.LightningModule):
         weight_decay: AdamW weight decay of the dense part.
         embedding_learning_rate: learning rate of the embedding tables.
         embedding_optimizer: the embedding tables' optimiser, on sparse gradients (only the
-            rows in the batch move): ``sparse_adam`` or ``adagrad`` (accumulated squared
-            gradients per element, no first moment: half SparseAdam's optimiser state); or
-            ``adam``, dense Adam over every row at every step (small vocabularies only).
+            rows in the batch move): ``sparse_adam``; ``rowwise_adagrad`` (one accumulated
+            squared gradient per row, as TorchRec and DLRM: a row's rate falls as it is seen,
+            ``RowWiseAdagrad``); ``adagrad`` (accumulated squared gradients per element, no
+            first moment: half SparseAdam's optimiser state); or ``adam``, dense Adam over
+            every row at every step (small vocabularies only).
         lr_schedule: ``none``, or ``plateau``: both learning rates halve after a validation
             whose monitored metric did not improve.
         gradient_clip: max global norm of the dense gradients (0 = off).
@@ -93,7 +133,9 @@ class RankerModule(L.LightningModule):
             ``selection/metric``, and kept for the run (and its resumptions).
         id_dropout: feature name -> share of training rows whose id is replaced by the
             unknown index (``ranker.layers.IdDropout``), e.g. ``{video_id: 0.1}``: the unknown
-            row then stands for a new id. None by default.
+            row then stands for a new id. ``auto`` (the default): 0.1 on every item-side
+            categorical feature with more than 1,000 ids (``ranker.layers.auto_id_dropout``),
+            none elsewhere; ``{}``: none. The shares in force are printed at the start.
         compile: train with the dense part after the embedding lookup compiled
             (``torch.compile``; the lookup's sparse gradients do not compile), its code cached
             on disk across runs (``$RANKER_CACHE/inductor``); validation runs eager. Off by
@@ -115,7 +157,7 @@ class RankerModule(L.LightningModule):
         monitor: Monitor = "auto",
         loss_weighting: Literal["fixed", "uncertainty", "pcgrad"] = "fixed",
         calibration: Method = "platt",
-        id_dropout: dict[str, float] | None = None,
+        id_dropout: dict[str, float] | Literal["auto"] | None = "auto",
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -129,7 +171,9 @@ class RankerModule(L.LightningModule):
         self.register_buffer("task_weights", torch.tensor([t.weight for t in self.tasks]))
         self.weighting = WEIGHTINGS[loss_weighting](self.task_weights)
         self.calibrator = Calibrator(len(self.tasks))  # the identity until fitted
-        self.id_dropout = IdDropout(inputs.cat_names, id_dropout or {})
+        shares = auto_id_dropout(inputs) if id_dropout == "auto" else (id_dropout or {})
+        self.id_dropout = IdDropout(inputs.cat_names, shares)
+        self.id_dropout_shares = shares
         self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
         self._scores: dict[str, Scored] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -137,6 +181,7 @@ class RankerModule(L.LightningModule):
         self._epoch_samples = 0
         self._task_loss_sum = torch.zeros(len(self.tasks))
         self.selected: str | None = None  # the monitored metric, chosen at first validation
+        self._seed = 0  # the run's seed, read at the start of fit (id dropout's draws)
 
     @property
     def task_names(self) -> list[str]:
@@ -186,7 +231,11 @@ class RankerModule(L.LightningModule):
             self.network.compile_dense()
 
     def on_fit_start(self) -> None:
+        self._seed = torch.initial_seed() % 2**31  # the run's seed (seed_everything)
         self.compile_network()
+        shares = ", ".join(f"{k} {v:g}" for k, v in self.id_dropout_shares.items()) or "none"
+        rule = " (auto)" if self.hparams.id_dropout == "auto" else ""
+        rank_zero_info(f"id dropout{rule}: {shares}")
         if not isinstance(self.weighting, PCGrad):
             return
         if self.trainer.world_size > 1:
@@ -224,7 +273,9 @@ class RankerModule(L.LightningModule):
     def training_step(self, batch: TensorBatch, batch_idx: int) -> torch.Tensor:
         labels = batch.labels
         cat, num, sequences = batch.inputs
-        outputs, auxiliary = self.network.training_forward(self.id_dropout(cat), num, sequences)
+        seed = self._seed * 1_000_003 + self.global_step  # the same draws when resumed
+        cat = self.id_dropout(cat, seed)
+        outputs, auxiliary = self.network.training_forward(cat, num, sequences)
         _, per_task = masked_bce(outputs[LOGITS], labels, self.task_weights)
         present = (~torch.isnan(labels)).any(0)
         extra = sum(auxiliary.values(), torch.zeros((), device=labels.device))

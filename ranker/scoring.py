@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from features.contract import graph_output, is_logits
+from features.contract import LOGITS, OUTPUT, graph_output, is_logits
 from features.datamodule import TensorBatch
 from ranker.calibration import Calibrator
 from ranker.experts import Internals
@@ -35,6 +35,15 @@ def graph_outputs(outputs: Outputs, calibrator: Calibrator) -> Outputs:
     }
 
 
+def probabilities(logits: np.ndarray, calibrator: Calibrator | None = None) -> np.ndarray:
+    """``graph_outputs`` of raw logits ``[N, T]``, numpy in and out: the graph's probabilities
+    (through ``calibrator`` when given, else the plain sigmoid), as evaluation and the
+    calibration report compare them before and after calibration."""
+    z = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    with torch.no_grad():
+        return graph_outputs({LOGITS: z}, calibrator or Calibrator(z.shape[1]))[OUTPUT].numpy()
+
+
 def batch_outputs(
     network: MultiTaskModel,
     batch: TensorBatch,
@@ -46,7 +55,7 @@ def batch_outputs(
     gates (``MultiTaskModel.forward_with_internals``) when given."""
     param = next(network.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    cat, num, sequences = batch.to(device, non_blocking=True).inputs
+    cat, num, sequences = batch.to(device).inputs
     if internals is None:
         outputs = network(cat, num, sequences)
     else:

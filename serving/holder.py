@@ -19,7 +19,7 @@ from features.contract import Fusion
 from serving.core.config import Settings
 from serving.core.metrics import Metrics
 from serving.model import ModelError, Scorer
-from serving.registry import load_scorer, resolve_version
+from serving.registry import load_scorer, parse, resolve_version
 
 log = logging.getLogger("ranker.serving")
 
@@ -71,7 +71,8 @@ class Holder:
         self.metrics.serving(*loaded.label, replaced)
 
     def follows_alias(self) -> bool:
-        return self.settings.model.startswith("models:/") and "@" in self.settings.model
+        model = self.settings.model
+        return model.startswith("models:/") and parse(model)[1] is not None
 
     def start_polling(self) -> None:
         if self.follows_alias():

@@ -18,6 +18,7 @@ from features.contract import (
     OPTIMIZED_GRAPH,
     USER_TABLE,
     optimized_path,
+    parse_model_uri,
     resolve_tracking_uri,
 )
 from serving.model import ModelError, Scorer
@@ -31,17 +32,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def parse(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3").
-    The one reading of a registry reference (the service, ``predict`` and ``--warm_start``)."""
-    rest = uri.removeprefix("models:/") if uri.startswith("models:/") else ""
-    name, at, alias = rest.partition("@")
-    version = None
-    if not at:
-        name, _, version = rest.partition("/")
-    parts = (name, alias) if at else (name, version)
-    if not all(parts) or "/" in "".join(parts) or not (at or version.isdigit()):
-        raise ModelError(f"'{uri}' is neither models:/<name>@<alias> nor models:/<name>/<version>")
-    return name, alias or None, version
+    """``features.contract.parse_model_uri``, a ``ModelError`` when it is neither form."""
+    try:
+        return parse_model_uri(uri)
+    except ValueError as err:
+        raise ModelError(str(err)) from None
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:

@@ -80,7 +80,8 @@ def export(
         out: where to write the ``.onnx`` file (default ``exports/<run>/model.onnx``).
         parity: real rows scored by both onnxruntime and torch (at least 10,000 when the log
             has them).
-        tolerance: the largest allowed |difference| of probabilities.
+        tolerance: the largest allowed difference of any output, ``|d| / max(1, |x|)``
+            (absolute for probabilities).
         quantize: ``int8``: dynamic INT8 quantisation of the matmuls (smaller, faster on CPU),
             accepted only if no task's AUC on held-out rows moves by more than
             ``quantize_tolerance``.

@@ -99,16 +99,17 @@ def near_ties(module: RankerModule, state: FeatureState, frame: pl.DataFrame) ->
 def largest_difference(
     got: dict[str, np.ndarray], expected: dict[str, np.ndarray], keep: np.ndarray
 ) -> np.ndarray:
-    """Per row (``keep`` rows only), the largest |difference| over every output and column;
-    a missing or extra output name is an error."""
+    """Per row (``keep`` rows only), the largest difference over every output and column,
+    ``|got - expected| / max(1, |expected|)``: absolute for probabilities (and any value
+    within [-1, 1]), relative for an output of larger scale (a norm, a count), whose float32
+    rounding grows with it. A missing or extra output name is an error."""
     if set(got) != set(expected):
         raise RunError(f"the graph's outputs {sorted(got)} are not the model's {sorted(expected)}")
-    diffs = [
-        np.abs(got[k].astype(np.float64) - expected[k].astype(np.float64))
-        .reshape(len(keep), -1)[keep]
-        .max(axis=1, initial=0.0)
-        for k in expected
-    ]
+    diffs = []
+    for name, reference in expected.items():
+        want = reference.astype(np.float64)
+        diff = np.abs(got[name].astype(np.float64) - want) / np.maximum(1.0, np.abs(want))
+        diffs.append(diff.reshape(len(keep), -1)[keep].max(axis=1, initial=0.0))
     return np.max(diffs, axis=0)
 
 

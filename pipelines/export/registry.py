@@ -10,7 +10,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from features.contract import OUTPUT
 from features.datamodule import RankerDataModule
 from features.onnx_graph import raw_feeds, raw_inputs
 from pipelines.checkpoints import RunError
@@ -34,7 +33,8 @@ def log_and_register(
     inputs = raw_inputs(data.state, data.config.features)
     example_frame = parity_rows(data, 3)
     example = raw_feeds(example_frame, inputs)
-    signature = infer_signature(example, session.run([OUTPUT], example)[0])
+    names = [o.name for o in session.get_outputs()]  # every named output, ``OUTPUT`` first
+    signature = infer_signature(example, dict(zip(names, session.run(names, example), strict=True)))
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
         with mlflow.start_run(run_id=run_id):

@@ -18,7 +18,7 @@ from pipelines.commands import main
 from pipelines.evaluate import score_split
 from pipelines.export import export
 from pipelines.predict import predict
-from ranker.calibration import probabilities
+from ranker.scoring import probabilities
 from tests.conftest import SYNTHETIC_CONFIG, Runs
 
 RSS = """
