@@ -151,7 +151,9 @@ class RankerModule(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-5,
         embedding_learning_rate: float = 5e-2,
-        embedding_optimizer: Literal["sparse_adam", "adagrad", "adam"] = "sparse_adam",
+        embedding_optimizer: Literal[
+            "sparse_adam", "rowwise_adagrad", "adagrad", "adam"
+        ] = "sparse_adam",
         lr_schedule: Literal["none", "plateau"] = "none",
         gradient_clip: float = 0.0,
         monitor: Monitor = "auto",
@@ -234,8 +236,15 @@ class RankerModule(L.LightningModule):
         self._seed = torch.initial_seed() % 2**31  # the run's seed (seed_everything)
         self.compile_network()
         shares = ", ".join(f"{k} {v:g}" for k, v in self.id_dropout_shares.items()) or "none"
-        rule = " (auto)" if self.hparams.id_dropout == "auto" else ""
-        rank_zero_info(f"id dropout{rule}: {shares}")
+        rule = (
+            " (auto: item-side features over 1,000 ids)"
+            if self.hparams.id_dropout == "auto"
+            else ""
+        )
+        if self.trainer.is_global_zero:
+            print(f"id dropout{rule}: {shares}", flush=True)
+        if self.logger is not None:
+            self.logger.log_hyperparams({"model/id_dropout_in_force": shares})
         if not isinstance(self.weighting, PCGrad):
             return
         if self.trainer.world_size > 1:
