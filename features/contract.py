@@ -27,7 +27,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import polars as pl
@@ -235,6 +235,10 @@ def parse_id(value: Any, dtype: str) -> Any:
     return value if INT64[0] < value <= INT64[1] else NULL_INT
 
 
+FusionKind = Literal["sum", "product"]  # how ``Fusion`` combines (the CLIs' choices too)
+FUSIONS: tuple[str, ...] = get_args(FusionKind)
+
+
 @dataclass(frozen=True)
 class Fusion:
     """How task probabilities become one ranking score, for ``ranker predict`` and
@@ -246,7 +250,7 @@ class Fusion:
     product). Naming a task the model lacks is an error.
     """
 
-    kind: str = "sum"
+    kind: FusionKind = "sum"
     weights: Mapping[str, float] = field(default_factory=dict)  # task -> weight
 
     def __post_init__(self) -> None:
@@ -271,6 +275,3 @@ class Fusion:
         if self.kind == "product":
             return np.exp(np.log(np.clip(p, 1e-12, 1.0)) @ weights)
         return p @ weights
-
-
-FUSIONS = ("sum", "product")

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 
 from features.config import ConfigError, DatasetConfig, SplitSpec
-from features.contract import FUSIONS, META, OUTPUT, Fusion, RawInput
+from features.contract import FUSIONS, META, OUTPUT, Fusion, FusionKind, RawInput
 from features.onnx_graph import raw_feeds, raw_inputs
 from features.source import LogSource
 from pipelines.checkpoints import Loaded, RunError, load_model, locate
@@ -214,7 +214,7 @@ def predict(
     out: Path,
     backend: Literal["onnx", "torch"] = "onnx",
     fusion: dict[str, float] | None = None,
-    fusion_kind: Literal["sum", "product"] | None = None,
+    fusion_kind: FusionKind | None = None,
     overwrite: bool = False,
     dataset: str | None = None,
     tracking_uri: str | None = None,

@@ -18,7 +18,7 @@ from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
 from ranker.experts import Routing
-from ranker.layers import IdDropout, auto_id_dropout
+from ranker.layers import AUTO_ID_DROPOUT_MIN_IDS, IdDropout, auto_id_dropout
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import task_metrics
 from ranker.models.base import MultiTaskModel, Outputs
@@ -236,11 +236,8 @@ class RankerModule(L.LightningModule):
         self._seed = torch.initial_seed() % 2**31  # the run's seed (seed_everything)
         self.compile_network()
         shares = ", ".join(f"{k} {v:g}" for k, v in self.id_dropout_shares.items()) or "none"
-        rule = (
-            " (auto: item-side features over 1,000 ids)"
-            if self.hparams.id_dropout == "auto"
-            else ""
-        )
+        auto = f" (auto: item-side features over {AUTO_ID_DROPOUT_MIN_IDS:,} ids)"
+        rule = auto if self.hparams.id_dropout == "auto" else ""
         if self.trainer.is_global_zero:
             print(f"id dropout{rule}: {shares}", flush=True)
         if self.logger is not None:

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from features.contract import Fusion
+from features.contract import Fusion, FusionKind
 
 ENV_PREFIX = "RANKER_SERVE_"
 
@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     )
     user_table: Path | None = Field(None, description="user feature snapshot (Parquet)")
     item_table: Path | None = Field(None, description="item feature snapshot (Parquet)")
-    fusion: Literal["sum", "product"] = Field(
+    fusion: FusionKind = Field(
         "sum", description="how task probabilities combine: weighted sum or weighted product"
     )
     weights: dict[str, float] = Field(
