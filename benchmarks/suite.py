@@ -138,8 +138,11 @@ DATASETS: dict[str, SuiteDataset] = {
 def rechub_features(spec):
     from torch_rechub.basic.features import DenseFeature, SparseFeature
 
-    sizes = zip(spec.cat_names, spec.cardinalities, spec.embedding_dims, strict=True)
-    sparse = [SparseFeature(name, vocab_size=rows, embed_dim=dim) for name, rows, dim in sizes]
+    """One width for every categorical feature (its layer concatenates them on one axis): the
+    widest of ours."""
+    dim = max(spec.embedding_dims)
+    sizes = zip(spec.cat_names, spec.cardinalities, strict=True)
+    sparse = [SparseFeature(name, vocab_size=rows, embed_dim=dim) for name, rows in sizes]
     return sparse + [DenseFeature(name) for name in spec.num_names]
 
 
