@@ -230,10 +230,11 @@ class PublicNet(nn.Module):
         super().__init__()
         from ranking.models import PLE, HoME
 
-        spec, names = data.input_spec, task_names(data)
+        # Task names prefixed: its towers are a ModuleDict, where ``forward`` cannot be a key.
+        spec, names = data.input_spec, [f"task_{n}" for n in task_names(data)]
         self.embedding = PublicEmbedding(spec)
         self.cat_names, self.names = spec.cat_names, names
-        self.groups = public_groups(data)
+        self.groups = {k: [f"task_{n}" for n in v] for k, v in public_groups(data).items()}
         dim = self.embedding.total_dim
         if kind == "home":  # its ModelConfig defaults
             self.model = HoME(
