@@ -81,8 +81,9 @@ def step(module: RankerModule, optimizers: list, batch: TensorBatch) -> None:
     for optimizer in optimizers:
         optimizer.zero_grad()
     loss.backward()
-    for optimizer in optimizers:
-        optimizer.step()
+    dense, sparse = optimizers
+    dense.step()
+    module.row_rates.step(sparse)
 
 
 def flop_per_sample(module: RankerModule, batch: TensorBatch) -> float:

@@ -47,6 +47,17 @@ class FusedEmbedding(nn.Module):
             start = sum(inputs.cardinalities[i] for i in before)
             self.rows_of.append((widths.index(width), start))
 
+    def per_row(self, values: Sequence[float]) -> list[torch.Tensor]:
+        """One value per feature spread over its rows: per table, ``[rows]``."""
+        out = []
+        for width, table in zip(self.widths, self.tables, strict=True):
+            columns = getattr(self, f"columns_{width}").tolist()
+            sizes = torch.diff(
+                torch.cat([getattr(self, f"offsets_{width}"), torch.tensor([table.num_embeddings])])
+            )
+            out.append(torch.repeat_interleave(torch.tensor([values[c] for c in columns]), sizes))
+        return out
+
     def lookup(self, feature: int, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of ids (any shape) in feature ``feature``'s vocabulary: ``[..., D_f]``."""
         table, start = self.rows_of[feature]
@@ -83,10 +94,19 @@ class FusedEmbedding(nn.Module):
         return torch.cat(parts, dim=1), columns
 
 
-# ``--model.id_dropout auto``: item-side ids with more than this many values (the unknown index
-# aside) get ``AUTO_ID_DROPOUT``: where tomorrow brings new items, whose ids score through the
-# unknown row. Smaller item vocabularies (a category, a type) are left as they are.
-AUTO_ID_DROPOUT, AUTO_ID_DROPOUT_MIN_IDS = 0.1, 1_000
+# A categorical feature with more than ``LARGE_VOCABULARY`` ids (the unknown index aside) has a
+# large vocabulary: each of its rows is in few batches. Two default rules read it:
+# - ``--model.id_dropout auto``: item-side features with a large vocabulary get
+#   ``AUTO_ID_DROPOUT``, for tomorrow's new items, whose ids score through the unknown row;
+#   smaller item vocabularies (a category, a type) are left as they are;
+# - ``--model.small_vocabulary_learning_rate``: the rows of the other features, in nearly every
+#   batch, learn at that (lower) rate (``embedding_rates``).
+AUTO_ID_DROPOUT, LARGE_VOCABULARY = 0.1, 1_000
+
+
+def large_vocabularies(inputs: InputSpec) -> list[bool]:
+    """Per categorical feature: has it more than ``LARGE_VOCABULARY`` ids?"""
+    return [rows - 1 > LARGE_VOCABULARY for rows in inputs.cardinalities]
 
 
 def auto_id_dropout(inputs: InputSpec) -> dict[str, float]:
@@ -94,10 +114,19 @@ def auto_id_dropout(inputs: InputSpec) -> dict[str, float]:
     than 1,000 ids."""
     return {
         name: AUTO_ID_DROPOUT
-        for name, side, rows in zip(
-            inputs.cat_names, inputs.cat_sides, inputs.cardinalities, strict=False
+        for name, side, large in zip(
+            inputs.cat_names, inputs.cat_sides, large_vocabularies(inputs), strict=False
         )
-        if side == "item" and rows - 1 > AUTO_ID_DROPOUT_MIN_IDS
+        if side == "item" and large
+    }
+
+
+def embedding_rates(inputs: InputSpec, large: float, small: float | None) -> dict[str, float]:
+    """Each categorical feature's embedding learning rate: ``large`` for a large vocabulary
+    (more than 1,000 ids), ``small`` for the others (``None``: ``large`` for every one)."""
+    return {
+        name: large if big or small is None else small
+        for name, big in zip(inputs.cat_names, large_vocabularies(inputs), strict=True)
     }
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from features.config import TaskSpec
 from features.contract import LOGITS, OUTPUT
@@ -18,7 +19,7 @@ from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
 from ranker.experts import Routing
-from ranker.layers import AUTO_ID_DROPOUT_MIN_IDS, IdDropout, auto_id_dropout
+from ranker.layers import LARGE_VOCABULARY, IdDropout, auto_id_dropout, embedding_rates
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import task_metrics
 from ranker.models.base import MultiTaskModel, Outputs
@@ -86,6 +87,47 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         return None
 
 
+class RowRates:
+    """Per-row learning rates for the embedding tables' optimiser: row ``r`` of a table moves
+    by ``scale_r`` times the step the optimiser takes at its own rate,
+
+        w_r <- w_r + scale_r * (step(w)_r - w_r),
+
+    which is the step at rate ``lr * scale_r`` for every optimiser of ``EMBEDDING_OPTIMIZERS``
+    (each step is proportional to its learning rate; the optimiser's state is unchanged).
+    Only the rows the step moves are read and written: the batch's rows on sparse gradients,
+    every row with ``every_row`` (dense ``adam``, whose momentum moves the others too)."""
+
+    def __init__(
+        self, tables: Sequence[nn.Embedding], scales: Sequence[torch.Tensor], every_row: bool
+    ) -> None:
+        self.every_row = every_row
+        self.parts = [
+            (table.weight, scale.to(table.weight))
+            for table, scale in zip(tables, scales, strict=True)
+            if not bool((scale == 1).all())
+        ]
+
+    def step(self, optimiser: torch.optim.Optimizer) -> None:
+        moved = []
+        for weight, scale in self.parts:
+            grad = weight.grad
+            if grad is None:
+                continue
+            rows = grad.coalesce().indices()[0] if grad.is_sparse and not self.every_row else None
+            before = weight.detach().clone() if rows is None else weight.detach()[rows]
+            moved.append((weight, scale if rows is None else scale[rows], rows, before))
+        optimiser.step()
+        with torch.no_grad():
+            for weight, scale, rows, before in moved:
+                after = weight if rows is None else weight[rows]
+                new = torch.lerp(before, after, scale.unsqueeze(1))
+                if rows is None:
+                    weight.copy_(new)
+                else:
+                    weight.index_copy_(0, rows, new)
+
+
 EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sparse_adam": torch.optim.SparseAdam,
     "rowwise_adagrad": RowWiseAdagrad,
@@ -103,7 +145,13 @@ class RankerModule(L.LightningModule):
         tasks: the tasks, in label order (linked from the DataModule).
         learning_rate: AdamW learning rate of the dense part.
         weight_decay: AdamW weight decay of the dense part.
-        embedding_learning_rate: learning rate of the embedding tables.
+        embedding_learning_rate: learning rate of the embedding rows of categorical features
+            with a large vocabulary (more than 1,000 ids: each row is in few batches).
+        small_vocabulary_learning_rate: learning rate of the rows of every other categorical
+            feature (at most 1,000 ids: its rows are in nearly every batch, where the large
+            vocabularies' rate makes them drift; ``RowRates``). Default 1e-3, the dense part's
+            rate; ``null``: ``embedding_learning_rate`` for every row. The rates in force are
+            printed at the start and logged (``model/embedding_rates_in_force``).
         embedding_optimizer: the embedding tables' optimiser, on sparse gradients (only the
             rows in the batch move): ``sparse_adam``; ``rowwise_adagrad`` (one accumulated
             squared gradient per row, as TorchRec and DLRM: a row's rate falls as it is seen,
@@ -151,6 +199,7 @@ class RankerModule(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-5,
         embedding_learning_rate: float = 5e-2,
+        small_vocabulary_learning_rate: float | None = 1e-3,
         embedding_optimizer: Literal[
             "sparse_adam", "rowwise_adagrad", "adagrad", "adam"
         ] = "sparse_adam",
@@ -176,6 +225,13 @@ class RankerModule(L.LightningModule):
         shares = auto_id_dropout(inputs) if id_dropout == "auto" else (id_dropout or {})
         self.id_dropout = IdDropout(inputs.cat_names, shares)
         self.id_dropout_shares = shares
+        if embedding_learning_rate <= 0:  # the other rates are scales of this one
+            raise ValueError(
+                f"--model.embedding_learning_rate must be > 0, got {embedding_learning_rate}"
+            )
+        self.embedding_rates = embedding_rates(
+            inputs, embedding_learning_rate, small_vocabulary_learning_rate
+        )
         self.automatic_optimization = False  # two optimisers: sparse rows and dense weights
         self._scores: dict[str, Scored] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -215,6 +271,9 @@ class RankerModule(L.LightningModule):
             ),
             embedding(sparse, lr=hp.embedding_learning_rate),
         ]
+        scales = [r / hp.embedding_learning_rate for r in self.embedding_rates.values()]
+        tables = self.network.embedding
+        self.row_rates = RowRates(tables.tables, tables.per_row(scales), embedding is DenseAdam)
         if hp.lr_schedule == "none":
             return optimisers
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
@@ -235,13 +294,7 @@ class RankerModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._seed = torch.initial_seed() % 2**31  # the run's seed (seed_everything)
         self.compile_network()
-        shares = ", ".join(f"{k} {v:g}" for k, v in self.id_dropout_shares.items()) or "none"
-        auto = f" (auto: item-side features over {AUTO_ID_DROPOUT_MIN_IDS:,} ids)"
-        rule = auto if self.hparams.id_dropout == "auto" else ""
-        if self.trainer.is_global_zero:
-            print(f"id dropout{rule}: {shares}", flush=True)
-        if self.logger is not None:
-            self.logger.log_hyperparams({"model/id_dropout_in_force": shares})
+        self.announce_rules()
         if not isinstance(self.weighting, PCGrad):
             return
         if self.trainer.world_size > 1:
@@ -253,6 +306,24 @@ class RankerModule(L.LightningModule):
             raise ValueError(
                 "--model.loss_weighting pcgrad takes its gradients outside the fp16 loss "
                 "scaler: train in 32 or bf16 precision"
+            )
+
+    def announce_rules(self) -> None:
+        """Prints and logs what the default rules over the vocabularies chose for this data."""
+        shares = ", ".join(f"{k} {v:g}" for k, v in self.id_dropout_shares.items()) or "none"
+        auto = f" (auto: item-side features over {LARGE_VOCABULARY:,} ids)"
+        rule = auto if self.hparams.id_dropout == "auto" else ""
+        by_rate: dict[float, list[str]] = {}
+        for name, rate in self.embedding_rates.items():
+            by_rate.setdefault(rate, []).append(name)
+        rates = "; ".join(f"{r:g} for {', '.join(by_rate[r])}" for r in sorted(by_rate)[::-1])
+        if self.trainer.is_global_zero:
+            print(f"id dropout{rule}: {shares}", flush=True)
+            print(f"embedding learning rates (by vocabulary, over {LARGE_VOCABULARY:,} ids or "
+                  f"not): {rates}", flush=True)  # fmt: skip
+        if self.logger is not None:
+            self.logger.log_hyperparams(
+                {"model/id_dropout_in_force": shares, "model/embedding_rates_in_force": rates}
             )
 
     def on_fit_end(self) -> None:
@@ -298,7 +369,7 @@ class RankerModule(L.LightningModule):
         if self.hparams.gradient_clip:
             self.clip_gradients(dense_opt, gradient_clip_val=self.hparams.gradient_clip)
         dense_opt.step()
-        sparse_opt.step()
+        self.row_rates.step(sparse_opt)
         self._epoch_samples += len(labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         if auxiliary:

@@ -219,7 +219,8 @@ def test_a_trial_below_the_median_is_pruned_and_its_run_marked(
     study.enqueue_trial({"model.learning_rate": 1e-7})
     args = tune_args(path, tiny_log, tmp_path, trials=2)
     args += ["--startup_trials", "1", "--trainer.max_epochs", "3"]
-    main([*args, "--model.embedding_learning_rate", "1e-7"])
+    rates = ["--model.embedding_learning_rate", "1e-7"]
+    main([*args, *rates, "--model.small_vocabulary_learning_rate", "1e-7"])
     study = optuna.load_study(study_name="tune-space", storage=f"sqlite:///{tmp_path}/optuna.db")
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]

@@ -1,14 +1,15 @@
 """The default rules: row-wise Adagrad for the embedding tables, id dropout on large item
-vocabularies."""
+vocabularies, a lower learning rate for the rows of small vocabularies."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from features.state import InputSpec
-from ranker.layers import auto_id_dropout
+from ranker.layers import FusedEmbedding, auto_id_dropout, embedding_rates
 from ranker.models import MMoE
-from ranker.module import RankerModule, RowWiseAdagrad
+from ranker.module import EMBEDDING_OPTIMIZERS, RankerModule, RowRates, RowWiseAdagrad
 from tests.ranker.common import SMALL, TASKS
 
 
@@ -81,3 +82,52 @@ def test_id_dropout_draws_follow_the_seed_alone() -> None:
     assert torch.equal(dropout(cat, seed=42), first)
     assert not torch.equal(dropout(cat, seed=43), first)
     assert torch.equal(first[:, 0], cat[:, 0]) and 0.3 < (first[:, 1] == 0).float().mean() < 0.7
+
+
+def test_embedding_rates_follow_the_vocabulary() -> None:
+    assert embedding_rates(spec(50_000, user_ids=1_000), 0.05, 0.001) == {
+        "user": 0.001,  # 1,000 ids: in nearly every batch
+        "item": 0.05,
+        "category": 0.001,
+    }
+    assert embedding_rates(spec(50_000, user_ids=1_001), 0.05, 0.001)["user"] == 0.05
+    assert set(embedding_rates(spec(50_000), 0.05, None).values()) == {0.05}  # the rule off
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDING_OPTIMIZERS))
+def test_row_rates_step_each_row_at_its_own_rate(name: str) -> None:
+    """Every row of a fused table steps exactly as the same optimiser run at that row's rate."""
+    torch.manual_seed(0)
+    inputs = spec(30, user_ids=20)  # user rows 0-20, item rows 21-51 in the 8-wide table
+    fused = FusedEmbedding(inputs)
+    optimiser_of = EMBEDDING_OPTIMIZERS[name]
+    rates = {"user": 0.001, "item": 0.05, "category": 0.01}
+    scales = [rates[n] / 0.05 for n in inputs.cat_names]
+    mixed = RowRates(
+        fused.tables, fused.per_row(scales), optimiser_of is EMBEDDING_OPTIMIZERS["adam"]
+    )
+    optimiser = optimiser_of(fused.parameters(), lr=0.05)
+    alone = {}  # one copy per rate, stepped at that rate by a plain optimiser
+    for rate in set(rates.values()):
+        copy = FusedEmbedding(inputs)
+        copy.load_state_dict(fused.state_dict())
+        alone[rate] = (copy, optimiser_of(copy.parameters(), lr=rate))
+    for step in range(3):
+        cat = torch.randint(0, 20, (16, 3)) + torch.tensor([0, step, 0])
+        num = torch.zeros(16, 1)
+        for embedding, opt in [(fused, optimiser), *alone.values()]:
+            opt.zero_grad()
+            embedding(cat, num).pow(2).sum().backward()
+        mixed.step(optimiser)
+        for _, opt in alone.values():
+            opt.step()
+    for f, name_ in enumerate(inputs.cat_names):
+        table, start = fused.rows_of[f]
+        rows = slice(start, start + inputs.cardinalities[f])
+        expected = alone[rates[name_]][0].tables[table].weight[rows]
+        torch.testing.assert_close(fused.tables[table].weight[rows], expected)
+
+
+def test_row_rates_cost_nothing_where_every_row_has_the_same_rate() -> None:
+    fused = FusedEmbedding(spec(50_000))
+    assert RowRates(fused.tables, fused.per_row([1.0, 1.0, 1.0]), False).parts == []
