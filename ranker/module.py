@@ -148,10 +148,12 @@ class RankerModule(L.LightningModule):
         embedding_learning_rate: learning rate of the embedding rows of categorical features
             with a large vocabulary (more than 1,000 ids: each row is in few batches).
         small_vocabulary_learning_rate: learning rate of the rows of every other categorical
-            feature (at most 1,000 ids: its rows are in nearly every batch, where the large
-            vocabularies' rate makes them drift; ``RowRates``). Default 1e-3, the dense part's
-            rate; ``null``: ``embedding_learning_rate`` for every row. The rates in force are
-            printed at the start and logged (``model/embedding_rates_in_force``).
+            feature (at most 1,000 ids: rows in most batches, ``RowRates``); ``null`` (the
+            default): ``embedding_learning_rate`` for every row. Not on by default: at 1e-3 it
+            lifted Hillstrom (every vocabulary tiny) by +0.001 / +0.006 test mean AUC (HoME /
+            MMoE) but cost KuaiRand, whose 664 users it slowed too, -0.022 / -0.037
+            (``benchmarks/RESULTS.md``). The rates in force are printed at the start and logged
+            (``model/embedding_rates_in_force``).
         embedding_optimizer: the embedding tables' optimiser, on sparse gradients (only the
             rows in the batch move): ``sparse_adam``; ``rowwise_adagrad`` (one accumulated
             squared gradient per row, as TorchRec and DLRM: a row's rate falls as it is seen,
@@ -199,7 +201,7 @@ class RankerModule(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-5,
         embedding_learning_rate: float = 5e-2,
-        small_vocabulary_learning_rate: float | None = 1e-3,
+        small_vocabulary_learning_rate: float | None = None,
         embedding_optimizer: Literal[
             "sparse_adam", "rowwise_adagrad", "adagrad", "adam"
         ] = "sparse_adam",
