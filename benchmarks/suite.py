@@ -53,13 +53,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from benchmarks.zoo import ZOO, markdown, train, without_sequences  # noqa: E402
+from benchmarks.zoo import ZOO, cell, markdown, train, without_sequences  # noqa: E402
 from features.config import DatasetConfig  # noqa: E402
 from features.datamodule import RankerDataModule, TensorBatch  # noqa: E402
 from features.synth import generate  # noqa: E402
 from pipelines.report import wide_console  # noqa: E402
 from pipelines.tracking import resolve_tracking_uri  # noqa: E402
 from ranker.metrics import task_metrics  # noqa: E402
+from ranker.module import choose_monitor, signed  # noqa: E402
 
 HILLSTROM = ROOT.parent / "shared" / "data" / "hillstrom" / "hillstrom.parquet"
 
@@ -336,12 +337,6 @@ def evaluate(net: nn.Module, data: RankerDataModule, split: str) -> dict[str, fl
     return task_metrics(cat(probs), cat(labels), torch.cat(users).numpy(), task_names(data))
 
 
-def monitored(metrics: dict[str, float]) -> float:
-    """Our ``--model.monitor auto``: mean GAUC where defined, else mean AUC."""
-    gauc = metrics["gauc/mean"]
-    return gauc if math.isfinite(gauc) else metrics["auc/mean"]
-
-
 def positive_rates(data: RankerDataModule) -> np.ndarray:
     labels = torch.cat([b.labels for b in data.train_dataloader()])
     return torch.nanmean(labels, 0).numpy()
@@ -363,7 +358,7 @@ def train_peer(name: str, data: RankerDataModule, epochs: int, seed: int) -> dic
         schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimiser, mode="max", factor=0.5, patience=peer.plateau_patience
         )
-    best, best_state, seconds = -math.inf, None, []
+    best, best_state, seconds, chosen = -math.inf, None, [], None
     for epoch in range(epochs):
         data.set_epoch(epoch)
         net.train()
@@ -376,10 +371,12 @@ def train_peer(name: str, data: RankerDataModule, epochs: int, seed: int) -> dic
                 torch.nn.utils.clip_grad_norm_(params, peer.clip)
             optimiser.step()
         seconds.append(time.perf_counter() - start)
-        value = monitored(evaluate(net, data, "val"))
+        metrics = evaluate(net, data, "val")
+        chosen = chosen or choose_monitor("auto", metrics)  # ours: chosen once, then kept
+        value = signed(chosen, metrics)
         if schedule is not None:
             schedule.step(value)
-        if value > best:
+        if best_state is None or value > best:  # a NaN epoch is never a best, unless first
             best, best_state = value, copy.deepcopy(net.state_dict())
     net.load_state_dict(best_state)
     metrics = evaluate(net, data, "test")
@@ -404,12 +401,11 @@ def ours(model: str, args: argparse.Namespace) -> str:
 
 
 def run_ours(name: str, dataset: SuiteDataset, args: argparse.Namespace) -> None:
-    client = MlflowClient(resolve_tracking_uri())
     experiment = f"suite-{name}"
+    done = finished_runs(MlflowClient(resolve_tracking_uri()), experiment)
     for model in args.models:
         for seed in args.seeds:
-            done = f"{ours(model, args)}-s{seed}" in finished_runs(client, experiment)
-            if done and not args.retrain:
+            if f"{ours(model, args)}-s{seed}" in done and not args.retrain:
                 continue
             train(model, seed, argparse.Namespace(
                 fit_args=args.fit_args, train_dataset=dataset.config, log=dataset.log,
@@ -422,12 +418,8 @@ def run_ours(name: str, dataset: SuiteDataset, args: argparse.Namespace) -> None
 def run_peers(name: str, dataset: SuiteDataset, peers: list[str], args: argparse.Namespace) -> None:
     client = MlflowClient(resolve_tracking_uri())
     experiment = f"suite-{name}"
-    todo = [
-        (p, s)
-        for p in peers
-        for s in args.seeds
-        if f"{p}-s{s}" not in finished_runs(client, experiment) or args.retrain
-    ]
+    done = finished_runs(client, experiment)
+    todo = [(p, s) for p in peers for s in args.seeds if f"{p}-s{s}" not in done or args.retrain]
     if not todo:
         return
     found = client.get_experiment_by_name(experiment)
@@ -447,13 +439,6 @@ def run_peers(name: str, dataset: SuiteDataset, peers: list[str], args: argparse
             print(f"{peer:22s} seed {seed}: {time.perf_counter() - start:7.1f} s", flush=True)
 
 
-def cell(values: list[float]) -> str:
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return "-"
-    return f"{np.mean(values):.4f}" + (f"±{np.std(values):.3f}" if len(values) > 1 else "")
-
-
 def epoch_seconds(client: MlflowClient, run) -> float:
     if "test/epoch_seconds" in run.data.metrics:  # a peer
         return run.data.metrics["test/epoch_seconds"]
@@ -469,10 +454,11 @@ def table(names: list[str], rows: list[str], args: argparse.Namespace) -> Table:
         out.add_column(f"{name} AUC", justify="right")
         out.add_column(f"{name} GAUC", justify="right")
         out.add_column(f"{name} s/epoch", justify="right")
+    runs_of = {name: finished_runs(client, f"suite-{name}") for name in names}
     for model in rows:
         cells = []
         for name in names:
-            runs = finished_runs(client, f"suite-{name}")
+            runs = runs_of[name]
             mine = [runs[f"{model}-s{s}"] for s in args.seeds if f"{model}-s{s}" in runs]
             seconds = [epoch_seconds(client, r) for r in mine]
             for key in ("test/auc/mean", "test/gauc/mean"):

@@ -124,6 +124,15 @@ def short_history(run_id: str, longest: int, client: MlflowClient) -> None:
         client.log_metric(run_id, f"{key}/{name}", metrics[name])
 
 
+def cell(values: list[float]) -> str:
+    """Mean ± std over seeds (the mean alone for one; ``-`` for none), NaNs left out."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    mean = f"{np.mean(values):.4f}"
+    return mean if len(values) == 1 else f"{mean}±{np.std(values):.3f}"
+
+
 def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table:
     client = MlflowClient(resolve_tracking_uri())
     experiment = client.get_experiment_by_name(args.experiment)
@@ -154,13 +163,6 @@ def table(args: argparse.Namespace, tasks: list[str], metric_name: str) -> Table
         )
     out.add_column("params", justify="right")
     out.add_column("train s", justify="right")
-
-    def cell(values: list[float]) -> str:
-        values = [v for v in values if not math.isnan(v)]
-        if not values:
-            return "-"
-        mean = f"{np.mean(values):.4f}"
-        return mean if len(values) == 1 else f"{mean}±{np.std(values):.3f}"
 
     for model in rows:
         runs = by_model.get(model, [])

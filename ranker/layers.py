@@ -51,11 +51,10 @@ class FusedEmbedding(nn.Module):
         """One value per feature spread over its rows: per table, ``[rows]``."""
         out = []
         for width, table in zip(self.widths, self.tables, strict=True):
-            columns = getattr(self, f"columns_{width}").tolist()
-            sizes = torch.diff(
-                torch.cat([getattr(self, f"offsets_{width}"), torch.tensor([table.num_embeddings])])
-            )
-            out.append(torch.repeat_interleave(torch.tensor([values[c] for c in columns]), sizes))
+            columns, offsets = getattr(self, f"columns_{width}"), getattr(self, f"offsets_{width}")
+            sizes = torch.diff(offsets, append=offsets.new_tensor([table.num_embeddings]))
+            per_feature = torch.tensor([values[c] for c in columns.tolist()])
+            out.append(torch.repeat_interleave(per_feature, sizes))
         return out
 
     def lookup(self, feature: int, ids: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,24 @@ MONITOR = "val/monitor"
 FALLBACK: tuple[str, ...] = ("gauc", "auc", "logloss")  # the order "auto" tries
 
 
+def monitor_order(wanted: str) -> tuple[str, ...]:
+    """The metrics ``--model.monitor wanted`` tries, in order: the first defined is chosen."""
+    return FALLBACK if wanted == "auto" else (wanted, *(m for m in FALLBACK if m != wanted))
+
+
+def choose_monitor(wanted: str, metrics: dict[str, float]) -> str:
+    """The monitored metric on this data: the first of ``monitor_order`` whose mean is
+    defined in ``metrics`` (a validation's ``task_metrics``)."""
+    order = monitor_order(wanted)
+    return next((m for m in order if math.isfinite(metrics[f"{m}/mean"])), order[0])
+
+
+def signed(metric: str, metrics: dict[str, float]) -> float:
+    """The metric's mean, higher is better (logloss negated)."""
+    value = metrics[f"{metric}/mean"]
+    return -value if metric == "logloss" else value
+
+
 class DenseAdam(torch.optim.Adam):
     """Adam on every row of the tables at every step (the sparse gradients made dense first):
     rows absent from a batch keep moving with their momentum, as in a dense-embedding model.
@@ -114,7 +132,9 @@ class RowRates:
             grad = weight.grad
             if grad is None:
                 continue
-            rows = grad.coalesce().indices()[0] if grad.is_sparse and not self.every_row else None
+            if grad.is_sparse:  # coalesced once, here: the optimiser's coalesce is then free
+                weight.grad = grad = grad.coalesce()
+            rows = grad.indices()[0] if grad.is_sparse and not self.every_row else None
             before = weight.detach().clone() if rows is None else weight.detach()[rows]
             moved.append((weight, scale if rows is None else scale[rows], rows, before))
         optimiser.step()
@@ -448,10 +468,7 @@ class RankerModule(L.LightningModule):
         """``val/monitor`` of this validation; the metric is chosen at the first one."""
         if self.selected is None:
             wanted = self.hparams.monitor
-            order = (
-                FALLBACK if wanted == "auto" else (wanted, *(m for m in FALLBACK if m != wanted))
-            )
-            chosen = next((m for m in order if math.isfinite(metrics[f"{m}/mean"])), order[0])
+            order, chosen = monitor_order(wanted), choose_monitor(wanted, metrics)
             if wanted not in ("auto", chosen) or (wanted == "auto" and chosen != "gauc"):
                 rank_zero_warn(
                     f"val mean {order[0].upper()} is undefined on this data (e.g. no user has "
@@ -459,12 +476,12 @@ class RankerModule(L.LightningModule):
                     f"mean {chosen.upper()} instead (set --model.monitor to choose)"
                 )
             if self.trainer.sanity_checking:  # a few batches: choose on the real validation
-                return self._signed(chosen, metrics)
+                return signed(chosen, metrics)
             self.selected = chosen
             rank_zero_info(f"checkpoints and early stopping: val mean {chosen.upper()}")
             if self.logger is not None:
                 self.logger.log_hyperparams({"selection/metric": f"val/{chosen}/mean"})
-        value = self._signed(self.selected, metrics)
+        value = signed(self.selected, metrics)
         if not math.isfinite(value):
             rank_zero_warn(f"val mean {self.selected.upper()} is NaN this epoch: not a best")
             value = -math.inf
@@ -480,11 +497,6 @@ class RankerModule(L.LightningModule):
             return
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step(monitored)
-
-    @staticmethod
-    def _signed(metric: str, metrics: dict[str, float]) -> float:
-        value = metrics[f"{metric}/mean"]
-        return -value if metric == "logloss" else value
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selected_metric"] = self.selected

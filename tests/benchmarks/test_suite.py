@@ -62,16 +62,16 @@ def test_suite_runs_ours_and_a_peer_and_tables_both(
 def test_a_peer_keeps_its_best_validation_epoch(tiny_log: Path) -> None:
     data = RankerDataModule(str(SYNTHETIC_CONFIG), log_path=str(tiny_log), batch_size=1024)
     seen: list[float] = []
-    real = suite.monitored
+    real = suite.signed
 
-    def spy(metrics: dict[str, float]) -> float:
-        seen.append(real(metrics))
+    def spy(metric: str, metrics: dict[str, float]) -> float:
+        seen.append(real(metric, metrics))
         return seen[-1]
 
     suite.PEERS["logistic"] = suite.Peer(LogisticPeer, "test", plateau_patience=0)
     try:
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(suite, "monitored", spy)
+            m.setattr(suite, "signed", spy)
             metrics = suite.train_peer("logistic", data, epochs=2, seed=0)
     finally:
         del suite.PEERS["logistic"]
