@@ -65,6 +65,7 @@ def run_workers(settings: Settings) -> None:
     import uvicorn
 
     from serving.core.metrics import Metrics
+    from serving.drain import DrainingSupervisor
     from serving.holder import Holder  # the model is checked here once, then each worker loads
 
     try:
@@ -74,15 +75,16 @@ def run_workers(settings: Settings) -> None:
     shared = tempfile.mkdtemp(prefix="ranker-metrics-")
     os.environ.update(settings.environment())
     os.environ[MULTIPROCESS_DIR] = shared
-    try:
-        uvicorn.run(
-            "serving.main:worker_app",
-            factory=True,
-            workers=settings.workers,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=False,
-        )
+    config = uvicorn.Config(
+        "serving.main:worker_app",
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+    )
+    try:  # as uvicorn.run does for workers, with a supervisor that drains
+        DrainingSupervisor(config, sockets=[config.bind_socket()]).run()
     finally:
         shutil.rmtree(shared, ignore_errors=True)

@@ -4,15 +4,16 @@
 
 ``POST /v1/rank`` scores one user's candidates and returns them sorted by the fused score,
 each with every task's probability. ``GET /healthz`` (alive), ``/readyz`` (a model is
-loaded), ``/metrics`` (Prometheus), ``/v1/model`` (what is loaded). When the model is a
-registry alias, a background thread polls it; a new version is loaded beside the old one and
-swapped in by one reference (``serving.holder``), so requests never fail or wait on a load.
-This package imports neither torch nor lightning.
+loaded, and not draining), ``/metrics`` (Prometheus), ``/v1/model`` (what is loaded).
+Overload is answered 503 and a passed deadline 504; SIGTERM drains, then exits 0. When the
+model is a registry alias, a background thread polls it; a new version is loaded beside the
+old one and swapped in by one reference (``serving.holder``), so requests never fail or wait
+on a load. This package imports neither torch nor lightning.
 
 Layout (FastAPI's project template): ``core/config.py`` the settings, ``core/metrics.py``
 Prometheus, ``schemas.py`` the bodies, ``holder.py`` the loaded model, ``api/`` the routes,
-their dependencies and middleware, ``model.py`` the ONNX scorer, ``registry.py`` where a
-model comes from.
+their dependencies, middleware and admission control, ``drain.py`` the graceful shutdown,
+``model.py`` the ONNX scorer, ``registry.py`` where a model comes from.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from serving.api import middleware
+from serving.api.admission import Admission
 from serving.api.main import api_router
 from serving.core.config import Settings
 from serving.core.metrics import Metrics
+from serving.drain import Drain
 from serving.holder import Holder
 
 
@@ -43,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     holder = Holder(settings, metrics, intra_op_threads(settings))
     holder.install(holder.load())
     holder.start_polling()
+    drain = Drain(settings.grace_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,6 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
         # out of the collector's reach, a full collection does not pause requests scanning it.
         gc.collect()
         gc.freeze()
+        drain.attach()
         yield
         holder.stop()
         metrics.worker_exited()
@@ -58,7 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
         title="ranker", description="Multi-task ranking over ONNX", version="1", lifespan=lifespan
     )
     app.state.settings, app.state.metrics, app.state.holder = settings, metrics, holder
-    middleware.install(app, metrics, settings.max_body_bytes)
+    app.state.admission, app.state.drain = Admission(settings, metrics), drain
+    middleware.install(app, settings, metrics, app.state.admission, drain)
     app.include_router(api_router)
     return app
 

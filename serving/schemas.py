@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 # A feature value: an id, a category or a number; NaN / inf are refused by the schema.
@@ -53,3 +54,12 @@ class Scored(BaseModel):
 class RankResponse(BaseModel):
     model: dict[str, str]
     candidates: list[Scored]
+
+
+def error(
+    status: int, loc: list, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """Every error answer of the service: ``{"detail": [{"loc": ..., "msg": ...}]}``, as
+    FastAPI's own 422s."""
+    body = {"detail": [{"loc": loc, "msg": message}]}
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,4 +1,5 @@
-"""What wraps every request: the body limit, the measurement, the error answers."""
+"""What wraps every request, outermost first: the body limit, the measurement (and the closing
+of connections while draining), the bearer token, admission control; and the error answers."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.api.admission import Admission, Admit, BearerToken, DeadlineError
+from serving.core.config import Settings
 from serving.core.metrics import Metrics
+from serving.drain import Drain
 from serving.model import RequestError
-
-
-def error(status: int, loc: list, message: str) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": loc, "msg": message}]}, status_code=status)
+from serving.schemas import error
 
 
 class BodyLimit:
@@ -59,8 +60,13 @@ class BodyLimit:
         await error(413, ["body"], f"body over {self.limit} bytes")(scope, receive, send)
 
 
-def install(app: FastAPI, metrics: Metrics, max_body_bytes: int) -> None:
-    """The measurement and body-limit middlewares and the 422 handlers."""
+def install(
+    app: FastAPI, settings: Settings, metrics: Metrics, admission: Admission, drain: Drain
+) -> None:
+    """The middlewares (the last added is the outermost) and the error handlers."""
+    app.add_middleware(Admit, admission=admission)
+    if settings.token is not None:
+        app.add_middleware(BearerToken, token=settings.token.get_secret_value())
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -70,9 +76,11 @@ def install(app: FastAPI, metrics: Metrics, max_body_bytes: int) -> None:
         if not request.scope.get("ranker.refused"):  # BodyLimit counted it
             metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        if drain.started:  # the caller's next request opens a connection elsewhere
+            response.headers["connection"] = "close"
         return response
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes, requests=metrics.requests)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, requests=metrics.requests)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -84,3 +92,7 @@ def install(app: FastAPI, metrics: Metrics, max_body_bytes: int) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
         return error(422, err.loc, err.message)
+
+    @app.exception_handler(DeadlineError)
+    async def deadline_passed(request: Request, err: DeadlineError) -> JSONResponse:
+        return error(504, ["service"], err.message)

@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from features.contract import Fusion, FusionKind
 
 ENV_PREFIX = "RANKER_SERVE_"
+DEADLINE_HEADER = "X-Request-Timeout-Ms"  # the caller's budget, milliseconds
 
 
 class Settings(BaseSettings):
@@ -58,6 +59,35 @@ class Settings(BaseSettings):
     tracking_uri: str | None = Field(
         None, description="MLflow store of models:/ references (default: MLFLOW_TRACKING_URI)"
     )
+    max_in_flight: int = Field(
+        8,
+        ge=1,
+        description="rank requests a worker holds at once, scoring or waiting to; one more is "
+        "answered 503 at once, with Retry-After (about 4x what it scores at once: at 2 cores, "
+        "500 candidates, a queue longer than that only adds latency)",
+    )
+    scoring_concurrency: int = Field(
+        2, ge=1, description="rank requests a worker scores at once; the others wait their turn"
+    )
+    deadline_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="the longest a rank request may wait to start scoring, from its arrival; "
+        f"past it the answer is 504 at once, never a late score. A request's {DEADLINE_HEADER} "
+        "header can lower it",
+    )
+    grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM: /readyz turns 503, new connections are refused, and requests "
+        "in flight get this long to finish; then the process exits 0",
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="a bearer token every /v1/* request must send (Authorization: Bearer "
+        "<token>); none by default. Set it as RANKER_SERVE_TOKEN rather than on the command "
+        "line, where other users of the machine can read it",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "warning", description="uvicorn's log level"
     )
@@ -68,6 +98,13 @@ class Settings(BaseSettings):
         Fusion(weights=weights)  # refuses NaN and infinite weights
         return weights
 
+    @field_validator("token")
+    @classmethod
+    def _not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("an empty token would let anyone in; leave it unset for none")
+        return token
+
     @property
     def fusion_rule(self) -> Fusion:
         return Fusion(self.fusion, self.weights)
@@ -76,6 +113,8 @@ class Settings(BaseSettings):
         """These settings as ``RANKER_SERVE_*`` variables (a new process's ``Settings()``
         reads them back)."""
         values = self.model_dump(mode="json", exclude_none=True)
+        if self.token is not None:  # json mode masks a secret; the worker needs it
+            values["token"] = self.token.get_secret_value()
         return {
             f"{ENV_PREFIX}{key.upper()}": value if isinstance(value, str) else json.dumps(value)
             for key, value in values.items()

@@ -58,6 +58,19 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="liveall",
         )
+        self.shed = Counter(
+            "ranker_requests_shed",
+            "Rank requests answered without scoring: overload (503, over --max_in_flight) or "
+            "deadline (504, could not start scoring in time)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "ranker_requests_in_flight",
+            "Rank requests held now, scoring or waiting to (summed over the workers)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.reloads = Counter(
             "ranker_model_reloads", "Model reloads by result", ["result"], registry=self.registry
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from serving.api.deps import HolderDep, MetricsDep
+from serving.api.deps import DrainDep, HolderDep, MetricsDep
 from serving.core.metrics import MEDIA_TYPE
 
 router = APIRouter()
@@ -17,8 +17,8 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def readyz(holder: HolderDep) -> JSONResponse:
-    ready = holder.current is not None
+def readyz(holder: HolderDep, drain: DrainDep) -> JSONResponse:
+    ready = holder.current is not None and not drain.started
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 

@@ -1,4 +1,6 @@
-"""``POST /v1/rank`` and ``GET /v1/model``: each reads the loaded model once."""
+"""``POST /v1/rank`` and ``GET /v1/model``: each reads the loaded model once. A rank request
+scores in the thread pool when its turn comes (``serving.api.admission``), so the event loop
+keeps admitting, shedding and timing out the others meanwhile."""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
-from serving.api.deps import HolderDep, MetricsDep, SettingsDep
+from serving.api.admission import DEADLINE
+from serving.api.deps import AdmissionDep, HolderDep, MetricsDep, SettingsDep
+from serving.holder import LoadedModel
 from serving.model import RequestError
 from serving.schemas import RankRequest, RankResponse
 
@@ -27,18 +32,36 @@ def model(holder: HolderDep) -> dict[str, Any]:
     }
 
 
-@router.post("/rank", responses={200: {"model": RankResponse}})
-def rank(
-    body: RankRequest, holder: HolderDep, settings: SettingsDep, metrics: MetricsDep
+@router.post(
+    "/rank",
+    responses={
+        200: {"model": RankResponse},
+        503: {"description": "overloaded: retry after Retry-After seconds"},
+        504: {"description": "the request could not start scoring within its deadline"},
+    },
+)
+async def rank(
+    body: RankRequest,
+    request: Request,
+    holder: HolderDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    admission: AdmissionDep,
 ) -> Response:
     n = len(body.candidates)
     if n > settings.max_candidates:
         raise RequestError(
             ["body", "candidates"], f"{n} candidates, at most {settings.max_candidates}"
         )
-    loaded = holder.current  # one version for the whole request: session, tasks, weights
+    async with admission.turn(request.scope[DEADLINE]):
+        loaded = holder.current  # one version for the whole request: session, tasks, weights
+        metrics.candidates.observe(n)
+        return await run_in_threadpool(answer, body, loaded)
+
+
+def answer(body: RankRequest, loaded: LoadedModel) -> Response:
+    """The scored, fused and sorted candidates, as JSON bytes."""
     scorer = loaded.scorer
-    metrics.candidates.observe(n)
     ids = [c.id for c in body.candidates]
     feeds = scorer.feeds(
         body.user.id,

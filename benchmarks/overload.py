@@ -1,0 +1,176 @@
+"""The service under overload and SIGTERM: admission control against an unbounded queue.
+
+    python benchmarks/overload.py --model model.onnx [--candidates 500] [--seconds 6]
+        [--clients 1 4 16 64]
+
+``ranker serve`` on 127.0.0.1 (one worker, its default threads), every client a thread that
+sends rank requests of N candidates back to back on its own keep-alive connection (a shed
+client retries at once: the worst case for the service). Candidate ids are ``1..N`` and the
+user ``1`` (unknown ids score through the unknown row: the same work as known ones). Printed
+as markdown:
+
+1. per number of clients, with admission control off (``--max_in_flight`` 1,000,000: every
+   request queued, the behaviour before it) and at the defaults: accepted requests per
+   second, their p50 / p99, the 503s and their p99, the 504s, any other answer or error, and
+   the server's resident memory before and after;
+2. SIGTERM at the most clients, after half the time: every request's outcome (200, 503, a
+   new connection refused, or lost: a transport error on a request already sent), the exit
+   code and how long the drain took.
+
+Run it alone: the clients share the machine's cores with the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from benchmarks.serve import RANKER, free_port, markdown
+from benchmarks.suite import machine
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start(model: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [str(RANKER), "serve", "--model", str(model), "--port", str(port), *options]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("ranker serve did not start")
+
+
+class Load:
+    """``clients`` threads sending ``body`` until ``stop`` is set; every outcome recorded."""
+
+    def __init__(self, url: str, body: bytes, clients: int) -> None:
+        self.url, self.body = url, body
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.latency: dict[str, list[float]] = {}
+        self.threads = [threading.Thread(target=self.client) for _ in range(clients)]
+
+    def client(self) -> None:
+        headers = {"content-type": "application/json"}
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            while not self.stop.is_set():
+                start = time.perf_counter()
+                try:
+                    answer = http.post("/v1/rank", content=self.body, headers=headers)
+                    outcome = str(answer.status_code)
+                except httpx.ConnectError:
+                    outcome = "refused"
+                except httpx.TransportError as err:
+                    outcome = f"lost ({type(err).__name__})"
+                with self.lock:
+                    self.latency.setdefault(outcome, []).append(time.perf_counter() - start)
+                if outcome == "refused" or outcome.startswith("lost"):
+                    return
+
+    def run(self, seconds: float, during=None) -> float:
+        for t in self.threads:
+            t.start()
+        start = time.perf_counter()
+        if during is not None:
+            during()
+        time.sleep(max(0.0, seconds - (time.perf_counter() - start)))
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+        return time.perf_counter() - start
+
+    def counts(self) -> Counter:
+        return Counter({k: len(v) for k, v in self.latency.items()})
+
+
+def p(values: list[float], q: float) -> str:
+    return f"{np.percentile(np.array(values) * 1e3, q):.1f}" if values else "-"
+
+
+def table(args, body: bytes) -> list[list[str]]:
+    rows = []
+    for name, options in (("off (queue all)", ("--max_in_flight", "1000000")), ("defaults", ())):
+        server, url = start(args.model, *options)
+        try:
+            httpx.post(f"{url}/v1/rank", content=body, timeout=60)  # warm up
+            for clients in args.clients:
+                before = rss_mb(server.pid)
+                load = Load(url, body, clients)
+                wall = load.run(args.seconds)
+                ok, shed = load.latency.get("200", []), load.latency.get("503", [])
+                other = {k: v for k, v in load.counts().items() if k not in ("200", "503", "504")}
+                rows.append(
+                    [name, str(clients), f"{len(ok) / wall:.1f}", p(ok, 50), p(ok, 99),
+                     str(len(shed)), p(shed, 99), str(load.counts()["504"]),
+                     ", ".join(f"{k}: {v}" for k, v in other.items()) or "0",
+                     f"{before:.0f} -> {rss_mb(server.pid):.0f}"]
+                )  # fmt: skip
+                print(" | ".join(rows[-1]), flush=True)
+        finally:
+            server.terminate()
+            server.wait(60)
+    return rows
+
+
+def sigterm(args, body: bytes) -> list[str]:
+    server, url = start(args.model)
+    httpx.post(f"{url}/v1/rank", content=body, timeout=60)
+    load = Load(url, body, max(args.clients))
+    sent: dict[str, float] = {}
+
+    def signal_halfway() -> None:
+        time.sleep(args.seconds / 2)
+        sent["at"] = time.perf_counter()
+        server.send_signal(signal.SIGTERM)
+
+    load.run(args.seconds, signal_halfway)
+    code = server.wait(60)
+    drained = time.perf_counter() - sent["at"]
+    counts = load.counts()
+    lost = sum(v for k, v in counts.items() if k.startswith("lost"))
+    return [str(max(args.clients)), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+            str(lost), str(code), f"{drained:.1f}"]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="an exported .onnx")
+    parser.add_argument("--candidates", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    args = parser.parse_args()
+    body = json.dumps(
+        {"user": {"id": 1}, "candidates": [{"id": i} for i in range(1, args.candidates + 1)]}
+    ).encode()
+    print(f"{machine()}; {args.candidates} candidates, "
+          f"{args.seconds:.0f} s per cell\n", flush=True)  # fmt: skip
+    headers = ["admission", "clients", "accepted/s", "p50 ms", "p99 ms", "503s", "503 p99 ms",
+               "504s", "other", "RSS MB"]  # fmt: skip
+    print(markdown(headers, table(args, body)))
+    print()
+    headers = ["clients", "outcomes", "lost", "exit code", "drain s"]
+    print(markdown(headers, [sigterm(args, body)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Admission control of ``POST /v1/rank``: a bounded number of requests per worker, a bounded
+wait to start scoring, and the optional bearer token of ``/v1/*``.
+
+- A request arriving while a worker holds ``--max_in_flight`` rank requests (scoring, or
+  waiting for one of its ``--scoring_concurrency`` turns) is answered 503 at once, with
+  ``Retry-After``; its body is never read. Past capacity a queue only adds latency: a burst
+  would become an outage for every caller.
+- An admitted request waits for its turn until its deadline: ``--deadline_ms`` after its
+  arrival, or sooner if its ``X-Request-Timeout-Ms`` header says so. Past it the answer is
+  504 at once, and it is never scored (a late score is worth nothing to a caller that gave up).
+
+Both are counted in ``ranker_requests_shed{reason="overload"|"deadline"}``, and
+``ranker_requests_in_flight`` is what the workers hold now. Every count is per event loop: a
+worker's middleware and routes run on one thread, so plain integers need no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serving.core.config import DEADLINE_HEADER, Settings
+from serving.core.metrics import Metrics
+from serving.schemas import error
+
+RANK_PATH = "/v1/rank"
+DEADLINE = "ranker.deadline"  # the scope key of an admitted request's deadline (loop time)
+RETRY_AFTER_S = 1  # what a shed request is told to wait (HTTP takes whole seconds)
+
+
+class DeadlineError(Exception):
+    """A rank request that could not start scoring before its deadline (answered 504)."""
+
+    message = "could not start scoring before its deadline; not scored"
+
+
+class Admission:
+    """A worker's rank requests: how many it holds and whose turn it is to score."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.limit, self.budget_s = settings.max_in_flight, settings.deadline_ms / 1e3
+        self.metrics = metrics
+        self.held = 0
+        self.turns = asyncio.Semaphore(settings.scoring_concurrency)
+
+    def budget(self, headers: dict[bytes, bytes]) -> float:
+        """Seconds a request may wait to score: the setting, lowered by its header (a
+        ``ValueError`` for a header that is not a positive number of milliseconds)."""
+        given = headers.get(DEADLINE_HEADER.lower().encode())
+        if given is None:
+            return self.budget_s
+        try:
+            ms = float(given)
+        except ValueError:
+            ms = math.nan
+        if not ms > 0 or math.isinf(ms):
+            shown = given.decode(errors="replace")
+            raise ValueError(f"a positive number of milliseconds, got {shown!r}")
+        return min(self.budget_s, ms / 1e3)
+
+    @asynccontextmanager
+    async def turn(self, deadline: float) -> AsyncIterator[None]:
+        """Hold one of the scoring turns, waited for until ``deadline`` (the event loop's
+        clock); ``DeadlineError`` when it comes first."""
+        try:
+            if asyncio.get_running_loop().time() >= deadline:  # a free turn does not wait
+                raise TimeoutError
+            async with asyncio.timeout_at(deadline):
+                await self.turns.acquire()
+        except TimeoutError:
+            self.metrics.shed.labels("deadline").inc()
+            raise DeadlineError() from None
+        try:
+            yield
+        finally:
+            self.turns.release()
+
+
+class Admit:
+    """The ASGI middleware in front of ``/v1/rank``: sheds over the limit, stamps the
+    deadline of what it admits (``scope["ranker.deadline"]``) and counts it while held."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app, self.admission = app, admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != RANK_PATH:
+            await self.app(scope, receive, send)
+            return
+        admission = self.admission
+        try:
+            budget = admission.budget(dict(scope["headers"]))
+        except ValueError as err:
+            await error(422, ["header", DEADLINE_HEADER], str(err))(scope, receive, send)
+            return
+        if admission.held >= admission.limit:
+            admission.metrics.shed.labels("overload").inc()
+            message = f"overloaded: {admission.held} requests in flight; retry"
+            retry = {"Retry-After": str(RETRY_AFTER_S)}
+            await error(503, ["service"], message, retry)(scope, receive, send)
+            return
+        scope[DEADLINE] = asyncio.get_running_loop().time() + budget
+        admission.held += 1
+        admission.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.held -= 1
+            admission.metrics.in_flight.dec()
+
+
+class BearerToken:
+    """A 401 for a ``/v1/*`` request without ``Authorization: Bearer <token>``; the token is
+    compared in constant time. ``/healthz``, ``/readyz`` and ``/metrics`` stay open."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app, self.token = app, token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+                refused = error(
+                    401, ["header", "Authorization"], "a bearer token is required",
+                    {"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
