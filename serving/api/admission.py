@@ -3,7 +3,7 @@ wait to start scoring, and the optional bearer token of ``/v1/*``.
 
 - A request arriving while a worker holds ``--max_in_flight`` rank requests (scoring, or
   waiting for one of its ``--scoring_concurrency`` turns) is answered 503 at once, with
-  ``Retry-After``; its body is never read. Past capacity a queue only adds latency: a burst
+  ``Retry-After``; its body is read and dropped, never parsed. Past capacity a queue only adds latency: a burst
   would become an outage for every caller.
 - An admitted request waits for its turn until its deadline: ``--deadline_ms`` after its
   arrival, or sooner if its ``X-Request-Timeout-Ms`` header says so. Past it the answer is
@@ -96,10 +96,12 @@ class Admit:
         try:
             budget = admission.budget(dict(scope["headers"]))
         except ValueError as err:
+            await read_body(receive)
             await error(422, ["header", DEADLINE_HEADER], str(err))(scope, receive, send)
             return
         if admission.held >= admission.limit:
             admission.metrics.shed.labels("overload").inc()
+            await read_body(receive)  # an answer before it resets a connection still sending
             message = f"overloaded: {admission.held} requests in flight; retry"
             retry = {"Retry-After": str(RETRY_AFTER_S)}
             await error(503, ["service"], message, retry)(scope, receive, send)
@@ -112,6 +114,14 @@ class Admit:
         finally:
             admission.held -= 1
             admission.metrics.in_flight.dec()
+
+
+async def read_body(receive: Receive) -> None:
+    """Reads and drops a request's body (``BodyLimit``, outside, bounds it)."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 class BearerToken:
@@ -129,6 +139,7 @@ class BearerToken:
                     401, ["header", "Authorization"], "a bearer token is required",
                     {"WWW-Authenticate": "Bearer"},
                 )  # fmt: skip
+                await read_body(receive)
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)

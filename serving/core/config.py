@@ -67,7 +67,11 @@ class Settings(BaseSettings):
         "500 candidates, a queue longer than that only adds latency)",
     )
     scoring_concurrency: int = Field(
-        2, ge=1, description="rank requests a worker scores at once; the others wait their turn"
+        1,
+        ge=1,
+        description="rank requests a worker scores at once (each with all its onnxruntime "
+        "threads); the others wait their turn. 1 measured best: a second one competes for the "
+        "interpreter with the event loop that answers the 503s",
     )
     deadline_ms: float = Field(
         1000.0,
