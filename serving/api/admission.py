@@ -3,8 +3,8 @@ wait to start scoring, and the optional bearer token of ``/v1/*``.
 
 - A request arriving while a worker holds ``--max_in_flight`` rank requests (scoring, or
   waiting for one of its ``--scoring_concurrency`` turns) is answered 503 at once, with
-  ``Retry-After``; its body is read and dropped, never parsed. Past capacity a queue only adds latency: a burst
-  would become an outage for every caller.
+  ``Retry-After``; its body is read and dropped, never parsed. Past capacity a queue only
+  adds latency: a burst would become an outage for every caller.
 - An admitted request waits for its turn until its deadline: ``--deadline_ms`` after its
   arrival, or sooner if its ``X-Request-Timeout-Ms`` header says so. Past it the answer is
   504 at once, and it is never scored (a late score is worth nothing to a caller that gave up).
