@@ -8,13 +8,19 @@ the ``.ckpt`` artifact Lightning's MLflow logger wrote (aliased ``best``).
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.utils import get_protocol
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -106,6 +112,58 @@ def read_checkpoint(path: str | Path, origin: str | None = None) -> dict[str, An
     return checkpoint
 
 
+class CheckpointWriteError(RunError):
+    """A checkpoint that could not be written (a full disk, a quota): the previous one is
+    intact."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic on a local disk: the checkpoint is written to a
+    temporary file beside its destination, synced, then renamed over it. A write that fails
+    (a full disk) leaves the previous checkpoint as it was and no partial file, and stops the
+    run with a ``CheckpointWriteError`` naming the file.
+
+    Lightning writes through fsspec, whose local "transaction" stages the file in the system
+    temporary directory and *copies* it over the destination when that is another disk: a
+    failure during the copy truncates the previous checkpoint. Remote paths (``s3://``...)
+    are written as Lightning writes them."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None or get_protocol(str(path)) != "file":
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = io.BytesIO()  # serialised first: torch.save turns a failed write into a
+        torch.save(checkpoint, data)  # RuntimeError of its zip writer, naming nothing
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(data.getbuffer())
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException as err:
+            Path(temp).unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise CheckpointWriteError(
+                    f"could not write checkpoint {path}: {err.strerror or err}; the previous "
+                    "checkpoint there (if any) is intact"
+                ) from err
+            raise
+
+
+def with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """The trainer's plugins with ``AtomicCheckpointIO`` added, unless one writes checkpoints
+    already."""
+    given = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    if any(isinstance(p, CheckpointIO) for p in given):
+        return given
+    return [*given, AtomicCheckpointIO()]
+
+
 def requeued_checkpoint(root: str | Path | None) -> Path | None:
     """Under SLURM, the newest checkpoint Lightning saved when the job was told to requeue
     (``hpc_ckpt_<n>.ckpt`` in the trainer's root directory), which a restarted job resumes
@@ -118,6 +176,46 @@ def requeued_checkpoint(root: str | Path | None) -> Path | None:
         if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))
     }
     return saved[max(saved)] if saved else None
+
+
+# Under torchrun, rank 0 writes this file (in the trainer's root directory) when training
+# starts: the MLflow run and where its last checkpoint goes. The workers torchrun starts again
+# after one failed (``--max-restarts``; ``TORCHELASTIC_RESTART_COUNT`` > 0) read it and resume.
+ELASTIC_MARK = "torchelastic-{}.json"
+
+
+def elastic_mark(root: str | Path | None) -> Path | None:
+    """The mark of this torchrun job (None outside torchrun)."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    return None if job is None else Path(root or os.getcwd()) / ELASTIC_MARK.format(job)
+
+
+def restarted_run(root: str | Path | None) -> tuple[Path | None, str] | None:
+    """Under torchrun after a restart: the first attempt's last checkpoint (None when it died
+    before writing one) and its MLflow run; None on a first attempt or outside torchrun."""
+    mark = elastic_mark(root)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < 1 or mark is None:
+        return None
+    if not mark.exists():
+        return None
+    saved = json.loads(mark.read_text())
+    last = Path(saved["last"])
+    return (last if last.exists() else None), saved["run_id"]
+
+
+class ElasticMark(Callback):
+    """Writes the torchrun job's mark (``ELASTIC_MARK``) on rank 0 when training starts."""
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        mark = elastic_mark(trainer.default_root_dir)
+        run_id = getattr(trainer.logger, "run_id", None)
+        lasts = [c for c in trainer.checkpoint_callbacks if c.save_last]
+        if mark is None or not trainer.is_global_zero or run_id is None or not lasts:
+            return
+        last = Path(lasts[0].dirpath) / f"{lasts[0].CHECKPOINT_NAME_LAST}{lasts[0].FILE_EXTENSION}"
+        temp = mark.with_suffix(".part")
+        temp.write_text(json.dumps({"run_id": run_id, "last": str(last.resolve())}))
+        temp.replace(mark)
 
 
 def checkpoint_run(path: str | Path) -> str | None:

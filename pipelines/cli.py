@@ -17,7 +17,15 @@ from mlflow.tracking import MlflowClient
 from features.config import SPLITS
 from features.datamodule import RankerDataModule
 from pipelines.calibrate import calibrate
-from pipelines.checkpoints import RunError, checkpoint_run, find_run, requeued_checkpoint
+from pipelines.checkpoints import (
+    ElasticMark,
+    RunError,
+    checkpoint_run,
+    find_run,
+    requeued_checkpoint,
+    restarted_run,
+    with_atomic_checkpoints,
+)
 from pipelines.render import Table, fmt
 from pipelines.report import fit_report, print_report
 from pipelines.tracking import MLflowLogger, resolve_tracking_uri
@@ -108,10 +116,50 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def resume_point(root: str | None) -> tuple[Path | None, str | None]:
+    """Where a job its scheduler started again resumes (a checkpoint, an MLflow run): SLURM's
+    requeue checkpoint; under torchrun after a restart, the first attempt's last checkpoint
+    (its run alone when it died before one); nothing else."""
+    requeued = requeued_checkpoint(root)
+    if requeued is not None:
+        return requeued, None
+    return restarted_run(root) or (None, None)
+
+
+def continue_run(logger: Any, path: str | Path | None, run_id: str | None) -> None:
+    """Points the MLflow logger (unless given one) at ``run_id``, or at the run that wrote the
+    checkpoint ``path``; an error when the store does not hold it."""
+    if not isinstance(logger, Namespace) or not logger.class_path.endswith("MLflowLogger"):
+        return
+    if logger.init_args.get("run_id"):
+        return
+    run_id = run_id or (checkpoint_run(path) if path is not None else None)
+    if run_id is None:
+        return
+    uri = resolve_tracking_uri(logger.init_args.get("tracking_uri"))
+    if find_run(MlflowClient(uri), run_id) is None:
+        origin = path if path is not None else "torchrun's first attempt"
+        raise RunError(
+            f"{origin} was written by MLflow run '{run_id}', which is not in the tracking "
+            f"store {uri} (set MLFLOW_TRACKING_URI to the store that holds it)"
+        )
+    logger.init_args.run_id = run_id
+
+
 class RankerCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, its checkpoints written atomically (``AtomicCheckpointIO``), marking
+        under torchrun what a restart continues (``ElasticMark``)."""
+        config = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
+        kwargs.setdefault("plugins", with_atomic_checkpoints(config["trainer"].get("plugins")))
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(ElasticMark())  # a no-op outside torchrun
+        return trainer
+
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path`` continues the checkpoint's MLflow run rather than starting one; so
-        does a SLURM job requeued by Lightning (it resumes from the checkpoint it saved)."""
+        do a SLURM job requeued by Lightning and the workers torchrun restarts
+        (``--max-restarts``): each resumes from the last checkpoint saved."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         self.warm_start_parent(config)
         if config is not None and config.get("data") is not None and config.data.seed is None:
@@ -119,25 +167,13 @@ class RankerCLI(LightningCLI):
             seed = config.get("seed_everything")
             config.data.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
         path = config.get("ckpt_path") if config else None
+        run_id = None
         if self.subcommand == "fit" and path is None:
-            requeued = requeued_checkpoint(config.trainer.get("default_root_dir"))
-            if requeued is not None:  # the file Lightning would pick, named: one way to resume
-                path = config.ckpt_path = str(requeued)
-        logger = config.trainer.logger if path else None
-        if not isinstance(logger, Namespace) or not logger.class_path.endswith("MLflowLogger"):
-            return
-        if logger.init_args.get("run_id"):
-            return
-        run_id = checkpoint_run(path)
-        if run_id is None:
-            return
-        uri = resolve_tracking_uri(logger.init_args.get("tracking_uri"))
-        if find_run(MlflowClient(uri), run_id) is None:
-            raise RunError(
-                f"{path} was written by MLflow run '{run_id}', which is not in the tracking "
-                f"store {uri} (set MLFLOW_TRACKING_URI to the store that holds it)"
-            )
-        logger.init_args.run_id = run_id
+            path, run_id = resume_point(config.trainer.get("default_root_dir"))
+            if path is not None:  # the file Lightning would pick, named: one way to resume
+                config.ckpt_path = str(path)
+        if path is not None or run_id is not None:
+            continue_run(config.trainer.logger, path, run_id)
 
     def warm_start_parent(self, config: Namespace) -> None:
         """``--warm_start``: the parent downloaded (kept for the run), its FeatureState handed
