@@ -3,20 +3,134 @@
 The embedded default is a SQLite store in the working directory; ``MLFLOW_TRACKING_URI``
 points everything at a real ``mlflow server`` instead. Lightning's own default (a ``./mlruns``
 file store) is refused by current MLflow, so the URI is always passed explicitly.
+
+A tracking server that goes away during training does not stop it (``HoldingClient``): what
+cannot be sent is held and sent, in order and with its own timestamps, once the server is
+back. If it is still away when training ends, the held batches are written to a file and the
+run stops with the command that sends them: nothing is lost silently.
+
+    python -m pipelines.tracking <unsent.jsonl> [--tracking_uri URI]    # send them later
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import requests
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
+from features.config import ConfigError
 from features.contract import resolve_tracking_uri
+
+
+class TrackingError(ConfigError):
+    """The tracking server stayed away: the run's unsent metrics are in a file."""
+
+
+def unreachable(err: MlflowException) -> bool:
+    """Did the request fail for want of a server (after the client's own retries), rather
+    than for what it asked?"""
+    cause = err.__cause__ or err.__context__
+    return isinstance(cause, requests.exceptions.RequestException | OSError)
+
+
+def batch_json(batch: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "run_id": batch["run_id"],
+            "metrics": [[m.key, m.value, m.timestamp, m.step] for m in batch["metrics"]],
+            "params": [[p.key, p.value] for p in batch["params"]],
+            "tags": [[t.key, t.value] for t in batch["tags"]],
+        }
+    )
+
+
+def batch_of(line: str) -> dict[str, Any]:
+    saved = json.loads(line)
+    return {
+        "run_id": saved["run_id"],
+        "metrics": [Metric(k, v, t, s) for k, v, t, s in saved["metrics"]],
+        "params": [Param(k, v) for k, v in saved["params"]],
+        "tags": [RunTag(k, v) for k, v in saved["tags"]],
+    }
+
+
+class HoldingClient(MlflowClient):
+    """An ``MlflowClient`` whose ``log_batch`` outlives a tracking server that is away: a
+    batch it cannot send (no server, after the client's own retries) is held, and every
+    held batch is sent, in order, before the next one, at most once per ``retry_s`` while the
+    server stays away (so training is not held up by each attempt). A batch the server
+    refuses for what it holds is an error, as before."""
+
+    def __init__(self, tracking_uri: str, retry_s: float) -> None:
+        super().__init__(tracking_uri)
+        self.retry_s = retry_s
+        self.held: list[dict[str, Any]] = []
+        self.next_try = 0.0
+
+    def log_batch(  # type: ignore[override]
+        self,
+        run_id: str,
+        metrics: Sequence[Metric] = (),
+        params: Sequence[Param] = (),
+        tags: Sequence[RunTag] = (),
+        **kwargs: Any,
+    ) -> None:
+        batch = {"run_id": run_id, "metrics": list(metrics), "params": list(params)}
+        self.held.append({**batch, "tags": list(tags), **kwargs})
+        self.send_held()
+
+    def send_held(self, now: bool = False) -> bool:
+        """Sends the held batches (``now``: whatever the time since the last attempt); True
+        when none is left."""
+        if not now and time.monotonic() < self.next_try:
+            return False
+        while self.held:
+            try:
+                super().log_batch(**self.held[0])
+            except MlflowException as err:
+                if not unreachable(err):
+                    self.held.pop(0)
+                    raise
+                if not self.next_try:
+                    where = f"tracking server {self.tracking_uri}"
+                    print(f"{where} unreachable ({err}); training goes on, its metrics held "
+                          "until the server is back", flush=True)  # fmt: skip
+                self.next_try = time.monotonic() + self.retry_s
+                return False
+            self.held.pop(0)
+        if self.next_try:
+            print(f"tracking server {self.tracking_uri} back: held metrics sent", flush=True)
+            self.next_try = 0.0
+        return True
+
+    def wait_and_send(self, patience_s: float, unsent: Path) -> None:
+        """Sends what is held, trying for up to ``patience_s``; past it, the batches go to
+        ``unsent`` (one JSON line each) and ``TrackingError`` says how to send them."""
+        give_up = time.monotonic() + patience_s
+        while not self.send_held(now=True):
+            if time.monotonic() >= give_up:
+                unsent.parent.mkdir(parents=True, exist_ok=True)
+                unsent.write_text("".join(batch_json(b) + "\n" for b in self.held))
+                raise TrackingError(
+                    f"tracking server {self.tracking_uri} unreachable for {patience_s:g} s "
+                    f"after training: {len(self.held)} batches of the run's metrics are in "
+                    f"{unsent} (its checkpoints are beside it); when the server is back, send "
+                    f"them with: python -m pipelines.tracking {unsent} --tracking_uri "
+                    f"{self.tracking_uri}"
+                )
+            time.sleep(min(self.retry_s, max(0.0, give_up - time.monotonic())))
 
 
 @contextmanager
@@ -46,6 +160,11 @@ class MLflowLogger(MLFlowLogger):
         checkpoint_dir: where checkpoints are written locally before they are logged.
         run_id: continue this run instead of starting one (set by ``ranker fit --ckpt_path``
             from the checkpoint's run).
+        outage_retry_seconds: while the tracking server is away, how often held metrics are
+            tried again (training goes on meanwhile).
+        outage_patience_seconds: how long the end of training waits for an absent tracking
+            server before it writes the unsent metrics to a file and stops with the command
+            that sends them.
     """
 
     def __init__(
@@ -56,6 +175,8 @@ class MLflowLogger(MLFlowLogger):
         log_model: bool = True,
         checkpoint_dir: str = "checkpoints",
         run_id: str | None = None,
+        outage_retry_seconds: float = 30.0,
+        outage_patience_seconds: float = 600.0,
         **kwargs: Any,
     ) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -69,6 +190,8 @@ class MLflowLogger(MLFlowLogger):
                 **kwargs,
             )
         self.checkpoint_dir = checkpoint_dir
+        self.patience_s, self.gave_up = outage_patience_seconds, False
+        self._mlflow_client = HoldingClient(self.tracking_uri, outage_retry_seconds)
 
     @property
     def save_dir(self) -> str:
@@ -89,4 +212,30 @@ class MLflowLogger(MLFlowLogger):
             # then stays locked against it: the job crashed). The run is not over either: the
             # requeued job continues it.
             return
+        if self.gave_up:  # the server is away, the unsent metrics are in a file already
+            return
+        if self._initialized and self.run_id is not None:
+            unsent = Path(self.save_dir) / self.experiment_id / self.run_id / "unsent.jsonl"
+            try:
+                self._mlflow_client.wait_and_send(self.patience_s, unsent)
+            except TrackingError:
+                self.gave_up = True
+                raise
         super().finalize(status)
+
+
+def send(unsent: Path, tracking_uri: str | None = None) -> None:
+    """Sends the batches a run could not send (``unsent.jsonl``), in order."""
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    lines = [line for line in unsent.read_text().splitlines() if line.strip()]
+    for line in lines:
+        client.log_batch(**batch_of(line))
+    print(f"{len(lines)} batches sent to {client.tracking_uri}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="send a run's unsent metrics")
+    parser.add_argument("unsent", type=Path)
+    parser.add_argument("--tracking_uri", default=None)
+    options = parser.parse_args()
+    send(options.unsent, options.tracking_uri)

@@ -1,0 +1,114 @@
+"""The tracking server away during training: the run goes on and loses no metric, whether the
+server comes back before training ends or only after (then through the file it leaves)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from tests.pipelines.test_fit_e2e import (
+    fit_args,
+    free_port,
+    start_mlflow_server,
+    stop_mlflow_server,
+)
+
+
+def fit(log: Path, work: Path, url: str, *extra: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # past the client's retries at once
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    args = fit_args(log, work / "checkpoints", "--trainer.max_epochs", "3",
+                    "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+                    "--trainer.logger.init_args.outage_retry_seconds", "0.5", *extra)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.commands", *args], cwd=work, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def the_run(url: str):
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("ranker")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return client, (runs[0] if runs else None)
+
+
+def wait_for_training(url: str, job: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        assert job.poll() is None, job.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        client, run = the_run(url)
+        if run is not None and client.get_metric_history(run.info.run_id, "train/loss"):
+            return
+        time.sleep(0.2)
+
+
+def steps_without_gaps(client: MlflowClient, run_id: str) -> list[int]:
+    steps = sorted({p.step for p in client.get_metric_history(run_id, "train/loss")})
+    assert len(steps) > 10
+    assert len(set(np.diff(steps))) == 1, steps  # every logged step is there
+    return steps
+
+
+def test_a_server_back_before_training_ends_gets_every_metric(
+    tiny_log: Path, tmp_path: Path
+) -> None:
+    port, work = free_port(), tmp_path / "work"
+    work.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    job = fit(tiny_log, work, url)
+    try:
+        wait_for_training(url, job)
+        stop_mlflow_server(server)
+        time.sleep(3)  # training goes on, its metrics held
+        server = start_mlflow_server(tmp_path, port)
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output[-3000:]
+        assert "unreachable" in output and "held metrics sent" in output
+        client, run = the_run(url)
+        assert run.info.status == "FINISHED"
+        steps_without_gaps(client, run.info.run_id)
+        assert "test/gauc/mean" in run.data.metrics  # the report reached it too
+    finally:
+        job.kill()
+        stop_mlflow_server(server)
+
+
+def test_a_server_away_past_the_end_leaves_the_metrics_to_send(
+    tiny_log: Path, tmp_path: Path
+) -> None:
+    port, work = free_port(), tmp_path / "work"
+    work.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    job = fit(tiny_log, work, url, "--trainer.logger.init_args.outage_patience_seconds", "1")
+    try:
+        wait_for_training(url, job)
+        stop_mlflow_server(server)
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 2, output[-3000:]
+        (unsent,) = work.glob("checkpoints/*/*/unsent.jsonl")
+        assert f"are in {unsent}" in output
+        assert f"python -m pipelines.tracking {unsent} --tracking_uri {url}" in output
+        assert list(work.glob("checkpoints/*/*/checkpoints/*.ckpt"))  # its checkpoints kept
+
+        server = start_mlflow_server(tmp_path, port)
+        command = [sys.executable, "-m", "pipelines.tracking", str(unsent), "--tracking_uri", url]
+        subprocess.run(command, check=True, capture_output=True, cwd=work)
+        client, run = the_run(url)
+        steps_without_gaps(client, run.info.run_id)  # the held ones arrived, in place
+    finally:
+        job.kill()
+        stop_mlflow_server(server)
