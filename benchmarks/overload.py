@@ -10,10 +10,10 @@ free thread of a pool of keep-alive clients, its latency counted from its arriva
 ids are ``1..N`` and the user ``1`` (unknown ids score through the unknown row: the same work
 as known ones). Printed as markdown:
 
-1. per offered load, with admission control off (``--max_in_flight`` 1,000,000: every
-   request queued, the behaviour before it) and at the defaults: accepted requests per
-   second, their p50 / p99, the 503s and their p50 / p99, the 504s, any other answer or
-   error, and the server's resident memory before and after;
+1. per offered load, with admission control off (``--max_in_flight`` 1,000,000 and no
+   deadline: every request queued and scored, the behaviour before it) and at the defaults:
+   accepted requests per second, their p50 / p99, the 503s and their p50 / p99, the 504s,
+   any other answer or error, and the server's resident memory before and after;
 2. SIGTERM at the highest load, after half the time: every request's outcome (200, 503, 504,
    a new connection refused, or lost: a transport error on a request already sent), the exit
    code and how long the drain took.
@@ -63,6 +63,9 @@ def start(model: Path, *options: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     server.kill()
     raise RuntimeError("ranker serve did not start")
+
+
+OFF = ("--max_in_flight", "1000000", "--deadline_ms", "1e9")  # every request queued and scored
 
 
 class Load:
@@ -116,12 +119,14 @@ class Load:
 def capacity(url: str, body: bytes, seconds: float) -> float:
     """Requests per second the service answers with 4 clients back to back."""
     done = Counter()
+    lock = threading.Lock()
 
     def client(stop: float) -> None:
         with httpx.Client(base_url=url, timeout=60) as http:
             while time.perf_counter() < stop:
                 http.post("/v1/rank", content=body, headers={"content-type": "application/json"})
-                done["n"] += 1
+                with lock:
+                    done["n"] += 1
 
     stop = time.perf_counter() + seconds
     threads = [threading.Thread(target=client, args=(stop,)) for _ in range(4)]
@@ -138,7 +143,7 @@ def p(values: list[float], q: float) -> str:
 
 def table(args, body: bytes, rate: float) -> list[list[str]]:
     rows = []
-    for name, options in (("off (queue all)", ("--max_in_flight", "1000000")), ("defaults", ())):
+    for name, options in (("off (queue all)", OFF), ("defaults", ())):
         server, url = start(args.model, *options)
         try:
             httpx.post(f"{url}/v1/rank", content=body, timeout=60)  # warm up

@@ -141,10 +141,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as file:
+                os.fchmod(file.fileno(), 0o666 & ~umask())  # as open() would (mkstemp: 0600)
                 file.write(data.getbuffer())
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temp, path)
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a crash
+            finally:
+                os.close(directory)
         except BaseException as err:
             Path(temp).unlink(missing_ok=True)
             if isinstance(err, OSError):
@@ -153,6 +159,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     "checkpoint there (if any) is intact"
                 ) from err
             raise
+
+
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def with_atomic_checkpoints(plugins: Any) -> list[Any]:
@@ -192,9 +204,13 @@ def elastic_mark(root: str | Path | None) -> Path | None:
 
 def restarted_run(root: str | Path | None) -> tuple[Path | None, str] | None:
     """Under torchrun after a restart: the first attempt's last checkpoint (None when it died
-    before writing one) and its MLflow run; None on a first attempt or outside torchrun."""
+    before writing one) and its MLflow run; None on a first attempt (which removes an earlier
+    job's mark: torchrun's rendezvous id defaults to "none") or outside torchrun."""
     mark = elastic_mark(root)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < 1 or mark is None:
+    if mark is None:
+        return None
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < 1:
+        mark.unlink(missing_ok=True)  # an earlier job's (the rendezvous id can repeat)
         return None
     if not mark.exists():
         return None

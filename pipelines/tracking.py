@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import requests
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from features.config import ConfigError
@@ -38,11 +39,32 @@ class TrackingError(ConfigError):
     """The tracking server stayed away: the run's unsent metrics are in a file."""
 
 
+NO_SERVER = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+             requests.exceptions.RetryError, ConnectionError, TimeoutError)  # fmt: skip
+
+
 def unreachable(err: MlflowException) -> bool:
     """Did the request fail for want of a server (after the client's own retries), rather
-    than for what it asked?"""
-    cause = err.__cause__ or err.__context__
-    return isinstance(cause, requests.exceptions.RequestException | OSError)
+    than for what it asked? (The server's own answers are ``RestException``s.)"""
+    return not isinstance(err, RestException) and isinstance(err.__context__, NO_SERVER)
+
+
+RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+@contextmanager
+def no_retries() -> Iterator[None]:
+    """MLflow's client without its own retries (minutes of back-off while a server is known to
+    be away; it reads the variable on every request)."""
+    before = os.environ.get(RETRIES)
+    os.environ[RETRIES] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RETRIES, None)
+        else:
+            os.environ[RETRIES] = before
 
 
 def batch_json(batch: dict[str, Any]) -> str:
@@ -98,7 +120,11 @@ class HoldingClient(MlflowClient):
             return False
         while self.held:
             try:
-                super().log_batch(**self.held[0])
+                if self.next_try:  # known away: one try each time
+                    with no_retries():
+                        super().log_batch(**self.held[0])
+                else:
+                    super().log_batch(**self.held[0])
             except MlflowException as err:
                 if not unreachable(err):
                     self.held.pop(0)
@@ -115,20 +141,32 @@ class HoldingClient(MlflowClient):
             self.next_try = 0.0
         return True
 
+    def write_held(self, unsent: Path) -> int:
+        """Appends the held batches to ``unsent`` (one JSON line each); how many."""
+        count = len(self.held)
+        if self.held:
+            unsent.parent.mkdir(parents=True, exist_ok=True)
+            with unsent.open("a") as file:
+                file.write("".join(batch_json(b) + "\n" for b in self.held))
+        self.held = []
+        return count
+
+    def how_to_send(self, unsent: Path) -> str:
+        return f"python -m pipelines.tracking {unsent} --tracking_uri {self.tracking_uri}"
+
     def wait_and_send(self, patience_s: float, unsent: Path) -> None:
         """Sends what is held, trying for up to ``patience_s``; past it, the batches go to
-        ``unsent`` (one JSON line each) and ``TrackingError`` says how to send them."""
+        ``unsent`` and ``TrackingError`` says how to send them."""
         give_up = time.monotonic() + patience_s
         while not self.send_held(now=True):
             if time.monotonic() >= give_up:
-                unsent.parent.mkdir(parents=True, exist_ok=True)
-                unsent.write_text("".join(batch_json(b) + "\n" for b in self.held))
+                count = self.write_held(unsent)
                 raise TrackingError(
                     f"tracking server {self.tracking_uri} unreachable for {patience_s:g} s "
-                    f"after training: {len(self.held)} batches of the run's metrics are in "
-                    f"{unsent} (its checkpoints are beside it); when the server is back, send "
-                    f"them with: python -m pipelines.tracking {unsent} --tracking_uri "
-                    f"{self.tracking_uri}"
+                    f"after training: {count} batches of the run's metrics are in {unsent} "
+                    "(its checkpoints are beside it; the run is left RUNNING, its best model "
+                    "not logged); when the server is back, send them with: "
+                    f"{self.how_to_send(unsent)}"
                 )
             time.sleep(min(self.retry_s, max(0.0, give_up - time.monotonic())))
 
@@ -206,18 +244,30 @@ class MLflowLogger(MLFlowLogger):
             super().after_save_checkpoint(checkpoint_callback)
 
     def finalize(self, status: str = "success") -> None:
+        if self.gave_up:  # the server is away, the unsent metrics are in a file already
+            return
+        unsent = None
+        if self._initialized and self.run_id is not None:
+            unsent = Path(self.save_dir) / self.experiment_id / self.run_id / "unsent.jsonl"
+        client = self._mlflow_client
+        if status in ("finished", "failed") and unsent is not None and not client.send_held(True):
+            # A SLURM requeue ("finished", from a signal handler) or a crash: no waiting, and
+            # the crash's own error stays the one reported.
+            count = client.write_held(unsent)
+            print(f"ranker: {count} batches of metrics not sent are in {unsent}; send them "
+                  f"with: {client.how_to_send(unsent)}", flush=True)  # fmt: skip
+            self.gave_up = status == "failed"
         if status == "finished":
             # Only Lightning's SLURM requeue handler says "finished", from inside a signal
             # handler that may have interrupted this process's own write to the store (SQLite
             # then stays locked against it: the job crashed). The run is not over either: the
             # requeued job continues it.
             return
-        if self.gave_up:  # the server is away, the unsent metrics are in a file already
+        if self.gave_up:
             return
-        if self._initialized and self.run_id is not None:
-            unsent = Path(self.save_dir) / self.experiment_id / self.run_id / "unsent.jsonl"
+        if unsent is not None:
             try:
-                self._mlflow_client.wait_and_send(self.patience_s, unsent)
+                client.wait_and_send(self.patience_s, unsent)
             except TrackingError:
                 self.gave_up = True
                 raise

@@ -9,9 +9,10 @@ it holds, then exits 0.
 4. once no connection is left, or ``--grace_seconds`` after the signal, uvicorn's own shutdown
    runs (it cancels what still runs then) and the process exits 0.
 
-A second signal is uvicorn's: stop now. With ``--workers N`` uvicorn's supervisor passes
-SIGTERM to every worker and each drains itself; the supervisor closes its copy of the socket
-first (``DrainingSupervisor``), so that new connections are refused there too.
+A second SIGINT (Ctrl+C again) stops at once; a repeated SIGTERM changes nothing. With
+``--workers N`` uvicorn's supervisor passes SIGTERM to every worker and each drains itself;
+the supervisor closes its copy of the socket first (``DrainingSupervisor``), so that new
+connections are refused there too.
 
 Why not uvicorn's shutdown alone: it closes at once a keep-alive connection whose next request
 was sent but not yet read (the caller reads a reset: a request lost in flight), and it raises
@@ -22,6 +23,7 @@ a crash.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 import time
@@ -31,6 +33,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+log = logging.getLogger("ranker.serving")
 POLL_S = 0.05
 
 
@@ -57,17 +60,27 @@ class Drain:
             signal.signal(sig, self._signalled)
 
     def _signalled(self, sig: int, frame: FrameType | None) -> None:
-        if self.started:  # the second signal: uvicorn's exit, now
-            self._server.handle_exit(sig, frame)
-            return
+        if self.started:
+            if sig == signal.SIGINT:  # Ctrl+C again: stop now, cancelling what runs
+                self._server.force_exit = self._server.should_exit = True
+            return  # a repeated SIGTERM (a supervisor's and a process group's) changes nothing
         self.started = True
         self._loop.call_soon_threadsafe(self._begin)
 
     def _begin(self) -> None:
         self._task = self._loop.create_task(self._drain(time.monotonic() + self.grace_s))
+        self._task.add_done_callback(self._drained)
+
+    def _drained(self, task: asyncio.Task) -> None:
+        """Whatever the drain met, the server stops."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("drain failed; stopping now", exc_info=task.exception())
+        self._server.should_exit = True
 
     async def _drain(self, until: float) -> None:
         server = self._server
+        while not server.started and time.monotonic() < until:  # a signal during start-up
+            await asyncio.sleep(POLL_S)  # (uvicorn binds after the app's start-up)
         for listener in server.servers:
             listener.close()  # new connections are refused from now on
         while server.server_state.connections and time.monotonic() < until:

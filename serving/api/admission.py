@@ -8,6 +8,7 @@ wait to start scoring, and the optional bearer token of ``/v1/*``.
 - An admitted request waits for its turn until its deadline: ``--deadline_ms`` after its
   arrival, or sooner if its ``X-Request-Timeout-Ms`` header says so. Past it the answer is
   504 at once, and it is never scored (a late score is worth nothing to a caller that gave up).
+  So is a request whose body has not arrived by then: a slow upload cannot hold its place.
 
 Both are counted in ``ranker_requests_shed{reason="overload"|"deadline"}``, and
 ``ranker_requests_in_flight`` is what the workers hold now. Every count is per event loop: a
@@ -22,7 +23,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.core.config import DEADLINE_HEADER, Settings
 from serving.core.metrics import Metrics
@@ -31,6 +32,7 @@ from serving.schemas import error
 RANK_PATH = "/v1/rank"
 DEADLINE = "ranker.deadline"  # the scope key of an admitted request's deadline (loop time)
 RETRY_AFTER_S = 1  # what a shed request is told to wait (HTTP takes whole seconds)
+SLOW_BODY = "the body had not arrived by the request's deadline; not scored"
 
 
 class DeadlineError(Exception):
@@ -106,11 +108,32 @@ class Admit:
             retry = {"Retry-After": str(RETRY_AFTER_S)}
             await error(503, ["service"], message, retry)(scope, receive, send)
             return
-        scope[DEADLINE] = asyncio.get_running_loop().time() + budget
+        deadline = scope[DEADLINE] = asyncio.get_running_loop().time() + budget
         admission.held += 1
         admission.metrics.in_flight.inc()
+        started = ours = False  # the app's answer has begun / the 504 was sent instead
+
+        async def timed() -> Message:  # a body still arriving at the deadline: 504, freed
+            nonlocal ours
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await receive()
+            except TimeoutError:
+                if not (started or ours):
+                    ours = True
+                    admission.metrics.shed.labels("deadline").inc()
+                    await error(504, ["body"], SLOW_BODY)(scope, receive, send)
+                return {"type": "http.disconnect"}  # the app stops reading; its answer dropped
+
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if ours:
+                return
+            started = True
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, timed, guarded)
         finally:
             admission.held -= 1
             admission.metrics.in_flight.dec()

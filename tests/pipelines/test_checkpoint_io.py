@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.checkpoints import AtomicCheckpointIO, CheckpointWriteError
+from pipelines.checkpoints import AtomicCheckpointIO, CheckpointWriteError, umask
 from pipelines.cli import fit_cli
 from tests.pipelines.test_fit_e2e import fit_args
 
@@ -19,13 +19,14 @@ def test_a_checkpoint_is_written_whole_and_nothing_else(tmp_path: Path) -> None:
     AtomicCheckpointIO().save_checkpoint({"step": 3, "w": torch.arange(5)}, path)
     assert torch.load(path)["step"] == 3
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask()  # as any file the run writes
 
 
 # A child process under a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored): the operating
 # system refuses the write past the limit with EFBIG, as a full disk refuses it with ENOSPC.
 FULL_DISK = """
 import resource, signal, sys, torch
-from pipelines.checkpoints import AtomicCheckpointIO, CheckpointWriteError
+from pipelines.checkpoints import AtomicCheckpointIO, CheckpointWriteError, umask
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 try:

@@ -105,8 +105,12 @@ def test_only_a_restart_resumes(tmp_path: Path, monkeypatch) -> None:
     mark = tmp_path / ELASTIC_MARK.format("job7")
     mark.write_text(f'{{"run_id": "r1", "last": "{tmp_path / "last.ckpt"}"}}')
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert restarted_run(tmp_path) == (None, "r1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert restarted_run(tmp_path) is None  # a first attempt starts its own run
+    assert restarted_run(tmp_path) is None  # a first attempt starts its own run ...
+    assert not mark.exists()  # ... and an earlier job's mark is gone
+    mark.write_text(f'{{"run_id": "r1", "last": "{tmp_path / "last.ckpt"}"}}')
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert restarted_run(tmp_path) == (None, "r1")  # died before its first checkpoint
     (tmp_path / "last.ckpt").touch()

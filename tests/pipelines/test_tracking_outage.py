@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,61 +57,82 @@ def wait_for_training(url: str, job: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-def steps_without_gaps(client: MlflowClient, run_id: str) -> list[int]:
+def steps_without_gaps(client: MlflowClient, run_id: str) -> None:
     steps = sorted({p.step for p in client.get_metric_history(run_id, "train/loss")})
     assert len(steps) > 10
     assert len(set(np.diff(steps))) == 1, steps  # every logged step is there
-    return steps
+
+
+@dataclass
+class Outage:
+    """A fit against a real MLflow server, stopped once training is under way."""
+
+    root: Path
+    port: int
+    server: subprocess.Popen
+    job: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    def restart(self) -> None:
+        self.server = start_mlflow_server(self.root, self.port)
+
+
+@contextmanager
+def outage(log: Path, root: Path, *extra: str) -> Iterator[Outage]:
+    port = free_port()
+    state = Outage(root, port, start_mlflow_server(root, port))
+    state.work.mkdir()
+    try:
+        state.job = fit(log, state.work, state.url, *extra)
+        wait_for_training(state.url, state.job)
+        stop_mlflow_server(state.server)
+        yield state
+    finally:
+        if state.job is not None:
+            state.job.kill()
+        stop_mlflow_server(state.server)
 
 
 def test_a_server_back_before_training_ends_gets_every_metric(
     tiny_log: Path, tmp_path: Path
 ) -> None:
-    port, work = free_port(), tmp_path / "work"
-    work.mkdir()
-    url = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(tmp_path, port)
-    job = fit(tiny_log, work, url)
-    try:
-        wait_for_training(url, job)
-        stop_mlflow_server(server)
+    with outage(tiny_log, tmp_path) as away:
         time.sleep(3)  # training goes on, its metrics held
-        server = start_mlflow_server(tmp_path, port)
-        output, _ = job.communicate(timeout=600)
-        assert job.returncode == 0, output[-3000:]
+        away.restart()
+        output, _ = away.job.communicate(timeout=600)
+        assert away.job.returncode == 0, output[-3000:]
         assert "unreachable" in output and "held metrics sent" in output
-        client, run = the_run(url)
+        client, run = the_run(away.url)
         assert run.info.status == "FINISHED"
         steps_without_gaps(client, run.info.run_id)
         assert "test/gauc/mean" in run.data.metrics  # the report reached it too
-    finally:
-        job.kill()
-        stop_mlflow_server(server)
 
 
 def test_a_server_away_past_the_end_leaves_the_metrics_to_send(
     tiny_log: Path, tmp_path: Path
 ) -> None:
-    port, work = free_port(), tmp_path / "work"
-    work.mkdir()
-    url = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(tmp_path, port)
-    job = fit(tiny_log, work, url, "--trainer.logger.init_args.outage_patience_seconds", "1")
-    try:
-        wait_for_training(url, job)
-        stop_mlflow_server(server)
-        output, _ = job.communicate(timeout=600)
-        assert job.returncode == 2, output[-3000:]
-        (unsent,) = work.glob("checkpoints/*/*/unsent.jsonl")
+    patience = ("--trainer.logger.init_args.outage_patience_seconds", "1")
+    with outage(tiny_log, tmp_path, *patience) as away:
+        output, _ = away.job.communicate(timeout=600)
+        assert away.job.returncode == 2, output[-3000:]
+        (unsent,) = away.work.glob("checkpoints/*/*/unsent.jsonl")
         assert f"are in {unsent}" in output
-        assert f"python -m pipelines.tracking {unsent} --tracking_uri {url}" in output
-        assert list(work.glob("checkpoints/*/*/checkpoints/*.ckpt"))  # its checkpoints kept
+        assert f"python -m pipelines.tracking {unsent} --tracking_uri {away.url}" in output
+        assert list(away.work.glob("checkpoints/*/*/checkpoints/*.ckpt"))  # checkpoints kept
 
-        server = start_mlflow_server(tmp_path, port)
-        command = [sys.executable, "-m", "pipelines.tracking", str(unsent), "--tracking_uri", url]
-        subprocess.run(command, check=True, capture_output=True, cwd=work)
-        client, run = the_run(url)
+        away.restart()
+        client, run = the_run(away.url)
+        before = client.get_metric_history(run.info.run_id, "train/loss")
+        send = [sys.executable, "-m", "pipelines.tracking", str(unsent), "--tracking_uri",
+                away.url]  # fmt: skip
+        subprocess.run(send, check=True, capture_output=True, cwd=away.work)
         steps_without_gaps(client, run.info.run_id)  # the held ones arrived, in place
-    finally:
-        job.kill()
-        stop_mlflow_server(server)
+        after = client.get_metric_history(run.info.run_id, "train/loss")
+        assert max(p.step for p in after) > max(p.step for p in before)

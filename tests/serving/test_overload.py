@@ -7,6 +7,7 @@ body: the service has admitted it and waits for the rest.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines.export import Exported
+from serving.api.admission import Admission, DeadlineError
+from serving.core.config import Settings
+from serving.core.metrics import Metrics
 from tests.serving.conftest import Server, start, stop
 
 BODY = json.dumps(
@@ -85,7 +89,8 @@ def wait_for(condition, seconds: float = 10) -> None:
 @pytest.fixture(scope="module")
 def one_at_a_time(exported: Exported):
     server = start(
-        "--model", str(exported.path), "--max_in_flight", "1", "--scoring_concurrency", "1"
+        "--model", str(exported.path), "--max_in_flight", "1", "--scoring_concurrency", "1",
+        "--deadline_ms", "60000",  # a held request waits out the test's checks
     )  # fmt: skip
     yield server
     stop(server)
@@ -203,3 +208,35 @@ def test_sigterm_drains_every_request_in_flight_and_exits_0(
     assert outcomes["refused"] == 8
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/healthz")
+
+
+def test_a_turn_not_free_by_the_deadline_is_refused_and_counted() -> None:
+    """``Admission.turn``: a request already past its deadline is refused even when a turn is
+    free (taking one would not wait); one waiting behind a busy turn is refused at its
+    deadline; a refused wait gives no turn away."""
+    settings = Settings(model="unused.onnx", scoring_concurrency=1)
+    admission = Admission(settings, Metrics())
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        seen = []
+        for deadline in (loop.time() - 0.001, loop.time()):
+            try:
+                async with admission.turn(deadline):
+                    seen.append("scored")
+            except DeadlineError:
+                seen.append("refused")
+        async with admission.turn(loop.time() + 5):  # the only turn, held ...
+            start = loop.time()
+            try:
+                async with admission.turn(loop.time() + 0.05):
+                    seen.append("scored")
+            except DeadlineError:
+                waited = loop.time() - start
+                seen.append("refused at its deadline" if 0.04 < waited < 2 else f"{waited} s")
+        async with admission.turn(loop.time() + 0.05):  # ... and free again
+            seen.append("scored")
+        return seen
+
+    assert asyncio.run(scenario()) == ["refused", "refused", "refused at its deadline", "scored"]
+    assert admission.metrics.shed.labels("deadline")._value.get() == 3
