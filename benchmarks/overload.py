@@ -27,7 +27,6 @@ import argparse
 import json
 import queue
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve import RANKER, free_port, markdown
+from benchmarks.serve import markdown, start_server
 from benchmarks.suite import machine
 
 
@@ -48,21 +47,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def start(model: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [str(RANKER), "serve", "--model", str(model), "--port", str(port), *options]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("ranker serve did not start")
 
 
 OFF = ("--max_in_flight", "1000000", "--deadline_ms", "1e9")  # every request queued and scored
@@ -144,7 +128,7 @@ def p(values: list[float], q: float) -> str:
 def table(args, body: bytes, rate: float) -> list[list[str]]:
     rows = []
     for name, options in (("off (queue all)", OFF), ("defaults", ())):
-        server, url = start(args.model, *options)
+        server, url = start_server(args.model, *options)
         try:
             httpx.post(f"{url}/v1/rank", content=body, timeout=60)  # warm up
             for load_x in args.loads:
@@ -168,7 +152,7 @@ def table(args, body: bytes, rate: float) -> list[list[str]]:
 
 
 def sigterm(args, body: bytes, rate: float) -> list[str]:
-    server, url = start(args.model)
+    server, url = start_server(args.model)
     httpx.post(f"{url}/v1/rank", content=body, timeout=60)
     load = Load(url, body, max(args.loads) * rate)
     sent: dict[str, float] = {}
@@ -205,7 +189,7 @@ def main() -> None:
     ).encode()
     print(f"{machine()}; {args.candidates} candidates, "
           f"{args.seconds:.0f} s per cell\n", flush=True)  # fmt: skip
-    server, url = start(args.model)
+    server, url = start_server(args.model)
     try:
         rate = capacity(url, body, args.seconds)
     finally:

@@ -104,19 +104,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def served(model: Path, *options: str) -> Iterator[str]:
+def start_server(model: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """``ranker serve`` on a free port, once ready: the process and its URL."""
     port = free_port()
     command = [str(RANKER), "serve", "--model", str(model), "--port", str(port), *options]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("ranker serve did not start")
+
+
+@contextmanager
+def served(model: Path, *options: str) -> Iterator[str]:
+    server, url = start_server(model, *options)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         yield url
     finally:
         server.terminate()

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +120,7 @@ class HoldingClient(MlflowClient):
             return False
         while self.held:
             try:
-                if self.next_try:  # known away: one try each time
-                    with no_retries():
-                        super().log_batch(**self.held[0])
-                else:
+                with no_retries() if self.next_try else nullcontext():  # known away: one try
                     super().log_batch(**self.held[0])
             except MlflowException as err:
                 if not unreachable(err):

@@ -72,7 +72,8 @@ class Drain:
         self._task.add_done_callback(self._drained)
 
     def _drained(self, task: asyncio.Task) -> None:
-        """Whatever the drain met, the server stops."""
+        """Whatever the drain met, the server stops (``should_exit``, not ``handle_exit``: no
+        signal is raised again after it)."""
         if not task.cancelled() and task.exception() is not None:
             log.error("drain failed; stopping now", exc_info=task.exception())
         self._server.should_exit = True
@@ -86,7 +87,6 @@ class Drain:
         while server.server_state.connections and time.monotonic() < until:
             await asyncio.sleep(POLL_S)
         server.config.timeout_graceful_shutdown = max(0.0, until - time.monotonic())
-        server.should_exit = True  # not handle_exit: no signal is raised again after it
 
 
 class DrainingSupervisor(Multiprocess):

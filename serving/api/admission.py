@@ -98,15 +98,14 @@ class Admit:
         try:
             budget = admission.budget(dict(scope["headers"]))
         except ValueError as err:
-            await read_body(receive)
-            await error(422, ["header", DEADLINE_HEADER], str(err))(scope, receive, send)
+            refused = error(422, ["header", DEADLINE_HEADER], str(err))
+            await answer_unread(refused, scope, receive, send)
             return
         if admission.held >= admission.limit:
             admission.metrics.shed.labels("overload").inc()
-            await read_body(receive)  # an answer before it resets a connection still sending
             message = f"overloaded: {admission.held} requests in flight; retry"
-            retry = {"Retry-After": str(RETRY_AFTER_S)}
-            await error(503, ["service"], message, retry)(scope, receive, send)
+            shed = error(503, ["service"], message, {"Retry-After": str(RETRY_AFTER_S)})
+            await answer_unread(shed, scope, receive, send)
             return
         deadline = scope[DEADLINE] = asyncio.get_running_loop().time() + budget
         admission.held += 1
@@ -139,12 +138,14 @@ class Admit:
             admission.metrics.in_flight.dec()
 
 
-async def read_body(receive: Receive) -> None:
-    """Reads and drops a request's body (``BodyLimit``, outside, bounds it)."""
+async def answer_unread(response: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers a request without parsing it. Its body is read and dropped first (``BodyLimit``,
+    outside, bounds it): an answer sent before would reset a connection still sending it."""
     while True:
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
-            return
+            break
+    await response(scope, receive, send)
 
 
 class BearerToken:
@@ -162,7 +163,6 @@ class BearerToken:
                     401, ["header", "Authorization"], "a bearer token is required",
                     {"WWW-Authenticate": "Bearer"},
                 )  # fmt: skip
-                await read_body(receive)
-                await refused(scope, receive, send)
+                await answer_unread(refused, scope, receive, send)
                 return
         await self.app(scope, receive, send)
