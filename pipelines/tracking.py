@@ -100,6 +100,7 @@ class HoldingClient(MlflowClient):
         self.retry_s = retry_s
         self.held: list[dict[str, Any]] = []
         self.next_try = 0.0
+        self.sending = False  # a signal handler may run mid-send: it must not send again
 
     def log_batch(  # type: ignore[override]
         self,
@@ -115,9 +116,17 @@ class HoldingClient(MlflowClient):
 
     def send_held(self, now: bool = False) -> bool:
         """Sends the held batches (``now``: whatever the time since the last attempt); True
-        when none is left."""
-        if not now and time.monotonic() < self.next_try:
+        when none is left. A call made while a send is under way (from a signal handler that
+        interrupted it) sends nothing: the store is mid-transaction on this very thread."""
+        if self.sending or (not now and time.monotonic() < self.next_try):
             return False
+        self.sending = True
+        try:
+            return self._send_held()
+        finally:
+            self.sending = False
+
+    def _send_held(self) -> bool:
         while self.held:
             try:
                 with no_retries() if self.next_try else nullcontext():  # known away: one try
@@ -247,19 +256,18 @@ class MLflowLogger(MLFlowLogger):
         if self._initialized and self.run_id is not None:
             unsent = Path(self.save_dir) / self.experiment_id / self.run_id / "unsent.jsonl"
         client = self._mlflow_client
-        if status in ("finished", "failed") and unsent is not None and not client.send_held(True):
-            # A SLURM requeue ("finished", from a signal handler) or a crash: no waiting, and
-            # the crash's own error stays the one reported.
-            count = client.write_held(unsent)
-            print(f"ranker: {count} batches of metrics not sent are in {unsent}; send them "
-                  f"with: {client.how_to_send(unsent)}", flush=True)  # fmt: skip
-            self.gave_up = status == "failed"
         if status == "finished":
             # Only Lightning's SLURM requeue handler says "finished", from inside a signal
-            # handler that may have interrupted this process's own write to the store (SQLite
-            # then stays locked against it: the job crashed). The run is not over either: the
-            # requeued job continues it.
+            # handler that may have interrupted this process's own write to the store: it
+            # sends nothing (SQLite would stay locked against it and the job crash). Held
+            # batches of a server known to be away go to the file; the run is not over either:
+            # the requeued job continues it.
+            if unsent is not None and client.next_try and not client.sending:
+                self._report_unsent(unsent)
             return
+        if status == "failed" and unsent is not None and not client.send_held(True):
+            self._report_unsent(unsent)  # a crash: no waiting, its own error is the one reported
+            self.gave_up = True
         if self.gave_up:
             return
         if unsent is not None:
@@ -269,6 +277,12 @@ class MLflowLogger(MLFlowLogger):
                 self.gave_up = True
                 raise
         super().finalize(status)
+
+    def _report_unsent(self, unsent: Path) -> None:
+        client = self._mlflow_client
+        count = client.write_held(unsent)
+        print(f"ranker: {count} batches of metrics not sent are in {unsent}; send them "
+              f"with: {client.how_to_send(unsent)}", flush=True)  # fmt: skip
 
 
 def send(unsent: Path, tracking_uri: str | None = None) -> None:

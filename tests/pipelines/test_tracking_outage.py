@@ -136,3 +136,39 @@ def test_a_server_away_past_the_end_leaves_the_metrics_to_send(
         steps_without_gaps(client, run.info.run_id)  # the held ones arrived, in place
         after = client.get_metric_history(run.info.run_id, "train/loss")
         assert max(p.step for p in after) > max(p.step for p in before)
+
+
+def test_a_requeue_signal_mid_write_does_not_lock_the_store(tmp_path: Path) -> None:
+    """SLURM's SIGUSR1 runs Lightning's handler between two statements of this process's own
+    write to SQLite; its ``finalize("finished")`` must not write again (the store would stay
+    locked against it for the busy timeout, and the job crashed: seen in CI)."""
+    from mlflow.entities import Metric
+    from sqlalchemy import event
+
+    from pipelines.tracking import MLflowLogger
+
+    logger = MLflowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                          checkpoint_dir=str(tmp_path / "checkpoints"))  # fmt: skip
+    run_id = logger.run_id
+    client = logger.experiment
+    engine = client._tracking_client.store.engine
+    handled = []
+
+    def signal_arrives(*_: object) -> None:  # between the INSERT and the COMMIT
+        if not handled:
+            handled.append(time.monotonic())
+            logger.finalize("finished")
+            handled.append(time.monotonic())
+
+    event.listen(engine, "after_cursor_execute", signal_arrives)
+    try:
+        client.log_batch(run_id, metrics=[Metric("train/loss", 0.5, 0, 1)])
+    finally:
+        event.remove(engine, "after_cursor_execute", signal_arrives)
+    assert len(handled) == 2 and handled[1] - handled[0] < 1.0  # nothing waited on the lock
+    assert client.held == []
+    run = MlflowClient(logger.tracking_uri).get_run(run_id)
+    assert run.data.metrics == {"train/loss": 0.5}  # the interrupted write completed
+    assert run.info.status == "RUNNING"  # the requeued job continues it
+    logger.finalize("success")
+    assert MlflowClient(logger.tracking_uri).get_run(run_id).info.status == "FINISHED"
