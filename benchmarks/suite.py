@@ -69,22 +69,28 @@ HILLSTROM = ROOT.parent / "shared" / "data" / "hillstrom" / "hillstrom.parquet"
 
 
 def prepare_hillstrom(out: Path, source: Path = HILLSTROM, seed: int = 0) -> None:
-    """The shared Hillstrom rows unchanged, plus ``customer`` (the row number) and ``split``:
-    80 / 10 / 10 at random within each arm (``segment``), with a fixed seed."""
+    """The shared Hillstrom rows unchanged, plus ``customer`` (the row number), ``split``:
+    80 / 10 / 10 at random within each arm (``segment``), and ``uplift_split``: 50 / 25 / 25
+    within each arm (the uplift benchmark's, as its peers were measured), fixed seeds."""
     frame = pl.read_parquet(source).with_row_index("customer")
-    rng = np.random.default_rng(seed)
-    split = np.empty(len(frame), dtype=object)
-    for arm in frame["segment"].unique(maintain_order=True):
-        rows = np.flatnonzero((frame["segment"] == arm).to_numpy())
-        rows = rng.permutation(rows)
-        cut = np.round(np.array([0.8, 0.9]) * len(rows)).astype(int)
-        split[rows[: cut[0]]], split[rows[cut[0] : cut[1]]], split[rows[cut[1] :]] = (
-            "train",
-            "val",
-            "test",
-        )
+    arms = frame["segment"].to_numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.with_columns(pl.Series("split", split.astype(str))).write_parquet(out)
+    frame.with_columns(
+        pl.Series("split", split_within(arms, (0.8, 0.9), seed)),
+        pl.Series("uplift_split", split_within(arms, (0.5, 0.75), seed)),
+    ).write_parquet(out)
+
+
+def split_within(groups: np.ndarray, cuts: tuple[float, float], seed: int) -> np.ndarray:
+    """``train`` / ``val`` / ``test`` at random within each group, cut at the shares ``cuts``."""
+    rng = np.random.default_rng(seed)
+    split = np.empty(len(groups), dtype=object)
+    for group in dict.fromkeys(groups):
+        rows = rng.permutation(np.flatnonzero(groups == group))
+        cut = np.round(np.array(cuts) * len(rows)).astype(int)
+        split[rows[: cut[0]]], split[rows[cut[0] : cut[1]]] = "train", "val"
+        split[rows[cut[1] :]] = "test"
+    return split.astype(str)
 
 
 @dataclass(frozen=True)

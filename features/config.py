@@ -134,6 +134,18 @@ class SplitSpec:
 
 
 @dataclass(frozen=True)
+class TreatmentSpec:
+    """Uplift data: ``column`` names the arm each row received (categorical), ``control`` its
+    value for no treatment; for logged (not randomised) data, ``propensity`` names the column
+    of the probability, in (0, 1], that the row received the arm it did (rows are then
+    weighted by its inverse in training and evaluation)."""
+
+    column: str
+    control: str | int
+    propensity: str | None = None
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     name: str
     user_key: str
@@ -145,6 +157,7 @@ class DatasetConfig:
     time_column: str | None = None  # required by a time split; orders feature snapshots
     side_tables: tuple[SideTable, ...] = field(default=())
     note: str | None = None  # printed with ``ranker fit``'s report on this data (a known bias)
+    treatment: TreatmentSpec | None = None  # uplift data: which arm each row received
     source: Path | None = None  # the YAML file this came from, for error messages
 
     @property
@@ -238,6 +251,15 @@ def _check(config: DatasetConfig, where: str) -> None:
         if task.weight < 0:
             raise ConfigError(f"{where}: tasks[{i}] ({task.name}): weight must be >= 0")
     _check_split(config, where)
+    treatment = config.treatment
+    if treatment is not None:
+        clash = {f.column for f in config.features} | {t.label for t in config.tasks}
+        for key in ("column", "propensity"):
+            if getattr(treatment, key) in clash:
+                raise ConfigError(
+                    f"{where}: treatment.{key} '{getattr(treatment, key)}' is also a feature "
+                    "or label column (an S-learner sees the arm through the treatment itself)"
+                )
 
 
 def _check_split(config: DatasetConfig, where: str) -> None:

@@ -50,6 +50,10 @@ def graph_output(name: str) -> str:
 
 
 OUTPUT = graph_output(LOGITS)  # the ranking output the service reads: "probabilities" [N, T]
+# An uplift model's output (data with a ``treatment``): per-task logits of every arm, control
+# first, ``[B, A, T]``; ``logits`` is then the observed arm's (control where none is given).
+ARM_LOGITS = "arm_logits"
+ARM_OUTPUT = graph_output(ARM_LOGITS)  # "arm_probabilities" [N, A, T]
 # A hashed categorical feature (``hash_buckets: N``): id -> 1 + ((id mod P) * A + C) mod P mod N,
 # computed the same way by the polars transform and inside the graph (int64, no overflow:
 # (P - 1) * A + C < 2**63); 0 stays the missing / unparsable index.

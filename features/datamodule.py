@@ -59,6 +59,8 @@ class TensorBatch:
     users: torch.Tensor  # int64 [B], the GAUC group
     sequences: dict[str, torch.Tensor] = field(default_factory=dict)  # int64 [B, L], 0 = pad
     lengths: dict[str, torch.Tensor] = field(default_factory=dict)  # int64 [B], untruncated
+    treatment: torch.Tensor | None = None  # int64 [B]: the arm received, 0 = control (uplift)
+    propensity: torch.Tensor | None = None  # float32 [B]: its probability (1 where not logged)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -97,6 +99,10 @@ def _concat(batches: list[Batch]) -> Batch:
         ),
         {k: np.concatenate([b.sequences[k] for b in batches]) for k in first.sequences},
         {k: np.concatenate([b.lengths[k] for b in batches]) for k in first.lengths},
+        *(
+            None if getattr(first, k) is None else np.concatenate([getattr(b, k) for b in batches])
+            for k in ("treatment", "propensity")
+        ),
     )
 
 
@@ -106,7 +112,9 @@ def _slice(batch: Batch, index: slice | np.ndarray) -> Batch:
 
 def to_tensors(batch: Batch) -> TensorBatch:
     t = batch.map(torch.from_numpy)
-    return TensorBatch(t.cat, t.num, t.labels, t.users, t.sequences, t.lengths)
+    return TensorBatch(
+        t.cat, t.num, t.labels, t.users, t.sequences, t.lengths, t.treatment, t.propensity
+    )
 
 
 def frame_batches(

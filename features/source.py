@@ -196,6 +196,7 @@ class LogSource:
             *((t.label, f"label of task '{t.name}'") for t in c.tasks),
             *((t.truth, f"true probability of task '{t.name}'") for t in c.tasks if t.truth),
             *((s.column, f"feature '{s.name}'") for s in c.features if s.column in self.schema),
+            *self._treatment_columns(),
         ]
         for column, role in required:
             if column not in self.schema:
@@ -228,6 +229,15 @@ class LogSource:
                     f"label column '{task.label}' in {self.where} is {dtype}, "
                     "expected 0/1 integers or booleans"
                 )
+
+    def _treatment_columns(self) -> list[tuple[str, str]]:
+        t = self.config.treatment
+        if t is None:
+            return []
+        return [
+            (t.column, "treatment.column"),
+            *([(t.propensity, "treatment.propensity")] if t.propensity else []),
+        ]
 
     def _check_list_column(self, spec: FeatureSpec) -> None:
         """A logged sequence is a list column whose elements have its vocabulary's type."""
@@ -299,7 +309,8 @@ class LogSource:
         c = self.config
         names = [c.user_key, c.item_key, *self.split_columns, c.time_column]
         names += [s.column for s in c.features if sequences or s.kind != "sequence"]
-        names += [t.label for t in c.tasks] + list(extra)
+        names += [t.label for t in c.tasks] + [column for column, _ in self._treatment_columns()]
+        names += list(extra)
         seen = dict.fromkeys(n for n in names if n in self.schema or n in self.derived)
         return list(seen)
 
@@ -361,7 +372,45 @@ class LogSource:
         for split in SPLITS:
             if not stats.filter(pl.col("split") == split)["rows"].sum():
                 raise ConfigError(f"the {split} split of {self.where} is empty ({self._rule()})")
+        if c.treatment is not None:
+            self._check_arms(assigned)
         return stats
+
+    def _check_arms(self, assigned: pl.Expr) -> None:
+        """Uplift data: every row names its arm, control has rows, every arm has rows in
+        every split, and a propensity is in (0, 1]."""
+        t = self.config.treatment
+        arm = pl.col(t.column)
+        p = pl.col(t.propensity or t.column)  # read only where a propensity is named
+        bad = p.is_null() | ~p.is_between(0, 1, closed="right")
+        columns = [*self.split_columns, t.column, *([t.propensity] if t.propensity else [])]
+        counts = (
+            self._scan()
+            .select(columns)
+            .group_by(assigned.alias("split"), arm.cast(pl.String).alias("arm"))
+            .agg(pl.len().alias("rows"), *([bad.sum().alias("bad")] if t.propensity else []))
+            .collect(engine="streaming")
+        )
+        where = f"{self.where}, column '{t.column}' (treatment.column)"
+        nulls = int(counts.filter(pl.col("arm").is_null())["rows"].sum())
+        if nulls:
+            raise ConfigError(f"{where}: {nulls} row(s) name no arm (null)")
+        if t.propensity and int(counts["bad"].sum()):
+            raise ConfigError(
+                f"{self.where}, column '{t.propensity}' (treatment.propensity): "
+                f"{int(counts['bad'].sum())} row(s) null or outside (0, 1]"
+            )
+        arms = sorted(set(counts["arm"]))
+        if str(t.control) not in arms:
+            raise ConfigError(
+                f"{where}: no row has the control value {t.control!r} (treatment.control); "
+                f"the arms are {arms}"
+            )
+        for split in SPLITS:
+            present = set(counts.filter(pl.col("split") == split)["arm"])
+            missing = [a for a in arms if a not in present]
+            if missing:
+                raise ConfigError(f"{where}: arm(s) {missing} have no rows in the {split} split")
 
     def _unassigned_reason(self) -> pl.Expr:
         """Why a row is in no split (read only on such rows)."""

@@ -65,6 +65,7 @@ class InputSpec:
     num_names: tuple[str, ...]
     sequences: tuple[SequenceInput, ...] = ()
     cat_sides: tuple[str, ...] = ()  # per categorical feature: user | item | context
+    arms: tuple[str, ...] = ()  # uplift data: the treatment arms, control first; () otherwise
 
     @property
     def num_numeric(self) -> int:
@@ -81,6 +82,8 @@ class Batch:
     users: np.ndarray  # int64 [B]
     sequences: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int64 [B, L]
     lengths: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int64 [B]
+    treatment: np.ndarray | None = None  # int64 [B]: the arm received, 0 = control (uplift data)
+    propensity: np.ndarray | None = None  # float32 [B]: its probability (1 where not logged)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -100,6 +103,7 @@ def map_fields(batch: Any, fn: Any) -> Any:
         fn(batch.users),
         {k: fn(v) for k, v in batch.sequences.items()},
         {k: fn(v) for k, v in batch.lengths.items()},
+        *(None if a is None else fn(a) for a in (batch.treatment, batch.propensity)),
     )
 
 
@@ -136,6 +140,25 @@ class SequenceState:
     max_len: int
     pooling: str = "mean"
     target: str | None = None
+
+
+@dataclass
+class TreatmentState:
+    """The arms of uplift data as fitted on the training split: ``arms[0]`` the control value,
+    the others in sorted order (as strings; an arm unseen in training maps to -1)."""
+
+    column: str
+    arms: list[str]
+    propensity: str | None = None
+
+    def index_expr(self) -> pl.Expr:
+        arm = pl.col(self.column).cast(pl.String)
+        mapping = dict(zip(self.arms, range(len(self.arms)), strict=True))
+        return arm.replace_strict(mapping, default=-1, return_dtype=pl.Int64).alias("treatment:")
+
+    def propensity_expr(self) -> pl.Expr:
+        value = pl.col(self.propensity) if self.propensity else pl.lit(1.0)
+        return value.cast(pl.Float32).fill_null(1.0).alias("propensity:")
 
 
 @dataclass
@@ -286,6 +309,16 @@ def check_parent(parent: FeatureState, config: DatasetConfig) -> None:
         )
 
 
+def fit_arms(train: pl.LazyFrame, config: DatasetConfig) -> TreatmentState | None:
+    """The arms of uplift data (control first, then sorted), read from the training split."""
+    t = config.treatment
+    if t is None:
+        return None
+    seen = train.select(pl.col(t.column).cast(pl.String).unique().drop_nulls()).collect()
+    others = sorted(a for a in seen.to_series().to_list() if a != str(t.control))
+    return TreatmentState(t.column, [str(t.control), *others], t.propensity)
+
+
 class FeatureState:
     def __init__(
         self,
@@ -295,6 +328,7 @@ class FeatureState:
         user_key: str,
         sequences: list[SequenceState] | None = None,
         generation: int = 0,
+        treatment: TreatmentState | None = None,
     ) -> None:
         self.categorical = categorical
         self.numeric = numeric
@@ -302,6 +336,7 @@ class FeatureState:
         self.user_key = user_key
         self.sequences = sequences or []
         self.generation = generation  # 0: fitted cold; k: the k-th warm start of a line
+        self.treatment = treatment  # uplift data: the arms
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -327,6 +362,7 @@ class FeatureState:
                 for s in self.sequences
             ),
             cat_sides=tuple(sides[s.name] for s in embedded),
+            arms=tuple(self.treatment.arms) if self.treatment else (),
         )
 
     # -- fitting ------------------------------------------------------------------------------
@@ -458,7 +494,16 @@ class FeatureState:
             )
             for spec in config.sequences
         ]
-        return cls(categorical, numeric, list(config.tasks), config.user_key, sequences, generation)
+        treatment = fit_arms(train, config)
+        return cls(
+            categorical,
+            numeric,
+            list(config.tasks),
+            config.user_key,
+            sequences,
+            generation,
+            treatment,
+        )
 
     def rows_from(self, parent: FeatureState) -> list[np.ndarray]:
         """Per embedded input (``input_spec`` order), the parent's index of each of this
@@ -515,8 +560,24 @@ class FeatureState:
         for seq in self.sequences:
             sequences[seq.name], lengths[seq.name] = self.sequence_ids(frame[seq.column], seq)
         return Batch(
-            np.ascontiguousarray(cat), np.ascontiguousarray(num), labels, users, sequences, lengths
+            np.ascontiguousarray(cat),
+            np.ascontiguousarray(num),
+            labels,
+            users,
+            sequences,
+            lengths,
+            *self.arms_of(frame),
         )
+
+    def arms_of(self, frame: pl.DataFrame) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Uplift data: each row's arm index (``treatment`` [B], -1 for an arm training never
+        saw) and propensity [B]; (None, None) for other data and rows without the column (a
+        request to score, which is scored for every arm)."""
+        t = self.treatment
+        if t is None or t.column not in frame.columns:
+            return None, None
+        out = frame.select(t.index_expr(), t.propensity_expr())
+        return out["treatment:"].to_numpy().copy(), out["propensity:"].to_numpy().copy()
 
     def sequence_ids(self, lists: pl.Series, seq: SequenceState) -> tuple[np.ndarray, np.ndarray]:
         """A list column -> (vocabulary indices ``[B, max_len]``, most recent last, 0 = padding
@@ -570,6 +631,7 @@ class FeatureState:
             "numeric": [asdict(n) for n in self.numeric],
             "tasks": [asdict(t) for t in self.tasks],
             "sequences": [asdict(s) for s in self.sequences],
+            "treatment": asdict(self.treatment) if self.treatment else None,
         }
 
     @classmethod
@@ -581,6 +643,7 @@ class FeatureState:
             doc["user_key"],
             [SequenceState(**s) for s in doc.get("sequences", [])],
             doc.get("generation", 0),
+            TreatmentState(**doc["treatment"]) if doc.get("treatment") else None,
         )
 
     def save(self, directory: str | Path) -> Path:

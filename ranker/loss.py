@@ -12,18 +12,25 @@ from torch import nn
 
 
 def masked_bce(
-    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits, labels [B, T] (labels NaN = not observed), weights [T] -> (total, per-task [T]).
 
     A missing label is masked out of its task's mean, never treated as a negative; a task with
-    no observed label in the batch contributes 0.
+    no observed label in the batch contributes 0. ``row_weights`` [B] (e.g. inverse
+    propensities of logged uplift data) make each task's mean a weighted one.
     """
     observed = ~torch.isnan(labels)
     targets = torch.where(observed, labels, torch.zeros_like(labels))
     losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    losses = torch.where(observed, losses, torch.zeros_like(losses))
-    per_task = losses.sum(0) / observed.sum(0).clamp(min=1)
+    counted = observed.to(losses.dtype)
+    if row_weights is not None:
+        counted = counted * row_weights[:, None]
+    losses = torch.where(observed, losses * counted, torch.zeros_like(losses))
+    per_task = losses.sum(0) / counted.sum(0).clamp(min=1e-12 if row_weights is not None else 1)
     return (per_task * weights).sum(), per_task
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from features.config import TaskSpec
-from features.contract import LOGITS, OUTPUT
+from features.contract import ARM_OUTPUT, LOGITS, OUTPUT
 from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
@@ -25,27 +25,37 @@ from ranker.metrics import task_metrics
 from ranker.models.base import MultiTaskModel, Outputs
 from ranker.scoring import Scored, batch_outputs, graph_outputs
 from ranker.sharded_metrics import sharded_task_metrics
+from ranker.uplift_metrics import uplift_metrics
 
 # The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
 torch.serialization.add_safe_globals([InputSpec, SequenceInput, TaskSpec, Routing])
 
 NetworkFactory = Callable[[InputSpec, Sequence[TaskSpec]], MultiTaskModel]
-Monitor = Literal["auto", "gauc", "auc", "logloss"]
+Monitor = Literal["auto", "qini", "gauc", "auc", "logloss"]
 # What checkpoint selection and early stopping compare, every validation: higher is better.
 MONITOR = "val/monitor"
 FALLBACK: tuple[str, ...] = ("gauc", "auc", "logloss")  # the order "auto" tries
+UPLIFT_FALLBACK = ("qini", *FALLBACK)  # on uplift data: mean Qini first
 
 
-def monitor_order(wanted: str) -> tuple[str, ...]:
+def monitor_order(wanted: str, uplift: bool = False) -> tuple[str, ...]:
     """The metrics ``--model.monitor wanted`` tries, in order: the first defined is chosen."""
-    return FALLBACK if wanted == "auto" else (wanted, *(m for m in FALLBACK if m != wanted))
+    fallback = UPLIFT_FALLBACK if uplift else FALLBACK
+    return fallback if wanted == "auto" else (wanted, *(m for m in fallback if m != wanted))
 
 
 def choose_monitor(wanted: str, metrics: dict[str, float]) -> str:
     """The monitored metric on this data: the first of ``monitor_order`` whose mean is
-    defined in ``metrics`` (a validation's ``task_metrics``)."""
-    order = monitor_order(wanted)
-    return next((m for m in order if math.isfinite(metrics[f"{m}/mean"])), order[0])
+    defined in ``metrics`` (a validation's ``task_metrics``, with ``uplift_metrics`` on
+    uplift data)."""
+    order = monitor_order(wanted, "qini/mean" in metrics)
+    return next((m for m in order if math.isfinite(metrics.get(f"{m}/mean", math.nan))), order[0])
+
+
+def inverse(batch: TensorBatch) -> torch.Tensor | None:
+    """Row weights of a batch of logged uplift data: the inverse of each row's propensity
+    (None where the data is not logged: every row weighs the same)."""
+    return None if batch.propensity is None else 1.0 / batch.propensity
 
 
 def signed(metric: str, metrics: dict[str, float]) -> float:
@@ -196,7 +206,8 @@ class RankerModule(L.LightningModule):
             and the service use the calibrated probabilities.
         monitor: the validation metric that picks the best checkpoint and stops training
             early, logged as ``val/monitor`` (higher is better): the mean across tasks of
-            ``gauc``, ``auc`` or ``logloss`` (negated). ``auto``: mean GAUC where the data
+            ``qini`` (uplift data: over tasks and arms), ``gauc``, ``auc`` or ``logloss``
+            (negated). ``auto``: on uplift data mean Qini, else mean GAUC where the data
             defines it (users with both classes), else mean AUC. A chosen metric that is
             undefined on the data falls back (GAUC, AUC, logloss) with a warning. The metric
             is chosen at the first validation, printed, logged as the param
@@ -374,8 +385,8 @@ class RankerModule(L.LightningModule):
         cat, num, sequences = batch.inputs
         seed = self._seed * 1_000_003 + self.global_step  # the same draws when resumed
         cat = self.id_dropout(cat, seed)
-        outputs, auxiliary = self.network.training_forward(cat, num, sequences)
-        _, per_task = masked_bce(outputs[LOGITS], labels, self.task_weights)
+        outputs, auxiliary = self.network.training_forward(cat, num, sequences, batch.treatment)
+        _, per_task = masked_bce(outputs[LOGITS], labels, self.task_weights, inverse(batch))
         present = (~torch.isnan(labels)).any(0)
         extra = sum(auxiliary.values(), torch.zeros((), device=labels.device))
         loss = self.weighting(per_task, present) + extra
@@ -423,7 +434,8 @@ class RankerModule(L.LightningModule):
 
     def _collect(self, stage: str, batch: TensorBatch) -> None:
         outputs = batch_outputs(self.network, batch)
-        loss, _ = masked_bce(self.calibrator(outputs[LOGITS]), batch.labels, self.task_weights)
+        logits = self.calibrator(outputs[LOGITS])
+        loss, _ = masked_bce(logits, batch.labels, self.task_weights, inverse(batch))
         self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
         if stage not in self._scores:
             self._scores[stage] = Scored(self._planned_rows(stage, len(batch)))
@@ -452,6 +464,8 @@ class RankerModule(L.LightningModule):
             metrics = task_metrics(probs, labels, users, self.task_names) if len(probs) else None
         if metrics is None:
             return
+        if self.inputs.arms:
+            metrics |= self._uplift(scores)
         self.last_metrics[stage] = metrics
         loggable = {f"{stage}/{k}": v for k, v in metrics.items() if not k.startswith("count/")}
         headline = f"{stage}/gauc/mean"
@@ -464,12 +478,28 @@ class RankerModule(L.LightningModule):
             self.log(headline, loggable.pop(headline), prog_bar=True)
             self.log_dict(loggable)
 
+    def _uplift(self, scores: Scored) -> dict[str, float]:
+        """Qini, AUUC and uplift at 10 / 30 % per task and arm against control."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank_zero_warn("uplift metrics are computed in a single process only: not logged")
+            return {}
+        labels = scores.labels.reshape(-1, len(self.tasks))
+        return uplift_metrics(
+            scores.output(ARM_OUTPUT, len(self.tasks)),
+            labels,
+            scores.treatment,
+            self.inputs.arms,
+            self.task_names,
+            scores.propensity,
+        )
+
     def _monitored(self, metrics: dict[str, float]) -> float:
         """``val/monitor`` of this validation; the metric is chosen at the first one."""
         if self.selected is None:
             wanted = self.hparams.monitor
-            order, chosen = monitor_order(wanted), choose_monitor(wanted, metrics)
-            if wanted not in ("auto", chosen) or (wanted == "auto" and chosen != "gauc"):
+            order = monitor_order(wanted, "qini/mean" in metrics)
+            chosen = choose_monitor(wanted, metrics)
+            if chosen != order[0]:
                 rank_zero_warn(
                     f"val mean {order[0].upper()} is undefined on this data (e.g. no user has "
                     f"both classes for GAUC): the best checkpoint and early stopping use val "

@@ -55,11 +55,12 @@ def batch_outputs(
     gates (``MultiTaskModel.forward_with_internals``) when given."""
     param = next(network.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    cat, num, sequences = batch.to(device).inputs
+    batch = batch.to(device)
+    cat, num, sequences = batch.inputs
     if internals is None:
-        outputs = network(cat, num, sequences)
+        outputs = network(cat, num, sequences, batch.treatment)
     else:
-        outputs, recorded = network.forward_with_internals(cat, num, sequences)
+        outputs, recorded = network.forward_with_internals(cat, num, sequences, batch.treatment)
         internals(recorded)
     return outputs if calibrator is None else graph_outputs(outputs, calibrator)
 
@@ -88,6 +89,9 @@ class Scored:
         parts["lengths"] = (
             lengths.cpu().numpy() if lengths is not None else np.full(len(batch), -1, np.int64)
         )
+        if batch.treatment is not None:  # uplift data
+            parts["treatment"] = batch.treatment.cpu().numpy()
+            parts["propensity"] = batch.propensity.cpu().numpy()
         start, end = self.size, self.size + len(batch)
         for key, part in parts.items():
             self._put(key, part, start, end)
@@ -124,6 +128,17 @@ class Scored:
     @property
     def lengths(self) -> np.ndarray:
         return self._rows("lengths", (0,), np.int64)
+
+    @property
+    def treatment(self) -> np.ndarray:
+        """Uplift data: each row's arm (0 = control)."""
+        return self._rows("treatment", (0,), np.int64)
+
+    @property
+    def propensity(self) -> np.ndarray | None:
+        """Uplift data: each row's propensity; None where every row's is 1 (randomised)."""
+        p = self._rows("propensity", (0,), np.float32)
+        return None if np.all(p == 1.0) else p
 
     def output(self, name: str, tasks: int) -> np.ndarray:
         """One output; ``[0, tasks]`` when no row was added (a rank that read no row)."""

@@ -1,6 +1,7 @@
 """The model zoo. Every model has one signature (``ranker.models.base``):
 
-``forward(cat [B, F_cat], num [B, F_num], sequences {name: [B, L]}) -> {"logits": [B, T], ...}``
+``forward(cat [B, F_cat], num [B, F_num], sequences {name: [B, L]}, treatment [B] | None)
+-> {"logits": [B, T], ...}`` (the treatment: uplift data only; ``ranker.models.mtmt``)
 """
 
 from __future__ import annotations
@@ -16,10 +17,22 @@ from ranker.models.aw_moe import AWMoE
 from ranker.models.base import MultiTaskModel
 from ranker.models.home import HoME
 from ranker.models.mmoe import MMoE
+from ranker.models.mtmt import MTMT, ArmHeads
 from ranker.models.ple import PLE
 from ranker.models.shared_bottom import SharedBottom
 
-__all__ = ["PLE", "AWMoE", "AdaTT", "HoME", "MMoE", "MultiTaskModel", "SharedBottom", "build"]
+__all__ = [
+    "MTMT",
+    "PLE",
+    "AWMoE",
+    "AdaTT",
+    "ArmHeads",
+    "HoME",
+    "MMoE",
+    "MultiTaskModel",
+    "SharedBottom",
+    "build",
+]
 
 
 def build(

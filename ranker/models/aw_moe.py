@@ -63,6 +63,11 @@ class AWMoE(ExpertModel):
         contrastive_weight: float = 0.1,
         routing: Routing | None = None,
     ) -> None:
+        if inputs.arms:
+            raise ValueError(
+                "AW-MoE does not take a treatment (uplift data): use MTMT, or another model of "
+                "the zoo as an S-learner"
+            )
         super().__init__(inputs, tasks)
         if not inputs.sequences:
             raise ValueError(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from features.config import TaskSpec
-from features.contract import LOGITS, RequestLayout
+from features.contract import ARM_LOGITS, LOGITS, RequestLayout
 from features.history import ranker_cache
 from features.state import InputSpec
 from ranker.experts import Internals
@@ -40,6 +40,10 @@ class MultiTaskModel(nn.Module):
     """
 
     splits_request = False  # whether ``head`` takes a ``RequestSplit`` (see ``embed_split``)
+    # On uplift data (``inputs.arms``) a model of the zoo is an S-learner: the arm received
+    # joins ``x`` as a one-hot, and scoring runs the head once per arm. An uplift model
+    # (MTMT) takes the treatment its own way.
+    models_treatment = False
     compiled_parts: tuple[str, ...] = ("head",)  # what ``compile_dense`` compiles
 
     def __init__(self, inputs: InputSpec, tasks: Sequence[TaskSpec]) -> None:
@@ -51,7 +55,12 @@ class MultiTaskModel(nn.Module):
 
     @property
     def input_dim(self) -> int:
-        return self.embedding.output_dim + self.pooling.output_dim
+        return self.embedding.output_dim + self.pooling.output_dim + len(self.s_learner_arms)
+
+    @property
+    def s_learner_arms(self) -> tuple[str, ...]:
+        """The arms the S-learner sees as a one-hot input (none for other data and models)."""
+        return () if self.models_treatment else self.inputs.arms
 
     def embed(self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences) -> torch.Tensor:
         """The input ``x`` ``[B, input_dim]``."""
@@ -135,26 +144,82 @@ class MultiTaskModel(nn.Module):
         """Representation names of the tasks: ``task:<name>``."""
         return [f"task:{t.name}" for t in self.tasks]
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None) -> Outputs:
-        return self.head(self.embed(cat, num, sequences), None)
+    def forward(
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        sequences: Sequences = None,
+        treatment: torch.Tensor | None = None,
+    ) -> Outputs:
+        return self.outputs(self.embed(cat, num, sequences), None, treatment)
 
     def forward_with_internals(
-        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        sequences: Sequences = None,
+        treatment: torch.Tensor | None = None,
     ) -> tuple[Outputs, Internals]:
         internals = Internals()
-        return self.head(self.embed(cat, num, sequences), internals), internals
+        return self.outputs(self.embed(cat, num, sequences), internals, treatment), internals
+
+    def outputs(
+        self, x: torch.Tensor, internals: Internals | None, treatment: torch.Tensor | None
+    ) -> Outputs:
+        """The named outputs of the embedded ``x``: ``head``'s; on uplift data, the S-learner's
+        (``s_learner_outputs``)."""
+        if not self.s_learner_arms:
+            return self.head(x, internals)
+        return self.s_learner_outputs(x, internals, treatment)
+
+    def s_learner_outputs(
+        self, x: torch.Tensor, internals: Internals | None, treatment: torch.Tensor | None
+    ) -> Outputs:
+        """``x`` joined by the one-hot of an arm, ``[x ; e_m]``, through the head: in training
+        the observed arm's ``logits`` only (what the loss reads); else every arm's,
+        ``arm_logits [B, A, T]`` (``internals``: of the control arm's pass), ``logits`` the
+        observed arm's (control where ``treatment`` is None)."""
+        arms = len(self.s_learner_arms)
+        if self.training and treatment is not None:
+            one_hot = nn.functional.one_hot(treatment.clamp(min=0), arms).to(x.dtype)
+            return self.head(torch.cat([x, one_hot], dim=1), internals)
+        eye = torch.eye(arms, dtype=x.dtype, device=x.device)
+        arm_logits = torch.stack(
+            [
+                self.head(
+                    torch.cat([x, eye[m].expand(len(x), arms)], 1), internals if m == 0 else None
+                )[LOGITS]
+                for m in range(arms)
+            ],
+            dim=1,
+        )
+        return arm_outputs(arm_logits, treatment)
+
+    def training_forward(
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        sequences: Sequences = None,
+        treatment: torch.Tensor | None = None,
+    ) -> tuple[Outputs, dict[str, torch.Tensor]]:
+        """The outputs and the model's auxiliary losses (named, weighted, added to the task
+        loss): none by default."""
+        return self(cat, num, sequences, treatment), {}
 
     def head(self, x: torch.Tensor, internals: Internals | None) -> Outputs:
         """The named outputs of the embedded input ``x`` ``[B, input_dim]`` (or a
         ``RequestSplit`` of it, where ``splits_request``)."""
         raise NotImplementedError
 
-    def training_forward(
-        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
-    ) -> tuple[Outputs, dict[str, torch.Tensor]]:
-        """The outputs and the model's auxiliary losses (named, weighted, added to the task
-        loss): none by default."""
-        return self(cat, num, sequences), {}
+
+def arm_outputs(arm_logits: torch.Tensor, treatment: torch.Tensor | None) -> Outputs:
+    """An uplift model's outputs from every arm's logits ``[B, A, T]``: those and ``logits``
+    ``[B, T]``, the observed arm's (control where ``treatment`` is None or -1, an arm training
+    never saw)."""
+    if treatment is None:
+        return {LOGITS: arm_logits[:, 0], ARM_LOGITS: arm_logits}
+    index = treatment.clamp(min=0).view(-1, 1, 1).expand(-1, 1, arm_logits.shape[2])
+    return {LOGITS: arm_logits.gather(1, index).squeeze(1), ARM_LOGITS: arm_logits}
 
 
 class ExpertModel(MultiTaskModel):
@@ -172,13 +237,17 @@ class ExpertModel(MultiTaskModel):
         self.layers = nn.ModuleList()
 
     def training_forward(
-        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        sequences: Sequences = None,
+        treatment: torch.Tensor | None = None,
     ) -> tuple[Outputs, dict[str, torch.Tensor]]:
         """With a balance loss (``Routing.balance``): ``balance`` = the mean over top-k gates
         of ``alpha * sum_i f_i P_i``."""
         if not self.routed:
-            return self(cat, num, sequences), {}
-        outputs, internals = self.forward_with_internals(cat, num, sequences)
+            return self(cat, num, sequences, treatment), {}
+        outputs, internals = self.forward_with_internals(cat, num, sequences, treatment)
         return outputs, self.auxiliary_losses(internals)
 
     @property

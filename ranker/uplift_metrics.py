@@ -1,0 +1,155 @@
+"""Uplift metrics, exact and vectorised: Qini and uplift curves, their normalised areas, and the
+uplift in the top k %, per task and per arm against control.
+
+For rows sorted by predicted uplift, descending, and each distinct uplift value as a cut-off
+(rows with equal scores enter together), with ``n_t(i), n_c(i)`` the treated and control rows
+above the cut-off and ``r_t(i), r_c(i)`` their responders:
+
+    Qini(i)   = r_t(i) - r_c(i) * n_t(i) / n_c(i)                       (Radcliffe 2007)
+    uplift(i) = (r_t(i) / n_t(i) - r_c(i) / n_c(i)) * (n_t(i) + n_c(i))
+
+(a ratio with a zero denominator is 0), from (0, 0). The normalised areas are
+
+    qini_auc = (A(model) - A(random)) / (A(perfect) - A(random))
+
+with ``A`` the trapezoidal area, ``random`` the straight line to the curve's end, and
+``perfect`` the curve of the ideal order: for Qini, treated responders first and control
+responders last (negative effects included); for the uplift curve, the order that scores
+``2 [y = t] + (y if control responders outnumber treated non-responders else t)``. These are
+the definitions of scikit-uplift 0.5's ``qini_auc_score`` (``negative_effect=True``) and
+``uplift_auc_score``; a test checks ours against it on the same arrays. Row ``weights`` (e.g.
+inverse propensities of logged data) weigh every count; without them the counts are rows.
+
+``uplift_at_k``: in the ``k`` share of rows with the highest predicted uplift, the treated
+response rate minus the control one (scikit-uplift's ``strategy="overall"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Curve = tuple[np.ndarray, np.ndarray]
+TOP = (0.1, 0.3)  # the shares ``uplift_at_10`` and ``uplift_at_30`` are measured on
+
+
+def _cumulative(
+    y: np.ndarray, score: np.ndarray, treated: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, ...]:
+    """At each distinct score, descending: rows (weights), treated rows, treated responders,
+    control rows, control responders, all up to and including that score."""
+    order = np.argsort(score, kind="mergesort")[::-1]
+    y, score, treated = y[order], score[order], treated[order].astype(bool)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)[order]
+    cut = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]
+    n_t = np.cumsum(w * treated)[cut]
+    n_c = np.cumsum(w * ~treated)[cut]
+    r_t = np.cumsum(w * y * treated)[cut]
+    r_c = np.cumsum(w * y * ~treated)[cut]
+    return n_t + n_c, n_t, r_t, n_c, r_c
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b != 0)
+
+
+def _from_origin(x: np.ndarray, v: np.ndarray) -> Curve:
+    if len(x) == 0 or x[0] != 0 or v[0] != 0:
+        return np.r_[0.0, x], np.r_[0.0, v]
+    return x, v
+
+
+def qini_curve(
+    y: np.ndarray, score: np.ndarray, treated: np.ndarray, weights: np.ndarray | None = None
+) -> Curve:
+    n, n_t, r_t, n_c, r_c = _cumulative(y, score, treated, weights)
+    return _from_origin(n, r_t - r_c * _ratio(n_t, n_c))
+
+
+def uplift_curve(
+    y: np.ndarray, score: np.ndarray, treated: np.ndarray, weights: np.ndarray | None = None
+) -> Curve:
+    n, n_t, r_t, n_c, r_c = _cumulative(y, score, treated, weights)
+    return _from_origin(n, (_ratio(r_t, n_t) - _ratio(r_c, n_c)) * n)
+
+
+def _normalised(actual: Curve, perfect: Curve) -> float:
+    random = np.trapezoid([0.0, perfect[1][-1]], [0.0, perfect[0][-1]])
+    best = np.trapezoid(perfect[1], perfect[0]) - random
+    return float((np.trapezoid(actual[1], actual[0]) - random) / best) if best else float("nan")
+
+
+def qini_auc(
+    y: np.ndarray, score: np.ndarray, treated: np.ndarray, weights: np.ndarray | None = None
+) -> float:
+    """The normalised area under the Qini curve (1 = the ideal order, 0 = random)."""
+    t = treated.astype(np.float64)
+    perfect = qini_curve(y, y * t - y * (1 - t), treated, weights)
+    return _normalised(qini_curve(y, score, treated, weights), perfect)
+
+
+def uplift_auc(
+    y: np.ndarray, score: np.ndarray, treated: np.ndarray, weights: np.ndarray | None = None
+) -> float:
+    """The normalised area under the uplift curve."""
+    t = treated.astype(np.float64)
+    control_responders = np.sum((y == 1) & (t == 0))
+    treated_non_responders = np.sum((y == 0) & (t == 1))
+    summand = y if control_responders > treated_non_responders else t
+    perfect = uplift_curve(y, 2 * (y == t) + summand, treated, weights)
+    return _normalised(uplift_curve(y, score, treated, weights), perfect)
+
+
+def uplift_at_k(
+    y: np.ndarray,
+    score: np.ndarray,
+    treated: np.ndarray,
+    k: float,
+    weights: np.ndarray | None = None,
+) -> float:
+    """Treated minus control response rate among the top ``k`` share by ``score``."""
+    top = np.argsort(score, kind="mergesort")[::-1][: int(len(y) * k)]
+    y, t = y[top], treated[top].astype(bool)
+    w = np.ones(len(top)) if weights is None else np.asarray(weights, np.float64)[top]
+    if not w[t].sum() or not w[~t].sum():
+        return float("nan")
+    return float(np.average(y[t], weights=w[t]) - np.average(y[~t], weights=w[~t]))
+
+
+def uplift_metrics(
+    arm_probabilities: np.ndarray,
+    labels: np.ndarray,
+    treatment: np.ndarray,
+    arms: Sequence[str],
+    tasks: Sequence[str],
+    propensity: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Per task and arm (against control, arm 0), on the rows of the two arms whose label is
+    observed, scored by ``p(arm) - p(control)``: ``qini/<task>/<arm>``, ``auuc/...``,
+    ``uplift_at_10/...``, ``uplift_at_30/...``; and each metric's mean over tasks and arms
+    (``qini/mean``, ...). ``arm_probabilities [N, A, T]``, ``labels [N, T]`` (NaN = not
+    observed), ``treatment [N]`` (arm index), ``propensity [N]`` (None: randomised data)."""
+    weights = None if propensity is None else 1.0 / np.asarray(propensity, np.float64)
+    out: dict[str, float] = {}
+    for m, arm in enumerate(arms[1:], start=1):
+        pair = (treatment == 0) | (treatment == m)
+        for k, task in enumerate(tasks):
+            rows = pair & ~np.isnan(labels[:, k])
+            y, t = labels[rows, k].astype(np.float64), (treatment[rows] == m)
+            score = (arm_probabilities[rows, m, k] - arm_probabilities[rows, 0, k]).astype(
+                np.float64
+            )
+            w = None if weights is None else weights[rows]
+            both = t.any() and (~t).any()
+            out[f"qini/{task}/{arm}"] = qini_auc(y, score, t, w) if both else float("nan")
+            out[f"auuc/{task}/{arm}"] = uplift_auc(y, score, t, w) if both else float("nan")
+            for share in TOP:
+                key = f"uplift_at_{round(share * 100)}/{task}/{arm}"
+                out[key] = uplift_at_k(y, score, t, share, w) if both else float("nan")
+    for metric in ("qini", "auuc", *(f"uplift_at_{round(s * 100)}" for s in TOP)):
+        values = [v for key, v in out.items() if key.startswith(metric + "/")]
+        out[f"{metric}/mean"] = (
+            float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        )
+    return out
