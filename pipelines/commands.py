@@ -41,8 +41,11 @@ def synth(
     drift: float = 0.2,
     new_items: float = 0.0,
     rows_per_group: int = 65_536,
+    treatments: int = 0,
+    logged: bool = False,
 ) -> None:
-    """Generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet by date).
+    """Generate a synthetic Kuaishou-like behaviour log (hive-partitioned Parquet by date), or
+    with ``--treatments`` uplift data (``features.synth_uplift``).
 
     Args:
         out: output directory (replaced if it holds an earlier log).
@@ -58,7 +61,15 @@ def synth(
         new_items: share of the items and authors released during the log (from day 1 on,
             most seen while fresh) instead of before it; 0 keeps the catalogue fixed.
         rows_per_group: Parquet row-group size.
+        treatments: > 0: generated uplift data instead (``configs/data/synthetic_uplift.yaml``
+            reads ``--out data/uplift``): one row per customer, this many arms (control
+            included), tiered true effects, every arm's true probabilities kept; the best
+            achievable test Qini is printed. Uses ``rows`` and ``seed`` only.
+        logged: with ``treatments``: arms assigned by the customers' features (known
+            propensities, written as ``propensity``) rather than at random.
     """
+    if treatments:
+        return synth_uplift(out, rows, treatments, seed, logged)
     from features.synth import generate_log, write_log
     from pipelines.report import print_synth_summary
 
@@ -75,6 +86,33 @@ def synth(
     )
     path = write_log(frame, out, rows_per_group=rows_per_group)
     print_synth_summary(frame, path)
+
+
+def synth_uplift(out: Path, rows: int, treatments: int, seed: int, logged: bool) -> None:
+    import numpy as np
+    import polars as pl
+
+    from features.synth_uplift import TASKS, arm_names, generate_uplift, true_probabilities
+    from features.synth_uplift import write_uplift
+    from ranker.uplift_metrics import uplift_metrics
+
+    frame = generate_uplift(rows, treatments, seed, logged)
+    path = write_uplift(frame, out)
+    arms = arm_names(treatments)
+    test = frame.filter(pl.col("split") == "test")
+    best = uplift_metrics(
+        true_probabilities(test, arms),
+        test.select(TASKS).to_numpy().astype(np.float32),
+        test["arm"].replace_strict(arms, list(range(len(arms)))).to_numpy(),
+        arms,
+        list(TASKS),
+        test["propensity"].to_numpy() if logged else None,
+    )
+    print(f"{len(frame):,} customers, {treatments} arms -> {path}")
+    print(frame.group_by("arm").agg(pl.len(), *(pl.col(t).mean() for t in TASKS)).sort("arm"))
+    print("best achievable test Qini (the true uplift): " + ", ".join(
+        f"{t}/{a} {best[f'qini/{t}/{a}']:.3f}" for t in TASKS for a in arms[1:]
+    ))  # fmt: skip
 
 
 def compare_cli(args: list[str]) -> None:
