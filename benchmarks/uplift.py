@@ -7,6 +7,8 @@ per task and per e-mail against no e-mail (mean ± std over seeds).
         --fit-args "--model.network.init_args.interaction mlp"     # an ablation
     python benchmarks/uplift.py --table-only                        # re-print from MLflow
 
+    python benchmarks/uplift.py --dataset configs/data/synthetic_uplift.yaml   # + best achievable
+
 Data: ``configs/data/hillstrom_uplift.yaml`` (64,000 customers, randomised over three arms;
 the split 50 / 25 / 25 at random within each arm, seed 0; written by
 ``benchmarks/suite.py --prepare hillstrom`` when missing).
@@ -50,16 +52,37 @@ from pipelines.tracking import resolve_tracking_uri  # noqa: E402
 from ranker.uplift_metrics import uplift_metrics  # noqa: E402
 
 CONFIG = ROOT / "configs" / "data" / "hillstrom_uplift.yaml"
-EXPERIMENT = "uplift-hillstrom"
+EXPERIMENT = "uplift-hillstrom"  # uplift-<dataset name> for another --dataset
 OURS = ["mmoe", "arm_heads", "mtmt"]
 PEERS = ["s_learner_lgbm", "t_learner_lgbm", "x_learner_lgbm", "uplift_forest_kl"]
 
 
 def ready(config: DatasetConfig) -> None:
     path = Path(config.path)
+    if config.name == "synthetic_uplift" and not path.exists():
+        sys.exit(
+            f"{path} is missing: ranker synth --treatments 3 --rows 100000 --out {path.parent}"
+        )
     if not path.exists() or config.split.column not in pl.read_parquet_schema(path):
         print(f"writing {path} ...", flush=True)
         prepare_hillstrom(path)
+
+
+def best_achievable(config: DatasetConfig) -> dict[str, float] | None:
+    """On generated data, the test metrics of the true uplift (``p_<task>_<arm>``)."""
+    frame = pl.read_parquet(config.path)
+    t, tasks = config.treatment, [task.name for task in config.tasks]
+    arms = [str(t.control), *sorted({str(v) for v in frame[t.column]} - {str(t.control)})]
+    truth = [f"p_{task}_{arm}" for arm in arms for task in tasks]
+    if not set(truth) <= set(frame.columns):
+        return None
+    test = frame.filter(pl.col(config.split.column) == "test")
+    probabilities = test.select(truth).to_numpy().reshape(len(test), len(arms), len(tasks))
+    index = test[t.column].cast(pl.String).replace_strict(arms, list(range(len(arms))))
+    labels = test.select([task.label for task in config.tasks]).to_numpy().astype(np.float32)
+    propensity = test[t.propensity].to_numpy() if t.propensity else None
+    metrics = uplift_metrics(probabilities, labels, index.to_numpy(), arms, tasks, propensity)
+    return {f"test/{k}": v for k, v in metrics.items()}
 
 
 # -- the peers ---------------------------------------------------------------------------------
@@ -104,10 +127,10 @@ def train_peer(name: str, seed: int, config: DatasetConfig) -> dict[str, float]:
     frame = pl.read_parquet(config.path)
     split = frame[config.split.column]
     train_rows, test_rows = frame.filter(split == "train"), frame.filter(split == "test")
-    arms = [str(t.control), *sorted(set(frame[t.column]) - {t.control})]
+    arms = [str(t.control), *sorted({str(v) for v in frame[t.column]} - {str(t.control)})]
     x_train, x_test = features(train_rows, config), features(test_rows, config)
-    arm_train = train_rows[t.column].to_numpy().astype(str)
-    arm_test = test_rows[t.column].to_numpy().astype(str)
+    arm_train = train_rows[t.column].cast(pl.String).to_numpy()
+    arm_test = test_rows[t.column].cast(pl.String).to_numpy()
     index = np.array([arms.index(a) for a in arm_test])
     labels = test_rows.select([task.label for task in config.tasks]).to_numpy().astype(np.float32)
     probabilities = np.zeros((len(test_rows), len(arms), len(config.tasks)), np.float32)
@@ -149,15 +172,15 @@ def run_peers(args: argparse.Namespace, config: DatasetConfig) -> None:
 
 
 def run_ours(args: argparse.Namespace) -> None:
-    done = finished_runs(MlflowClient(resolve_tracking_uri()), EXPERIMENT)
+    done = finished_runs(MlflowClient(resolve_tracking_uri()), args.experiment)
     for model in args.models:
         name = f"{model}+{args.variant}" if args.variant else model
         for seed in args.seeds:
             if f"{name}-s{seed}" in done and not args.retrain:
                 continue
             train(model, seed, argparse.Namespace(
-                fit_args=args.fit_args, train_dataset=CONFIG, log=None,
-                batch_size=args.batch_size, epochs=args.epochs, experiment=EXPERIMENT,
+                fit_args=args.fit_args, train_dataset=args.dataset, log=None,
+                batch_size=args.batch_size, epochs=args.epochs, experiment=args.experiment,
                 variant=args.variant, no_sequences=False, checkpoints=args.checkpoints,
             ))  # fmt: skip
 
@@ -173,9 +196,9 @@ def cell(values: list[float]) -> str:
     return f"{np.mean(values):.3f}{spread}"
 
 
-def table(config: DatasetConfig) -> Table:
+def table(config: DatasetConfig, experiment: str) -> Table:
     client = MlflowClient(resolve_tracking_uri())
-    runs = finished_runs(client, EXPERIMENT)
+    runs = finished_runs(client, experiment)
     t = config.treatment
     values = {str(v) for v in pl.read_parquet(config.path, columns=[t.column])[t.column]}
     arms = sorted(values - {str(t.control)})
@@ -191,9 +214,11 @@ def table(config: DatasetConfig) -> Table:
     out.add_column("s / epoch", justify="right")
     models: dict[str, list] = {}
     for name, run in runs.items():
-        models.setdefault(name.rsplit("-s", 1)[0], []).append(run)
-    for model, found in sorted(models.items()):
-        metrics = [r.data.metrics for r in found]
+        models.setdefault(name.rsplit("-s", 1)[0], []).append(run.data.metrics)
+    best = best_achievable(config)
+    if best is not None:
+        models["(best achievable: the true uplift)"] = [best]
+    for model, metrics in sorted(models.items()):
         row = [cell([m.get(f"test/qini/{t}/{a}", math.nan) for m in metrics]) for t, a in columns]
         for task in tasks:
             row.append(cell([
@@ -201,13 +226,14 @@ def table(config: DatasetConfig) -> Table:
                 for m in metrics
             ]))  # fmt: skip
         seconds = [m["train/epoch_seconds"] for m in metrics if "train/epoch_seconds" in m]
-        row += [str(len(found)), f"{np.mean(seconds):.1f}" if seconds else "-"]
+        row += [str(len(metrics)), f"{np.mean(seconds):.1f}" if seconds else "-"]
         out.add_row(model, *row)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", type=Path, default=CONFIG)
     parser.add_argument("--models", nargs="*", default=OURS)
     parser.add_argument("--peers", nargs="*", default=PEERS)
     parser.add_argument("--no-peers", action="store_true")
@@ -220,13 +246,14 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    config = DatasetConfig.from_yaml(CONFIG)
+    config = DatasetConfig.from_yaml(args.dataset)
+    args.experiment = EXPERIMENT if args.dataset == CONFIG else f"uplift-{config.name}"
     ready(config)
     if not args.table_only:
         run_ours(args)
         if not args.no_peers:
             run_peers(args, config)
-    wide_console().print(table(config))
+    wide_console().print(table(config, args.experiment))
 
 
 if __name__ == "__main__":

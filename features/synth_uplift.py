@@ -116,10 +116,7 @@ def _split_within(arm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def true_probabilities(frame: pl.DataFrame, arms: list[str]) -> np.ndarray:
     """The rows' true probabilities ``[N, A, T]`` (arms in ``arms`` order)."""
     return np.stack(
-        [
-            np.stack([frame[f"p_{task}_{arm}"].to_numpy() for task in TASKS], 1)
-            for arm in arms
-        ],
+        [np.stack([frame[f"p_{task}_{arm}"].to_numpy() for task in TASKS], 1) for arm in arms],
         1,
     )
 

@@ -92,8 +92,13 @@ def synth_uplift(out: Path, rows: int, treatments: int, seed: int, logged: bool)
     import numpy as np
     import polars as pl
 
-    from features.synth_uplift import TASKS, arm_names, generate_uplift, true_probabilities
-    from features.synth_uplift import write_uplift
+    from features.synth_uplift import (
+        TASKS,
+        arm_names,
+        generate_uplift,
+        true_probabilities,
+        write_uplift,
+    )
     from ranker.uplift_metrics import uplift_metrics
 
     frame = generate_uplift(rows, treatments, seed, logged)

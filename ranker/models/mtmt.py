@@ -6,7 +6,7 @@ task ``k`` the model gives the response to every arm, as logits ``[B, A, T]``:
 
     h_k        = MMoE(x)_k                                   # the user, per task   [B, H]
     y_k(0)     = tower_k(h_k)                                # natural response (control)
-    U_k        = h_k as n tokens of width H / n              # the user's tokens    [B, n, H/n]
+    U_k        = h_k as n tokens of width H / n, each L2-normalised   # the user's [B, n, H/n]
     q^base     , q^m                                         # treatment queries    [q, d] each
     tau_k^b(x) = w_k^b . mean_q Enh_k^b(MHA_k^b(Q = q^base, K = V = U_k))
     tau_k^m(x) = w_k^m . mean_q Enh_k^m(MHA_k^m(Q = q^m,    K = V = U_k))
@@ -24,6 +24,7 @@ tiered sum ``y(0) + tau^base + tau^m``, with the natural response not trained th
 treated arms (``sg``, stop-gradient: ``detach_natural``); the loss on the observed arm.
 
 What is our reading:
+- each effect head starts at zero (the model starts from "no treatment changes anything");
 - the user's tokens: the paper's experts are 1-D convolutional nets whose output positions are
   the tokens; ours are MLP experts, so a task's mixed representation is cut into ``n`` tokens;
 - a treatment is ``q`` learned query tokens of width ``d`` (its code turns a 16-d embedding into
@@ -93,6 +94,8 @@ class TreatmentUserInteraction(nn.Module):
                 nn.Linear(token_width + dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
             )
         self.effect = nn.Linear(dim, 1)
+        nn.init.zeros_(self.effect.weight)  # every effect starts at 0: "the treatment does nothing"
+        nn.init.zeros_(self.effect.bias)
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         groups, q, d = queries.shape
@@ -101,6 +104,7 @@ class TreatmentUserInteraction(nn.Module):
             user = tokens.mean(1).unsqueeze(1).expand(b, groups, -1)
             treatment = queries.mean(1).unsqueeze(0).expand(b, groups, d)
             return self.effect(self.enhancer(torch.cat([user, treatment], -1))).squeeze(-1)
+        tokens = nn.functional.normalize(tokens, dim=-1)  # each user token L2-normalised
         query = queries.reshape(1, groups * q, d).expand(b, groups * q, d)
         attended, _ = self.attention(query, tokens, tokens, need_weights=False)
         enhanced = self.enhancer(attended).view(b, groups, q, d).mean(2)

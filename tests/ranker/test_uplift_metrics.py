@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklift.metrics import qini_auc_score, uplift_at_k as sklift_uplift_at_k, uplift_auc_score
+from sklift.metrics import qini_auc_score, uplift_auc_score
+from sklift.metrics import uplift_at_k as sklift_uplift_at_k
 
 from ranker.uplift_metrics import qini_auc, uplift_at_k, uplift_auc, uplift_metrics
 
@@ -20,7 +21,9 @@ def test_qini_auuc_and_uplift_at_k_equal_scikit_uplift(seed: int, ties: bool) ->
     if ties:  # scores in few distinct values: ties enter the curves together
         score = np.round(score, 1)
     y = (rng.random(n) < 0.2 + 0.1 * treated * (score > 0)).astype(float)
-    assert qini_auc(y, score, treated) == pytest.approx(qini_auc_score(y, score, treated), abs=1e-12)
+    assert qini_auc(y, score, treated) == pytest.approx(
+        qini_auc_score(y, score, treated), abs=1e-12
+    )
     assert uplift_auc(y, score, treated) == pytest.approx(
         uplift_auc_score(y, score, treated), abs=1e-12
     )
