@@ -151,9 +151,11 @@ def train_peer(name: str, seed: int, config: DatasetConfig) -> dict[str, float]:
 
 def run_peers(args: argparse.Namespace, config: DatasetConfig) -> None:
     client = MlflowClient(resolve_tracking_uri())
-    done = finished_runs(client, EXPERIMENT)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    done = finished_runs(client, args.experiment)
+    experiment = client.get_experiment_by_name(args.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(args.experiment)
+    )
     for peer in args.peers:
         for seed in args.seeds:
             name = f"{peer}-s{seed}"
