@@ -130,11 +130,22 @@ class AWMoE(ExpertModel):
         gates = self.gate_inputs(cat, sequences) if gates is None else gates
         return self.towers_on({"x": self.embed(cat, num, sequences), **gates}, internals)
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None) -> Outputs:
+    # ``treatment``: the signature's; always None (AW-MoE refuses uplift data).
+    def forward(
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        sequences: Sequences = None,
+        treatment: torch.Tensor | None = None,
+    ) -> Outputs:
         return self._outputs(cat, num, sequences, None)
 
     def forward_with_internals(
-        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        sequences: Sequences = None,
+        treatment: torch.Tensor | None = None,
     ) -> tuple[Outputs, Internals]:
         internals = Internals()
         return self._outputs(cat, num, sequences, internals), internals
@@ -162,7 +173,11 @@ class AWMoE(ExpertModel):
         return torch.stack(losses).mean()
 
     def training_forward(
-        self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences = None
+        self,
+        cat: torch.Tensor,
+        num: torch.Tensor,
+        sequences: Sequences = None,
+        treatment: torch.Tensor | None = None,
     ) -> tuple[Outputs, dict[str, torch.Tensor]]:
         gates = self.gate_inputs(cat, sequences)  # once, for the logits and the contrast
         internals = Internals() if self.routed else None

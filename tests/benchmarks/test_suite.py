@@ -85,10 +85,12 @@ def test_hillstrom_is_prepared_whole_with_a_split_stratified_by_arm(tmp_path: Pa
     out = tmp_path / "hillstrom.parquet"
     suite.prepare_hillstrom(out)
     frame, source = pl.read_parquet(out), pl.read_parquet(suite.HILLSTROM)
-    assert frame.drop("customer", "split").equals(source)  # every row, unchanged, in order
+    assert frame.drop("customer", "split", "uplift_split").equals(source)  # every row, in order
     assert frame["customer"].n_unique() == len(frame)
     shares = frame.group_by("segment").agg((pl.col("split") == "train").mean().alias("train"))
     assert shares["train"].is_between(0.799, 0.801).all()
+    halves = frame.group_by("segment").agg((pl.col("uplift_split") == "train").mean())
+    assert halves["uplift_split"].is_between(0.499, 0.501).all()  # the uplift benchmark's
     config = Path(tmp_path / "hillstrom.yaml")
     raw = suite.DATASETS["hillstrom"].config.read_text()
     config.write_text(raw.replace("../../data/hillstrom/hillstrom.parquet", str(out)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -53,9 +54,16 @@ def network_config(path: Path) -> dict:
     return network
 
 
-def model_configs(root: Path) -> list[Path]:
-    """Every model config: the zoo and the ablation overlays."""
-    return sorted(root.glob("*.yaml")) + sorted(root.glob("*/*.yaml"))
+def model_configs(root: Path, uplift: bool = False) -> list[Path]:
+    """Every ranking model config (the zoo and the ablation overlays); with ``uplift``, every
+    uplift model config instead (those need a treatment: ``tests/ranker/test_mtmt.py``)."""
+    paths = sorted(root.glob("*.yaml")) + sorted(root.glob("*/*.yaml"))
+    return [p for p in paths if network_class(p).models_treatment == uplift]
+
+
+def network_class(path: Path) -> type:
+    module, _, name = network_config(path)["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def config_id(path: Path) -> str:

@@ -16,10 +16,12 @@ from features.contract import ARM_LOGITS, LOGITS
 from features.datamodule import RankerDataModule
 from features.state import InputSpec
 from features.synth_uplift import generate_uplift, true_logits
-from ranker.models import MTMT, ArmHeads, MMoE
+from ranker.models import MTMT, ArmHeads, MMoE, build
 from ranker.module import RankerModule
 from ranker.scoring import score
+from tests.conftest import CONFIGS
 from tests.features.test_treatment import write
+from tests.ranker.common import model_configs, network_config
 
 INPUTS = InputSpec(("a", "b"), (5, 6), (4, 4), ("n",), arms=("control", "t1", "t2"))
 TASKS = [TaskSpec("visit", "visit", "g"), TaskSpec("buy", "buy", "h")]
@@ -51,6 +53,27 @@ def test_mtmt_effects_add_up_to_every_arms_response() -> None:
     arm = out[ARM_LOGITS]
     expected = arm[:, :1] + out["base_effect"][:, None] + out["arm_effect"]
     torch.testing.assert_close(arm[:, 1:], expected)
+
+
+@pytest.mark.parametrize(
+    "path", model_configs(CONFIGS / "model", uplift=True), ids=lambda p: p.stem
+)
+def test_every_uplift_config_builds_and_every_parameter_learns(path: Path) -> None:
+    torch.manual_seed(0)
+    network = build(network_config(path), INPUTS, TASKS, expert_hidden=[32, 16])
+    cat, num = torch.randint(0, 5, (64, 2)), torch.randn(64, 1)
+    treatment = torch.arange(64) % 3
+    reached = set()
+    for _ in range(2):  # the zero-initialised effect heads pass gradient on from step 2
+        network.zero_grad()
+        out = network(cat, num, None, treatment)
+        (out[LOGITS].sum() + out[ARM_LOGITS].sum()).backward()
+        for name, p in network.named_parameters():
+            if p.grad is not None and p.grad.to_dense().abs().sum() > 0:
+                reached.add(name)
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * 0.1)
+    assert reached == {name for name, _ in network.named_parameters()}
 
 
 def test_uplift_models_need_a_treatment() -> None:
