@@ -3,7 +3,8 @@ it holds, then exits 0.
 
 1. ``/readyz`` turns 503 at once and every answer closes its connection;
 2. the listening socket closes: a new connection is refused (the caller's retry goes to
-   another replica, nothing was sent);
+   another replica, nothing was sent); the connections the kernel had already completed
+   but uvicorn not yet taken are taken first (a close would reset them);
 3. requests in flight finish; a connection left idle closes at uvicorn's keep-alive timeout
    (5 s) or with the answer to its next request;
 4. once no connection is left, or ``--grace_seconds`` after the signal, uvicorn's own shutdown
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
 from types import FrameType
@@ -82,11 +84,31 @@ class Drain:
         server = self._server
         while not server.started and time.monotonic() < until:  # a signal during start-up
             await asyncio.sleep(POLL_S)  # (uvicorn binds after the app's start-up)
+        loop = asyncio.get_running_loop()
         for listener in server.servers:
+            queued = [c for sock in listener._sockets for c in accepted(sock)]
             listener.close()  # new connections are refused from now on
+            await asyncio.gather(*(
+                loop.connect_accepted_socket(listener._protocol_factory, c, ssl=server.config.ssl)
+                for c in queued
+            ))  # fmt: skip
         while server.server_state.connections and time.monotonic() < until:
             await asyncio.sleep(POLL_S)
         server.config.timeout_graceful_shutdown = max(0.0, until - time.monotonic())
+
+
+def accepted(sock: socket.socket) -> list[socket.socket]:
+    """The connections the kernel completed on a listening socket and the server has not yet
+    taken: closing the socket would reset them (their callers had sent a request: lost), so
+    they are taken first and served like the others."""
+    taken = []
+    while True:
+        try:
+            connection, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return taken
+        connection.setblocking(False)
+        taken.append(connection)
 
 
 class DrainingSupervisor(Multiprocess):

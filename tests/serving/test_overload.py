@@ -240,3 +240,25 @@ def test_a_turn_not_free_by_the_deadline_is_refused_and_counted() -> None:
 
     assert asyncio.run(scenario()) == ["refused", "refused", "refused at its deadline", "scored"]
     assert admission.metrics.shed.labels("deadline")._value.get() == 3
+
+
+def test_connections_queued_at_the_close_are_taken_not_reset() -> None:
+    """What the kernel completed before the drain closes the listening socket (its accept
+    queue) is taken first: closing the listener then resets none of it."""
+    from serving.drain import accepted
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    callers = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    deadline = time.monotonic() + 5
+    taken: list[socket.socket] = []
+    while len(taken) < 3 and time.monotonic() < deadline:  # the handshakes complete
+        taken += accepted(listener)
+    listener.close()
+    assert len(taken) == 3
+    for caller, connection in zip(callers, taken, strict=True):
+        caller.sendall(b"ping")
+        connection.setblocking(True)
+        assert connection.recv(4) == b"ping"  # alive after the listener closed
+        caller.close()
+        connection.close()
