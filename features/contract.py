@@ -54,6 +54,7 @@ OUTPUT = graph_output(LOGITS)  # the ranking output the service reads: "probabil
 # first, ``[B, A, T]``; ``logits`` is then the observed arm's (control where none is given).
 ARM_LOGITS = "arm_logits"
 ARM_OUTPUT = graph_output(ARM_LOGITS)  # "arm_probabilities" [N, A, T]
+UPLIFT = "uplift"  # the graph's uplift of each arm against control, [N, A-1, T] (probabilities)
 # A hashed categorical feature (``hash_buckets: N``): id -> 1 + ((id mod P) * A + C) mod P mod N,
 # computed the same way by the polars transform and inside the graph (int64, no overflow:
 # (P - 1) * A + C < 2**63); 0 stays the missing / unparsable index.

@@ -18,7 +18,15 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from features.contract import LOGITS, OUTPUT, graph_output, is_logits
+from features.contract import (
+    ARM_LOGITS,
+    ARM_OUTPUT,
+    LOGITS,
+    OUTPUT,
+    UPLIFT,
+    graph_output,
+    is_logits,
+)
 from features.datamodule import TensorBatch
 from ranker.calibration import Calibrator
 from ranker.experts import Internals
@@ -28,11 +36,16 @@ from ranker.models.base import MultiTaskModel, Outputs
 def graph_outputs(outputs: Outputs, calibrator: Calibrator) -> Outputs:
     """The exported graph's outputs of a model's: each logits output (``logits [B, T]``,
     ``arm_logits [B, A, T]``: tasks on the last axis) through the per-task ``calibrator`` and a
-    sigmoid, renamed (``logits`` -> ``probabilities``); any other output as it is."""
-    return {
+    sigmoid, renamed (``logits`` -> ``probabilities``); any other output as it is; an uplift
+    model's ``uplift [B, A-1, T]`` added: each arm's probability minus control's."""
+    graph = {
         graph_output(name): torch.sigmoid(calibrator(value)) if is_logits(name) else value
         for name, value in outputs.items()
     }
+    if ARM_LOGITS in outputs:  # an uplift model: each arm's uplift against control
+        arms = graph[ARM_OUTPUT]
+        graph[UPLIFT] = arms[:, 1:] - arms[:, :1]
+    return graph
 
 
 def probabilities(logits: np.ndarray, calibrator: Calibrator | None = None) -> np.ndarray:

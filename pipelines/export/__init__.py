@@ -23,7 +23,6 @@ import onnx
 import polars as pl
 from mlflow.tracking import MlflowClient
 
-from features.config import ConfigError
 from features.contract import ITEM_TABLE, OPTIMIZED_GRAPH, USER_TABLE, optimized_path
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.export.graph import scorer_graph
@@ -97,12 +96,6 @@ def export(
     with tempfile.TemporaryDirectory() as tmp:
         located = locate(run, client, Path(tmp))
         module, data = load(located, client, Path(tmp), dataset, log_path)
-    if module.inputs.arms:
-        raise ConfigError(
-            f"{run}: an uplift model (trained on data with a treatment, arms "
-            f"{list(module.inputs.arms)}) does not export yet: score it with torch "
-            "(ranker evaluate)"
-        )
     model = scorer_graph(module, data.state, data.config)
     session = cpu_session(model)  # one session for the parity check and the signature
     checked = check_parity(session, module, data, parity, tolerance)

@@ -42,8 +42,9 @@ class GraphNetwork(torch.nn.Module):
     """The network as the graph runs it: the feature graph's outputs split per candidate and
     per request (``features.contract.RequestLayout``) in, the graph's outputs out (``outputs``
     by name; ``forward`` as a tuple in that order). A network that takes a ``RequestSplit``
-    computes the request's share of its first layer once per request; any other gets its
-    inputs joined back to one row per candidate."""
+    computes the request's share of its first layer once per request; any other, and every
+    uplift model (scored for every arm), gets its inputs joined back to one row per
+    candidate."""
 
     def __init__(self, module: RankerModule, layout: RequestLayout) -> None:
         super().__init__()
@@ -55,7 +56,7 @@ class GraphNetwork(torch.nn.Module):
         cat, num, request_cat, request_num, index, *sequences = inputs
         ids = dict(zip(self.names, sequences, strict=True))
         network, layout = self.network, self.layout
-        if network.splits_request:
+        if network.splits_request and not network.inputs.arms:
             x = network.embed_split(cat, num, request_cat, request_num, index, ids, layout)
             raw = network.head(x, None)
         else:

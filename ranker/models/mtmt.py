@@ -83,11 +83,16 @@ class TreatmentUserInteraction(nn.Module):
         self, token_width: int, dim: int, heads: int, hidden: int, mode: Literal["attention", "mlp"]
     ) -> None:
         super().__init__()
-        self.mode = mode
+        self.mode, self.heads = mode, heads
         if mode == "attention":
-            self.attention = nn.MultiheadAttention(
-                dim, heads, batch_first=True, kdim=token_width, vdim=token_width
-            )
+            if dim % heads:
+                raise ValueError(f"MTMT: attention_dim {dim} does not split into {heads} heads")
+            self.query, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.key, self.value = nn.Linear(token_width, dim), nn.Linear(token_width, dim)
+            for linear in (self.query, self.key, self.value):
+                nn.init.xavier_uniform_(linear.weight)
+            for linear in (self.query, self.key, self.value, self.out):
+                nn.init.zeros_(linear.bias)
             self.enhancer = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         else:
             self.enhancer = nn.Sequential(
@@ -99,16 +104,25 @@ class TreatmentUserInteraction(nn.Module):
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         groups, q, d = queries.shape
-        b = len(tokens)
         if self.mode == "mlp":
-            user = tokens.mean(1).unsqueeze(1).expand(b, groups, -1)
-            treatment = queries.mean(1).unsqueeze(0).expand(b, groups, d)
+            user = tokens.mean(1).unsqueeze(1).expand(-1, groups, -1)
+            treatment = queries.mean(1).unsqueeze(0).expand(len(tokens), -1, -1)
             return self.effect(self.enhancer(torch.cat([user, treatment], -1))).squeeze(-1)
         tokens = nn.functional.normalize(tokens, dim=-1)  # each user token L2-normalised
-        query = queries.reshape(1, groups * q, d).expand(b, groups * q, d)
-        attended, _ = self.attention(query, tokens, tokens, need_weights=False)
-        enhanced = self.enhancer(attended).view(b, groups, q, d).mean(2)
+        attended = self.attend(queries.reshape(groups * q, d), tokens)  # [B, G q, d]
+        enhanced = self.enhancer(attended).unflatten(1, (groups, q)).mean(2)
         return self.effect(enhanced).squeeze(-1)
+
+    def attend(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of ``queries [Q, d]`` (the same for every row: projected
+        once) over ``tokens [B, n, w]`` -> ``[B, Q, d]``."""
+        h = self.heads
+        query = self.query(queries).unflatten(-1, (h, -1)).transpose(0, 1)  # [h, Q, d/h]
+        key = self.key(tokens).unflatten(-1, (h, -1)).transpose(1, 2)  # [B, h, n, d/h]
+        value = self.value(tokens).unflatten(-1, (h, -1)).transpose(1, 2)
+        scores = torch.einsum("hqe,bhne->bhqn", query, key) * query.shape[-1] ** -0.5
+        mixed = torch.einsum("bhqn,bhne->bhqe", scores.softmax(-1), value)
+        return self.out(mixed.transpose(1, 2).flatten(2))
 
 
 class MTMT(MMoE):
@@ -171,7 +185,7 @@ class MTMT(MMoE):
         natural = towers_together(self.towers, users)  # y_k(0) [B, T]
         if self.shared_tau:
             users = [torch.stack(users).mean(0)]
-        tokens = [u.view(len(u), self.user_tokens, -1) for u in users]
+        tokens = [u.unflatten(1, (self.user_tokens, -1)) for u in users]
         arm = torch.stack(
             [f(self.arm_query, t) for f, t in zip(self.arm_effects, tokens, strict=True)], -1
         )  # [B, A-1, T or 1]
