@@ -58,7 +58,11 @@ def torch_outputs(
     module: RankerModule, state: FeatureState, frame: pl.DataFrame
 ) -> dict[str, np.ndarray]:
     """The graph's outputs of raw rows (``probabilities [N, T]``, calibrated, and any other
-    named output), computed by torch: the parity reference."""
+    named output), computed by torch: the parity reference. Uplift data is scored as the graph
+    scores it, without the arm each row received (every arm's outputs; ``probabilities``
+    control's)."""
+    if state.treatment is not None:
+        frame = frame.drop(state.treatment.column)
     batches = frame_batches(state, frame, CHUNK)
     return score(module.network, batches, rows=frame.height, calibrator=module.calibrator).outputs
 

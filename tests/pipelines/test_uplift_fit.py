@@ -1,21 +1,30 @@
 """``ranker fit`` on uplift data end to end: MTMT trains on generated customers, logs Qini,
-AUUC and uplift at k per task and arm, selects its checkpoint on mean validation Qini; the
-export of an uplift model is refused with a clear error (not yet supported)."""
+AUUC and uplift at k per task and arm, selects its checkpoint on mean validation Qini; its
+export returns every arm's probabilities and uplift against control, equal to torch's."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
+import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from features.config import ConfigError
+from features.config import DatasetConfig
+from features.datamodule import RankerDataModule
 from features.synth_uplift import generate_uplift
 from pipelines.commands import main
 from pipelines.export import export
+from pipelines.export.parity import graph_feeds
 from tests.conftest import CONFIGS
 from tests.features.test_treatment import write
+
+
+def config_path(config: Path) -> Path:
+    return DatasetConfig.from_yaml(config).path
 
 
 def test_mtmt_fits_on_uplift_data_and_selects_on_qini(tmp_path: Path) -> None:
@@ -42,5 +51,21 @@ def test_mtmt_fits_on_uplift_data_and_selects_on_qini(tmp_path: Path) -> None:
     history = client.get_metric_history(run.info.run_id, "val/monitor")
     qini = client.get_metric_history(run.info.run_id, "val/qini/mean")
     assert [h.value for h in history] == pytest.approx([q.value for q in qini])
-    with pytest.raises(ConfigError, match=r"an uplift model .* does not export yet"):
-        export(run=run.info.run_id, tracking_uri=uri, quiet=True)
+    exported = export(
+        run=run.info.run_id, tracking_uri=uri, quiet=True, register=False,
+        out=tmp_path / "export" / "model.onnx",
+    )  # fmt: skip
+    assert exported.parity.max_abs_diff <= 1e-5 and exported.parity.rows >= 1000
+    assert set(exported.parity.outputs) == {
+        "probabilities", "arm_probabilities", "uplift", "base_effect", "arm_effect"
+    }  # fmt: skip
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    frame = pl.read_parquet(config_path(config)).head(64).drop("arm")  # the arm is not an input
+    feeds = graph_feeds(RankerDataModule(str(config)), frame)
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(names, feeds), strict=True))
+    assert out["arm_probabilities"].shape == (64, 3, 2)
+    np.testing.assert_allclose(
+        out["uplift"], out["arm_probabilities"][:, 1:] - out["arm_probabilities"][:, :1], atol=1e-6
+    )
+    np.testing.assert_allclose(out["probabilities"], out["arm_probabilities"][:, 0], atol=1e-6)
