@@ -6,6 +6,7 @@ per task and per e-mail against no e-mail (mean ± std over seeds).
     python benchmarks/uplift.py --models mtmt --variant no_attention \\
         --fit-args "--model.network.init_args.interaction mlp"     # an ablation
     python benchmarks/uplift.py --table-only                        # re-print from MLflow
+    python benchmarks/uplift.py --dataset ... --latency exports/<run>/model.onnx  # 1 / 1,000
 
     python benchmarks/uplift.py --dataset configs/data/synthetic_uplift.yaml   # + best achievable
 
@@ -233,6 +234,36 @@ def table(config: DatasetConfig, experiment: str) -> Table:
     return out
 
 
+def latency(graph: Path, config: DatasetConfig, repeats: int = 300) -> Table:
+    """The exported graph's scoring time (onnxruntime, 1 intra-op thread as ``ranker serve``
+    sets it) for 1 and 1,000 customers of the test split, every arm and task scored."""
+    import onnxruntime as ort
+
+    from features.onnx_graph import raw_feeds, raw_inputs
+    from features.state import FeatureState
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    state = FeatureState.fit(pl.scan_parquet(config.path), config)
+    test = pl.read_parquet(config.path).filter(pl.col(config.split.column) == "test")
+    out = Table(title=f"{graph}: onnxruntime, 1 thread ({machine()})")
+    for column in ("customers", "p50 ms", "p99 ms", "customers / s"):
+        out.add_column(column, justify="right")
+    for rows in (1, 1000):
+        feeds = raw_feeds(test.head(rows), raw_inputs(state, config.features))
+        for _ in range(20):
+            session.run(None, feeds)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        p50, p99 = np.percentile(times, [50, 99]) * 1000
+        out.add_row(f"{rows:,}", f"{p50:.3f}", f"{p99:.3f}", f"{rows / (p50 / 1000):,.0f}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", type=Path, default=CONFIG)
@@ -247,10 +278,14 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--latency", type=Path, help="an exported graph: time it, nothing else")
     args = parser.parse_args()
     config = DatasetConfig.from_yaml(args.dataset)
     args.experiment = EXPERIMENT if args.dataset == CONFIG else f"uplift-{config.name}"
     ready(config)
+    if args.latency:
+        wide_console().print(latency(args.latency, config))
+        return
     if not args.table_only:
         run_ours(args)
         if not args.no_peers:

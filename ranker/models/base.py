@@ -184,11 +184,10 @@ class MultiTaskModel(nn.Module):
             one_hot = nn.functional.one_hot(treatment.clamp(min=0), arms).to(x.dtype)
             return self.head(torch.cat([x, one_hot], dim=1), internals)
         eye = torch.eye(arms, dtype=x.dtype, device=x.device)
+        rows = torch.zeros_like(x[:, :1])  # [B, 1]: broadcast, no batch size fixed (export)
         arm_logits = torch.stack(
             [
-                self.head(
-                    torch.cat([x, eye[m].expand(len(x), arms)], 1), internals if m == 0 else None
-                )[LOGITS]
+                self.head(torch.cat([x, rows + eye[m]], 1), internals if m == 0 else None)[LOGITS]
                 for m in range(arms)
             ],
             dim=1,

@@ -27,12 +27,15 @@ def config_path(config: Path) -> Path:
     return DatasetConfig.from_yaml(config).path
 
 
-def test_mtmt_fits_on_uplift_data_and_selects_on_qini(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["mtmt", "arm_heads", "mmoe"])  # mmoe: the S-learner
+def test_an_uplift_model_fits_selects_on_qini_and_exports_every_arm(
+    model: str, tmp_path: Path
+) -> None:
     config = write(tmp_path, generate_uplift(rows=6000, treatments=3, seed=1))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     main([
         "fit", "--config", str(CONFIGS / "trainer.yaml"),
-        "--config", str(CONFIGS / "model" / "mtmt.yaml"),
+        "--config", str(CONFIGS / "model" / f"{model}.yaml"),
         "--data.dataset", str(config), "--data.batch_size", "512",
         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.tracking_uri", uri,
@@ -56,8 +59,9 @@ def test_mtmt_fits_on_uplift_data_and_selects_on_qini(tmp_path: Path) -> None:
         out=tmp_path / "export" / "model.onnx",
     )  # fmt: skip
     assert exported.parity.max_abs_diff <= 1e-5 and exported.parity.rows >= 1000
+    effects = {"base_effect", "arm_effect"} if model == "mtmt" else set()
     assert set(exported.parity.outputs) == {
-        "probabilities", "arm_probabilities", "uplift", "base_effect", "arm_effect"
+        "probabilities", "arm_probabilities", "uplift", *effects
     }  # fmt: skip
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     frame = pl.read_parquet(config_path(config)).head(64).drop("arm")  # the arm is not an input
