@@ -49,7 +49,7 @@ def test_graph_outputs_calibrate_and_squash_every_logits_output_only() -> None:
     arms = torch.stack([logits, -logits], dim=1)  # [B, A, T]
     norm = torch.tensor([3.0, 4.0])
     out = graph_outputs({"logits": logits, "arm_logits": arms, "norm": norm}, calibrator)
-    assert list(out) == ["probabilities", "arm_probabilities", "norm"]
+    assert list(out) == ["probabilities", "arm_probabilities", "norm", "uplift"]
     torch.testing.assert_close(
         out["probabilities"], torch.sigmoid(logits * calibrator.scale + calibrator.bias)
     )
@@ -57,6 +57,8 @@ def test_graph_outputs_calibrate_and_squash_every_logits_output_only() -> None:
         out["arm_probabilities"][:, 1], torch.sigmoid(-logits * calibrator.scale + calibrator.bias)
     )
     torch.testing.assert_close(out["norm"], norm)
+    uplift = out["arm_probabilities"][:, 1:] - out["arm_probabilities"][:, :1]
+    torch.testing.assert_close(out["uplift"], uplift)  # each arm's against control (arm 0)
 
 
 def test_score_is_the_eval_forward_of_every_batch_in_order() -> None:
