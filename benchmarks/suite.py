@@ -57,6 +57,7 @@ from benchmarks.zoo import ZOO, cell, markdown, train, without_sequences  # noqa
 from features.config import DatasetConfig  # noqa: E402
 from features.datamodule import RankerDataModule, TensorBatch  # noqa: E402
 from features.synth import generate  # noqa: E402
+from features.synth_uplift import split_within  # noqa: E402
 from pipelines.report import wide_console  # noqa: E402
 from pipelines.tracking import resolve_tracking_uri  # noqa: E402
 from ranker.metrics import task_metrics  # noqa: E402
@@ -76,21 +77,9 @@ def prepare_hillstrom(out: Path, source: Path = HILLSTROM, seed: int = 0) -> Non
     arms = frame["segment"].to_numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.with_columns(
-        pl.Series("split", split_within(arms, (0.8, 0.9), seed)),
-        pl.Series("uplift_split", split_within(arms, (0.5, 0.75), seed)),
+        pl.Series("split", split_within(arms, (0.8, 0.9), np.random.default_rng(seed))),
+        pl.Series("uplift_split", split_within(arms, (0.5, 0.75), np.random.default_rng(seed))),
     ).write_parquet(out)
-
-
-def split_within(groups: np.ndarray, cuts: tuple[float, float], seed: int) -> np.ndarray:
-    """``train`` / ``val`` / ``test`` at random within each group, cut at the shares ``cuts``."""
-    rng = np.random.default_rng(seed)
-    split = np.empty(len(groups), dtype=object)
-    for group in dict.fromkeys(groups):
-        rows = rng.permutation(np.flatnonzero(groups == group))
-        cut = np.round(np.array(cuts) * len(rows)).astype(int)
-        split[rows[: cut[0]]], split[rows[cut[0] : cut[1]]] = "train", "val"
-        split[rows[cut[1] :]] = "test"
-    return split.astype(str)
 
 
 @dataclass(frozen=True)

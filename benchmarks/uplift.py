@@ -48,6 +48,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from benchmarks.suite import finished_runs, machine, prepare_hillstrom  # noqa: E402
 from benchmarks.zoo import train  # noqa: E402
 from features.config import DatasetConfig  # noqa: E402
+from features.state import TreatmentState, fit_arms  # noqa: E402
+from features.synth_uplift import true_probabilities  # noqa: E402
 from pipelines.report import wide_console  # noqa: E402
 from pipelines.tracking import resolve_tracking_uri  # noqa: E402
 from ranker.uplift_metrics import uplift_metrics  # noqa: E402
@@ -69,21 +71,31 @@ def ready(config: DatasetConfig) -> None:
         prepare_hillstrom(path)
 
 
+def arms_of(frame: pl.DataFrame, config: DatasetConfig) -> TreatmentState:
+    """The arms as the model fits them (control first, then sorted), with the arm index."""
+    return fit_arms(frame.lazy(), config)
+
+
+def test_metrics(
+    probabilities: np.ndarray, test: pl.DataFrame, arms: TreatmentState, config: DatasetConfig
+) -> dict[str, float]:
+    """``uplift_metrics`` of the test rows scored ``probabilities [N, A, T]``."""
+    index = test.select(arms.index_expr()).to_series().to_numpy()
+    labels = test.select([task.label for task in config.tasks]).to_numpy().astype(np.float32)
+    propensity = test[arms.propensity].to_numpy() if arms.propensity else None
+    tasks = [task.name for task in config.tasks]
+    metrics = uplift_metrics(probabilities, labels, index, arms.arms, tasks, propensity)
+    return {f"test/{k}": v for k, v in metrics.items()}
+
+
 def best_achievable(config: DatasetConfig) -> dict[str, float] | None:
     """On generated data, the test metrics of the true uplift (``p_<task>_<arm>``)."""
     frame = pl.read_parquet(config.path)
-    t, tasks = config.treatment, [task.name for task in config.tasks]
-    arms = [str(t.control), *sorted({str(v) for v in frame[t.column]} - {str(t.control)})]
-    truth = [f"p_{task}_{arm}" for arm in arms for task in tasks]
-    if not set(truth) <= set(frame.columns):
+    arms, tasks = arms_of(frame, config), [task.name for task in config.tasks]
+    if not {f"p_{task}_{arm}" for arm in arms.arms for task in tasks} <= set(frame.columns):
         return None
     test = frame.filter(pl.col(config.split.column) == "test")
-    probabilities = test.select(truth).to_numpy().reshape(len(test), len(arms), len(tasks))
-    index = test[t.column].cast(pl.String).replace_strict(arms, list(range(len(arms))))
-    labels = test.select([task.label for task in config.tasks]).to_numpy().astype(np.float32)
-    propensity = test[t.propensity].to_numpy() if t.propensity else None
-    metrics = uplift_metrics(probabilities, labels, index.to_numpy(), arms, tasks, propensity)
-    return {f"test/{k}": v for k, v in metrics.items()}
+    return test_metrics(true_probabilities(test, arms.arms, tasks), test, arms, config)
 
 
 # -- the peers ---------------------------------------------------------------------------------
@@ -128,13 +140,10 @@ def train_peer(name: str, seed: int, config: DatasetConfig) -> dict[str, float]:
     frame = pl.read_parquet(config.path)
     split = frame[config.split.column]
     train_rows, test_rows = frame.filter(split == "train"), frame.filter(split == "test")
-    arms = [str(t.control), *sorted({str(v) for v in frame[t.column]} - {str(t.control)})]
+    arms = arms_of(frame, config)
     x_train, x_test = features(train_rows, config), features(test_rows, config)
     arm_train = train_rows[t.column].cast(pl.String).to_numpy()
-    arm_test = test_rows[t.column].cast(pl.String).to_numpy()
-    index = np.array([arms.index(a) for a in arm_test])
-    labels = test_rows.select([task.label for task in config.tasks]).to_numpy().astype(np.float32)
-    probabilities = np.zeros((len(test_rows), len(arms), len(config.tasks)), np.float32)
+    probabilities = np.zeros((len(test_rows), len(arms.arms), len(config.tasks)), np.float32)
     start = time.perf_counter()
     for k, task in enumerate(config.tasks):
         model = peer_model(name, seed, str(t.control))
@@ -143,11 +152,9 @@ def train_peer(name: str, seed: int, config: DatasetConfig) -> dict[str, float]:
         effect = np.asarray(model.predict(x_test))  # [N, arms besides control]
         groups = model.t_groups if hasattr(model, "t_groups") else model.classes_[1:]
         for column, arm in enumerate(groups):
-            probabilities[:, arms.index(str(arm)), k] = effect[:, column]
-    metrics = uplift_metrics(probabilities, labels, index, arms, [t.name for t in config.tasks])
-    return {f"test/{key}": value for key, value in metrics.items()} | {
-        "fit_seconds": time.perf_counter() - start
-    }
+            probabilities[:, arms.arms.index(str(arm)), k] = effect[:, column]
+    metrics = test_metrics(probabilities, test_rows, arms, config)
+    return metrics | {"fit_seconds": time.perf_counter() - start}
 
 
 def run_peers(args: argparse.Namespace, config: DatasetConfig) -> None:
@@ -202,9 +209,7 @@ def cell(values: list[float]) -> str:
 def table(config: DatasetConfig, experiment: str) -> Table:
     client = MlflowClient(resolve_tracking_uri())
     runs = finished_runs(client, experiment)
-    t = config.treatment
-    values = {str(v) for v in pl.read_parquet(config.path, columns=[t.column])[t.column]}
-    arms = sorted(values - {str(t.control)})
+    arms = arms_of(pl.read_parquet(config.path), config).arms[1:]
     tasks = [t.name for t in config.tasks]
     columns = [(task, arm) for task in tasks for arm in arms]
     out = Table(title=f"test normalised Qini vs {config.treatment.control} ({machine()})")

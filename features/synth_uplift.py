@@ -19,11 +19,12 @@ with a **base effect** of any treatment ``tau_k`` and a smaller **incremental ef
 (``s_{k,m}`` in [0.2, 0.5], a fixed draw). Each row keeps its true probability of every arm and
 task, ``p_<task>_<arm>``, so the best achievable Qini (that of the true uplift) can be printed
 beside a model's. ``split`` is ``train`` / ``val`` / ``test``, 50 / 25 / 25 at random within
-each arm.
+each arm (``split_within``: the Hillstrom benchmarks' rule too).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,24 +100,31 @@ def generate_uplift(
         columns[task] = (rng.random(rows) < p[np.arange(rows), arm]).astype(np.int8)
         for m, name in enumerate(names):
             columns[f"p_{task}_{name}"] = p[:, m].astype(np.float32)
-    columns["split"] = _split_within(arm, rng)
+    columns["split"] = split_within(arm, (0.5, 0.75), rng)
     return pl.DataFrame(columns)
 
 
-def _split_within(arm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    split = np.empty(len(arm), dtype=object)
-    for m in np.unique(arm):
-        rows = rng.permutation(np.flatnonzero(arm == m))
-        half, three_quarters = len(rows) // 2, (3 * len(rows)) // 4
-        split[rows[:half]], split[rows[half:three_quarters]] = "train", "val"
-        split[rows[three_quarters:]] = "test"
+def split_within(
+    groups: np.ndarray, cuts: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """``train`` / ``val`` / ``test`` at random within each group (in order of first
+    appearance), cut at the shares ``cuts`` (rounded)."""
+    split = np.empty(len(groups), dtype=object)
+    for group in dict.fromkeys(groups):
+        rows = rng.permutation(np.flatnonzero(groups == group))
+        cut = np.round(np.array(cuts) * len(rows)).astype(int)
+        split[rows[: cut[0]]], split[rows[cut[0] : cut[1]]] = "train", "val"
+        split[rows[cut[1] :]] = "test"
     return split.astype(str)
 
 
-def true_probabilities(frame: pl.DataFrame, arms: list[str]) -> np.ndarray:
-    """The rows' true probabilities ``[N, A, T]`` (arms in ``arms`` order)."""
+def true_probabilities(
+    frame: pl.DataFrame, arms: list[str], tasks: Sequence[str] = TASKS
+) -> np.ndarray:
+    """The rows' true probabilities ``[N, A, T]`` (arms and tasks in the order given), from
+    the columns ``p_<task>_<arm>``."""
     return np.stack(
-        [np.stack([frame[f"p_{task}_{arm}"].to_numpy() for task in TASKS], 1) for arm in arms],
+        [np.stack([frame[f"p_{task}_{arm}"].to_numpy() for task in tasks], 1) for arm in arms],
         1,
     )
 

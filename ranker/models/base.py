@@ -270,6 +270,12 @@ class ExpertModel(MultiTaskModel):
     def towers_on(self, reps: dict[str, torch.Tensor], internals: Internals | None) -> Outputs:
         """The layers over the named representations ``reps`` (``x`` and any a model adds),
         then the towers: ``{"logits": [B, T]}``."""
+        return {LOGITS: towers_together(self.towers, self.task_representations(reps, internals))}
+
+    def task_representations(
+        self, reps: dict[str, torch.Tensor], internals: Internals | None
+    ) -> list[torch.Tensor]:
+        """The layers over ``reps``: each task's representation ``task:<name>`` ``[B, H]``."""
         for layer in self.layers:
             reps = layer(reps, internals)
-        return {LOGITS: towers_together(self.towers, [reps[k] for k in self.task_keys])}
+        return [reps[k] for k in self.task_keys]

@@ -157,7 +157,7 @@ class MTMT(MMoE):
                 f"MTMT: the experts' output width {width} does not cut into user_tokens="
                 f"{user_tokens} tokens"
             )
-        self.user_tokens, self.tiered, self.shared_tau = user_tokens, tiered, shared_tau
+        self.user_tokens, self.shared_tau = user_tokens, shared_tau
         self.detach_natural = detach_natural
         d, q = attention_dim, treatment_tokens
         self.base_query = nn.Parameter(torch.randn(1, q, d) * 0.02)  # any treatment
@@ -172,16 +172,13 @@ class MTMT(MMoE):
                 for _ in range(branches)
             )
 
-        self.base_effects = interactions() if tiered else None
+        self.base_effects = interactions() if tiered else None  # None: not tiered
         self.arm_effects = interactions()
 
     def outputs(
         self, x: torch.Tensor, internals: Internals | None, treatment: torch.Tensor | None
     ) -> Outputs:
-        reps = {"x": x}
-        for layer in self.layers:
-            reps = layer(reps, internals)
-        users = [reps[k] for k in self.task_keys]
+        users = self.task_representations({"x": x}, internals)
         natural = towers_together(self.towers, users)  # y_k(0) [B, T]
         if self.shared_tau:
             users = [torch.stack(users).mean(0)]
@@ -232,10 +229,7 @@ class ArmHeads(MMoE):
     def outputs(
         self, x: torch.Tensor, internals: Internals | None, treatment: torch.Tensor | None
     ) -> Outputs:
-        reps = {"x": x}
-        for layer in self.layers:
-            reps = layer(reps, internals)
-        users = [reps[k] for k in self.task_keys]
+        users = self.task_representations({"x": x}, internals)
         per_arm = [towers_together(self.towers, users)]  # control's heads
         per_arm += [towers_together(towers, users) for towers in self.arm_towers]
         return arm_outputs(torch.stack(per_arm, 1), treatment)
