@@ -117,6 +117,7 @@ class META:
     DATASET = "ranker.dataset"
     OPTIMIZED_FROM = "ranker.optimized_from"  # an optimised graph: its source's graph_digest
     QUANTIZED = "ranker.quantized"  # "int8" when the matmuls are dynamically quantised
+    ARMS = "ranker.arms"  # an uplift model: JSON list of its arms, control first
 
 
 # Inside the exported graph, the feature part hands the network its inputs in two parts: per

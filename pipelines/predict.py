@@ -9,6 +9,8 @@ group: memory stays flat in the log size. Exactly one output row per input row, 
 order: the user key, the item key, the time column, one probability column per task
 (``p_<task>``, calibrated), the columns of any other output the model names (``output_columns``)
 and, with ``--fusion``, the fused ``score`` (``features.contract.Fusion``: the service's rule).
+An uplift model scores customers for every arm (no arm column is read): ``p_<arm>_<task>`` of
+each arm, control included, and ``uplift_<arm>_<task>`` of each treatment against control.
 No label is read. Scored by the ONNX graph ``ranker export`` builds (the service's), or by torch
 (``--backend torch``). Each call is an MLflow run naming the model.
 """
@@ -32,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 
 from features.config import ConfigError, DatasetConfig, SplitSpec
-from features.contract import FUSIONS, META, OUTPUT, Fusion, FusionKind, RawInput
+from features.contract import ARM_OUTPUT, FUSIONS, META, OUTPUT, Fusion, FusionKind, RawInput
 from features.onnx_graph import raw_feeds, raw_inputs
 from features.source import LogSource
 from pipelines.checkpoints import Loaded, RunError, load_model, locate
@@ -60,10 +62,14 @@ class Predicted:
 
 
 def scoring_source(config: DatasetConfig, log_path: str) -> LogSource:
-    """The log to score, read as training reads it, without labels or splits."""
+    """The log to score, read as training reads it, without labels or splits. Uplift data
+    scores customers for every arm: neither the arm column nor an item key is read (the
+    uplift configs name the arm column as their item key)."""
     unlabelled = dataclasses.replace(
         config.with_path(log_path), tasks=(), split=SplitSpec(train_end=None)
     )
+    if config.treatment is not None:
+        unlabelled = dataclasses.replace(unlabelled, treatment=None, item_key=config.user_key)
     return LogSource(unlabelled)
 
 
@@ -86,6 +92,7 @@ class Model:
     session: ort.InferenceSession | None
     loaded: Loaded | None
     tags: dict[str, str]
+    arms: list[str]  # an uplift model's arms, control first ([] for a ranker)
 
     def __call__(self, frame: pl.DataFrame) -> dict[str, np.ndarray]:
         """The graph's named outputs of raw rows (calibrated ``probabilities [N, T]``...)."""
@@ -105,6 +112,7 @@ def from_run(ref: str, client: MlflowClient, dataset: str | None, backend: str) 
     if backend == "onnx":
         session = cpu_session(scorer_graph(loaded.module, loaded.state, config))
     tags = {"model": located.label, **({"model.run_id": located.run_id} if located.run_id else {})}
+    treatment = loaded.state.treatment
     return Model(
         [t.name for t in loaded.module.tasks],
         raw_inputs(loaded.state, config.features),
@@ -112,6 +120,7 @@ def from_run(ref: str, client: MlflowClient, dataset: str | None, backend: str) 
         session,
         loaded,
         tags,
+        list(treatment.arms) if treatment else [],
     )
 
 
@@ -157,7 +166,9 @@ def from_file(path: Path, dataset: str | None, backend: str) -> Model:
     inputs = [RawInput(**i) for i in json.loads(meta[META.INPUTS])]
     tags = {"model": str(path)}
     config = DatasetConfig.from_yaml(dataset)
-    return Model(json.loads(meta[META.TASKS]), inputs, config, cpu_session(graph), None, tags)
+    arms = json.loads(meta.get(META.ARMS, "[]"))
+    tasks = json.loads(meta[META.TASKS])
+    return Model(tasks, inputs, config, cpu_session(graph), None, tags, arms)
 
 
 def resolve(ref: str, client: MlflowClient, dataset: str | None, backend: str) -> Model:
@@ -168,18 +179,22 @@ def resolve(ref: str, client: MlflowClient, dataset: str | None, backend: str) -
     return from_run(ref, client, dataset, backend)
 
 
-def output_columns(outputs: dict[str, np.ndarray], tasks: list[str]) -> dict[str, np.ndarray]:
+def output_columns(
+    outputs: dict[str, np.ndarray], tasks: list[str], arms: list[str] = ()
+) -> dict[str, np.ndarray]:
     """One column per task of each output: ``p_<task>`` of ``probabilities``; ``<name>_<task>``
-    of another ``[N, T]`` output, ``<name>_<i>_<task>`` of an ``[N, K, T]`` one (an uplift
-    model's arms), ``<name>`` of an ``[N]`` one, ``<name>_<j>`` of any other shape."""
+    of another ``[N, T]`` output; of an ``[N, K, T]`` one, ``<name>_<arm>_<task>`` (an uplift
+    model's: ``p_<arm>_<task>`` of ``arm_probabilities`` over every arm, ``uplift_<arm>_<task>``
+    over the treatments) or ``<name>_<i>_<task>``; ``<name>`` of an ``[N]`` one, ``<name>_<j>``
+    of any other shape."""
     columns = {}
     for name, values in outputs.items():
-        prefix = "p" if name == OUTPUT else name
+        prefix = "p" if name in (OUTPUT, ARM_OUTPUT) else name
         if values.ndim == 1:
             columns[name] = values
         elif values.shape[-1] == len(tasks) and values.ndim in (2, 3):
             rows = values.reshape(len(values), -1, len(tasks))
-            middle = [""] if values.ndim == 2 else [f"_{i}" for i in range(rows.shape[1])]
+            middle = [""] if values.ndim == 2 else [f"_{a}" for a in labels(rows.shape[1], arms)]
             for i, part in enumerate(middle):
                 for t, task in enumerate(tasks):
                     columns[f"{prefix}{part}_{task}"] = rows[:, i, t]
@@ -189,14 +204,22 @@ def output_columns(outputs: dict[str, np.ndarray], tasks: list[str]) -> dict[str
     return columns
 
 
+def labels(k: int, arms: list[str]) -> list[str] | range:
+    """Names of an output's K rows: every arm, the treatments (all but control), else 0..K-1."""
+    if k == len(arms):
+        return arms
+    return arms[1:] if arms and k == len(arms) - 1 else range(k)
+
+
 def output_frame(
     frame: pl.DataFrame,
     outputs: dict[str, np.ndarray],
     keys: list[str],
     tasks: list[str],
     fusion: Fusion | None,
+    arms: list[str] = (),
 ) -> pl.DataFrame:
-    columns = output_columns(outputs, tasks)
+    columns = output_columns(outputs, tasks, arms)
     taken = sorted(set(columns) & {*keys, "score"})
     if taken:
         raise RunError(f"the model's outputs would overwrite the columns {taken}: rename them")
@@ -255,14 +278,15 @@ def predict(
             raise ConfigError(f"--fusion: {err}") from None
     source = scoring_source(config, log_path)
     prepare_out(out, overwrite)
-    keys = list(dict.fromkeys([config.user_key, config.item_key, config.time_column]))
+    named = (source.config.user_key, source.config.item_key, config.time_column)
+    keys = list(dict.fromkeys(k for k in named if k))  # a log without time has no time column
     columns = tuple(dict.fromkeys([*keys, *source.columns_needed()]))
     rows = 0
     with Progress(disable=quiet, transient=True) as progress:
         bar = progress.add_task("scoring", total=sum(p.rows for p in source.pieces))
         for i, piece in enumerate(source.pieces):
             frame = source.join_side_tables(source.read_piece_columns(piece, columns))
-            scored = output_frame(frame, scorer(frame), keys, tasks, rule)
+            scored = output_frame(frame, scorer(frame), keys, tasks, rule, scorer.arms)
             scored.write_parquet(out / PART.format(i))
             rows += frame.height
             progress.update(bar, advance=piece.rows)

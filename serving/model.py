@@ -24,6 +24,7 @@ import onnxruntime as ort
 import polars as pl
 
 from features.contract import (
+    ARM_OUTPUT,
     INT64,
     META,
     MISSING,
@@ -31,6 +32,7 @@ from features.contract import (
     NULL_STRING,
     NUMPY_TYPE,
     OUTPUT,
+    UPLIFT,
     RawInput,
     as_input,
     flatten_recent,
@@ -88,6 +90,15 @@ class FeatureTable:
         counts = np.array([len(kept)], dtype=np.int64)
         return right_aligned(kept, counts, column.length, MISSING[column.dtype])
 
+    def sequence_rows(self, column: RawInput, rows: np.ndarray, found: np.ndarray) -> np.ndarray:
+        """Several rows' sequences at once, ``[len(rows), L]`` (empty where not ``found``)."""
+        values, offsets = self.sequences[column.name]
+        starts = offsets[rows]
+        counts = np.where(found, offsets[rows + 1] - starts, 0)
+        firsts = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+        kept = values[firsts + np.arange(counts.sum())]
+        return right_aligned(kept, counts, column.length, MISSING[column.dtype])
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -123,7 +134,8 @@ def session_options(threads: int | None, spinning: bool = True) -> ort.SessionOp
 
 @dataclass
 class Scorer:
-    """A loaded model: ``score(user, context, candidates)`` -> probabilities ``[N, T]``."""
+    """A loaded model: ``score(user, context, candidates)`` -> probabilities ``[N, T]``; an
+    uplift model (``arms``) also ``uplift(users)`` -> every arm's probabilities and uplift."""
 
     path: Path
     name: str
@@ -136,6 +148,7 @@ class Scorer:
     tasks: list[str] = field(init=False)
     outputs: list[str] = field(init=False)  # the graph's named outputs, ``OUTPUT`` among them
     columns: list[RawInput] = field(init=False)
+    arms: list[str] = field(init=False)  # an uplift model's arms, control first; [] otherwise
 
     def __post_init__(self) -> None:
         try:
@@ -151,6 +164,7 @@ class Scorer:
         if (int(meta[META.NULL_INT]), meta[META.NULL_STRING]) != (NULL_INT, NULL_STRING):
             raise ModelError(f"{self.path} marks missing values differently from this service")
         self.model_class = meta.get(META.MODEL, "")
+        self.arms = json.loads(meta.get(META.ARMS, "[]"))
         self.quantized = meta.get(META.QUANTIZED, "")
         self.graph = self._saved_optimization() or self.path
         try:
@@ -164,6 +178,9 @@ class Scorer:
         self.outputs = [o.name for o in self.session.get_outputs()]
         if missing or OUTPUT not in self.outputs:
             raise ModelError(f"{self.path} lacks inputs {missing} or the '{OUTPUT}' output")
+        lacking = {ARM_OUTPUT, UPLIFT} - set(self.outputs) if self.arms else set()
+        if lacking:
+            raise ModelError(f"{self.path} names arms but lacks the outputs {sorted(lacking)}")
         self.by_name = {c.name: c for c in self.columns}
         self.user_table = self._table(self.user_table_path, self.user_key, "user")
         self.item_table = self._table(self.item_table_path, self.item_key, "item")
@@ -197,6 +214,7 @@ class Scorer:
             "graph": "optimized at export" if self.graph != self.path else "optimized at start-up",
             "quantized": self.quantized or "no",
             "tasks": self.tasks,
+            **({"arms": self.arms} if self.arms else {}),
             "outputs": self.outputs,
             "user_key": self.user_key,
             "item_key": self.item_key,
@@ -344,3 +362,64 @@ class Scorer:
 
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([OUTPUT], feeds)[0]
+
+    # -- an uplift request: N users, every arm --------------------------------------------------
+
+    def user_feeds(
+        self,
+        user_ids: Sequence[Any],
+        user_features: Sequence[Mapping[str, Any]],
+        context: Mapping[str, Any],
+        histories: Sequence[Mapping[str, Sequence[Any]]],
+    ) -> dict[str, np.ndarray]:
+        """Graph inputs of N users, one row each (``[N]``, ``[N, L]`` sequences): the user
+        table's values found with one lookup, the request's values over them; the context is
+        shared; an item column (an uplift model has none of its own) is missing."""
+        for i, (features, history) in enumerate(zip(user_features, histories, strict=True)):
+            self._check(features, ("user",), ["body", "users", i, "features"], sequences=False)
+            self._check(history, ("user", "context"), ["body", "users", i, "history"], True)
+        self._check(context, ("context",), ["body", "context"], sequences=False)
+        rows = found = None
+        if self.user_table is not None:
+            rows, found = self.user_table.lookup(user_ids)
+        feeds: dict[str, np.ndarray] = {}
+        for column in self.columns:
+            feeds[column.name] = self._user_column(column, user_ids, context, rows, found)
+        for i, (features, history) in enumerate(zip(user_features, histories, strict=True)):
+            for name, value in features.items():
+                loc = ["body", "users", i, "features", name]
+                feeds[name][i] = self._value(self.by_name[name], value, loc)
+            for name, ids in history.items():
+                feeds[name][i] = self._history(self.by_name[name], ids)[0]
+        return feeds
+
+    def _user_column(
+        self,
+        column: RawInput,
+        user_ids: Sequence[Any],
+        context: Mapping[str, Any],
+        rows: np.ndarray | None,
+        found: np.ndarray | None,
+    ) -> np.ndarray:
+        """One column of N users, before the request's own values: the ids, the context's
+        value, the user table's (missing where a user is not in it)."""
+        n, name, table = len(user_ids), column.name, self.user_table
+        if name == self.user_key:
+            return self._ids(column, user_ids)
+        if column.side == "context" and name in context:
+            value = self._value(column, context[name], ["body", "context", name])
+            return np.full(n, value, dtype=NUMPY_TYPE[column.dtype])
+        if column.side == "user" and table is not None:
+            if name in table.sequences:
+                return table.sequence_rows(column, rows, found)
+            if name in table.values:
+                return np.where(found, table.values[name][rows], missing(n, column.dtype)).astype(
+                    NUMPY_TYPE[column.dtype]
+                )
+        return missing((n, column.length) if column.is_sequence else n, column.dtype)
+
+    def uplift(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Every arm's probabilities ``[N, A, T]`` (control first) and each treatment's
+        uplift against control ``[N, A-1, T]``."""
+        probabilities, uplift = self.session.run([ARM_OUTPUT, UPLIFT], feeds)
+        return probabilities, uplift

@@ -1,11 +1,13 @@
-"""The request and response bodies of ``/v1/rank`` (validated by pydantic; a bad field is a
-422 naming it)."""
+"""The request and response bodies of ``/v1/rank`` and ``/v1/uplift`` (validated by pydantic;
+a bad field is a 422 naming it)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 # A feature value: an id, a category or a number; NaN / inf are refused by the schema.
@@ -45,6 +47,54 @@ class RankRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=1, description="return only the best k")
 
 
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class UpliftRequest(BaseModel):
+    """Users to decide a treatment for: each arm's value for a user is
+    ``sum_t weights[t] * uplift[arm, t] - costs[arm]``; the best arm is the one of highest value,
+    or the control when none is above 0 (treating costs more than it brings)."""
+
+    model_config = ConfigDict(extra="forbid")
+    users: list[User] = Field(min_length=1)
+    context: dict[str, FiniteValue] = Field(default_factory=dict)
+    arms: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="the treatments to choose among (GET /v1/model lists the arms; default "
+        "every arm but the control)",
+    )
+    weights: dict[str, Finite] | None = Field(
+        default=None,
+        description="each task's weight in an arm's value (default 1 per task; a task not "
+        "named weighs 0)",
+    )
+    costs: dict[str, Finite] = Field(
+        default_factory=dict,
+        description="each arm's cost, in the units of the weighted uplift (default 0)",
+    )
+
+
+class ArmEffect(BaseModel):
+    value: float
+    uplift: dict[str, float]
+    probabilities: dict[str, float]
+
+
+class Decision(BaseModel):
+    id: int | str
+    best_arm: str
+    value: float
+    control: dict[str, float]
+    arms: dict[str, ArmEffect]
+
+
+class UpliftResponse(BaseModel):
+    model: dict[str, str]
+    control: str
+    users: list[Decision]
+
+
 class Scored(BaseModel):
     id: int | str
     score: float
@@ -63,3 +113,14 @@ def error(
     FastAPI's own 422s."""
     body = {"detail": [{"loc": loc, "msg": message}]}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def json_response(content: dict[str, Any]) -> Response:
+    """A response built as plain lists and dicts, dumped once by orjson: re-validating N
+    response objects through pydantic cost more than scoring them, and the json module took
+    2.5 ms at 500 candidates where orjson takes 0.5 (the same bytes parsed back)."""
+    try:
+        body = orjson.dumps(content)
+    except TypeError:  # an id beyond 64 bits, echoed back: only the json module writes it
+        body = json.dumps(content).encode()
+    return Response(body, media_type="application/json")

@@ -111,3 +111,44 @@ def exported(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     return export(
         run=runs.home, name="ranker-serving-test", out=out, tracking_uri=runs.uri, quiet=True
     )
+
+
+@dataclass
+class UpliftRun:
+    uri: str
+    run_id: str
+    config: Path  # the dataset config (generated customers, three arms, two tasks)
+    exported: Exported  # the MTMT run exported (not registered), feature tables beside
+
+
+def fit_uplift(root: Path, model: str) -> tuple[str, str, Path]:
+    """``ranker fit`` of an uplift model on 6,000 generated customers: (store, run id, config)."""
+    from features.synth_uplift import generate_uplift
+    from tests.features.test_treatment import write
+
+    config = write(root, generate_uplift(rows=6000, treatments=3, seed=1))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    main([
+        "fit", "--config", str(CONFIGS / "trainer.yaml"),
+        "--config", str(CONFIGS / "model" / f"{model}.yaml"),
+        "--data.dataset", str(config), "--data.batch_size", "512",
+        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.tracking_uri", uri,
+        "--trainer.logger.init_args.checkpoint_dir", str(root / "checkpoints"),
+        "--model.network.init_args.expert_hidden", "[32, 16]",
+    ])  # fmt: skip
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ranker").experiment_id])
+    return uri, run.info.run_id, config
+
+
+@pytest.fixture(scope="session")
+def uplift_run(tmp_path_factory: pytest.TempPathFactory) -> UpliftRun:
+    """MTMT fitted once and exported (the uplift fit, predict and serving tests share it)."""
+    root = tmp_path_factory.mktemp("uplift")
+    uri, run_id, config = fit_uplift(root, "mtmt")
+    exported = export(
+        run=run_id, tracking_uri=uri, quiet=True, register=False,
+        out=root / "export" / "model.onnx",
+    )  # fmt: skip
+    return UpliftRun(uri, run_id, config, exported)

@@ -162,6 +162,7 @@ def scorer_graph(
             META.NULL_STRING: NULL_STRING,
             META.MODEL: type(module.network).__name__,
             META.DATASET: config.name,
+            **({META.ARMS: json.dumps(state.treatment.arms)} if state.treatment else {}),
         },
     )
     onnx.checker.check_model(model, full_check=True)

@@ -1,7 +1,8 @@
-"""Admission control of ``POST /v1/rank``: a bounded number of requests per worker, a bounded
-wait to start scoring, and the optional bearer token of ``/v1/*``.
+"""Admission control of the scoring routes (``POST /v1/rank``, ``/v1/uplift``): a bounded
+number of requests per worker, a bounded wait to start scoring, and the optional bearer token
+of ``/v1/*``.
 
-- A request arriving while a worker holds ``--max_in_flight`` rank requests (scoring, or
+- A request arriving while a worker holds ``--max_in_flight`` scoring requests (scoring, or
   waiting for one of its ``--scoring_concurrency`` turns) is answered 503 at once, with
   ``Retry-After``; its body is read and dropped, never parsed. Past capacity a queue only
   adds latency: a burst would become an outage for every caller.
@@ -29,7 +30,7 @@ from serving.core.config import DEADLINE_HEADER, Settings
 from serving.core.metrics import Metrics
 from serving.schemas import error
 
-RANK_PATH = "/v1/rank"
+SCORING_PATHS = frozenset({"/v1/rank", "/v1/uplift"})  # the routes admission controls
 DEADLINE = "ranker.deadline"  # the scope key of an admitted request's deadline (loop time)
 RETRY_AFTER_S = 1  # what a shed request is told to wait (HTTP takes whole seconds)
 SLOW_BODY = "the body had not arrived by the request's deadline; not scored"
@@ -84,14 +85,14 @@ class Admission:
 
 
 class Admit:
-    """The ASGI middleware in front of ``/v1/rank``: sheds over the limit, stamps the
+    """The ASGI middleware in front of the scoring routes: sheds over the limit, stamps the
     deadline of what it admits (``scope["ranker.deadline"]``) and counts it while held."""
 
     def __init__(self, app: ASGIApp, admission: Admission) -> None:
         self.app, self.admission = app, admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != RANK_PATH:
+        if scope["type"] != "http" or scope["path"] not in SCORING_PATHS:
             await self.app(scope, receive, send)
             return
         admission = self.admission

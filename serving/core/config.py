@@ -49,6 +49,7 @@ class Settings(BaseSettings):
         "task weighs 1 (the rule of ranker predict --fusion too)",
     )
     max_candidates: int = Field(1000, ge=1, description="the most candidates one request holds")
+    max_users: int = Field(1000, ge=1, description="the most users one uplift request holds")
     max_body_bytes: int = Field(1_000_000, ge=1, description="the largest request body")
     poll_seconds: float = Field(
         10.0, gt=0, description="how often a registry alias is checked for a new version"

@@ -4,6 +4,7 @@ export returns every arm's probabilities and uplift against control, equal to to
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,13 +15,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from features.config import DatasetConfig
+from features.contract import META
 from features.datamodule import RankerDataModule
-from features.synth_uplift import generate_uplift
-from pipelines.commands import main
 from pipelines.export import export
 from pipelines.export.parity import graph_feeds
-from tests.conftest import CONFIGS
-from tests.features.test_treatment import write
+from pipelines.predict import predict
+from tests.conftest import UpliftRun, fit_uplift
 
 
 def config_path(config: Path) -> Path:
@@ -29,21 +29,19 @@ def config_path(config: Path) -> Path:
 
 @pytest.mark.parametrize("model", ["mtmt", "arm_heads", "mmoe"])  # mmoe: the S-learner
 def test_an_uplift_model_fits_selects_on_qini_and_exports_every_arm(
-    model: str, tmp_path: Path
+    model: str, uplift_run: UpliftRun, tmp_path: Path
 ) -> None:
-    config = write(tmp_path, generate_uplift(rows=6000, treatments=3, seed=1))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    main([
-        "fit", "--config", str(CONFIGS / "trainer.yaml"),
-        "--config", str(CONFIGS / "model" / f"{model}.yaml"),
-        "--data.dataset", str(config), "--data.batch_size", "512",
-        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.tracking_uri", uri,
-        "--trainer.logger.init_args.checkpoint_dir", str(tmp_path / "checkpoints"),
-        "--model.network.init_args.expert_hidden", "[32, 16]",
-    ])  # fmt: skip
+    if model == "mtmt":  # the shared run
+        u = uplift_run
+        uri, run_id, config, exported = u.uri, u.run_id, u.config, u.exported
+    else:
+        uri, run_id, config = fit_uplift(tmp_path, model)
+        exported = export(
+            run=run_id, tracking_uri=uri, quiet=True, register=False,
+            out=tmp_path / "export" / "model.onnx",
+        )  # fmt: skip
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("ranker").experiment_id])
+    run = client.get_run(run_id)
     metrics, params = run.data.metrics, run.data.params
     assert params["selection/metric"] == "val/qini/mean"
     for stage in ("val", "test"):
@@ -51,13 +49,9 @@ def test_an_uplift_model_fits_selects_on_qini_and_exports_every_arm(
             for arm in ("arm1", "arm2"):
                 for metric in ("qini", "auuc", "uplift_at_10", "uplift_at_30"):
                     assert math.isfinite(metrics[f"{stage}/{metric}/{task}/{arm}"])
-    history = client.get_metric_history(run.info.run_id, "val/monitor")
-    qini = client.get_metric_history(run.info.run_id, "val/qini/mean")
+    history = client.get_metric_history(run_id, "val/monitor")
+    qini = client.get_metric_history(run_id, "val/qini/mean")
     assert [h.value for h in history] == pytest.approx([q.value for q in qini])
-    exported = export(
-        run=run.info.run_id, tracking_uri=uri, quiet=True, register=False,
-        out=tmp_path / "export" / "model.onnx",
-    )  # fmt: skip
     assert exported.parity.max_abs_diff <= 1e-5 and exported.parity.rows >= 1000
     effects = {"base_effect", "arm_effect"} if model == "mtmt" else set()
     assert set(exported.parity.outputs) == {
@@ -69,7 +63,38 @@ def test_an_uplift_model_fits_selects_on_qini_and_exports_every_arm(
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(names, feeds), strict=True))
     assert out["arm_probabilities"].shape == (64, 3, 2)
+    arms = session.get_modelmeta().custom_metadata_map[META.ARMS]
+    assert json.loads(arms) == ["control", "arm1", "arm2"]  # what the service names arms by
     np.testing.assert_allclose(
         out["uplift"], out["arm_probabilities"][:, 1:] - out["arm_probabilities"][:, :1], atol=1e-6
     )
     np.testing.assert_allclose(out["probabilities"], out["arm_probabilities"][:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["run", "onnx"])
+def test_predict_writes_every_arm_and_its_uplift_for_customers_never_treated(
+    source: str, uplift_run: UpliftRun, tmp_path: Path
+) -> None:
+    """New customers: no arm, no labels, no split; one column per arm and task."""
+    logged = pl.read_parquet(config_path(uplift_run.config)).head(300)
+    new = logged.select("customer", "region", "tier", "x0", "x1", "x2", "x3")
+    new.write_parquet(tmp_path / "new.parquet")
+    model = str(uplift_run.exported.path) if source == "onnx" else uplift_run.run_id
+    predict(
+        model=model, log_path=str(tmp_path / "new.parquet"), out=tmp_path / "out",
+        dataset=str(uplift_run.config), tracking_uri=uplift_run.uri, log=False, quiet=True,
+    )  # fmt: skip
+    out = pl.read_parquet(tmp_path / "out")
+    tasks, arms = ("visit", "buy"), ("control", "arm1", "arm2")
+    assert out["customer"].to_list() == new["customer"].to_list()
+    assert {f"p_{a}_{t}" for a in arms for t in tasks} <= set(out.columns)
+    assert {f"uplift_{a}_{t}" for a in arms[1:] for t in tasks} <= set(out.columns)
+    assert "uplift_control_visit" not in out.columns
+    for task in tasks:
+        np.testing.assert_allclose(out[f"p_{task}"], out[f"p_control_{task}"], atol=1e-6)
+        for arm in arms[1:]:
+            np.testing.assert_allclose(
+                out[f"uplift_{arm}_{task}"],
+                out[f"p_{arm}_{task}"] - out[f"p_control_{task}"],
+                atol=1e-6,
+            )

@@ -32,3 +32,13 @@ def test_histories_are_held_flat_and_served_right_aligned(tmp_path: Path) -> Non
         [[NULL_STRING, NULL_STRING, "x"]],
     ]
     assert "history" not in table.values and table.values["age"].tolist()[2] == 30.0
+    # Many rows at once (an uplift request's users) equal the rows one by one; a user not in
+    # the table has no history.
+    rows, found = table.lookup([2, 7, 3, 1])
+    many = table.sequence_rows(columns[0], rows, found)
+    assert many.tolist() == [
+        [NULL_STRING, NULL_STRING, "x"],
+        [NULL_STRING] * 3,
+        ["b", "c", "d"],
+        [NULL_STRING] * 3,
+    ]

@@ -4,11 +4,9 @@ keeps admitting, shedding and timing out the others meanwhile."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +15,7 @@ from serving.api.admission import DEADLINE
 from serving.api.deps import AdmissionDep, HolderDep, MetricsDep, SettingsDep
 from serving.holder import LoadedModel
 from serving.model import RequestError
-from serving.schemas import RankRequest, RankResponse
+from serving.schemas import RankRequest, RankResponse, json_response
 
 router = APIRouter(prefix="/v1")
 
@@ -74,20 +72,10 @@ def answer(body: RankRequest, loaded: LoadedModel) -> Response:
     probs = scorer.score(feeds)
     scores = loaded.fuse(probs)
     order = np.argsort(-scores, kind="stable")[: body.top_k]
-    # Built as plain lists and dumped once by orjson: re-validating N response objects through
-    # pydantic cost more than scoring them, and the json module took 2.5 ms at 500 candidates
-    # where orjson takes 0.5 (the same bytes parsed back).
     tasks, rows, fused = scorer.tasks, probs[order].tolist(), scores[order].tolist()
     candidates = [
         {"id": ids[i], "score": s, "probabilities": dict(zip(tasks, p, strict=True))}
         for i, s, p in zip(order.tolist(), fused, rows, strict=True)
     ]
     content = {"model": {"name": scorer.name, "version": scorer.version}, "candidates": candidates}
-    return Response(dumps(content), media_type="application/json")
-
-
-def dumps(content: dict[str, Any]) -> bytes:
-    try:
-        return orjson.dumps(content)
-    except TypeError:  # an id beyond 64 bits, echoed back: only the json module writes it
-        return json.dumps(content).encode()
+    return json_response(content)
