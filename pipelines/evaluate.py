@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features.config import SplitName
-from features.contract import LOGITS
+from features.contract import ARM_OUTPUT, LOGITS
 from features.datamodule import RankerDataModule
 from pipelines.checkpoints import RunError, find_run, load, locate
 from pipelines.evaluation import EVALUATION_FILE, RELIABILITY_BINS, SAMPLE_ROWS, Evaluation
@@ -39,12 +39,13 @@ from pipelines.render import (
     print_comparison,
     print_evaluation,
 )
-from pipelines.report import oracle_metrics
+from pipelines.report import oracle_metrics, uplift_oracle_metrics
 from pipelines.tracking import resolve_tracking_uri
 from ranker.diagnostics import ExpertStats, HealthLimits, health
 from ranker.metrics import metrics_by_history, reliability, task_metrics
 from ranker.module import RankerModule
-from ranker.scoring import Scored, probabilities, score
+from ranker.scoring import Scored, arrays_of_graph, probabilities, score
+from ranker.uplift_metrics import qini_curves, uplift_metrics
 
 # -- scoring ------------------------------------------------------------------------------------
 
@@ -80,6 +81,15 @@ def reliability_curves(
         rows, pred, rate = reliability(probs[observed, t], labels[observed, t], RELIABILITY_BINS)
         curves[task] = {"rows": rows.tolist(), "pred": pred.tolist(), "rate": rate.tolist()}
     return curves
+
+
+def uplift_evaluation(module: RankerModule, scored: Scored) -> dict:
+    """An uplift model's ``Evaluation`` fields: its arms, Qini, AUUC and uplift at k per task
+    and arm (calibrated probabilities, as the graph returns them), and the Qini curves."""
+    arms, tasks = list(module.inputs.arms), module.task_names
+    graph = arrays_of_graph(scored.outputs, module.calibrator)
+    args = (graph[ARM_OUTPUT], scored.labels, scored.treatment, arms, tasks, scored.propensity)
+    return {"arms": arms, "uplift": uplift_metrics(*args), "qini_curves": qini_curves(*args)}
 
 
 def evaluate(
@@ -133,8 +143,10 @@ def evaluate(
     )
     curves = reliability_curves(probs, labels, tasks)
     seconds["metrics"] = time.perf_counter() - tick
+    uplift = uplift_evaluation(module, scored) if module.inputs.arms else {}
     tick = time.perf_counter()
     oracle = oracle_metrics(data, split)
+    uplift_oracle = uplift_oracle_metrics(data, split)
     seconds["oracle"] = time.perf_counter() - tick
 
     rates = {t: metrics[f"positive_rate/{t}"] for t in tasks}
@@ -161,6 +173,8 @@ def evaluate(
         history=history,
         by_history=by_history,
         uncalibrated=uncalibrated,
+        uplift_oracle=uplift_oracle,
+        **uplift,
     )
 
     label = located.run_id or located.path.stem
@@ -190,9 +204,10 @@ def write_evaluation(
 def log_evaluation(client: MlflowClient, evaluation: Evaluation, directory: Path) -> None:
     """The report under ``evaluation/<split>/`` and the metrics as ``eval/<split>/...``."""
     now = int(time.time() * 1000)
+    logged = {**evaluation.metrics, **(evaluation.uplift or {})}
     metrics = [
         Metric(f"eval/{evaluation.split}/{key}", float(value), now, 0)
-        for key, value in evaluation.metrics.items()
+        for key, value in logged.items()
         if not key.startswith("count/") and value is not None and math.isfinite(value)
     ]
     for begin in range(0, len(metrics), 1000):  # MLflow's batch limit

@@ -42,6 +42,12 @@ class Evaluation:
     history: str | None = None  # the sequence feature whose length buckets ``by_history``
     by_history: dict[str, dict[str, float]] | None = None  # bucket -> metrics of its rows
     uncalibrated: dict[str, float] | None = None  # metrics before the model's calibration
+    # Uplift data: the arms (control first); Qini, AUUC, uplift at 10 / 30 % per task and arm
+    # ("qini/<task>/<arm>", "qini/mean", ...); the true effects' (generated data); Qini curves.
+    arms: list[str] | None = None
+    uplift: dict[str, float] | None = None
+    uplift_oracle: dict[str, float] | None = None
+    qini_curves: dict[str, dict[str, dict[str, list[float]]]] | None = None
 
     @property
     def short_id(self) -> str:
@@ -66,7 +72,7 @@ class Evaluation:
     @classmethod
     def from_json(cls, text: str) -> Evaluation:
         doc = json.loads(text)
-        for key in ("metrics", "oracle"):
+        for key in ("metrics", "oracle", "uplift", "uplift_oracle"):
             if doc.get(key) is not None:
                 doc[key] = {k: math.nan if v is None else v for k, v in doc[key].items()}
         return cls(**doc)

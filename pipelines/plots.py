@@ -195,5 +195,27 @@ def compare_bars(
             ax.set_ylim(max(0.0, low - pad), high + pad)
         ax.set_xticks(x, tasks, fontsize=8)
         ax.set_ylabel(metric)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+    return data_uri(fig)
+
+
+def qini(
+    curves: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]], metrics: Mapping
+) -> str:
+    """One Qini plot per task and arm: incremental responders against the share of customers
+    targeted in the model's order and in a random one (a straight line). The ideal order the
+    Qini is normalised by (every treated responder first) rises far above both and would
+    flatten them: it is in the data (``perfect``), not drawn."""
+    panels = [(task, arm, c) for task, by_arm in curves.items() for arm, c in by_arm.items()]
+    fig, axes = _grid(len(panels), 4, (3.4, 3.2))
+    for ax, (task, arm, c) in zip(axes.flat, panels, strict=False):
+        share, model = np.asarray(c["share"]), np.asarray(c["model"])
+        ax.plot([0, 1], [0, model[-1]], color=LIMIT, linewidth=0.8, linestyle="--", label="random")
+        ax.plot(share, model, color=HEALTHY, label="model")
+        value = metrics.get(f"qini/{task}/{arm}", math.nan)
+        ax.set_title(f"{task}: {arm}\nQini {value:.4f}", fontsize=9)
+        ax.set_xlabel("share targeted", fontsize=8)
+        ax.set_ylabel("incremental responders", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     return data_uri(fig)

@@ -130,6 +130,26 @@ def history_table(e: Evaluation) -> Table | None:
     return table
 
 
+UPLIFT_COLUMNS = (("qini", "Qini"), ("auuc", "AUUC"), ("uplift_at_10", "uplift@10%"))
+UPLIFT_COLUMNS += (("uplift_at_30", "uplift@30%"),)
+
+
+def uplift_table(e: Evaluation) -> Table | None:
+    """Per task and arm against control: the uplift metrics, and the true effects' Qini (the
+    best achievable) where the log has them."""
+    if not e.uplift or not e.arms:
+        return None
+    oracle = e.uplift_oracle or {}
+    headers = ["task", "arm", *(title for _, title in UPLIFT_COLUMNS)]
+    table = Table(headers + (["best Qini"] if oracle else []))
+    pairs = [(t, a) for t in e.tasks for a in e.arms[1:]] + [("mean", "")]
+    for task, arm in pairs:
+        key = f"{task}/{arm}" if arm else task
+        cells = [task, arm, *(fmt(e.uplift.get(f"{m}/{key}")) for m, _ in UPLIFT_COLUMNS)]
+        table.add(cells + ([fmt(oracle.get(f"qini/{key}"))] if oracle else []))
+    return table
+
+
 def experts_table(health: dict[str, Any]) -> Table:
     table = Table(["expert", "zero share", "mean", "std", "collapsed"])
     for r in health["experts"]:
@@ -199,6 +219,8 @@ def tasks_table(health: dict[str, Any]) -> Table:
 def evaluation_images(e: Evaluation, samples: dict[str, np.ndarray]) -> dict[str, str | None]:
     h = e.health
     images: dict[str, str | None] = {"reliability": plots.reliability(e.reliability, e.metrics)}
+    if e.qini_curves:
+        images["qini"] = plots.qini(e.qini_curves, e.uplift or {})
     if h["experts"]:
         images["expert_health"] = plots.expert_health(h["experts"], e.limits["zero_share"])
         images["distributions"] = plots.distributions(samples, h["experts"]) if samples else None
@@ -217,6 +239,7 @@ def evaluation_html(e: Evaluation, samples: dict[str, np.ndarray]) -> str:
         images=evaluation_images(e, samples),
         metrics_table=metrics_table(e).html(),
         history_table=history.html() if (history := history_table(e)) else None,
+        uplift_table=uplift.html() if (uplift := uplift_table(e)) else None,
         experts_table=experts_table(e.health).html(),
         shared_table=shared_table(e.health).html(),
         gates_table=gates_table(e.health).html(),
@@ -244,6 +267,8 @@ def evaluation_markdown(e: Evaluation) -> str:
     lines += ["", "## Per-task metrics", "", metrics_table(e).markdown(), ""]
     if (history := history_table(e)) is not None:
         lines += [f"## By history length ({e.history})", "", history.markdown(), ""]
+    if (uplift := uplift_table(e)) is not None:
+        lines += [f"## Uplift against {e.arms[0]}", "", uplift.markdown(), ""]
     if h["experts"]:
         lines += ["## Expert health", "", experts_table(h).markdown(), ""]
     if h["gates"]:
@@ -260,6 +285,8 @@ def print_evaluation(e: Evaluation, directory: Path, logged: bool) -> None:
     console.print(metrics_table(e).rich(title=f"{e.name} on {e.dataset}, {e.split} split"))
     if (history := history_table(e)) is not None:
         console.print(history.rich(title=f"by length of the history '{e.history}'"))
+    if (uplift := uplift_table(e)) is not None:
+        console.print(uplift.rich(title=f"uplift of each arm against '{e.arms[0]}'"))
     for flag in e.flags:
         console.print(f"[bold red]{flag}[/]")
     if not e.flags:

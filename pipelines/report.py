@@ -16,9 +16,11 @@ import polars as pl
 from rich.console import Console
 
 from features.datamodule import RankerDataModule
+from features.synth_uplift import true_probabilities
 from pipelines.render import Table, wide_console
 from ranker.metrics import task_metrics
 from ranker.module import RankerModule
+from ranker.uplift_metrics import uplift_metrics
 
 COLUMNS = (
     ("val", "auc", "val AUC"),
@@ -102,6 +104,25 @@ def oracle_metrics(datamodule: RankerDataModule, split: str) -> dict[str, float]
         ]
     )
     return task_metrics(probs, labels, users, [t.name for t in tasks])
+
+
+def uplift_oracle_metrics(datamodule: RankerDataModule, split: str) -> dict[str, float] | None:
+    """``uplift_metrics`` of the true effects on a split (the best achievable Qini, AUUC...),
+    or None unless the log carries every arm's true probabilities (``p_<task>_<arm>``, as
+    ``ranker synth --treatments`` writes them)."""
+    treatment, c = datamodule.state.treatment, datamodule.config
+    if treatment is None:
+        return None
+    tasks = [t.name for t in c.tasks]
+    truth = [f"p_{t}_{a}" for a in treatment.arms for t in tasks]
+    if any(column not in datamodule.source.schema for column in truth):
+        return None
+    frame = datamodule.source.scan(split, extra=tuple(truth)).collect(engine="streaming")
+    labels, _ = datamodule.state.targets(frame)
+    arms = frame.select(treatment.index_expr()).to_series().to_numpy()
+    propensity = frame[treatment.propensity].to_numpy() if treatment.propensity else None
+    probs = true_probabilities(frame, treatment.arms, tasks)
+    return uplift_metrics(probs, labels, arms, treatment.arms, tasks, propensity)
 
 
 def fit_report(

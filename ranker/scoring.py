@@ -52,9 +52,18 @@ def probabilities(logits: np.ndarray, calibrator: Calibrator | None = None) -> n
     """``graph_outputs`` of raw logits ``[N, T]``, numpy in and out: the graph's probabilities
     (through ``calibrator`` when given, else the plain sigmoid), as evaluation and the
     calibration report compare them before and after calibration."""
-    z = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    return arrays_of_graph({LOGITS: logits}, calibrator)[OUTPUT]
+
+
+def arrays_of_graph(
+    outputs: Mapping[str, np.ndarray], calibrator: Calibrator | None = None
+) -> dict[str, np.ndarray]:
+    """``graph_outputs`` of a model's raw outputs (e.g. ``Scored.outputs``), numpy in and out
+    (the plain sigmoid without a ``calibrator``)."""
+    z = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in outputs.items()}
+    calibrator = calibrator or Calibrator(z[LOGITS].shape[-1])
     with torch.no_grad():
-        return graph_outputs({LOGITS: z}, calibrator or Calibrator(z.shape[1]))[OUTPUT].numpy()
+        return {k: v.numpy() for k, v in graph_outputs(z, calibrator).items()}
 
 
 def batch_outputs(

@@ -26,7 +26,8 @@ response rate minus the control one (scikit-uplift's ``strategy="overall"``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -117,6 +118,51 @@ def uplift_at_k(
     return float(np.average(y[t], weights=w[t]) - np.average(y[~t], weights=w[~t]))
 
 
+@dataclass(frozen=True)
+class Pair:
+    """One task of one arm against control: the rows of the two arms with the label observed,
+    scored by ``p(arm) - p(control)``."""
+
+    task: str
+    arm: str
+    y: np.ndarray
+    score: np.ndarray
+    treated: np.ndarray
+    weights: np.ndarray | None
+
+    @property
+    def both(self) -> bool:
+        """Whether both arms have rows (else no metric is defined)."""
+        return bool(self.treated.any() and (~self.treated).any())
+
+
+def pairs(
+    arm_probabilities: np.ndarray,
+    labels: np.ndarray,
+    treatment: np.ndarray,
+    arms: Sequence[str],
+    tasks: Sequence[str],
+    propensity: np.ndarray | None = None,
+) -> Iterator[Pair]:
+    """Every (arm, task) against control, arm 0. ``arm_probabilities [N, A, T]``, ``labels
+    [N, T]`` (NaN = not observed), ``treatment [N]`` (arm index), ``propensity [N]`` (None:
+    randomised data; else rows weigh its inverse)."""
+    weights = None if propensity is None else 1.0 / np.asarray(propensity, np.float64)
+    for m, arm in enumerate(arms[1:], start=1):
+        pair = (treatment == 0) | (treatment == m)
+        for k, task in enumerate(tasks):
+            rows = pair & ~np.isnan(labels[:, k])
+            p = arm_probabilities[rows][:, [0, m], k].astype(np.float64)
+            yield Pair(
+                task,
+                arm,
+                labels[rows, k].astype(np.float64),
+                p[:, 1] - p[:, 0],
+                treatment[rows] == m,
+                None if weights is None else weights[rows],
+            )
+
+
 def uplift_metrics(
     arm_probabilities: np.ndarray,
     labels: np.ndarray,
@@ -125,31 +171,55 @@ def uplift_metrics(
     tasks: Sequence[str],
     propensity: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Per task and arm (against control, arm 0), on the rows of the two arms whose label is
-    observed, scored by ``p(arm) - p(control)``: ``qini/<task>/<arm>``, ``auuc/...``,
-    ``uplift_at_10/...``, ``uplift_at_30/...``; and each metric's mean over tasks and arms
-    (``qini/mean``, ...). ``arm_probabilities [N, A, T]``, ``labels [N, T]`` (NaN = not
-    observed), ``treatment [N]`` (arm index), ``propensity [N]`` (None: randomised data)."""
-    weights = None if propensity is None else 1.0 / np.asarray(propensity, np.float64)
+    """Per task and arm (``pairs``): ``qini/<task>/<arm>``, ``auuc/...``, ``uplift_at_10/...``,
+    ``uplift_at_30/...``; and each metric's mean over tasks and arms (``qini/mean``, ...)."""
     out: dict[str, float] = {}
-    for m, arm in enumerate(arms[1:], start=1):
-        pair = (treatment == 0) | (treatment == m)
-        for k, task in enumerate(tasks):
-            rows = pair & ~np.isnan(labels[:, k])
-            y, t = labels[rows, k].astype(np.float64), (treatment[rows] == m)
-            score = (arm_probabilities[rows, m, k] - arm_probabilities[rows, 0, k]).astype(
-                np.float64
-            )
-            w = None if weights is None else weights[rows]
-            both = t.any() and (~t).any()
-            out[f"qini/{task}/{arm}"] = qini_auc(y, score, t, w) if both else float("nan")
-            out[f"auuc/{task}/{arm}"] = uplift_auc(y, score, t, w) if both else float("nan")
-            for share in TOP:
-                key = f"uplift_at_{round(share * 100)}/{task}/{arm}"
-                out[key] = uplift_at_k(y, score, t, share, w) if both else float("nan")
+    for p in pairs(arm_probabilities, labels, treatment, arms, tasks, propensity):
+        args = (p.y, p.score, p.treated)
+        name = f"{p.task}/{p.arm}"
+        out[f"qini/{name}"] = qini_auc(*args, p.weights) if p.both else float("nan")
+        out[f"auuc/{name}"] = uplift_auc(*args, p.weights) if p.both else float("nan")
+        for share in TOP:
+            key = f"uplift_at_{round(share * 100)}/{name}"
+            out[key] = uplift_at_k(*args, share, p.weights) if p.both else float("nan")
     for metric in ("qini", "auuc", *(f"uplift_at_{round(s * 100)}" for s in TOP)):
         values = [v for key, v in out.items() if key.startswith(metric + "/")]
         out[f"{metric}/mean"] = (
             float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
         )
     return out
+
+
+def qini_points(
+    y: np.ndarray,
+    score: np.ndarray,
+    treated: np.ndarray,
+    weights: np.ndarray | None = None,
+    points: int = 101,
+) -> dict[str, list[float]]:
+    """The Qini curves of ``score`` and of the ideal order at ``points`` shares of the rows
+    targeted (0 to 1), for a plot: ``share``, ``model``, ``perfect`` (incremental responders;
+    the random order is the straight line to the model's end)."""
+    share = np.linspace(0.0, 1.0, points)
+    t = treated.astype(np.float64)
+    out = {"share": share.tolist()}
+    for name, order in (("model", score), ("perfect", y * t - y * (1 - t))):
+        x, v = qini_curve(y, order, treated, weights)
+        out[name] = np.interp(share, x / x[-1], v).tolist()
+    return out
+
+
+def qini_curves(
+    arm_probabilities: np.ndarray,
+    labels: np.ndarray,
+    treatment: np.ndarray,
+    arms: Sequence[str],
+    tasks: Sequence[str],
+    propensity: np.ndarray | None = None,
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``qini_points`` of every ``pairs`` with rows of both arms: ``{task: {arm: points}}``."""
+    curves: dict[str, dict[str, dict[str, list[float]]]] = {t: {} for t in tasks}
+    for p in pairs(arm_probabilities, labels, treatment, arms, tasks, propensity):
+        if p.both:
+            curves[p.task][p.arm] = qini_points(p.y, p.score, p.treated, p.weights)
+    return curves

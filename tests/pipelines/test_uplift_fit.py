@@ -17,9 +17,11 @@ from mlflow.tracking import MlflowClient
 from features.config import DatasetConfig
 from features.contract import META
 from features.datamodule import RankerDataModule
+from pipelines.evaluate import evaluate
 from pipelines.export import export
 from pipelines.export.parity import graph_feeds
 from pipelines.predict import predict
+from ranker.uplift_metrics import uplift_metrics
 from tests.conftest import UpliftRun, fit_uplift
 
 
@@ -98,3 +100,36 @@ def test_predict_writes_every_arm_and_its_uplift_for_customers_never_treated(
                 out[f"p_{arm}_{task}"] - out[f"p_control_{task}"],
                 atol=1e-6,
             )
+
+
+def test_evaluate_reports_qini_per_task_and_arm_with_curves_and_the_best_achievable(
+    uplift_run: UpliftRun, tmp_path: Path
+) -> None:
+    e = evaluate(
+        run=uplift_run.run_id, tracking_uri=uplift_run.uri, out=tmp_path / "report", quiet=True
+    )
+    assert e.arms == ["control", "arm1", "arm2"]
+    # The same metrics from the exported graph's scores of the test customers (read afresh).
+    test = pl.read_parquet(config_path(uplift_run.config)).filter(pl.col("split") == "test")
+    session = ort.InferenceSession(
+        str(uplift_run.exported.path), providers=["CPUExecutionProvider"]
+    )
+    feeds = graph_feeds(RankerDataModule(str(uplift_run.config)), test.drop("arm"))
+    (graph,) = session.run(["arm_probabilities"], feeds)
+    labels = test.select("visit", "buy").to_numpy().astype(np.float64)
+    arm = test["arm"].replace_strict(e.arms, [0, 1, 2]).to_numpy()
+    expected = uplift_metrics(graph, labels, arm, e.arms, ["visit", "buy"])
+    for key, value in expected.items():  # near-ties of float32 scores order differently
+        assert e.uplift[key] == pytest.approx(value, abs=0.03 if "_at_" in key else 2e-3), key
+    # The true effects' Qini: the best achievable, above the 2-epoch model's.
+    assert e.uplift_oracle["qini/mean"] > max(e.uplift["qini/mean"], 0.02)
+    for task in ("visit", "buy"):
+        for arm_name in ("arm1", "arm2"):
+            curve = e.qini_curves[task][arm_name]
+            assert len(curve["share"]) == len(curve["model"]) == 101
+            assert curve["model"][0] == 0.0
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Uplift against control" in html and 'alt="Qini curves"' in html
+    assert "## Uplift against control" in (tmp_path / "report" / "report.md").read_text()
+    logged = MlflowClient(uplift_run.uri).get_run(uplift_run.run_id).data.metrics
+    assert logged["eval/test/qini/visit/arm1"] == pytest.approx(e.uplift["qini/visit/arm1"])
