@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import mlflow
 import numpy as np
@@ -39,13 +39,13 @@ from pipelines.render import (
     print_comparison,
     print_evaluation,
 )
-from pipelines.report import oracle_metrics, uplift_oracle_metrics
+from pipelines.report import UpliftTruth, oracle_metrics, uplift_truth
 from pipelines.tracking import resolve_tracking_uri
 from ranker.diagnostics import ExpertStats, HealthLimits, health
 from ranker.metrics import metrics_by_history, reliability, task_metrics
 from ranker.module import RankerModule
 from ranker.scoring import Scored, arrays_of_graph, probabilities, score
-from ranker.uplift_metrics import qini_curves, uplift_metrics
+from ranker.uplift_metrics import effect_errors, qini_curves, uplift_metrics
 
 # -- scoring ------------------------------------------------------------------------------------
 
@@ -83,13 +83,24 @@ def reliability_curves(
     return curves
 
 
-def uplift_evaluation(module: RankerModule, scored: Scored) -> dict:
-    """An uplift model's ``Evaluation`` fields: its arms, Qini, AUUC and uplift at k per task
-    and arm (calibrated probabilities, as the graph returns them), and the Qini curves."""
+def uplift_evaluation(
+    module: RankerModule, scored: Scored, truth: UpliftTruth | None
+) -> dict[str, Any]:
+    """The ``Evaluation`` fields of uplift data: the model's arms, Qini, AUUC and uplift at k
+    per task and arm (calibrated, as the graph scores), its Qini curves; on generated data
+    (``truth``), the true effects' metrics and the model's errors against them (PEHE, effect
+    correlation)."""
     arms, tasks = list(module.inputs.arms), module.task_names
-    graph = arrays_of_graph(scored.outputs, module.calibrator)
-    args = (graph[ARM_OUTPUT], scored.labels, scored.treatment, arms, tasks, scored.propensity)
-    return {"arms": arms, "uplift": uplift_metrics(*args), "qini_curves": qini_curves(*args)}
+    fields: dict[str, Any] = {"uplift_oracle": truth.metrics(arms, tasks) if truth else None}
+    if not arms:
+        return fields
+    graph = arrays_of_graph(scored.outputs, module.calibrator)[ARM_OUTPUT]
+    args = (scored.labels, scored.treatment, arms, tasks, scored.propensity)
+    fields |= {"arms": arms, "uplift": uplift_metrics(graph, *args)}
+    fields["qini_curves"] = qini_curves(graph, *args)
+    if truth is not None and truth.aligned(scored.labels, scored.treatment):
+        fields["uplift"] |= effect_errors(graph, truth.probabilities, arms, tasks)
+    return fields
 
 
 def evaluate(
@@ -143,10 +154,9 @@ def evaluate(
     )
     curves = reliability_curves(probs, labels, tasks)
     seconds["metrics"] = time.perf_counter() - tick
-    uplift = uplift_evaluation(module, scored) if module.inputs.arms else {}
     tick = time.perf_counter()
     oracle = oracle_metrics(data, split)
-    uplift_oracle = uplift_oracle_metrics(data, split)
+    uplift = uplift_evaluation(module, scored, uplift_truth(data, split))
     seconds["oracle"] = time.perf_counter() - tick
 
     rates = {t: metrics[f"positive_rate/{t}"] for t in tasks}
@@ -173,7 +183,6 @@ def evaluate(
         history=history,
         by_history=by_history,
         uncalibrated=uncalibrated,
-        uplift_oracle=uplift_oracle,
         **uplift,
     )
 

@@ -135,17 +135,21 @@ UPLIFT_COLUMNS += (("uplift_at_30", "uplift@30%"),)
 
 
 def uplift_table(e: Evaluation) -> Table | None:
-    """Per task and arm against control: the uplift metrics, and the true effects' Qini (the
-    best achievable) where the log has them."""
+    """Per task and arm against control: the uplift metrics; where the log has the true
+    effects, the model's error against them (PEHE, correlation) and their Qini (the best
+    achievable)."""
     if not e.uplift or not e.arms:
         return None
     oracle = e.uplift_oracle or {}
-    headers = ["task", "arm", *(title for _, title in UPLIFT_COLUMNS)]
+    columns = list(UPLIFT_COLUMNS)
+    if "pehe/mean" in e.uplift:  # known true effects, rows aligned
+        columns += [("pehe", "PEHE"), ("effect_corr", "corr. true effect")]
+    headers = ["task", "arm", *(title for _, title in columns)]
     table = Table(headers + (["best Qini"] if oracle else []))
     pairs = [(t, a) for t in e.tasks for a in e.arms[1:]] + [("mean", "")]
     for task, arm in pairs:
         key = f"{task}/{arm}" if arm else task
-        cells = [task, arm, *(fmt(e.uplift.get(f"{m}/{key}")) for m, _ in UPLIFT_COLUMNS)]
+        cells = [task, arm, *(fmt(e.uplift.get(f"{m}/{key}")) for m, _ in columns)]
         table.add(cells + ([fmt(oracle.get(f"qini/{key}"))] if oracle else []))
     return table
 

@@ -106,10 +106,33 @@ def oracle_metrics(datamodule: RankerDataModule, split: str) -> dict[str, float]
     return task_metrics(probs, labels, users, [t.name for t in tasks])
 
 
-def uplift_oracle_metrics(datamodule: RankerDataModule, split: str) -> dict[str, float] | None:
-    """``uplift_metrics`` of the true effects on a split (the best achievable Qini, AUUC...),
-    or None unless the log carries every arm's true probabilities (``p_<task>_<arm>``, as
-    ``ranker synth --treatments`` writes them)."""
+@dataclass
+class UpliftTruth:
+    """A split of generated uplift data as ``uplift_metrics`` takes it, with every row's true
+    probabilities ``[N, A, T]``."""
+
+    probabilities: np.ndarray
+    labels: np.ndarray
+    treatment: np.ndarray
+    propensity: np.ndarray | None
+
+    def metrics(self, arms: list[str], tasks: list[str]) -> dict[str, float]:
+        """The true effects' ``uplift_metrics``: the best achievable Qini, AUUC..."""
+        args = (self.labels, self.treatment, arms, tasks, self.propensity)
+        return uplift_metrics(self.probabilities, *args)
+
+    def aligned(self, labels: np.ndarray, treatment: np.ndarray) -> bool:
+        """Whether rows scored elsewhere are these rows in this order (labels and arms)."""
+        return (
+            labels.shape == self.labels.shape
+            and np.array_equal(labels, self.labels, equal_nan=True)
+            and np.array_equal(treatment, self.treatment)
+        )
+
+
+def uplift_truth(datamodule: RankerDataModule, split: str) -> UpliftTruth | None:
+    """The split's true effects, or None unless the log carries every arm's true probability
+    (``p_<task>_<arm>``, as ``ranker synth --treatments`` writes them)."""
     treatment, c = datamodule.state.treatment, datamodule.config
     if treatment is None:
         return None
@@ -117,12 +140,14 @@ def uplift_oracle_metrics(datamodule: RankerDataModule, split: str) -> dict[str,
     truth = [f"p_{t}_{a}" for a in treatment.arms for t in tasks]
     if any(column not in datamodule.source.schema for column in truth):
         return None
-    frame = datamodule.source.scan(split, extra=tuple(truth)).collect(engine="streaming")
+    frame = datamodule.source.scan(split, extra=tuple(truth)).collect()  # in the log's order
     labels, _ = datamodule.state.targets(frame)
-    arms = frame.select(treatment.index_expr()).to_series().to_numpy()
-    propensity = frame[treatment.propensity].to_numpy() if treatment.propensity else None
-    probs = true_probabilities(frame, treatment.arms, tasks)
-    return uplift_metrics(probs, labels, arms, treatment.arms, tasks, propensity)
+    return UpliftTruth(
+        true_probabilities(frame, treatment.arms, tasks),
+        labels,
+        frame.select(treatment.index_expr()).to_series().to_numpy(),
+        frame[treatment.propensity].to_numpy() if treatment.propensity else None,
+    )
 
 
 def fit_report(

@@ -26,6 +26,7 @@ response rate minus the control one (scikit-uplift's ``strategy="overall"``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -223,3 +224,25 @@ def qini_curves(
         if p.both:
             curves[p.task][p.arm] = qini_points(p.y, p.score, p.treated, p.weights)
     return curves
+
+
+def effect_errors(
+    predicted: np.ndarray, true: np.ndarray, arms: Sequence[str], tasks: Sequence[str]
+) -> dict[str, float]:
+    """Against known true effects (generated data), per task and arm against control, with
+    ``tau = p(arm) - p(control)`` per row (``[N, A, T]`` probabilities, rows aligned):
+    ``pehe/<task>/<arm>`` = sqrt(mean((tau_predicted - tau_true)^2)) (Hill 2011) and
+    ``effect_corr/<task>/<arm>``, their Pearson correlation; each one's ``/mean``."""
+    out: dict[str, float] = {}
+    tau = predicted[:, 1:].astype(np.float64) - predicted[:, :1]  # [N, A-1, T]
+    truth = true[:, 1:].astype(np.float64) - true[:, :1]
+    for m, arm in enumerate(arms[1:]):
+        for k, task in enumerate(tasks):
+            a, b = tau[:, m, k], truth[:, m, k]
+            out[f"pehe/{task}/{arm}"] = float(np.sqrt(np.mean((a - b) ** 2)))
+            both = a.std() > 0 and b.std() > 0
+            out[f"effect_corr/{task}/{arm}"] = float(np.corrcoef(a, b)[0, 1]) if both else math.nan
+    for metric in ("pehe", "effect_corr"):
+        values = [v for key, v in out.items() if key.startswith(metric + "/")]
+        out[f"{metric}/mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+    return out

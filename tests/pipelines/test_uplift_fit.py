@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from features.config import DatasetConfig
 from features.contract import META
 from features.datamodule import RankerDataModule
+from features.synth_uplift import true_probabilities
 from pipelines.evaluate import evaluate
 from pipelines.export import export
 from pipelines.export.parity import graph_feeds
@@ -121,8 +122,15 @@ def test_evaluate_reports_qini_per_task_and_arm_with_curves_and_the_best_achieva
     expected = uplift_metrics(graph, labels, arm, e.arms, ["visit", "buy"])
     for key, value in expected.items():  # near-ties of float32 scores order differently
         assert e.uplift[key] == pytest.approx(value, abs=0.03 if "_at_" in key else 2e-3), key
-    # The true effects' Qini: the best achievable, above the 2-epoch model's.
+    # The true effects' Qini: the best achievable, above the 2-epoch model's; the model's
+    # predicted effects against the true ones, row by row.
     assert e.uplift_oracle["qini/mean"] > max(e.uplift["qini/mean"], 0.02)
+    truth = true_probabilities(test, e.arms, ["visit", "buy"])
+    tau, true_tau = graph[:, 2, 1] - graph[:, 0, 1], truth[:, 2, 1] - truth[:, 0, 1]
+    pehe = float(np.sqrt(np.mean((tau - true_tau) ** 2)))
+    assert e.uplift["pehe/buy/arm2"] == pytest.approx(pehe, rel=1e-3)
+    corr = np.corrcoef(tau, true_tau)[0, 1]
+    assert e.uplift["effect_corr/buy/arm2"] == pytest.approx(corr, abs=1e-3)
     for task in ("visit", "buy"):
         for arm_name in ("arm1", "arm2"):
             curve = e.qini_curves[task][arm_name]
