@@ -68,7 +68,9 @@ def interleaved(calls: dict[str, Callable[[], object]], seconds: float) -> dict[
     return latencies
 
 
-def http_run(url: str, body: dict, clients: int, seconds: float) -> tuple[list[float], float]:
+def http_run(
+    url: str, body: dict, clients: int, seconds: float, path: str = "/v1/rank"
+) -> tuple[list[float], float]:
     latencies: list[float] = []
     errors: list[int] = []
     lock = threading.Lock()
@@ -76,11 +78,11 @@ def http_run(url: str, body: dict, clients: int, seconds: float) -> tuple[list[f
 
     def client() -> None:
         with httpx.Client(base_url=url, timeout=30) as http:
-            http.post("/v1/rank", json=body)  # connection + warm up
+            http.post(path, json=body)  # connection + warm up
             mine = []
             while time.perf_counter() < stop_at:
                 start = time.perf_counter()
-                answer = http.post("/v1/rank", json=body)
+                answer = http.post(path, json=body)
                 mine.append(time.perf_counter() - start)
                 if answer.status_code != 200:
                     errors.append(answer.status_code)

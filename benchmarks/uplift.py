@@ -240,10 +240,13 @@ def table(config: DatasetConfig, experiment: str) -> Table:
 
 
 def latency(graph: Path, config: DatasetConfig, repeats: int = 300) -> Table:
-    """The exported graph's scoring time (onnxruntime, 1 intra-op thread as ``ranker serve``
-    sets it) for 1 and 1,000 customers of the test split, every arm and task scored."""
+    """The exported graph's scoring time (onnxruntime, 1 intra-op thread) for 1 and 1,000
+    customers of the test split, every arm and task scored; then ``POST /v1/uplift`` of the
+    same customers by id (features from the user table beside the graph) to ``ranker serve
+    --threads 1``, one client, request after request for 10 s."""
     import onnxruntime as ort
 
+    from benchmarks.serve import http_run, percentiles, served
     from features.onnx_graph import raw_feeds, raw_inputs
     from features.state import FeatureState
 
@@ -252,8 +255,8 @@ def latency(graph: Path, config: DatasetConfig, repeats: int = 300) -> Table:
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     state = FeatureState.fit(pl.scan_parquet(config.path), config)
     test = pl.read_parquet(config.path).filter(pl.col(config.split.column) == "test")
-    out = Table(title=f"{graph}: onnxruntime, 1 thread ({machine()})")
-    for column in ("customers", "p50 ms", "p99 ms", "customers / s"):
+    out = Table(title=f"{graph}: 1 thread ({machine()})")
+    for column in ("scored by", "customers", "p50 ms", "p99 ms", "customers / s"):
         out.add_column(column, justify="right")
     for rows in (1, 1000):
         feeds = raw_feeds(test.head(rows), raw_inputs(state, config.features))
@@ -265,7 +268,14 @@ def latency(graph: Path, config: DatasetConfig, repeats: int = 300) -> Table:
             session.run(None, feeds)
             times.append(time.perf_counter() - start)
         p50, p99 = np.percentile(times, [50, 99]) * 1000
-        out.add_row(f"{rows:,}", f"{p50:.3f}", f"{p99:.3f}", f"{rows / (p50 / 1000):,.0f}")
+        out.add_row("graph", f"{rows:,}", f"{p50:.3f}", f"{p99:.3f}", f"{rows / p50 * 1e3:,.0f}")
+    with served(graph, "--threads", "1") as url:
+        for rows in (1, 1000):
+            users = [{"id": i} for i in test[config.user_key].head(rows).to_list()]
+            times, _ = http_run(url, {"users": users}, 1, 10.0, "/v1/uplift")
+            p50, p99 = percentiles(times)
+            row = [f"{rows:,}", f"{p50:.3f}", f"{p99:.3f}", f"{rows / p50 * 1e3:,.0f}"]
+            out.add_row("POST /v1/uplift", *row)
     return out
 
 
