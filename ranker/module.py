@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -24,7 +25,7 @@ from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import task_metrics
 from ranker.models.base import MultiTaskModel, Outputs
 from ranker.scoring import Scored, batch_outputs, graph_outputs
-from ranker.sharded_metrics import sharded_task_metrics
+from ranker.sharded_metrics import sharded_task_metrics, sharded_uplift_metrics
 from ranker.uplift_metrics import uplift_metrics
 
 # The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
@@ -479,18 +480,20 @@ class RankerModule(L.LightningModule):
             self.log_dict(loggable)
 
     def _uplift(self, scores: Scored) -> dict[str, float]:
-        """Qini, AUUC and uplift at 10 / 30 % per task and arm against control."""
+        """Qini, AUUC and uplift at 10 / 30 % per task and arm against control (over every
+        rank's rows under DDP)."""
+        tasks, arms = len(self.tasks), self.inputs.arms
+        probabilities = scores.output(ARM_OUTPUT, tasks).reshape(-1, len(arms), tasks)
+        labels, treatment = scores.labels.reshape(-1, tasks), scores.treatment
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank_zero_warn("uplift metrics are computed in a single process only: not logged")
-            return {}
-        labels = scores.labels.reshape(-1, len(self.tasks))
+            propensity = scores.propensity
+            if propensity is None:  # this rank's rows are all randomised: weigh 1 each
+                propensity = np.ones(len(treatment), np.float32)
+            return sharded_uplift_metrics(
+                probabilities, labels, treatment, arms, self.task_names, propensity
+            )
         return uplift_metrics(
-            scores.output(ARM_OUTPUT, len(self.tasks)),
-            labels,
-            scores.treatment,
-            self.inputs.arms,
-            self.task_names,
-            scores.propensity,
+            probabilities, labels, treatment, arms, self.task_names, scores.propensity
         )
 
     def _monitored(self, metrics: dict[str, float]) -> float:

@@ -1,7 +1,10 @@
 """One seeded MMoE on a log, in one process or under torchrun (DDP, gloo).
 
-    python tests/pipelines/ddp_run.py validate <log> <out> <loader workers>
+    python tests/pipelines/ddp_run.py validate <log> <out> <loader workers> [<dataset config>]
     torchrun --nproc_per_node 2 tests/pipelines/ddp_run.py <validate|train> <log> <out> <workers>
+
+The dataset config is the generated log's unless given (then ``<log>`` may be ``-``: the
+config's own; uplift data makes the MMoE an S-learner).
 
 validate: rank 0 writes the untrained model's validation metrics (with count/<task>: the rows
 scored) to ``out`` (JSON). train: one epoch; every rank writes the fingerprints of the rows it
@@ -52,9 +55,13 @@ class Recording(RankerModule):
 
 def main() -> None:
     mode, log, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    config = str(ROOT / "configs" / "data" / "synthetic.yaml")
+    config = sys.argv[5] if len(sys.argv) > 5 else str(ROOT / "configs" / "data" / "synthetic.yaml")
     data = RankerDataModule(
-        config, log_path=log, batch_size=512, eval_batch_size=512, num_workers=workers
+        config,
+        log_path=None if log == "-" else log,
+        batch_size=512,
+        eval_batch_size=512,
+        num_workers=workers,
     )
     torch.manual_seed(0)
     module = Recording(

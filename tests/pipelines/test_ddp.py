@@ -16,7 +16,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from features.datamodule import RankerDataModule
+from features.synth_uplift import generate_uplift
 from tests.conftest import SYNTHETIC_CONFIG
+from tests.features.test_treatment import write
 from tests.pipelines.test_fit_e2e import fit_args
 from tests.serving.conftest import free_port
 
@@ -49,6 +51,20 @@ def test_ddp_validation_scores_every_row_once_with_exact_metrics(
         # bit, which can split tied scores (measured: 5e-7 on an AUC). GAUC averaged over
         # ranks instead of computed on everything would be off by far more.
         assert two[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_ddp_uplift_metrics_equal_one_process(tmp_path: Path) -> None:
+    """Qini, AUUC and uplift at k need every row of an arm pair in one order: under DDP each
+    rank gathers them, and the metrics are one process's."""
+    config = write(tmp_path, generate_uplift(rows=4000, treatments=3, seed=2))
+    single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
+    run(sys.executable, str(SCRIPT), "validate", "-", str(single), "0", str(config))
+    torchrun("validate", "-", str(ddp), "1", str(config))
+    one, two = json.loads(single.read_text()), json.loads(ddp.read_text())
+    assert one.keys() == two.keys() and "qini/visit/arm1" in one
+    for key, value in one.items():
+        if key.startswith(("qini/", "auuc/")):  # ties of float32 scores: see the test above
+            assert two[key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_ddp_training_takes_every_row_once_in_equal_batch_counts(
