@@ -39,6 +39,11 @@ def synth(
     authors: int = 5_000,
     seed: int = 0,
     drift: float = 0.2,
+    swing: float = 1.0,
+    interest: float = 0.6,
+    explore: float = 0.05,
+    candidates: int = 20,
+    sharpness: float = 2.0,
     new_items: float = 0.0,
     rows_per_group: int = 65_536,
     treatments: int = 0,
@@ -58,6 +63,16 @@ def synth(
         seed: random seed; the same arguments give the same log.
         drift: daily std of each user's interest drift (a random walk of the latent), relative
             to the static interest; 0 keeps interests static.
+        swing: std of a day-to-day swing of each user's interest around its course (AR(1),
+            persistent over a few days, averaging out over the log); 0: none.
+        interest: share of the impressions the simulated retrieval stage draws from the
+            user's interest of the day: the softmax pick (``sharpness``) among ``candidates``
+            popular items. ``--interest 0 --explore 0 --swing 0``: the log as it was before
+            these existed.
+        explore: share of the impressions drawn uniformly from the catalogue (the rest: by
+            popularity).
+        candidates: popular items an interest retrieval picks among.
+        sharpness: inverse temperature of that pick over the user's interest scores.
         new_items: share of the items and authors released during the log (from day 1 on,
             most seen while fresh) instead of before it; 0 keeps the catalogue fixed.
         rows_per_group: Parquet row-group size.
@@ -70,7 +85,7 @@ def synth(
     """
     if treatments:
         return synth_uplift(out, rows, treatments, seed, logged)
-    from features.synth import generate_log, write_log
+    from features.synth import Exposure, generate_log, write_log
     from pipelines.report import print_synth_summary
 
     frame = generate_log(
@@ -83,8 +98,12 @@ def synth(
         seed=seed,
         drift=drift,
         new_items=new_items,
+        exposure=Exposure(interest, explore, candidates, sharpness),
+        swing=swing,
+        static_truth=True,
     )
-    path = write_log(frame, out, rows_per_group=rows_per_group)
+    static = [c for c in frame.columns if c.startswith("p_static_")]
+    path = write_log(frame.drop(static), out, rows_per_group=rows_per_group)
     print_synth_summary(frame, path)
 
 

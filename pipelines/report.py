@@ -212,17 +212,35 @@ def print_report(report: FitReport, console: Console | None = None) -> None:
 
 
 def print_synth_summary(frame: pl.DataFrame, path: Path) -> None:
+    """Rates per task and, with the static truth (``p_static_<task>``), the oracle gap a
+    history can close: the AUC / GAUC of the true probabilities against those of the user's
+    interest averaged over the log's days (the best a static user embedding can do)."""
     from features.synth import TASKS
 
-    table = Table(["task", "group", "target rate", "rate", "mean p"])
-    for task in TASKS:
-        table.add(
-            [
-                task.name,
-                task.group,
-                f"{task.rate:.4f}",
-                f"{frame[task.name].mean():.4f}",
-                f"{frame[f'p_{task.name}'].mean():.4f}",
-            ]
+    names = [t.name for t in TASKS]
+    labels = frame.select(names).to_numpy().astype(np.float32)
+    users = frame["user_id"].to_numpy()
+    best = task_metrics(frame.select(f"p_{n}" for n in names).to_numpy(), labels, users, names)
+    static = None
+    if f"p_static_{names[0]}" in frame.columns:
+        probs = frame.select(f"p_static_{n}" for n in names).to_numpy()
+        static = task_metrics(probs, labels, users, names)
+    headers = ["task", "group", "target rate", "rate", "mean p", "best AUC"]
+    table = Table(headers + (["static AUC", "gap AUC", "gap GAUC"] if static else []))
+    for task in [*TASKS, None]:
+        name = task.name if task else "mean"
+        cells = [name, task.group, f"{task.rate:.4f}"] if task else [name, "", ""]
+        cells += (
+            [f"{frame[name].mean():.4f}", f"{frame[f'p_{name}'].mean():.4f}"] if task else ["", ""]
         )
+        cells.append(_fmt(best[f"auc/{name}"]))
+        if static:
+            cells.append(_fmt(static[f"auc/{name}"]))
+            cells += [_fmt(best[f"{m}/{name}"] - static[f"{m}/{name}"]) for m in ("auc", "gauc")]
+        table.add(cells)
     wide_console().print(table.rich(title=f"synthetic log: {frame.height:,} rows -> {path}"))
+    if static:
+        print(
+            "oracle gap: the true probabilities against the same with each user's interest "
+            "averaged over the log's days (what a history can add to a static user embedding)"
+        )

@@ -13,10 +13,16 @@ from scipy.stats import rankdata
 
 from features.synth import (
     DEFAULT_DRIFT,
+    DEFAULT_EXPOSURE,
+    DEFAULT_SWING,
     LATENT_DIM,
+    SWING_MEMORY,
     TASKS,
+    Exposure,
     SynthTask,
     _drifting_latents,
+    _retrieve,
+    _swinging,
     generate,
     generate_log,
     write_log,
@@ -229,7 +235,7 @@ def _pair_logit_changes(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def test_drift_makes_user_item_affinity_change_over_days() -> None:
     """Only a drifting interest makes the same user-item pair's true logit move further apart
     the more days separate two impressions (context effects are independent of the gap)."""
-    world = {"rows": 150_000, "users": 300, "items": 600, "authors": 100, "seed": 5}
+    world = {"rows": 150_000, "users": 300, "items": 600, "authors": 100, "seed": 5, "swing": 0.0}
     ratios = {}
     for drift in (0.0, DEFAULT_DRIFT):
         change, gap = _pair_logit_changes(generate_log(**world, drift=drift))
@@ -241,10 +247,11 @@ def test_drift_makes_user_item_affinity_change_over_days() -> None:
 
 
 def test_drift_changes_only_the_truth(small: pl.DataFrame) -> None:
-    """The walk has its own random stream: drift leaves all other columns as they are."""
-    static = generate_log(**SMALL, seed=7, drift=0.0)
+    """The walk has its own random stream: drift leaves all other columns as they are (items
+    by popularity: the retrieval stage follows the interest, so it moves the items too)."""
+    static = generate_log(**SMALL, seed=7, drift=0.0, exposure=Exposure())
     truth = [t.name for t in TASKS] + [f"p_{t.name}" for t in TASKS]
-    assert static.drop(truth).equals(small.drop(truth))
+    assert static.drop(truth).equals(generate_log(**SMALL, seed=7, exposure=Exposure()).drop(truth))
     assert not np.array_equal(static["p_click"].to_numpy(), small["p_click"].to_numpy())
     assert generate_log(**SMALL, seed=7, drift=0.5).equals(generate_log(**SMALL, seed=7, drift=0.5))
 
@@ -388,3 +395,116 @@ def test_new_items_and_authors_appear_over_the_days_and_are_seen_fresh() -> None
     assert (authors_first != "2024-01-01").any()  # new authors too
     with pytest.raises(ValueError, match="new_items must be in"):
         generate_log(rows=10, new_items=1.0)
+
+
+# --- the retrieval stage and the interest swing (issue 28) --------------------------------
+
+WORLD = {"rows": 20_000, "users": 300, "items": 800, "authors": 100}
+
+
+@pytest.mark.parametrize(
+    ("extra", "pinned"),
+    [
+        ({"seed": 7}, ([2984948, 7620664, 7931, 576], 2995368.5)),
+        ({"seed": 3, "new_items": 0.2}, ([2972516, 8078982, 7980, 583], 3282883.3)),
+    ],
+)
+def test_no_mixing_and_no_swing_is_the_log_as_it_was(extra: dict, pinned: tuple) -> None:
+    """Pinned from the generator before the retrieval stage and the swing existed."""
+    frame = generate_log(**WORLD, **extra, exposure=Exposure(), swing=0.0)
+    sums = [int(frame[c].sum()) for c in ("user_id", "item_id", "click", "like")]
+    weighted = float((frame["p_click"].cast(pl.Float64) * frame["item_id"]).sum())
+    assert (sums, round(weighted, 1)) == (pinned[0], pytest.approx(pinned[1], abs=0.2))
+
+
+def test_the_retrieval_stage_picks_by_the_days_interest() -> None:
+    """Interest share: the softmax pick among popular candidates (sharp: their best); explore
+    share: uniform; the rest keep their popularity draw."""
+    rng = np.random.default_rng(0)
+    rows, items = 40_000, 2_000
+    i_lat = rng.normal(size=(items, LATENT_DIM))
+    user_w = rng.normal(size=(500, LATENT_DIM)) / np.sqrt(LATENT_DIM)  # unit-variance scores
+    lat_row = rng.integers(0, 500, rows)
+    popular = rng.integers(0, 50, rows)  # "popularity": the first 50 items only
+    day = np.zeros(rows, np.int64)
+
+    def draw(uniform: bool, on_days: np.ndarray) -> np.ndarray:
+        return rng.integers(0, items if uniform else 50, len(on_days))
+
+    def score(item: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.einsum("nk,nk->n", user_w[lat_row[rows]], i_lat[item[rows]])
+
+    exposure = Exposure(interest=0.5, explore=0.2, candidates=20, sharpness=50.0)
+    chosen = _retrieve(exposure, popular, day, (user_w, lat_row), i_lat, draw, rng)
+    moved = chosen != popular
+    explored = chosen >= 50
+    assert explored.mean() == pytest.approx(0.2 * (1 - 50 / items), abs=0.01)
+    picked = moved & ~explored  # the interest share (less the few picks equal to the draw)
+    assert picked.mean() == pytest.approx(0.5, abs=0.03)
+    # Near the best of 20 unit-variance scores (E max = 1.87), the popular draw near 0.
+    assert score(chosen, picked).mean() > 1.6
+    assert abs(score(chosen, ~moved & ~explored).mean()) < 0.5
+
+
+def test_interest_exposure_changes_only_the_items_and_keeps_the_rates() -> None:
+    world = {**WORLD, "rows": 60_000, "seed": 2}
+    popular = generate_log(**world, exposure=Exposure())
+    interested = generate_log(**world, exposure=DEFAULT_EXPOSURE)
+    for task in TASKS:
+        assert interested[f"p_{task.name}"].mean() == pytest.approx(task.rate, rel=1e-3)
+    kept = ["user_id", "ts", "hour", "page", "device", "user_age"]
+    # (Sorted: the log's order breaks ties of time by the item.)
+    interested, popular = interested.sort(kept), popular.sort(kept)
+    assert interested.select(kept).equals(popular.select(kept))
+    changed = (interested["item_id"] != popular["item_id"]).mean()
+    assert 0.5 < changed < 0.7  # the interest and explore shares, less picks of the same item
+
+
+def test_the_swing_is_stationary_and_persistent() -> None:
+    users, days, swing = 20_000, 6, 0.7
+    lat = np.zeros((users * days, LATENT_DIM))
+    x = _swinging(lat, days, swing, np.random.default_rng(0)).reshape(users, days, LATENT_DIM)
+    np.testing.assert_allclose(x.std(axis=(0, 2)), swing, rtol=0.02)  # every day alike
+    lag1 = np.corrcoef(x[:, 2:].ravel(), x[:, 1:-1].ravel())[0, 1]
+    assert lag1 == pytest.approx(SWING_MEMORY, abs=0.01)
+    lag3 = np.corrcoef(x[:, 3:].ravel(), x[:, :-3].ravel())[0, 1]
+    assert lag3 == pytest.approx(SWING_MEMORY**3, abs=0.02)
+
+
+def test_static_truth_is_the_truth_without_drift_or_swing_and_below_it_with() -> None:
+    flat = generate_log(**WORLD, seed=4, drift=0.0, swing=0.0, static_truth=True)
+    for task in TASKS:
+        assert flat[f"p_static_{task.name}"].equals(
+            flat[f"p_{task.name}"].alias(f"p_static_{task.name}")
+        )
+    moving = generate_log(**{**WORLD, "rows": 60_000}, seed=4, static_truth=True)
+    y = moving["click"].to_numpy()
+    gap = _auc(y, moving["p_click"].to_numpy()) - _auc(y, moving["p_static_click"].to_numpy())
+    assert gap > 0.02  # what knowing the day's interest is worth over a static embedding
+
+
+@pytest.mark.parametrize(
+    ("exposure", "message"),
+    [
+        ({"interest": 0.8, "explore": 0.3}, "at most 1"),
+        ({"interest": -0.1}, "interest must be"),
+        ({"candidates": 0}, "candidates must be"),
+        ({"sharpness": float("inf")}, "sharpness must be"),
+    ],
+)
+def test_bad_exposure(exposure: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Exposure(**exposure)
+
+
+def test_cli_exposure_and_swing_defaults_match() -> None:
+    params = inspect.signature(synth).parameters
+    assert params["swing"].default == DEFAULT_SWING
+    given = Exposure(
+        *(params[k].default for k in ("interest", "explore", "candidates", "sharpness"))
+    )
+    assert given == DEFAULT_EXPOSURE
+    for function in (generate, generate_log):
+        signature = inspect.signature(function).parameters
+        assert signature["exposure"].default == DEFAULT_EXPOSURE
+        assert signature["swing"].default == DEFAULT_SWING
