@@ -183,11 +183,15 @@ def uplift_metrics(
         for share in TOP:
             key = f"uplift_at_{round(share * 100)}/{name}"
             out[key] = uplift_at_k(*args, share, p.weights) if p.both else float("nan")
-    for metric in ("qini", "auuc", *(f"uplift_at_{round(s * 100)}" for s in TOP)):
+    return with_means(out, ("qini", "auuc", *(f"uplift_at_{round(s * 100)}" for s in TOP)))
+
+
+def with_means(out: dict[str, float], metrics: Sequence[str]) -> dict[str, float]:
+    """``out`` with ``<metric>/mean``, the mean of each metric's finite values (NaN if none)."""
+    for metric in metrics:
         values = [v for key, v in out.items() if key.startswith(metric + "/")]
-        out[f"{metric}/mean"] = (
-            float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        )
+        finite = np.isfinite(values).any()
+        out[f"{metric}/mean"] = float(np.nanmean(values)) if finite else math.nan
     return out
 
 
@@ -242,7 +246,4 @@ def effect_errors(
             out[f"pehe/{task}/{arm}"] = float(np.sqrt(np.mean((a - b) ** 2)))
             both = a.std() > 0 and b.std() > 0
             out[f"effect_corr/{task}/{arm}"] = float(np.corrcoef(a, b)[0, 1]) if both else math.nan
-    for metric in ("pehe", "effect_corr"):
-        values = [v for key, v in out.items() if key.startswith(metric + "/")]
-        out[f"{metric}/mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-    return out
+    return with_means(out, ("pehe", "effect_corr"))

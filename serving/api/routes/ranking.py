@@ -1,6 +1,5 @@
 """``POST /v1/rank`` and ``GET /v1/model``: each reads the loaded model once. A rank request
-scores in the thread pool when its turn comes (``serving.api.admission``), so the event loop
-keeps admitting, shedding and timing out the others meanwhile."""
+scores in the thread pool when its turn comes (``serving.api.turn``)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,9 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
-from serving.api.admission import DEADLINE
 from serving.api.deps import AdmissionDep, HolderDep, MetricsDep, SettingsDep
+from serving.api.turn import in_turn
 from serving.holder import LoadedModel
 from serving.model import RequestError
 from serving.schemas import RankRequest, RankResponse, json_response
@@ -51,10 +49,8 @@ async def rank(
         raise RequestError(
             ["body", "candidates"], f"{n} candidates, at most {settings.max_candidates}"
         )
-    async with admission.turn(request.scope[DEADLINE]):
-        loaded = holder.current  # one version for the whole request: session, tasks, weights
-        metrics.candidates.observe(n)
-        return await run_in_threadpool(answer, body, loaded)
+    metrics.candidates.observe(n)
+    return await in_turn(request, admission, holder, body, answer)
 
 
 def answer(body: RankRequest, loaded: LoadedModel) -> Response:

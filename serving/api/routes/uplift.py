@@ -15,10 +15,9 @@ from collections.abc import Mapping
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
-from serving.api.admission import DEADLINE
-from serving.api.deps import AdmissionDep, HolderDep, MetricsDep, SettingsDep
+from serving.api.deps import AdmissionDep, HolderDep, SettingsDep
+from serving.api.turn import in_turn
 from serving.holder import LoadedModel
 from serving.model import RequestError, Scorer
 from serving.schemas import UpliftRequest, UpliftResponse, error, json_response
@@ -40,18 +39,20 @@ async def uplift(
     request: Request,
     holder: HolderDep,
     settings: SettingsDep,
-    metrics: MetricsDep,
     admission: AdmissionDep,
 ) -> Response:
     n = len(body.users)
     if n > settings.max_users:
         raise RequestError(["body", "users"], f"{n} users, at most {settings.max_users}")
-    async with admission.turn(request.scope[DEADLINE]):
-        loaded = holder.current  # one version for the whole request
-        if not loaded.scorer.arms:
-            name, version = loaded.label
-            return error(404, ["service"], f"{name} version {version} is not an uplift model")
-        return await run_in_threadpool(answer, body, loaded)
+    return await in_turn(request, admission, holder, body, answer, refuse=not_uplift)
+
+
+def not_uplift(loaded: LoadedModel) -> Response | None:
+    """A 404 when the model served is a ranker, not an uplift model."""
+    if loaded.scorer.arms:
+        return None
+    name, version = loaded.label
+    return error(404, ["service"], f"{name} version {version} is not an uplift model")
 
 
 def offered(scorer: Scorer, body: UpliftRequest) -> tuple[list[str], np.ndarray, np.ndarray]:

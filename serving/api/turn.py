@@ -1,0 +1,35 @@
+"""One scoring request's turn, the same for every scoring route: admitted (``Admit``), it
+waits for a scoring turn until its deadline, reads the loaded model once and answers from the
+thread pool, so the event loop keeps admitting, shedding and timing out the others."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from serving.api.admission import DEADLINE, Admission
+from serving.holder import Holder, LoadedModel
+
+Body = TypeVar("Body")
+
+
+async def in_turn(
+    request: Request,
+    admission: Admission,
+    holder: Holder,
+    body: Body,
+    answer: Callable[[Body, LoadedModel], Response],
+    refuse: Callable[[LoadedModel], Response | None] = lambda loaded: None,
+) -> Response:
+    """``answer(body, model)`` in the request's turn, with one version of the model for the
+    whole request; ``refuse(model)``, when it returns a response, answers instead."""
+    async with admission.turn(request.scope[DEADLINE]):
+        loaded = holder.current
+        refused = refuse(loaded)
+        if refused is not None:
+            return refused
+        return await run_in_threadpool(answer, body, loaded)
