@@ -49,8 +49,12 @@ async def rank(
         raise RequestError(
             ["body", "candidates"], f"{n} candidates, at most {settings.max_candidates}"
         )
-    metrics.candidates.observe(n)
-    return await in_turn(request, admission, holder, body, answer)
+
+    def counted(body: RankRequest, loaded: LoadedModel) -> Response:  # scored, not shed
+        metrics.candidates.observe(n)
+        return answer(body, loaded)
+
+    return await in_turn(request, admission, holder, body, counted)
 
 
 def answer(body: RankRequest, loaded: LoadedModel) -> Response:
