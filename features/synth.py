@@ -173,7 +173,7 @@ _PROPENSITY_STD = {"watch": 0.45, "interaction": 0.60}
 DEFAULT_DRIFT = 0.2
 # Std of the day-to-day swing of the interest around its course (``_swinging``): with the
 # default exposure, knowing the day's interest is worth about 0.03 mean AUC over the best a
-# static user embedding can do (measured on 300k rows: 0.034; ``ranker synth`` prints it).
+# static user embedding can do (0.034 on the 1M-row default log; ``ranker synth`` prints it).
 DEFAULT_SWING = 1.0
 
 

@@ -36,7 +36,9 @@ What is our reading:
 
 Ablations are switches: ``interaction: mlp`` (no cross-attention: tau from an MLP of
 ``[h_k ; mean_q q]``), ``tiered: false`` (no base effect: ``y_k(m) = sg(y_k(0)) + tau_k^m``),
-``shared_tau: true`` (one effect for every task, from the mean of the tasks' tokens).
+``shared_tau: true`` (one effect for every task, from the mean of the tasks' tokens),
+``detach_natural: false`` (no ``sg``), ``normalize_tokens: false`` (the user's tokens as they
+are).
 
 ``ArmHeads`` is the multi-head baseline (TARNet-like, one head per arm per task over the same
 MMoE encoder): ``y_k(m) = tower_{m,k}(h_k)``.
@@ -80,10 +82,16 @@ class TreatmentUserInteraction(nn.Module):
     """
 
     def __init__(
-        self, token_width: int, dim: int, heads: int, hidden: int, mode: Literal["attention", "mlp"]
+        self,
+        token_width: int,
+        dim: int,
+        heads: int,
+        hidden: int,
+        mode: Literal["attention", "mlp"],
+        normalize: bool = True,
     ) -> None:
         super().__init__()
-        self.mode, self.heads = mode, heads
+        self.mode, self.heads, self.normalize = mode, heads, normalize
         if mode == "attention":
             if dim % heads:
                 raise ValueError(f"MTMT: attention_dim {dim} does not split into {heads} heads")
@@ -108,7 +116,8 @@ class TreatmentUserInteraction(nn.Module):
             user = tokens.mean(1).unsqueeze(1).expand(-1, groups, -1)
             treatment = queries.mean(1).unsqueeze(0).expand(len(tokens), -1, -1)
             return self.effect(self.enhancer(torch.cat([user, treatment], -1))).squeeze(-1)
-        tokens = nn.functional.normalize(tokens, dim=-1)  # each user token L2-normalised
+        if self.normalize:
+            tokens = nn.functional.normalize(tokens, dim=-1)  # each user token L2-normalised
         attended = self.attend(queries.reshape(groups * q, d), tokens)  # [B, G q, d]
         enhanced = self.enhancer(attended).unflatten(1, (groups, q)).mean(2)
         return self.effect(enhanced).squeeze(-1)
@@ -147,6 +156,7 @@ class MTMT(MMoE):
         tiered: bool = True,
         shared_tau: bool = False,
         detach_natural: bool = True,
+        normalize_tokens: bool = True,
     ) -> None:
         arms = _check_arms(inputs, "MTMT")
         super().__init__(inputs, tasks, num_experts, expert_hidden, tower_hidden, tower_dropout,
@@ -167,7 +177,7 @@ class MTMT(MMoE):
         def interactions() -> nn.ModuleList:
             return nn.ModuleList(
                 TreatmentUserInteraction(
-                    width // user_tokens, d, heads, enhancer_hidden, interaction
+                    width // user_tokens, d, heads, enhancer_hidden, interaction, normalize_tokens
                 )
                 for _ in range(branches)
             )

@@ -17,7 +17,7 @@ from features.config import FeatureSpec
 from features.contract import OUTPUT
 from features.datamodule import RankerDataModule
 from features.state import CategoricalState, grown
-from features.synth import generate
+from features.synth import Exposure, generate
 from pipelines.checkpoints import locate, read_checkpoint
 from pipelines.evaluate import compare
 from pipelines.export.parity import parity_rows, torch_outputs
@@ -54,7 +54,7 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Line:
     root = tmp_path_factory.mktemp("warm")
     log = generate(
         root / "log", rows=20_000, users=400, items=1_000, authors=150, seed=3,
-        rows_per_group=1_000, new_items=0.3,
+        rows_per_group=1_000, new_items=0.3, exposure=Exposure(), swing=0.0,  # as tiny_log
     )  # fmt: skip
     early = dataset(root, log, "early", "  train_end: 2024-01-05\n  val_end: 2024-01-06\n")
     late = dataset(

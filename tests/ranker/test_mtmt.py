@@ -45,6 +45,31 @@ def test_every_arm_is_scored_and_logits_are_the_observed_arms(model: type) -> No
     assert trained[LOGITS].shape == (32, 2)
 
 
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"interaction": "mlp"},
+        {"tiered": False},
+        {"shared_tau": True},
+        {"detach_natural": False},
+        {"normalize_tokens": False},
+    ],
+    ids=lambda switch: "-".join(f"{k}={v}" for k, v in switch.items()),
+)
+def test_every_mtmt_ablation_scores_every_arm_and_reads_the_user(switch: dict) -> None:
+    torch.manual_seed(0)
+    network = MTMT(INPUTS, TASKS, **switch)
+    for p in network.parameters():  # past the zero-initialised effect heads
+        torch.nn.init.normal_(p, std=0.3)
+    cat, num = torch.randint(0, 5, (32, 2)), torch.randn(32, 1)
+    out = network(cat, num, None, torch.arange(32) % 3)
+    effect = out["arm_effect"]
+    assert out[ARM_LOGITS].shape == (32, 3, 2) and effect.shape == (32, 2, 2)
+    assert effect.std(0).min() > 0  # heterogeneous: the effect depends on the user
+    out[LOGITS].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
+
+
 def test_mtmt_effects_add_up_to_every_arms_response() -> None:
     network = MTMT(INPUTS, TASKS).eval()
     cat, num = torch.randint(0, 5, (16, 2)), torch.randn(16, 1)
