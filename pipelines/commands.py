@@ -88,20 +88,23 @@ def synth(
     from features.synth import Exposure, generate_log, write_log
     from pipelines.report import print_synth_summary
 
-    frame = generate_log(
-        rows=rows,
-        days=days,
-        start=start,
-        users=users,
-        items=items,
-        authors=authors,
-        seed=seed,
-        drift=drift,
-        new_items=new_items,
-        exposure=Exposure(interest, explore, candidates, sharpness),
-        swing=swing,
-        static_truth=True,
-    )
+    try:  # a bad knob: one line naming it, not a traceback
+        frame = generate_log(
+            rows=rows,
+            days=days,
+            start=start,
+            users=users,
+            items=items,
+            authors=authors,
+            seed=seed,
+            drift=drift,
+            new_items=new_items,
+            exposure=Exposure(interest, explore, candidates, sharpness),
+            swing=swing,
+            static_truth=True,
+        )
+    except ValueError as err:
+        raise ConfigError(f"synth: {err}") from None
     static = [c for c in frame.columns if c.startswith("p_static_")]
     path = write_log(frame.drop(static), out, rows_per_group=rows_per_group)
     print_synth_summary(frame, path)

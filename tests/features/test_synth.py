@@ -27,7 +27,7 @@ from features.synth import (
     generate_log,
     write_log,
 )
-from pipelines.commands import synth
+from pipelines.commands import main, synth
 
 BIG_ROWS = 300_000
 # Small world for the I/O and determinism tests: fast, yet several row groups per day.
@@ -508,3 +508,22 @@ def test_cli_exposure_and_swing_defaults_match() -> None:
         signature = inspect.signature(function).parameters
         assert signature["exposure"].default == DEFAULT_EXPOSURE
         assert signature["swing"].default == DEFAULT_SWING
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--interest", "0.9", "--explore", "0.3"], "at most 1"),
+        (["--swing", "-1"], "swing must be"),
+        (["--drift", "-1"], "drift must be"),
+    ],
+)
+def test_synth_refuses_a_bad_knob_in_one_line(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", "--rows", "100", "--out", str(tmp_path / "log"), *flags])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ranker: error: synth:") and message in error
+    assert "Traceback" not in error and not (tmp_path / "log").exists()
