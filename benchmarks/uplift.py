@@ -244,22 +244,25 @@ def latency(graph: Path, config: DatasetConfig, repeats: int = 300) -> Table:
     customers of the test split, every arm and task scored; then ``POST /v1/uplift`` of the
     same customers by id (features from the user table beside the graph) to ``ranker serve
     --threads 1``, one client, request after request for 10 s."""
+    import json
+
     import onnxruntime as ort
 
     from benchmarks.serve import http_run, percentiles, served
-    from features.onnx_graph import raw_feeds, raw_inputs
-    from features.state import FeatureState
+    from features.contract import META, RawInput
+    from features.onnx_graph import raw_feeds
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    state = FeatureState.fit(pl.scan_parquet(config.path), config)
+    meta = session.get_modelmeta().custom_metadata_map  # the graph's inputs, as the service reads
+    inputs = [RawInput(**c) for c in json.loads(meta[META.INPUTS])]
     test = pl.read_parquet(config.path).filter(pl.col(config.split.column) == "test")
     out = Table(title=f"{graph}: 1 thread ({machine()})")
     for column in ("scored by", "customers", "p50 ms", "p99 ms", "customers / s"):
         out.add_column(column, justify="right")
     for rows in (1, 1000):
-        feeds = raw_feeds(test.head(rows), raw_inputs(state, config.features))
+        feeds = raw_feeds(test.head(rows), inputs)
         for _ in range(20):
             session.run(None, feeds)
         times = []

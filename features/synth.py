@@ -64,6 +64,21 @@ class SynthTask:
     rate: float
 
 
+def _check_scale(name: str, value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.integer | np.floating)
+        or not (np.isfinite(value) and value >= 0)
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Exposure:
     """The retrieval stage that picks each impression's item (see the module docstring):
@@ -78,19 +93,12 @@ class Exposure:
 
     def __post_init__(self) -> None:
         for name in ("interest", "explore", "sharpness"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and np.isfinite(value) and value >= 0):
-                raise ValueError(f"exposure {name} must be a finite number >= 0, got {value!r}")
+            _check_scale(f"exposure {name}", getattr(self, name))
+        _check_positive(**{"exposure candidates": self.candidates})
         if self.interest + self.explore > 1:
             raise ValueError(
                 f"exposure shares interest + explore must be at most 1, got "
                 f"{self.interest} + {self.explore}"
-            )
-        if isinstance(self.candidates, bool) or not (
-            isinstance(self.candidates, int) and self.candidates >= 1
-        ):
-            raise ValueError(
-                f"exposure candidates must be an integer >= 1, got {self.candidates!r}"
             )
 
     @property
@@ -284,26 +292,16 @@ def _calibrate_bias(z: np.ndarray, rate: float, max_iter: int = 100) -> float:
     return b
 
 
+def _calibrated(z: np.ndarray, rate: float) -> np.ndarray:
+    """``sigmoid(b + z)`` as float32, with ``b`` such that its mean is ``rate``."""
+    return (1.0 / (1.0 + np.exp(-(_calibrate_bias(z, rate) + z)))).astype(np.float32)
+
+
 def _parse_start(start: str) -> datetime:
     try:
         return datetime.strptime(start, "%Y-%m-%d").replace(tzinfo=UTC)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"start must be a date string 'YYYY-MM-DD', got {start!r}") from exc
-
-
-def _check_scale(name: str, value: float) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float | np.integer | np.floating)
-        or not (np.isfinite(value) and value >= 0)
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _strings(labels: tuple[str, ...], codes: np.ndarray) -> pl.Series:
@@ -494,14 +492,12 @@ def generate_log(
     duration_missing = rng.random(rows) < _MISSING_DURATION_RATE
 
     # Scores use the user's latent on the impression's day (row ``user * days + day``).
-    if drift > 0:
+    if drift > 0 or swing > 0:
         user_lat, lat_row = _drifting_latents(u_lat, days, drift, drift_rng), user * days + day
+        if swing > 0:
+            user_lat = _swinging(user_lat, days, swing, swing_rng)
     else:
         user_lat, lat_row = u_lat, user
-    if swing > 0:
-        if drift == 0:
-            user_lat = np.repeat(u_lat, days, axis=0)
-        user_lat, lat_row = _swinging(user_lat, days, swing, swing_rng), user * days + day
     if exposure.mixing:
 
         def draw(uniform: bool, on_days: np.ndarray) -> np.ndarray:
@@ -555,13 +551,9 @@ def generate_log(
             + c["activity"] * np.asarray(_ACTIVE_EFFECT)[active]
             + c["follows"] * follows_z
         )
-        z = current[j] + rest
-        bias = _calibrate_bias(z, task.rate)
-        probs[task.name] = (1.0 / (1.0 + np.exp(-(bias + z)))).astype(np.float32)
+        probs[task.name] = _calibrated(current[j] + rest, task.rate)
         if static is not None:
-            z = static[j] + rest
-            bias = _calibrate_bias(z, task.rate)
-            probs[f"static_{task.name}"] = (1.0 / (1.0 + np.exp(-(bias + z)))).astype(np.float32)
+            probs[f"static_{task.name}"] = _calibrated(static[j] + rest, task.rate)
     # Labels are drawn from the stored float32 probabilities, so p_t is exactly the truth.
     labels = {t.name: (rng.random(rows) < probs[t.name]).astype(np.int8) for t in TASKS}
 
