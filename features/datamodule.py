@@ -18,6 +18,7 @@ exactly the batches it had already trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -34,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.config import SPLITS, ConfigError, DatasetConfig, SplitName, TaskSpec
+from features.history import EventSlices
 from features.source import LogSource, Piece
 from features.state import Batch, FeatureState, InputSpec, map_fields
 
@@ -97,7 +99,7 @@ def _concat(batches: list[Batch]) -> Batch:
             np.concatenate([getattr(b, k) for b in batches])
             for k in ("cat", "num", "labels", "users")
         ),
-        {k: np.concatenate([b.sequences[k] for b in batches]) for k in first.sequences},
+        {k: _concat_sequences([b.sequences[k] for b in batches]) for k in first.sequences},
         {k: np.concatenate([b.lengths[k] for b in batches]) for k in first.lengths},
         *(
             None if getattr(first, k) is None else np.concatenate([getattr(b, k) for b in batches])
@@ -106,12 +108,20 @@ def _concat(batches: list[Batch]) -> Batch:
     )
 
 
+def _concat_sequences(parts: list[np.ndarray | EventSlices]) -> np.ndarray | EventSlices:
+    if isinstance(parts[0], EventSlices):
+        return EventSlices.concat(parts)  # type: ignore[arg-type]
+    return np.concatenate(parts)
+
+
 def _slice(batch: Batch, index: slice | np.ndarray) -> Batch:
     return batch.map(lambda a: a[index])
 
 
 def to_tensors(batch: Batch) -> TensorBatch:
-    t = batch.map(torch.from_numpy)
+    """A cut batch as tensors (histories sliced from the events become ``[B, L]`` ids)."""
+    sequences = {k: v.ids() if isinstance(v, EventSlices) else v for k, v in batch.sequences.items()}
+    t = dataclasses.replace(batch, sequences=sequences).map(torch.from_numpy)
     return TensorBatch(
         t.cat, t.num, t.labels, t.users, t.sequences, t.lengths, t.treatment, t.propensity
     )
@@ -239,10 +249,10 @@ class ParquetBatches(IterableDataset):
         buffered: list[Batch] = []
         pooled = batch = 0
         for position, (index, start, stop) in enumerate(share):
-            frame = self.source.read_piece(self.pieces[index], self.split)
+            frame = self.source.read_piece(self.pieces[index], self.split, positions=True)
             if frame.height != self.piece_rows[index]:
                 raise ConfigError(f"{self.pieces[index].path} changed while training")
-            buffered.append(self.state.transform(frame[start:stop]))
+            buffered.append(self.state.transform(frame[start:stop], self.source.events))
             pooled += stop - start
             if pooled < self.shuffle_buffer and position < len(share) - 1:
                 continue

@@ -1,4 +1,5 @@
-"""Behaviour histories derived from the log itself, in bounded memory.
+"""Behaviour histories derived from the log itself: each user's events stored once, each
+impression a position in them.
 
 A derived sequence (``kind: sequence`` with ``from_label``) is, for each impression, the values
 of a column (e.g. ``item_id``) at the user's last ``max_len`` impressions whose label
@@ -6,24 +7,37 @@ of a column (e.g. ``item_id``) at the user's last ``max_len`` impressions whose 
 itself, never a later event, never an event at the same timestamp. Sequences with the same
 label and timestamp are computed together and aligned by position.
 
-**Pre-pass.** The derived columns are written once to Parquet *sidecars*, one per log file,
-row for row and row group for row group (so the DataModule reads a log row group and its
-sidecar row group together), cached under a key of the log files (path, size, mtime) and the
-specs. The pass reads the log once and its own files twice, so its time grows linearly:
+**Storage.** A group's *events* (the positives, sorted by user, then time, then log order) are
+written once, one Parquet file per group (``events-<g>.parquet``, a column of values per
+sequence). Each impression holds only its *position*: ``end``, the index in the events of the
+first positive at or after its time (exclusive), and ``n``, how many of its user's positives
+come before it. Its history is ``events[end - min(n, L) : end]``, sliced when a batch is cut
+(``EventSlices``), so ``max_len`` can change without deriving again, and disk and memory grow
+with the events and the impressions, never with impressions x L:
+
+    disk, memory = 8 B x events x sequences  +  16 B x impressions x sequences
+
+(at L = 1,000 and 10M impressions with 1M positives, 0.2 GB where per-impression lists take
+80 GB).
+
+**Pre-pass.** The positions are written once to Parquet *sidecars*, one per log file, row for
+row and row group for row group (so the DataModule reads a log row group and its sidecar row
+group together), cached under a key of the log files (path, size, mtime) and the specs. The
+pass reads the log once and its own files twice, so its time grows linearly:
 
 1. **partition**: one pass over the log, row group by row group, sends each row's narrow
    columns (user, timestamp, label, values) and its key (file, row) to the file of its user's
    bucket (users hashed into ``K`` buckets of about ``bucket_rows`` impressions);
 2. **derive**, bucket by bucket (polars + numpy, no per-row Python): the positives sorted by
-   (user, time) get a global position; an as-of join (backward, exact matches excluded) gives
-   each impression the end of its user's positives strictly before it; the last ``max_len``
-   positions before that end are gathered into list columns, written sorted by key;
-3. **assemble**: each log row group's histories are read back from the row groups of the
+   (user, time) are appended to the events; an as-of join (backward, exact matches excluded)
+   gives each impression the end of its user's positives strictly before it, written sorted
+   by key;
+3. **assemble**: each log row group's positions are read back from the row groups of the
    buckets' results whose key range meets it (Parquet statistics), sorted, and appended to its
    file's sidecar.
 
-Memory holds one bucket (about ``bucket_rows`` x (40 + 8 x mean history length) bytes) and one
-row group's histories, whatever the size of the log.
+Memory holds one bucket (about ``bucket_rows`` x 56 bytes) and one row group's positions,
+whatever the size of the log.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +58,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.config import ConfigError, DatasetConfig, FeatureSpec
+from features.contract import right_aligned
 
 BUCKET_ROWS = 1_000_000
 MANIFEST = "manifest.json"
+FORMAT = 2  # 1: per-impression lists; 2: events once, positions per impression
+POSITION = pl.Struct({"end": pl.Int64, "n": pl.Int64})  # a derived column in a sidecar
 
 
 def ranker_cache() -> Path:
@@ -121,9 +139,10 @@ def derive(
     schema: pl.Schema,
     root: Path | None = None,
     bucket_rows: int | None = None,
-) -> list[Path]:
-    """The sidecar of each log file (derived columns, same rows and row groups), from the
-    cache or written now; concurrent callers (DDP ranks) wait for one to write them."""
+) -> Events:
+    """The log's events and the sidecar of each log file (positions, same rows and row
+    groups), from the cache or written now; concurrent callers (DDP ranks) wait for one to
+    write them."""
     root, bucket_rows = root or cache_root(), bucket_rows or BUCKET_ROWS
     key = _cache_key(files, user_key, groups)
     directory = root / key
@@ -138,7 +157,7 @@ def derive(
             shutil.rmtree(work)
             manifest = {"files": [str(f) for f in files], "groups": _describe(groups)}
             (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return [directory / f"{i}.parquet" for i in range(len(files))]
+    return Events(directory, groups, [directory / f"{i}.parquet" for i in range(len(files))])
 
 
 def _describe(groups: list[HistoryGroup]) -> list[dict[str, object]]:
@@ -146,7 +165,7 @@ def _describe(groups: list[HistoryGroup]) -> list[dict[str, object]]:
         {
             "label": g.label,
             "timestamp": g.timestamp,
-            "columns": {s.column: [v, s.max_len] for s, v in zip(g.specs, g.values, strict=True)},
+            "columns": {s.column: v for s, v in zip(g.specs, g.values, strict=True)},
         }
         for g in groups
     ]
@@ -154,7 +173,7 @@ def _describe(groups: list[HistoryGroup]) -> list[dict[str, object]]:
 
 def _cache_key(files: list[Path], user_key: str, groups: list[HistoryGroup]) -> str:
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    doc = json.dumps([stats, user_key, _describe(groups)], sort_keys=True)
+    doc = json.dumps([FORMAT, stats, user_key, _describe(groups)], sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()[:24]
 
 
@@ -180,20 +199,47 @@ def _write_sidecars(
     rows = sum(pq.read_metadata(f).num_rows for f in files)
     buckets = max(1, math.ceil(rows / bucket_rows))
     _partition(files, _narrow_columns(user_key, groups), user_key, buckets, work, schema)
-    for k in range(buckets):
-        frame = pl.read_parquet(work / f"in-{k}.parquet")
-        derived = frame.select("__key")
-        for g in groups:
-            derived = derived.hstack(_histories(frame, user_key, g).get_columns())
-        # Row groups small enough that a log row group reads about one from each bucket.
-        group = min(max(65_536 // buckets, 1_024), 65_536)
-        derived.sort("__key").write_parquet(work / f"out-{k}.parquet", row_group_size=group)
-        (work / f"in-{k}.parquet").unlink()
-        del frame, derived
-    types = {
-        s.column: pl.List(schema[v]) for g in groups for s, v in zip(g.specs, g.values, strict=True)
-    }
+    writers = [_EventWriter(directory / f"events-{i}.parquet", g, schema) for i, g in enumerate(groups)]
+    try:
+        for k in range(buckets):
+            frame = pl.read_parquet(work / f"in-{k}.parquet")
+            derived = frame.select("__key")
+            for g, writer in zip(groups, writers, strict=True):
+                derived = derived.hstack(_positions(frame, user_key, g, writer).get_columns())
+            # Row groups small enough that a log row group reads about one from each bucket.
+            group = min(max(65_536 // buckets, 1_024), 65_536)
+            derived.sort("__key").write_parquet(work / f"out-{k}.parquet", row_group_size=group)
+            (work / f"in-{k}.parquet").unlink()
+            del frame, derived
+    finally:
+        for writer in writers:
+            writer.close()
+    types = {s.column: POSITION for g in groups for s in g.specs}
     _assemble(files, [work / f"out-{k}.parquet" for k in range(buckets)], types, directory)
+
+
+class _EventWriter:
+    """Appends a group's events, bucket by bucket, to its file; counts them (the next
+    bucket's events start there)."""
+
+    def __init__(self, path: Path, group: HistoryGroup, schema: pl.Schema) -> None:
+        self.path, self.written = path, 0
+        self.empty = pl.DataFrame(
+            schema={s.column: schema[v] for s, v in zip(group.specs, group.values, strict=True)}
+        )
+        self.writer = pq.ParquetWriter(path, self.empty.to_arrow().schema)
+
+    def write(self, events: pl.DataFrame) -> int:
+        """Append ``events`` (the group's value columns); returns where they start."""
+        start = self.written
+        if events.height:
+            table = pl.concat([self.empty, events], how="vertical_relaxed").to_arrow()
+            self.writer.write_table(table.cast(self.writer.schema))
+        self.written += events.height
+        return start
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _partition(
@@ -320,29 +366,33 @@ def latest_histories(
     return out
 
 
-def _histories(frame: pl.DataFrame, user_key: str, group: HistoryGroup) -> pl.DataFrame:
-    """Each row's derived sequences of ``group`` (rows of whole users, in ``frame``'s order)."""
-    events = frame.select(
+def _positions(
+    frame: pl.DataFrame, user_key: str, group: HistoryGroup, events: _EventWriter
+) -> pl.DataFrame:
+    """Each row's position in ``group``'s events (rows of whole users, in ``frame``'s
+    order): a struct column per sequence; the bucket's positives are appended to
+    ``events``."""
+    rows = frame.select(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("__i"),
         pl.col(user_key).alias("__user"),
         event_time(group.timestamp).alias("__t"),
         positive(group.label).alias("__pos"),
-        *(pl.col(v).alias(f"__v{j}") for j, v in enumerate(group.values)),
+        *(pl.col(v).alias(s.column) for s, v in zip(group.specs, group.values, strict=True)),
     )
     usable = placed(pl.col("__user"), pl.col("__t"))
-    positives = (
-        events.filter(pl.col("__pos") & usable).sort("__user", "__t", "__i").with_row_index("__p")
-    )
+    positives = rows.filter(pl.col("__pos") & usable).sort("__user", "__t", "__i")
+    offset = events.write(positives.select(s.column for s in group.specs))
+    positives = positives.with_row_index("__p", offset=offset)
     # The end (exclusive) of a user's positives at each of their distinct times, and where
     # the user's positives start.
     ends = (
         positives.group_by("__user", "__t")
-        .agg((pl.col("__p").max() + 1).cast(pl.Int64).alias("__end"))
+        .agg((pl.col("__p").max() + 1).cast(pl.Int64).alias("end"))
         .sort("__t")
     )
     starts = positives.group_by("__user").agg(pl.col("__p").min().cast(pl.Int64).alias("__start"))
     found = (
-        events.filter(usable)
+        rows.filter(usable)
         .select("__i", "__user", "__t")
         .sort("__t")
         .join_asof(
@@ -354,27 +404,114 @@ def _histories(frame: pl.DataFrame, user_key: str, group: HistoryGroup) -> pl.Da
             check_sortedness=False,  # sorted by time above; polars cannot check within groups
         )
         .join(starts, on="__user", how="left")
-        .select("__i", (pl.col("__end") - pl.col("__start")).fill_null(0).alias("__n"), "__end")
+        .select("__i", "end", (pl.col("end") - pl.col("__start")).alias("n"))
     )
-    span = (
-        events.select("__i")
+    position = (
+        rows.select("__i")
         .join(found, on="__i", how="left", maintain_order="left")
-        .select(pl.col("__n").fill_null(0), pl.col("__end").fill_null(0))
+        .select(pl.struct(pl.col("end").fill_null(0), pl.col("n").fill_null(0)).alias("p"))
+        .to_series()
     )
-    available, end = span["__n"].to_numpy(), span["__end"].to_numpy()
-    out = {}
-    for j, spec in enumerate(group.specs):
-        counts = np.minimum(available, spec.max_len).astype(np.int64)
-        out[spec.column] = _gather_lists(positives[f"__v{j}"], end - counts, counts)
-    return pl.DataFrame(out)
+    return pl.DataFrame([position.alias(s.column) for s in group.specs])
+
+
+# -- reading: histories as slices of the events ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventSlices:
+    """Histories as slices of one event array: row r's is ``events[end[r] - count[r] :
+    end[r]]``, most recent last. A batch holds these until it is cut (slicing and
+    concatenating rows touch two ints per row, never L ids); ``ids`` then gives ``[B, L]``."""
+
+    events: np.ndarray  # int64 [E], vocabulary indices
+    end: np.ndarray  # int64 [B]
+    count: np.ndarray  # int64 [B], at most max_len
+    max_len: int
+
+    def __len__(self) -> int:
+        return len(self.end)
+
+    def __getitem__(self, index: slice | np.ndarray) -> EventSlices:
+        return EventSlices(self.events, self.end[index], self.count[index], self.max_len)
+
+    @staticmethod
+    def concat(parts: list[EventSlices]) -> EventSlices:
+        first = parts[0]
+        if any(p.events is not first.events or p.max_len != first.max_len for p in parts):
+            raise ValueError("histories sliced from different events cannot be concatenated")
+        end, count = (np.concatenate([getattr(p, k) for p in parts]) for k in ("end", "count"))
+        return EventSlices(first.events, end, count, first.max_len)
+
+    def ids(self) -> np.ndarray:
+        """int64 ``[B, max_len]``: each row's history right-aligned, 0 = padding."""
+        return right_aligned(
+            self.events[_ranges(self.end - self.count, self.count)], self.count, self.max_len, 0
+        )
+
+
+class Events:
+    """The derived histories of a log: each group's events and the sidecars of positions
+    (``derive`` writes them). Loaded lazily, once per process (not pickled to loader
+    workers: each reads the file)."""
+
+    def __init__(self, directory: Path, groups: list[HistoryGroup], sidecars: list[Path]) -> None:
+        self.directory, self.sidecars = directory, sidecars
+        self.group = {s.column: i for i, g in enumerate(groups) for s in g.specs}
+        self._values: dict[str, pl.Series] = {}
+        self._ids: dict[tuple[str, str], tuple[object, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_values": {}, "_ids": {}}
+
+    def values(self, column: str) -> pl.Series:
+        """Every event's value of a derived sequence, in event order."""
+        if column not in self._values:
+            path = self.directory / f"events-{self.group[column]}.parquet"
+            self._values[column] = pl.read_parquet(path, columns=[column]).to_series()
+        return self._values[column]
+
+    def ids(self, column: str, vocabulary: object, lookup: Callable[[pl.Series], np.ndarray]) -> np.ndarray:
+        """The events' values as vocabulary indices (``lookup``), computed once per
+        vocabulary (a warm start or a loaded state brings another)."""
+        key = (column, str(id(vocabulary)))
+        cached = self._ids.get(key)
+        if cached is None or cached[0] is not vocabulary:
+            cached = self._ids[key] = (vocabulary, lookup(self.values(column)))
+        return cached[1]
+
+    def lists(self, positions: pl.Series, column: str, max_len: int) -> pl.Series:
+        """The histories at ``positions`` (a sidecar column) as a list column of values."""
+        end, count = _bounds(positions, max_len)
+        return _gather_lists(self.values(column), end - count, count)
+
+
+def _bounds(positions: pl.Series, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(end, count) of each row's last ``max_len`` events, from a sidecar column."""
+    parts = positions.struct.unnest()
+    end = parts["end"].fill_null(0).to_numpy().astype(np.int64)
+    n = parts["n"].fill_null(0).to_numpy().astype(np.int64)
+    return end, np.minimum(n, max_len)
+
+
+def event_slices(positions: pl.Series, events: np.ndarray, max_len: int) -> tuple[EventSlices, np.ndarray]:
+    """(the histories at ``positions``, each row's length before truncation)."""
+    end, count = _bounds(positions, max_len)
+    n = positions.struct.field("n").fill_null(0).to_numpy().astype(np.int64)
+    return EventSlices(events, end, count, max_len), n
+
+
+def _ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concat(arange(f, f + c))`` over the rows: one vectorised expression."""
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(first - offsets, counts) + np.arange(int(counts.sum()), dtype=np.int64)
 
 
 def _gather_lists(values: pl.Series, first: np.ndarray, counts: np.ndarray) -> pl.Series:
     """Row r's list is ``values[first[r] : first[r] + counts[r]]``: one gather, no loop."""
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], counts)
-    flat = values.gather(np.repeat(first, counts) + within).to_arrow()
+    flat = values.gather(_ranges(first, counts)).to_arrow()
     if isinstance(flat, pa.ChunkedArray):
         flat = flat.combine_chunks()
     return pl.Series(pa.LargeListArray.from_arrays(pa.array(offsets), flat))

@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from features.config import SPLITS, ConfigError, DatasetConfig, FeatureSpec, SplitName
-from features.history import check_columns, derive, history_groups
+from features.history import Events, check_columns, derive, history_groups
 
 PARQUET_MAGIC = b"PAR1"
 SPLIT_COLUMN = "__split"  # pre-split data: the split of each row's file
@@ -84,8 +84,11 @@ class LogSource:
     needed column that fails to decode: every file is read once up front to find them) and
     list them in ``skipped``, instead of stopping at the first.
 
-    Derived histories (``features.history``) are computed once, up front, into sidecar files
-    (cached under ``history_cache``); reading the log then reads them beside it.
+    Derived histories (``features.history``) are computed once, up front: each user's events
+    once, and each impression's position in them in sidecar files (cached under
+    ``history_cache``). Reading the log reads the positions beside it and gives the histories
+    as list columns (``max_len`` each), or, for the DataModule, as the positions themselves
+    (``positions=True``), sliced when a batch is cut.
     """
 
     def __init__(
@@ -94,7 +97,7 @@ class LogSource:
         self.config = config
         self.skipped: dict[str, str] = {}
         groups = history_groups(config)
-        self.derived = {s.column for g in groups for s in g.specs}  # columns the pre-pass writes
+        self.derived = {s.column: s for g in groups for s in g.specs}  # what the pre-pass writes
         skipped = self.skipped if skip_corrupt else None
         self.split_of: dict[str, SplitName] = {}  # pre-split data: file -> its split
         if config.split.mode == "paths":
@@ -113,15 +116,19 @@ class LogSource:
         self._check_columns()
         if skip_corrupt:
             self._skip_unreadable_pages()
-        # Derived histories: one pre-pass (cached) writes a sidecar per log file.
+        # Derived histories: one pre-pass (cached) writes the events and a sidecar per file.
         self.sidecars: dict[str, Path] = {}
+        self.events: Events | None = None
         if groups:
             for group in groups:
                 check_columns(group, self.schema, self.where)
             try:
-                written = derive(self.files, config.user_key, groups, self.schema, history_cache)
+                self.events = derive(
+                    self.files, config.user_key, groups, self.schema, history_cache
+                )
             except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as err:
                 raise self._unreadable(self.columns_needed(), err) from None
+            written = self.events.sidecars
             self.sidecars = {str(f): p for f, p in zip(self.files, written, strict=True)}
 
     # -- schema -------------------------------------------------------------------------------
@@ -136,7 +143,23 @@ class LogSource:
         if not (derived and self.sidecars):
             return log
         sidecars = pl.scan_parquet([self.sidecars[str(f)] for f in self.files])
-        return pl.concat([log, sidecars], how="horizontal")
+        return pl.concat([log, sidecars], how="horizontal").with_columns(
+            pl.col(c).map_batches(
+                lambda p, c=c: self._lists(p, c),
+                return_dtype=pl.List(self.schema[self._value_column(c)]),
+                is_elementwise=True,
+            )
+            for c in self.derived
+        )
+
+    def _value_column(self, column: str) -> str:
+        return self.config.feature(self.derived[column].vocabulary_of).column
+
+    def _lists(self, positions: pl.Series, column: str) -> pl.Series:
+        """A derived sequence as a list column (its ``max_len`` last events) from positions."""
+        assert self.events is not None
+        lists = self.events.lists(positions, column, self.derived[column].max_len)
+        return lists.cast(pl.List(self.schema[self._value_column(column)])).alias(column)
 
     def _log_schema(self) -> pl.Schema:
         try:
@@ -446,7 +469,7 @@ class LogSource:
 
     def _skip_unreadable_pages(self) -> None:
         """Decode every row group of the columns a fit reads; leave out files that fail."""
-        needed = set(self.columns_needed()) - self.derived - {SPLIT_COLUMN}
+        needed = set(self.columns_needed()) - set(self.derived) - {SPLIT_COLUMN}
         for file in list(self.files):
             err = _decode_error(file, needed)
             if err is not None:
@@ -491,9 +514,12 @@ class LogSource:
                     pieces.append(Piece(group, rows))
         return pieces
 
-    def read_piece_columns(self, piece: Piece, columns: tuple[str, ...]) -> pl.DataFrame:
+    def read_piece_columns(
+        self, piece: Piece, columns: tuple[str, ...], positions: bool = False
+    ) -> pl.DataFrame:
         """Some columns of one row group, as read (no filter, no joins); derived histories
-        come from the same row group of the file's sidecar."""
+        come from the same row group of the file's sidecar, as lists (or, with
+        ``positions``, as the positions in ``events``)."""
         logged = [c for c in columns if c not in self.derived and c != SPLIT_COLUMN]
         derived = [c for c in columns if c in self.derived]
         try:
@@ -510,13 +536,17 @@ class LogSource:
             table = table.select(list(columns))
         except (pa.ArrowException, OSError) as err:
             raise ConfigError(f"cannot read {piece.path}: {err}") from err
-        return pl.from_arrow(table)
+        frame = pl.from_arrow(table)
+        if positions or not derived:
+            return frame
+        return frame.with_columns(self._lists(frame[c], c) for c in derived)
 
     def read_piece(
-        self, piece: Piece, split: SplitName, extra: tuple[str, ...] = ()
+        self, piece: Piece, split: SplitName, extra: tuple[str, ...] = (), positions: bool = False
     ) -> pl.DataFrame:
-        """One row group's rows of the split, side tables joined."""
-        frame = self.read_piece_columns(piece, tuple(self.columns_needed(extra)))
+        """One row group's rows of the split, side tables joined (derived histories as
+        ``read_piece_columns`` gives them)."""
+        frame = self.read_piece_columns(piece, tuple(self.columns_needed(extra)), positions)
         return self.join_side_tables(frame.filter(self.split_filter(split)))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from features.config import ConfigError, DatasetConfig, FeatureSpec, TaskSpec
+from features.history import Events, EventSlices, event_slices
 from features.contract import (
     HASH_INCREMENT,
     HASH_MULTIPLIER,
@@ -80,7 +81,8 @@ class Batch:
     num: np.ndarray  # float32 [B, F_num]
     labels: np.ndarray  # float32 [B, T], NaN = not observed
     users: np.ndarray  # int64 [B]
-    sequences: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int64 [B, L]
+    # name -> int64 [B, L], or slices of the log's events until the batch is cut
+    sequences: dict[str, np.ndarray | EventSlices] = field(default_factory=dict)
     lengths: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int64 [B]
     treatment: np.ndarray | None = None  # int64 [B]: the arm received, 0 = control (uplift data)
     propensity: np.ndarray | None = None  # float32 [B]: its probability (1 where not logged)
@@ -528,8 +530,10 @@ class FeatureState:
 
     # -- transform ----------------------------------------------------------------------------
 
-    def transform(self, frame: pl.DataFrame) -> Batch:
-        """Raw rows (side tables joined) -> arrays. Unknown values map to index 0."""
+    def transform(self, frame: pl.DataFrame, events: Events | None = None) -> Batch:
+        """Raw rows (side tables joined) -> arrays. Unknown values map to index 0. A derived
+        history read as positions (``LogSource.read_piece(positions=True)``) stays a slice of
+        ``events`` (``EventSlices``) until the batch is cut."""
         cat_exprs = [lookup_expr(s, frame.schema[s.column]).alias(s.name) for s in self.categorical]
         raw_bucketized = [
             numeric_expr(n.column, n.transform).alias(n.name) for n in self.bucketized
@@ -558,7 +562,14 @@ class FeatureState:
         labels, users = self._target_arrays(out)
         sequences, lengths = {}, {}
         for seq in self.sequences:
-            sequences[seq.name], lengths[seq.name] = self.sequence_ids(frame[seq.column], seq)
+            column = frame[seq.column]
+            if isinstance(column.dtype, pl.Struct):  # positions in the log's events
+                if events is None:
+                    raise ValueError(f"'{seq.column}' holds positions, but no events were given")
+                ids = events.ids(seq.column, self._vocabulary(seq), partial(self._ids, seq))
+                sequences[seq.name], lengths[seq.name] = event_slices(column, ids, seq.max_len)
+            else:
+                sequences[seq.name], lengths[seq.name] = self.sequence_ids(column, seq)
         return Batch(
             np.ascontiguousarray(cat),
             np.ascontiguousarray(num),
@@ -584,9 +595,15 @@ class FeatureState:
         or unknown; each row's length before truncation)."""
         lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
         values, counts = flatten_recent(lists, seq.max_len)
-        vocabulary = next(c for c in self.categorical if c.name == seq.vocabulary)
-        ids = values.to_frame("v").select(lookup_expr(vocabulary, values.dtype, "v"))
-        return right_aligned(ids.to_series().to_numpy(), counts, seq.max_len, 0), lengths
+        return right_aligned(self._ids(seq, values), counts, seq.max_len, 0), lengths
+
+    def _vocabulary(self, seq: SequenceState) -> CategoricalState:
+        return next(c for c in self.categorical if c.name == seq.vocabulary)
+
+    def _ids(self, seq: SequenceState, values: pl.Series) -> np.ndarray:
+        """Values of a sequence as indices in its vocabulary (0 = unknown)."""
+        ids = values.to_frame("v").select(lookup_expr(self._vocabulary(seq), values.dtype, "v"))
+        return ids.to_series().to_numpy()
 
     def targets(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """The labels and GAUC users of raw rows, as ``transform`` gives them, reading only the

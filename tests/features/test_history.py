@@ -299,3 +299,78 @@ def test_the_latest_history_is_what_an_impression_after_the_log_derives(tmp_path
         expected = snapshot.get(user, ([], []))
         assert (list(history), list(authors)) == (list(expected[0]), list(expected[1]))
     assert sum(len(h) for h in got["history"].to_list()) > 50  # real histories compared
+
+
+def test_a_longer_max_len_reuses_the_events_and_positions(tmp_path: Path) -> None:
+    """Histories are stored as events once and positions per impression: a longer ``max_len``
+    derives nothing again (same files, untouched) and still gives the reference histories;
+    the sidecars hold two ints per impression whatever L is."""
+    frame = random_log()
+    log = write(frame, tmp_path / "log")
+    short = LogSource(config(tmp_path, log, max_len=5), history_cache=tmp_path / "cache")
+    stamp = {p: p.stat().st_mtime_ns for p in short.sidecars.values()}
+    long = LogSource(config(tmp_path, log, max_len=1000), history_cache=tmp_path / "cache")
+    assert {p: p.stat().st_mtime_ns for p in long.sidecars.values()} == stamp
+    assert derived(long, "history") == reference(frame, "item_id", "click", 1000)
+    assert max(len(h) for h in derived(long, "history")) > 5  # the longer L is used
+    sidecar = pq.read_schema(next(iter(long.sidecars.values())))
+    assert str(sidecar.field("history").type) == "struct<end: int64, n: int64>"
+    events = pq.read_metadata(long.events.directory / "events-0.parquet").num_rows
+    assert events == int(frame.filter(pl.col("click") & pl.col("ts").is_not_null()).height)
+
+
+def test_batches_slice_the_events_as_the_reference_gives(tmp_path: Path) -> None:
+    """The DataModule's batches carry positions and slice the events when cut: the histories
+    are exactly the lists' (which match the brute-force reference above), for every split,
+    across row groups and files; a position shifted by one would not be."""
+    frame = random_log(seed=7)
+    log = write(frame, tmp_path / "log")
+    config(tmp_path, log, max_len=7)
+    from features.datamodule import RankerDataModule
+
+    dm = RankerDataModule(str(tmp_path / "config.yaml"), batch_size=97, eval_batch_size=61,
+                          history_cache=str(tmp_path / "c"))  # fmt: skip
+    for split in ("val", "test"):
+        lists = dm.state.transform(dm.source.scan(split).collect())
+        batches = list(dm.dataset(split))
+        for name in ("history", "authors"):
+            got = np.concatenate([b.sequences[name].numpy() for b in batches])
+            np.testing.assert_array_equal(got, lists.sequences[name])
+            # Lengths count all of the user's earlier events (the lists hold the last L).
+            lengths = np.concatenate([b.lengths[name].numpy() for b in batches])
+            np.testing.assert_array_equal(np.minimum(lengths, 7), lists.lengths[name])
+            assert lengths.max() > 7
+        assert (lists.sequences["history"] > 0).sum() > 100  # real histories compared
+    # A mutation that shifts every position by one gives other histories.
+    piece = dm.source.pieces[-1]
+    rows = dm.source.read_piece(piece, "test", positions=True)
+    batch = dm.state.transform(rows, dm.source.events)
+    slices = batch.sequences["history"]
+    shifted = slices.__class__(slices.events, slices.end - 1, slices.count, slices.max_len)
+    exact = dm.state.transform(dm.source.read_piece(piece, "test")).sequences["history"]
+    np.testing.assert_array_equal(slices.ids(), exact)
+    assert (shifted.ids() != exact).any()
+    # Training batches are shuffled slices of the same events: every row's history is one
+    # of the split's, and lengths agree with what the history holds.
+    train = dm.state.transform(dm.source.scan("train").collect())
+    known = {tuple(r) for r in train.sequences["history"].tolist()}
+    for b in dm.dataset("train"):
+        ids = b.sequences["history"].numpy()
+        assert {tuple(r) for r in ids.tolist()} <= known
+        assert ((ids > 0).sum(1) <= b.lengths["history"].numpy()).all()
+
+
+def test_event_slices_cut_and_join_like_the_ids() -> None:
+    from features.history import EventSlices
+
+    events = np.arange(1, 21, dtype=np.int64)
+    s = EventSlices(events, np.array([0, 3, 20, 10]), np.array([0, 3, 4, 1]), 4)
+    np.testing.assert_array_equal(
+        s.ids(), [[0, 0, 0, 0], [0, 1, 2, 3], [17, 18, 19, 20], [0, 0, 0, 10]]
+    )
+    index = np.array([3, 1])
+    np.testing.assert_array_equal(s[index].ids(), s.ids()[index])
+    np.testing.assert_array_equal(EventSlices.concat([s[2:], s[:2]]).ids(), s.ids()[[2, 3, 0, 1]])
+    other = EventSlices(events.copy(), s.end, s.count, 4)
+    with pytest.raises(ValueError, match="different events"):
+        EventSlices.concat([s, other])
