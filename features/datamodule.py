@@ -120,7 +120,9 @@ def _slice(batch: Batch, index: slice | np.ndarray) -> Batch:
 
 def to_tensors(batch: Batch) -> TensorBatch:
     """A cut batch as tensors (histories sliced from the events become ``[B, L]`` ids)."""
-    sequences = {k: v.ids() if isinstance(v, EventSlices) else v for k, v in batch.sequences.items()}
+    sequences = {
+        k: v.ids() if isinstance(v, EventSlices) else v for k, v in batch.sequences.items()
+    }
     t = dataclasses.replace(batch, sequences=sequences).map(torch.from_numpy)
     return TensorBatch(
         t.cat, t.num, t.labels, t.users, t.sequences, t.lengths, t.treatment, t.propensity

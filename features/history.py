@@ -199,7 +199,9 @@ def _write_sidecars(
     rows = sum(pq.read_metadata(f).num_rows for f in files)
     buckets = max(1, math.ceil(rows / bucket_rows))
     _partition(files, _narrow_columns(user_key, groups), user_key, buckets, work, schema)
-    writers = [_EventWriter(directory / f"events-{i}.parquet", g, schema) for i, g in enumerate(groups)]
+    writers = [
+        _EventWriter(directory / f"events-{i}.parquet", g, schema) for i, g in enumerate(groups)
+    ]
     try:
         for k in range(buckets):
             frame = pl.read_parquet(work / f"in-{k}.parquet")
@@ -471,7 +473,9 @@ class Events:
             self._values[column] = pl.read_parquet(path, columns=[column]).to_series()
         return self._values[column]
 
-    def ids(self, column: str, vocabulary: object, lookup: Callable[[pl.Series], np.ndarray]) -> np.ndarray:
+    def ids(
+        self, column: str, vocabulary: object, lookup: Callable[[pl.Series], np.ndarray]
+    ) -> np.ndarray:
         """The events' values as vocabulary indices (``lookup``), computed once per
         vocabulary (a warm start or a loaded state brings another)."""
         key = (column, str(id(vocabulary)))
@@ -494,7 +498,9 @@ def _bounds(positions: pl.Series, max_len: int) -> tuple[np.ndarray, np.ndarray]
     return end, np.minimum(n, max_len)
 
 
-def event_slices(positions: pl.Series, events: np.ndarray, max_len: int) -> tuple[EventSlices, np.ndarray]:
+def event_slices(
+    positions: pl.Series, events: np.ndarray, max_len: int
+) -> tuple[EventSlices, np.ndarray]:
     """(the histories at ``positions``, each row's length before truncation)."""
     end, count = _bounds(positions, max_len)
     n = positions.struct.field("n").fill_null(0).to_numpy().astype(np.int64)

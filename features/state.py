@@ -28,7 +28,6 @@ import numpy as np
 import polars as pl
 
 from features.config import ConfigError, DatasetConfig, FeatureSpec, TaskSpec
-from features.history import Events, EventSlices, event_slices
 from features.contract import (
     HASH_INCREMENT,
     HASH_MULTIPLIER,
@@ -36,6 +35,7 @@ from features.contract import (
     flatten_recent,
     right_aligned,
 )
+from features.history import Events, EventSlices, event_slices
 
 STATE_FILE = "feature_state.json"
 INLINE_VOCAB_LIMIT = 50_000  # larger vocabularies go to a Parquet file beside the JSON
