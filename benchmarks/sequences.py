@@ -1,16 +1,26 @@
-"""What a behaviour sequence costs: deriving histories, a training step, a scoring request.
+"""What a behaviour sequence costs, short or long: deriving histories, a training step, a
+scoring request; and the variant configs for the quality runs.
 
     python benchmarks/sequences.py --derive-rows 10000000 --log-dir /tmp/seqbench
+    python benchmarks/sequences.py --write-configs /tmp/long     # quality: see RESULTS.md
+
+The history variants (``VARIANTS``), each on the synthetic config:
+
+- ``none``; ``ta50``: target attention over the last 50 clicks (the short-history baseline);
+- ``search200`` / ``search1000``: the last 200 / 1,000 clicks, soft search (SIM / TWIN style:
+  the 50 closest to the candidate by embedding), then target attention over those 50;
+- ``hard1000``: the last 1,000 clicks, hard search by the candidate's category (the 50 latest
+  of that category, an aligned history of categories), then target attention.
 
 1. **Deriving histories** (``features.history``) on a generated log of ``--derive-rows`` rows:
-   the pre-pass's wall time and the peak RSS of the process that runs it, beside the peak RSS
-   of the same process reading the log without sequences (each in a fresh child process).
+   the pre-pass's wall time, the peak RSS of the process that runs it, and the bytes it
+   stores (events + positions), beside the same process reading the log without sequences
+   (each in a fresh child process).
 2. **Training step** (forward, backward, AdamW + SparseAdam) of MMoE and HoME at batch 2,048
-   on the synthetic config's inputs, without sequences and with one target-attention history
-   of ``L`` = 50 (every position filled: the worst case), timed in the same process in
-   alternating blocks; the ratio is with / without.
+   on the synthetic config's inputs for every variant (every position filled: the worst
+   case), timed in the same process in alternating blocks.
 3. **Scoring** 500 candidates with the service's own code (``Scorer.feeds`` + ``score``) of an
-   exported model (random weights) with and without the L = 50 history: p50 / p99.
+   exported model (random weights) per variant: p50 / p99.
 
 Prints markdown tables.
 """
@@ -40,29 +50,43 @@ from ranker.models import build  # noqa: E402
 from ranker.module import RankerModule  # noqa: E402
 
 SYNTHETIC = ROOT / "configs" / "data" / "synthetic.yaml"
-LENGTH = 50
 
 
-def dataset_config(directory: Path, log: Path, length: int | None) -> Path:
-    """The synthetic config on ``log``, its history ``length`` long (None: no sequence)."""
+def history(name: str, length: int, **extra: object) -> dict:
+    """A derived history of the last ``length`` clicks (item ids unless ``extra`` says)."""
+    return {
+        "name": name,
+        "kind": "sequence",
+        "side": "user",
+        "vocabulary_of": "item_id",
+        "from_label": "click",
+        "timestamp": "ts",
+        "max_len": length,
+        **extra,
+    }
+
+
+SEARCH = {"pooling": "search", "search_k": 50}
+DERIVED = ("none", "ta50", "search1000", "hard1000")  # what the derive and scoring tables show
+VARIANTS = {
+    "none": [],
+    "ta50": [history("recent_clicks", 50, pooling="target_attention")],
+    "search200": [history("long_clicks", 200, **SEARCH)],
+    "search1000": [history("long_clicks", 1000, **SEARCH)],
+    "hard1000": [
+        history("long_clicks", 1000, **SEARCH, search_by="long_categories"),
+        history("long_categories", 1000, vocabulary_of="item_category", pooling="none"),
+    ],
+}
+
+
+def dataset_config(directory: Path, log: Path, variant: str) -> Path:
+    """The synthetic config on ``log`` with the history of ``variant`` (``VARIANTS``)."""
     raw = yaml.safe_load(SYNTHETIC.read_text())
     raw["path"] = str(log)
     features = [f for f in raw["features"] if f.get("kind") != "sequence"]
-    if length:
-        features.append(
-            {
-                "name": "recent_clicks",
-                "kind": "sequence",
-                "side": "user",
-                "vocabulary_of": "item_id",
-                "from_label": "click",
-                "timestamp": "ts",
-                "max_len": length,
-                "pooling": "target_attention",
-            }
-        )
-    raw["features"] = features
-    out = directory / f"synthetic-{length or 0}.yaml"
+    raw["features"] = features + VARIANTS[variant]
+    out = directory / f"synthetic-{variant}.yaml"
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
 
@@ -77,10 +101,11 @@ def child_read(config: str, cache: str) -> None:
     start = time.perf_counter()
     LogSource(DatasetConfig.from_yaml(config), history_cache=Path(cache))
     seconds = time.perf_counter() - start
+    stored = sum(f.stat().st_size for f in Path(cache).rglob("*.parquet"))
     # VmHWM, not ru_maxrss: the latter keeps the peak of the process this one was forked from.
     status = Path("/proc/self/status").read_text().splitlines()
     peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1e6
-    print(json.dumps({"seconds": seconds, "peak_gb": peak}))
+    print(json.dumps({"seconds": seconds, "peak_gb": peak, "stored_gb": stored / 1e9}))
 
 
 def measure_derive(directory: Path, rows: int) -> list[str]:
@@ -91,8 +116,8 @@ def measure_derive(directory: Path, rows: int) -> list[str]:
             check=True,
         )
     results = {}
-    for length in (None, 20, LENGTH):
-        config = dataset_config(directory, log, length)
+    for variant in DERIVED:
+        config = dataset_config(directory, log, variant)
         cache = tempfile.mkdtemp(dir=directory)
         out = subprocess.run(
             [sys.executable, __file__, "--child-read", str(config), cache],
@@ -100,16 +125,18 @@ def measure_derive(directory: Path, rows: int) -> list[str]:
             capture_output=True,
             text=True,
         )
-        results[length] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results[None]
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     lines = [
-        "| history | checks + pre-pass s | peak RSS GB |",
-        "|---|---:|---:|",
-        f"| none | {base['seconds']:.1f} | {base['peak_gb']:.2f} |",
+        "| history | checks + pre-pass s | peak RSS GB | stored GB | as per-impression lists GB |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for length in (20, LENGTH):
-        r = results[length]
-        lines.append(f"| L = {length} | {r['seconds']:.1f} | {r['peak_gb']:.2f} |")
+    for variant, r in results.items():
+        length = max((f["max_len"] for f in VARIANTS[variant]), default=0)
+        lists = 8 * length * rows * len(VARIANTS[variant]) / 1e9
+        lines.append(
+            f"| {variant} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {r['stored_gb']:.3f} | "
+            f"{lists:.1f} |"
+        )
     return [f"Deriving histories on {rows:,} generated rows", "", *lines]
 
 
@@ -160,14 +187,16 @@ def measure_steps(data: dict[str, RankerDataModule], steps: int, blocks: int) ->
     specs = {k: d.input_spec for k, d in data.items()}
     tasks = data["none"].tasks
     lines = [
-        f"| model | step ms, no sequence | step ms, L = {LENGTH} | ratio |",
-        "|---|---:|---:|---:|",
+        "| model | " + " | ".join(f"{k} ms" for k in specs) + " | search1000 / ta50 "
+        "| hard1000 / ta50 |",
+        "|---|" + "---:|" * (len(specs) + 2),
     ]
     for model in ("mmoe", "home"):
         t = step_time(model, specs, tasks, steps, blocks)
         lines.append(
-            f"| {model} | {t['none'] * 1e3:.1f} | {t['seq'] * 1e3:.1f} | "
-            f"{t['seq'] / t['none']:.2f}x |"
+            f"| {model} | "
+            + " | ".join(f"{t[k] * 1e3:.1f}" for k in specs)
+            + f" | {t['search1000'] / t['ta50']:.2f}x | {t['hard1000'] / t['ta50']:.2f}x |"
         )
     return ["Training step at batch 2,048 (median of alternating blocks)", "", *lines]
 
@@ -186,7 +215,8 @@ def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds:
     for model in ("mmoe", "home"):
         config = yaml.safe_load((ROOT / "configs" / "model" / f"{model}.yaml").read_text())
         network = config["model"]["network"]
-        for key, d in data.items():
+        for key in DERIVED:
+            d = data[key]
             torch.manual_seed(0)
             module = RankerModule(
                 lambda i, t, n=network: build(n, i, t), inputs=d.input_spec, tasks=d.tasks
@@ -215,9 +245,8 @@ def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds:
                 scorer.score(scorer.feeds(user, {}, {}, items, [None] * len(items)))
 
             latencies = timed(call, seconds)
-            history = f"L = {LENGTH}" if key == "seq" else "none"
             lines.append(
-                f"| {model} | {history} | {np.percentile(latencies, 50) * 1e3:.2f} | "
+                f"| {model} | {key} | {np.percentile(latencies, 50) * 1e3:.2f} | "
                 f"{np.percentile(latencies, 99) * 1e3:.2f} |"
             )
     return ["Scoring 500 candidates in process (Scorer.feeds + score, 2 threads)", "", *lines]
@@ -233,6 +262,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--skip-derive", action="store_true")
     parser.add_argument("--only-derive", action="store_true")
+    parser.add_argument(
+        "--write-configs", type=Path, help="write each variant's dataset config here and stop"
+    )
     parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-read", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,6 +273,11 @@ def main() -> None:
         return
     if args.child_read:
         child_read(*args.child_read)
+        return
+    if args.write_configs:
+        args.write_configs.mkdir(parents=True, exist_ok=True)
+        for variant in VARIANTS:
+            print(dataset_config(args.write_configs, args.write_configs / "log", variant))
         return
     torch.set_num_threads(2)
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -252,12 +289,8 @@ def main() -> None:
         generate(small, rows=args.small_rows)
     cache = str(args.log_dir / "cache")
     data = {
-        "none": RankerDataModule(
-            str(dataset_config(args.log_dir, small, None)), history_cache=cache
-        ),
-        "seq": RankerDataModule(
-            str(dataset_config(args.log_dir, small, LENGTH)), history_cache=cache
-        ),
+        v: RankerDataModule(str(dataset_config(args.log_dir, small, v)), history_cache=cache)
+        for v in VARIANTS
     }
     out = [*measure_steps(data, args.steps, args.blocks), ""]
     out += [*measure_scoring(data, args.log_dir, args.seconds), ""]

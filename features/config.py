@@ -21,7 +21,8 @@ import yaml
 Kind = Literal["categorical", "numeric", "sequence"]
 Side = Literal["user", "item", "context"]
 Transform = Literal["standardize", "log1p", "quantile_bucket"]
-Pooling = Literal["mean", "target_attention"]
+Pooling = Literal["mean", "target_attention", "search", "none"]
+ATTENDED = ("target_attention", "search")  # poolings with a query (``target``)
 SplitName = Literal["train", "val", "test"]
 SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 
@@ -43,7 +44,12 @@ class FeatureSpec:
     Sequences with the same ``from_label`` and ``timestamp`` are aligned by position (e.g. the
     items of a history and their authors). ``pooling`` turns it into one vector: the mean, or
     DIN-style target attention with the embedding of ``target`` (default: ``vocabulary_of``,
-    the candidate) as the query.
+    the candidate) as the query, or ``search`` (SIM / TWIN style, for long histories): the
+    ``search_k`` behaviours most relevant to the candidate, then target attention over them.
+    Relevance is the hard search of SIM with ``search_by`` (another sequence aligned with this
+    one, e.g. the history's authors: the behaviours whose value equals the candidate's, most
+    recent first) or else the soft search (the dot product of the behaviour's and the
+    candidate's embeddings). ``none``: not pooled, only read by another's ``search_by``.
     """
 
     name: str
@@ -61,7 +67,9 @@ class FeatureSpec:
     from_label: str | None = None  # sequence only: derived from the log's positives
     timestamp: str | None = None  # sequence only, derived: sub-day time column of the log
     pooling: Pooling = "mean"  # sequence only
-    target: str | None = None  # target_attention only: the query feature
+    target: str | None = None  # target_attention or search: the query feature
+    search_k: int = 50  # search only: behaviours kept for the attention
+    search_by: str | None = None  # search only: an aligned sequence for hard search
 
     def __post_init__(self) -> None:
         if not self.column:
@@ -297,8 +305,42 @@ def _check_split(config: DatasetConfig, where: str) -> None:
         raise ConfigError(f"{where}: split.val_end must come before split.test_end")
 
 
-SEQUENCE_KEYS = ("max_len", "vocabulary_of", "from_label", "timestamp", "pooling", "target")
+SEQUENCE_KEYS = (
+    "max_len", "vocabulary_of", "from_label", "timestamp", "pooling", "target", "search_k",
+    "search_by",
+)  # fmt: skip
 SEQUENCE_DEFAULTS = FeatureSpec("_", "sequence", "user")
+
+
+def _check_search(config: DatasetConfig, spec: FeatureSpec, at: str) -> None:
+    """``search_k`` / ``search_by`` belong to pooling: search; ``search_by`` names a sequence
+    aligned with this one (the same events: derived from the same label and timestamp, or
+    both logged, and the same ``max_len``)."""
+    sequences = {f.name: f for f in config.features if f.kind == "sequence"}
+    if spec.pooling == "none" and not any(f.search_by == spec.name for f in sequences.values()):
+        raise ConfigError(
+            f"{at}: pooling: none is for a sequence another one searches by (its search_by)"
+        )
+    if spec.pooling != "search":
+        for key in ("search_k", "search_by"):
+            if getattr(spec, key) != getattr(SEQUENCE_DEFAULTS, key):
+                raise ConfigError(f"{at}: {key} is only for pooling: search")
+        return
+    if spec.search_k < 1:
+        raise ConfigError(f"{at}: search_k must be >= 1, got {spec.search_k}")
+    if spec.search_by is None:
+        return
+    by = sequences.get(spec.search_by)
+    if by is None or by.name == spec.name:
+        raise ConfigError(
+            f"{at}: search_by: {spec.search_by!r} names no other sequence feature "
+            f"(sequences: {sorted(set(sequences) - {spec.name})})"
+        )
+    if (by.from_label, by.timestamp, by.max_len) != (spec.from_label, spec.timestamp, spec.max_len):
+        raise ConfigError(
+            f"{at}: search_by: '{by.name}' is not aligned with '{spec.name}': both must be "
+            "derived from the same from_label and timestamp (or both logged) with the same max_len"
+        )
 
 
 def _check_sequence(config: DatasetConfig, spec: FeatureSpec, at: str) -> None:
@@ -320,9 +362,10 @@ def _check_sequence(config: DatasetConfig, spec: FeatureSpec, at: str) -> None:
             f"{at}: embedding_dim: a sequence shares the embeddings of '{spec.vocabulary_of}' "
             f"({shared}); leave it out"
         )
-    if spec.target is not None and spec.pooling != "target_attention":
-        raise ConfigError(f"{at}: target is only for pooling: target_attention")
-    if spec.pooling == "target_attention":
+    if spec.target is not None and spec.pooling not in ATTENDED:
+        raise ConfigError(f"{at}: target is only for pooling: target_attention or search")
+    _check_search(config, spec, at)
+    if spec.pooling in ATTENDED:
         target = categorical[spec.target or spec.vocabulary_of]
         if target.embedding_dim != categorical[spec.vocabulary_of].embedding_dim:
             raise ConfigError(

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features.config import ConfigError, DatasetConfig, FeatureSpec, TaskSpec
+from features.config import ATTENDED, ConfigError, DatasetConfig, FeatureSpec, TaskSpec
 from features.contract import (
     HASH_INCREMENT,
     HASH_MULTIPLIER,
@@ -53,6 +53,8 @@ class SequenceInput:
     max_len: int
     pooling: str = "mean"
     target: str | None = None
+    search_k: int = 0  # pooling: search: behaviours kept
+    search_by: str | None = None  # pooling: search: the aligned sequence of hard search
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class SequenceState:
     max_len: int
     pooling: str = "mean"
     target: str | None = None
+    search_k: int = 0  # pooling: search only
+    search_by: str | None = None  # pooling: search only: the aligned sequence of hard search
 
 
 @dataclass
@@ -360,7 +364,9 @@ class FeatureState:
             embedding_dims=tuple(dims[s.name] for s in embedded),
             num_names=tuple(s.name for s in self.dense),
             sequences=tuple(
-                SequenceInput(s.name, s.vocabulary, s.max_len, s.pooling, s.target)
+                SequenceInput(
+                    s.name, s.vocabulary, s.max_len, s.pooling, s.target, s.search_k, s.search_by
+                )
                 for s in self.sequences
             ),
             cat_sides=tuple(sides[s.name] for s in embedded),
@@ -492,7 +498,8 @@ class FeatureState:
                 spec.vocabulary_of,
                 spec.max_len,
                 spec.pooling,
-                spec.target or spec.vocabulary_of if spec.pooling == "target_attention" else None,
+                spec.target or spec.vocabulary_of if spec.pooling in ATTENDED else None,
+                *((spec.search_k, spec.search_by) if spec.pooling == "search" else ()),
             )
             for spec in config.sequences
         ]

@@ -13,8 +13,24 @@ same item as a candidate have one embedding ``e``. Pooling, per feature:
       w   = softmax_j(a_j over unmasked j) * m_j
       v   = sum_j w_j e_j
 
+- ``search`` (a general search unit, then target attention: SIM, Pi et al., CIKM 2020; TWIN,
+  Chang et al., KDD 2023), for histories of thousands: the ``K`` positions most relevant to
+  the candidate are kept, ``S = topK_j r_j`` over unmasked ``j``, and ``v`` is the target
+  attention above over ``j in S`` only. Relevance ``r_j``:
+
+      hard search (``search_by``: a sequence b aligned with the history, e.g. its authors,
+      and the candidate's value c of b's feature):   r_j = j if b_j = c != 0, else excluded
+                                                      (the latest K sharing the attribute)
+      soft search (otherwise):                        r_j = <e_j, q>   (no gradient: the
+                                                      search picks, the attention learns)
+
+  Only the K kept are embedded with a gradient, so a step costs the lookup of L ids (soft
+  search; none for hard) plus target attention over K, not over L. Fewer than K relevant
+  behaviours leave the rest masked.
+
 An empty (or all-unknown) history gives ``v = 0``, never NaN. The pooled vectors are
-concatenated after the embedded input: ``[B, sum D_s]``.
+concatenated after the embedded input: ``[B, sum D_s]`` (a sequence with pooling ``none``,
+only searched by, adds nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from features.config import ATTENDED
 from features.state import InputSpec, SequenceInput
 from ranker.layers import FusedEmbedding
 
@@ -62,6 +79,17 @@ class TargetAttention(nn.Module):
         return (weights.unsqueeze(-1) * e).sum(1)
 
 
+def search(
+    ids: torch.Tensor,
+    k: int,
+    relevance: torch.Tensor,
+) -> torch.Tensor:
+    """The ids ``[B, k]`` at each row's ``k`` most relevant positions (``relevance [B, L]``,
+    ``-inf`` where a position may not be kept), 0 where a row has fewer."""
+    top, index = relevance.topk(k, dim=1)
+    return ids.gather(1, index).masked_fill(top == float("-inf"), 0)
+
+
 class SequencePooling(nn.Module):
     """Every sequence feature of ``inputs`` pooled to one vector, concatenated ``[B, D_seq]``.
 
@@ -73,18 +101,59 @@ class SequencePooling(nn.Module):
         super().__init__()
         names = list(inputs.cat_names)
         self.specs: tuple[SequenceInput, ...] = inputs.sequences
+        by_name = {s.name: s for s in self.specs}
         self.vocabulary = [names.index(s.vocabulary) for s in self.specs]
         self.target = [names.index(s.target) if s.target else -1 for s in self.specs]
+        # Hard search: the candidate's column of the searched-by sequence's feature.
+        self.key = [
+            names.index(by_name[s.search_by].vocabulary) if s.search_by else -1 for s in self.specs
+        ]
         dims = [inputs.embedding_dims[i] for i in self.vocabulary]
         self.attention = nn.ModuleDict(
             {
                 s.name: TargetAttention(d, attention_hidden)
                 for s, d in zip(self.specs, dims, strict=True)
-                if s.pooling == "target_attention"
+                if s.pooling in ATTENDED
             }
         )
+        # Pooled to a vector each (a sequence with pooling: none is only searched by).
+        self.pooled = [i for i, s in enumerate(self.specs) if s.pooling != "none"]
+        dims = [d if s.pooling != "none" else 0 for s, d in zip(self.specs, dims, strict=True)]
         self.dims = dims
         self.output_dim = sum(dims)
+
+    def index(self, name: str) -> int:
+        """The position of sequence ``name`` among the pooled ones."""
+        return [s.name for s in self.specs].index(name)
+
+    def relevant(
+        self,
+        i: int,
+        embedding: FusedEmbedding,
+        ids: torch.Tensor,
+        target: torch.Tensor | None = None,
+        by: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sequence ``i``'s ids that its pooling reads: all ``[B, L]``, or with ``search``
+        the ``K`` most relevant to each row's candidate (``target [B]`` ids; hard search:
+        the aligned ``by [B, L]`` and the candidate's ``key [B]``)."""
+        spec = self.specs[i]
+        if spec.pooling != "search" or spec.search_k >= ids.shape[1]:
+            return ids
+        keep = ids > 0
+        if spec.search_by:
+            assert by is not None and key is not None
+            position = torch.arange(ids.shape[1], device=ids.device, dtype=torch.float32)
+            shared = keep & (by == key.unsqueeze(1)) & (by > 0)
+            relevance = position.expand(ids.shape).masked_fill(~shared, float("-inf"))
+        else:
+            with torch.no_grad():
+                e = embedding.lookup(self.vocabulary[i], ids)  # [B, L, D]
+                q = embedding.lookup(self.target[i], target)  # [B, D]
+                relevance = (e @ q.unsqueeze(-1)).squeeze(-1).float()
+            relevance = relevance.masked_fill(~keep, float("-inf"))
+        return search(ids, spec.search_k, relevance)
 
     def pool(
         self,
@@ -92,11 +161,14 @@ class SequencePooling(nn.Module):
         embedding: FusedEmbedding,
         ids: torch.Tensor,
         target: torch.Tensor | None = None,
+        by: torch.Tensor | None = None,
+        key: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sequence ``i``'s vector ``[B, D]`` from its ids ``[B, L]`` (with attention, the
-        rows' ``target`` ids ``[B]`` are the query)."""
+        rows' ``target`` ids ``[B]`` are the query; ``by`` and ``key`` as ``relevant``)."""
         spec = self.specs[i]
-        e = embedding.lookup(self.vocabulary[i], ids)  # [B, L, D]
+        ids = self.relevant(i, embedding, ids, target, by, key)
+        e = embedding.lookup(self.vocabulary[i], ids)  # [B, L or K, D]
         mask = ids > 0
         if spec.name in self.attention:
             query = embedding.lookup(self.target[i], target)
@@ -104,13 +176,22 @@ class SequencePooling(nn.Module):
         count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
         return (mask.unsqueeze(-1).to(e.dtype) * e).sum(1) / count
 
+    def inputs_of(
+        self, i: int, cat: torch.Tensor, sequences: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Sequence ``i``'s (ids, target, by, key) from a model's inputs."""
+        spec, target, key = self.specs[i], self.target[i], self.key[i]
+        return (
+            sequences[spec.name],
+            cat[:, target] if target >= 0 else None,
+            sequences[spec.search_by] if spec.search_by else None,
+            cat[:, key] if key >= 0 else None,
+        )
+
     def forward(
         self,
         embedding: FusedEmbedding,
         cat: torch.Tensor,
         sequences: dict[str, torch.Tensor],
     ) -> list[torch.Tensor]:
-        return [
-            self.pool(i, embedding, sequences[s.name], cat[:, t] if t >= 0 else None)
-            for i, (s, t) in enumerate(zip(self.specs, self.target, strict=True))
-        ]
+        return [self.pool(i, embedding, *self.inputs_of(i, cat, sequences)) for i in self.pooled]

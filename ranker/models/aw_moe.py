@@ -106,11 +106,19 @@ class AWMoE(ExpertModel):
         )
         self.add_towers(tower_hidden, activation, tower_dropout)
 
+    def gate_ids(self, cat: torch.Tensor, sequences: Sequences) -> torch.Tensor:
+        """The gating sequence's behaviours the gates attend to: ``[B, L]``, or with
+        ``pooling: search`` the ``[B, K]`` most relevant to the candidate."""
+        i = self.pooling.index(self.gate_sequence)
+        ids, target, by, key = self.pooling.inputs_of(i, cat, sequences or {})
+        return self.pooling.relevant(i, self.embedding, ids, target, by, key)
+
     def gate_inputs(
         self, cat: torch.Tensor, sequences: Sequences, keep: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """``[v^t ; q]`` ``[B, 2D]`` per task gate; ``keep`` ``[B, L]`` masks behaviours out."""
-        ids = (sequences or {})[self.gate_sequence]
+        """``[v^t ; q]`` ``[B, 2D]`` per task gate; ``keep`` (shaped as ``gate_ids``) masks
+        behaviours out."""
+        ids = self.gate_ids(cat, sequences)
         e = self.embedding.lookup(self.vocabulary, ids)  # [B, L, D]
         q = self.embedding.lookup(self.target, cat[:, self.target])  # [B, D]
         mask = ids > 0 if keep is None else (ids > 0) & keep
@@ -160,7 +168,7 @@ class AWMoE(ExpertModel):
     ) -> torch.Tensor:
         """``L_cl``, averaged over tasks, between every row (gate inputs ``gates``, computed
         if not given) and its masked copy."""
-        ids = (sequences or {})[self.gate_sequence]
+        ids = self.gate_ids(cat, sequences)
         keep = torch.rand(ids.shape, device=ids.device) >= self.mask_rate
         gates = self.gate_inputs(cat, sequences) if gates is None else gates
         original = self.gate_probabilities(gates)

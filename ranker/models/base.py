@@ -119,17 +119,33 @@ class MultiTaskModel(nn.Module):
         candidate_parts, request_parts = [candidate, num], [request, request_num]
         candidate_columns += [width + j for j in layout.num_candidate_columns]
         request_columns += [width + j for j in layout.num_request_columns]
+
+        def per_candidate(j: int) -> torch.Tensor | None:  # categorical column j, [N]
+            if j < 0:
+                return None
+            if layout.cat_request[j]:
+                return request_cat[:, on_request.index(j)].index_select(0, index)
+            return cat[:, on_candidate.index(j)]
+
         start = e.output_dim
-        for i, (spec, target) in enumerate(zip(pooling.specs, pooling.target, strict=True)):
-            ids, columns = sequences[spec.name], list(range(start, start + pooling.dims[i]))
+        for i in pooling.pooled:
+            spec = pooling.specs[i]
+            columns = list(range(start, start + pooling.dims[i]))
             start += pooling.dims[i]
-            if target >= 0 and not layout.cat_request[target]:
-                query = cat[:, on_candidate.index(target)]
-                candidate_parts.append(pooling.pool(i, e, ids.index_select(0, index), query))
+            ids = sequences[spec.name]
+            by = sequences[spec.search_by] if spec.search_by else None
+            target, key = pooling.target[i], pooling.key[i]
+            if any(j >= 0 and not layout.cat_request[j] for j in (target, key)):
+                rows = (None if s is None else s.index_select(0, index) for s in (ids, by))
+                ids, by = rows
+                part = pooling.pool(i, e, ids, per_candidate(target), by, per_candidate(key))
+                candidate_parts.append(part)
                 candidate_columns += columns
             else:
-                query = request_cat[:, on_request.index(target)] if target >= 0 else None
-                request_parts.append(pooling.pool(i, e, ids, query))
+                query, attribute = (
+                    request_cat[:, on_request.index(j)] if j >= 0 else None for j in (target, key)
+                )
+                request_parts.append(pooling.pool(i, e, ids, query, by, attribute))
                 request_columns += columns
         return RequestSplit(
             torch.cat(candidate_parts, dim=1),

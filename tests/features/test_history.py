@@ -374,3 +374,32 @@ def test_event_slices_cut_and_join_like_the_ids() -> None:
     other = EventSlices(events.copy(), s.end, s.count, 4)
     with pytest.raises(ValueError, match="different events"):
         EventSlices.concat([s, other])
+
+
+@pytest.mark.parametrize(
+    ("history", "message"),
+    [
+        ({"search_k": 3}, r"search_k is only for pooling: search"),
+        ({"search_by": "authors"}, r"search_by is only for pooling: search"),
+        ({"pooling": "search", "search_k": 0}, r"search_k must be >= 1"),
+        ({"pooling": "search", "search_by": "nope"}, r"search_by: 'nope' names no other sequence"),
+        ({"pooling": "search", "search_by": "history"}, r"'history' names no other sequence"),
+        (
+            {"pooling": "search", "search_by": "authors", "max_len": 9},
+            r"'authors' is not aligned with 'history'",
+        ),
+        ({"target": "author_id"}, r"target is only for pooling: target_attention or search"),
+        ({"pooling": "none"}, r"pooling: none is for a sequence another one searches by"),
+    ],
+)
+def test_bad_search_configs(tmp_path: Path, history: dict, message: str) -> None:
+    config(tmp_path, tmp_path)  # writes config.yaml, edited below
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    raw["features"][3].update(history)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        DatasetConfig.from_yaml(tmp_path / "config.yaml")
+    raw["features"][3] |= {"pooling": "search", "search_k": 3, "search_by": "authors"}
+    raw["features"][3] |= {"max_len": 5, "target": "item_id"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert DatasetConfig.from_yaml(tmp_path / "config.yaml").feature("history").search_k == 3

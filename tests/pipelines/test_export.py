@@ -84,6 +84,25 @@ def hashed(tiny_log: Path, tmp_path_factory: pytest.TempPathFactory) -> RankerDa
     return RankerDataModule(str(config), log_path=str(tiny_log))
 
 
+@pytest.fixture(scope="module")
+def searched(tiny_log: Path, tmp_path_factory: pytest.TempPathFactory) -> RankerDataModule:
+    """The synthetic dataset with long histories searched: softly (by embedding), and hard by
+    the candidate's author (an aligned history of authors)."""
+    config = tmp_path_factory.mktemp("searched") / "searched.yaml"
+    text = SYNTHETIC_CONFIG.read_text().replace("path: ../../data/synthetic", f"path: {tiny_log}")
+    history = "from_label: click, timestamp: ts, max_len: 60"
+    extra = f"""
+  - {{name: long_clicks, kind: sequence, side: user, vocabulary_of: item_id, {history},
+     pooling: search, search_k: 8}}
+  - {{name: long_authors, kind: sequence, side: user, vocabulary_of: author_id, {history},
+     pooling: none}}
+  - {{name: by_author, kind: sequence, side: user, vocabulary_of: item_id, {history},
+     pooling: search, search_k: 8, search_by: long_authors}}
+tasks:"""
+    config.write_text(text.replace("\ntasks:", extra, 1))
+    return RankerDataModule(str(config), log_path=str(tiny_log))
+
+
 def with_bad_values(frame: pl.DataFrame, data: RankerDataModule) -> pl.DataFrame:
     """Unknown ids, missing values and non-finite numbers in the first rows."""
     state = data.state
@@ -130,7 +149,7 @@ def with_bad_values(frame: pl.DataFrame, data: RankerDataModule) -> pl.DataFrame
     return out
 
 
-@pytest.mark.parametrize("which", ["synthetic", "kuairand", "hashed"])
+@pytest.mark.parametrize("which", ["synthetic", "kuairand", "hashed", "searched"])
 def test_the_feature_graph_equals_the_training_transform(which: str, request) -> None:
     data: RankerDataModule = request.getfixturevalue(which)
     frame = with_bad_values(parity_rows(data, 5000), data)
@@ -192,6 +211,21 @@ def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataMod
             },
         ),
         (
+            "searched",  # long histories searched: soft, and hard by the candidate's author
+            {"class_path": "ranker.models.HoME", "init_args": {"expert_hidden": [32]}},
+        ),
+        (
+            "searched",  # AW-MoE's gates attend over the searched behaviours
+            {
+                "class_path": "ranker.models.AWMoE",
+                "init_args": {
+                    "num_experts": 4,
+                    "expert_hidden": [32],
+                    "gate_sequence": "by_author",
+                },
+            },
+        ),
+        (
             "hashed",  # item and author ids hashed, the history too (attention over it)
             {
                 "class_path": "ranker.models.AWMoE",
@@ -199,7 +233,7 @@ def test_one_request_row_broadcasts_over_the_candidates(synthetic: RankerDataMod
             },
         ),
     ],
-    ids=["home", "mmoe", "ple", "mmoe_topk", "aw_moe_hashed"],
+    ids=["home", "mmoe", "ple", "mmoe_topk", "home_search", "aw_moe_search", "aw_moe_hashed"],
 )
 def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict, request) -> None:
     data: RankerDataModule = request.getfixturevalue(which)
@@ -215,8 +249,12 @@ def test_the_exported_model_matches_torch_on_real_rows(which: str, network: dict
     tasks = len(data.tasks)  # a fitted calibration travels into the graph
     module.calibrator.set(np.linspace(0.5, 1.5, tasks), np.linspace(-0.4, 0.4, tasks))
     model = scorer_graph(module, data.state, data.config)
-    if "routing" in network["init_args"]:  # top-k routing is in the graph, not folded away
-        assert "TopK" in {node.op_type for node in model.graph.node}
+    if "routing" in network["init_args"] or which == "searched":  # top-k routing or search
+        assert "TopK" in {node.op_type for node in model.graph.node}  # is in the graph
+    if which == "searched":  # histories empty, shorter than K, longer than L
+        lengths = data.state.transform(parity_rows(data, 10_000)).lengths["long_clicks"]
+        assert (lengths == 0).any() and ((lengths > 0) & (lengths < 8)).any()
+        assert (lengths == 60).any()  # the last L of longer histories (lists hold L)
     parity = check_parity(session_of(model), module, data, rows=10_000, tolerance=1e-5)
     assert parity.rows + parity.ties == 10_000 and parity.max_abs_diff <= 1e-5
     # Rows on a top-k near-tie are left out (another runtime's rounding may route them to

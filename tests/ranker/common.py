@@ -31,6 +31,11 @@ SEQ_INPUTS = InputSpec(
     (
         SequenceInput("clicked", "item", 6, "target_attention", "item"),
         SequenceInput("viewed", "item", 4, "mean"),
+        # A long history searched (soft: by embedding), and searched by an aligned attribute
+        # (hard: the behaviours at the candidate's hour).
+        SequenceInput("long", "item", 12, "search", "item", 4),
+        SequenceInput("long_hours", "hour", 12, "none"),  # only searched by
+        SequenceInput("by_hour", "item", 12, "search", "item", 4, "long_hours"),
     ),
 )
 ITEM = INPUTS.cat_names.index("item")
@@ -76,7 +81,8 @@ def sequences(n: int, seed: int = 0, empty_every: int = 3) -> dict[str, torch.Te
     g = torch.Generator().manual_seed(seed)
     out = {}
     for spec in SEQ_INPUTS.sequences:
-        ids = torch.randint(1, INPUTS.cardinalities[ITEM], (n, spec.max_len), generator=g)
+        vocabulary = INPUTS.cardinalities[INPUTS.cat_names.index(spec.vocabulary)]
+        ids = torch.randint(1, vocabulary, (n, spec.max_len), generator=g)
         lengths = torch.randint(0, spec.max_len + 1, (n,), generator=g)
         lengths[::empty_every] = 0
         pad = torch.arange(spec.max_len) < (spec.max_len - lengths)[:, None]

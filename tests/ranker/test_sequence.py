@@ -12,6 +12,7 @@ from ranker.loss import masked_bce
 from ranker.models import MultiTaskModel, build
 from tests.conftest import CONFIGS
 from tests.ranker.common import (
+    INPUTS,
     ITEM,
     SEQ_INPUTS,
     TASKS,
@@ -24,11 +25,11 @@ from tests.ranker.common import (
 MODEL_CONFIGS = model_configs(CONFIGS / "model")
 
 
-def model_of(path: Path) -> MultiTaskModel:
+def model_of(path: Path, inputs: InputSpec = SEQ_INPUTS) -> MultiTaskModel:
     network = network_config(path)
     hidden = {"bottom_hidden": [16, 8]} if "shared_bottom" in path.name else {}
     hidden = hidden or {"expert_hidden": [16, 8]}
-    return build(network, SEQ_INPUTS, TASKS, tower_hidden=[8], **hidden)
+    return build(network, inputs, TASKS, tower_hidden=[8], **hidden)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,7 @@ def test_mean_pooling_and_masks() -> None:
     model = model_of(CONFIGS / "model" / "mmoe.yaml").eval()
     cat, _ = batch(5)
     seqs = sequences(5, seed=2, empty_every=100)
-    attention, mean = model.pooling(model.embedding, cat, seqs)
+    attention, mean, *_searched = model.pooling(model.embedding, cat, seqs)
     ids = seqs["viewed"]
     table = model.embedding.lookup(ITEM, ids)
     for row in range(5):
@@ -97,12 +98,12 @@ def test_mean_pooling_and_masks() -> None:
     longer = torch.cat([torch.zeros(5, 3, dtype=torch.int64), clicked], 1)
     wider = SequenceInput("clicked", "item", 9, "target_attention", "item")
     other = InputSpec(*SEQ_INPUTS.__dict__.values())
-    other = InputSpec(**{**other.__dict__, "sequences": (wider, SEQ_INPUTS.sequences[1])})
+    other = InputSpec(**{**other.__dict__, "sequences": (wider, *SEQ_INPUTS.sequences[1:])})
     twin = build(
         {"class_path": "ranker.models.MMoE"}, other, TASKS, expert_hidden=[16, 8], tower_hidden=[8]
     )
     twin.load_state_dict(model.state_dict())
-    again, _ = twin.pooling(twin.embedding, cat, {**seqs, "clicked": longer})
+    again, *_searched = twin.pooling(twin.embedding, cat, {**seqs, "clicked": longer})
     torch.testing.assert_close(again, attention)
 
 
@@ -129,3 +130,67 @@ def test_attention_scores_have_no_bias_and_older_checkpoints_still_load() -> Non
     older = {**unit.state_dict(), "mlp.2.bias": torch.tensor([3.0])}
     unit.load_state_dict(older)
     torch.testing.assert_close(unit(e, q, mask), before)
+
+
+def search_model() -> MultiTaskModel:
+    return model_of(CONFIGS / "model" / "mmoe.yaml").eval()
+
+
+LONG, BY_HOUR = ([s.name for s in SEQ_INPUTS.sequences].index(name) for name in ("long", "by_hour"))
+HOUR = INPUTS.cat_names.index("hour")
+
+
+def test_soft_search_keeps_the_k_behaviours_closest_to_the_candidate() -> None:
+    """A planted case: four history items embedded near the candidate, the rest away from
+    it; the search keeps exactly those four, wherever they sit in the history."""
+    model = search_model()
+    index, offset = model.embedding.rows_of[ITEM]
+    table = model.embedding.tables[index].weight
+    with torch.no_grad():
+        table[offset + 1 : offset + 60] = -torch.rand(59, table.shape[1]).abs() - 0.1
+        table[offset + 7] = torch.ones(table.shape[1])  # the candidate
+        for item, scale in ((11, 0.9), (12, 0.8), (13, 0.7), (14, 0.6)):
+            table[offset + item] = scale * torch.ones(table.shape[1])
+    history = torch.tensor([[0, 0, 20, 12, 21, 22, 14, 23, 11, 24, 13, 25]])
+    kept = model.pooling.relevant(LONG, model.embedding, history, torch.tensor([7]))
+    assert sorted(kept[0].tolist()) == [11, 12, 13, 14]
+    # Fewer valid behaviours than K: all kept, padding stays padding.
+    short = torch.tensor([[0] * 10 + [20, 12]])
+    kept = model.pooling.relevant(LONG, model.embedding, short, torch.tensor([7]))
+    assert sorted(kept[0].tolist()) == [0, 0, 12, 20]
+
+
+def test_hard_search_keeps_the_latest_k_sharing_the_candidates_attribute() -> None:
+    model = search_model()
+    items = torch.arange(1, 13).unsqueeze(0)  # item j + 1 at position j
+    hours = torch.tensor([[5, 3, 5, 5, 0, 5, 9, 5, 3, 5, 5, 2]])  # hour 0: unknown
+    key = torch.tensor([5])
+    kept = model.pooling.relevant(BY_HOUR, model.embedding, items, items[:, -1], hours, key)
+    assert sorted(kept[0].tolist()) == [6, 8, 10, 11]  # the latest four at hour 5
+    # Fewer matches than K: the rest masked; none: an empty history, pooled to zero.
+    kept = model.pooling.relevant(BY_HOUR, model.embedding, items, items[:, -1], hours, key * 0 + 3)
+    assert sorted(kept[0].tolist()) == [0, 0, 2, 9]
+    none = model.pooling.relevant(BY_HOUR, model.embedding, items, items[:, -1], hours, key * 0 + 7)
+    assert none.eq(0).all()
+    cat = torch.zeros(1, len(INPUTS.cat_names), dtype=torch.int64)
+    cat[0, ITEM], cat[0, HOUR] = 4, 7
+    seqs = {s.name: torch.zeros(1, s.max_len, dtype=torch.int64) for s in SEQ_INPUTS.sequences}
+    seqs |= {"by_hour": items, "long_hours": hours}
+    pooled = model.pooling(model.embedding, cat, seqs)
+    assert len(pooled) == len(SEQ_INPUTS.sequences) - 1  # long_hours is only searched by
+    assert torch.equal(pooled[-1], torch.zeros_like(pooled[-1]))  # by_hour: nothing at hour 7
+
+
+def test_search_over_at_most_k_behaviours_is_target_attention_over_them() -> None:
+    """When a history holds no more than K behaviours, search keeps them all: the pooled
+    vector is the target attention over the whole history (same weights)."""
+    model = search_model()
+    cat, _ = batch(16, seed=4)
+    ids = sequences(16, seed=5)["long"]
+    ids[:, : 12 - 4] = 0  # at most K = 4 behaviours, right-aligned
+    unit, spec = model.pooling.attention["long"], SEQ_INPUTS.sequences[LONG]
+    searched = model.pooling.pool(LONG, model.embedding, ids, cat[:, ITEM])
+    e = model.embedding.lookup(ITEM, ids)
+    whole = unit(e, model.embedding.lookup(ITEM, cat[:, ITEM]), ids > 0)
+    torch.testing.assert_close(searched, whole)
+    assert spec.search_k == 4 and (ids > 0).sum(1).max() == 4
