@@ -10,7 +10,9 @@ The history variants (``VARIANTS``), each on the synthetic config:
 - ``search200`` / ``search1000``: the last 200 / 1,000 clicks, soft search (SIM / TWIN style:
   the 50 closest to the candidate by embedding), then target attention over those 50;
 - ``hard1000``: the last 1,000 clicks, hard search by the candidate's category (the 50 latest
-  of that category, an aligned history of categories), then target attention.
+  of that category, an aligned history of categories), then target attention;
+- ``ta50+search1000``, ``ta50+hard1000``: the short history beside the searched long one (as
+  SIM and TWIN use them).
 
 1. **Deriving histories** (``features.history``) on a generated log of ``--derive-rows`` rows:
    the pre-pass's wall time, the peak RSS of the process that runs it, and the bytes it
@@ -78,6 +80,9 @@ VARIANTS = {
         history("long_categories", 1000, vocabulary_of="item_category", pooling="none"),
     ],
 }
+# SIM's and TWIN's models: the short history beside the searched long one.
+VARIANTS["ta50+search1000"] = VARIANTS["ta50"] + VARIANTS["search1000"]
+VARIANTS["ta50+hard1000"] = VARIANTS["ta50"] + VARIANTS["hard1000"]
 
 
 def dataset_config(directory: Path, log: Path, variant: str) -> Path:
@@ -205,7 +210,9 @@ def measure_steps(data: dict[str, RankerDataModule], steps: int, blocks: int) ->
 
 
 def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds: float) -> list:
-    from benchmarks.serve import timed
+    import onnx
+
+    from benchmarks.serve import interleaved, percentiles
     from features.contract import ITEM_TABLE, USER_TABLE
     from pipelines.export.graph import scorer_graph
     from pipelines.export.snapshots import feature_snapshots
@@ -215,6 +222,7 @@ def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds:
     for model in ("mmoe", "home"):
         config = yaml.safe_load((ROOT / "configs" / "model" / f"{model}.yaml").read_text())
         network = config["model"]["network"]
+        calls = {}
         for key in DERIVED:
             d = data[key]
             torch.manual_seed(0)
@@ -223,8 +231,6 @@ def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds:
             ).eval()
             folder = directory / f"{model}-{key}"
             folder.mkdir(exist_ok=True)
-            import onnx
-
             onnx.save_model(scorer_graph(module, d.state, d.config), str(folder / "model.onnx"))
             for file, frame in feature_snapshots(d).items():
                 frame.write_parquet(folder / file)
@@ -244,11 +250,10 @@ def measure_scoring(data: dict[str, RankerDataModule], directory: Path, seconds:
             def call(scorer=scorer, user=user, items=items) -> None:
                 scorer.score(scorer.feeds(user, {}, {}, items, [None] * len(items)))
 
-            latencies = timed(call, seconds)
-            lines.append(
-                f"| {model} | {key} | {np.percentile(latencies, 50) * 1e3:.2f} | "
-                f"{np.percentile(latencies, 99) * 1e3:.2f} |"
-            )
+            calls[key] = call
+        for key, latencies in interleaved(calls, seconds * len(calls)).items():
+            p50, p99 = percentiles(latencies)
+            lines.append(f"| {model} | {key} | {p50:.2f} | {p99:.2f} |")
     return ["Scoring 500 candidates in process (Scorer.feeds + score, 2 threads)", "", *lines]
 
 
@@ -292,11 +297,14 @@ def main() -> None:
         v: RankerDataModule(str(dataset_config(args.log_dir, small, v)), history_cache=cache)
         for v in VARIANTS
     }
-    out = [*measure_steps(data, args.steps, args.blocks), ""]
-    out += [*measure_scoring(data, args.log_dir, args.seconds), ""]
+    from benchmarks.suite import machine
+    from benchmarks.train_step import matmul_peak
+
+    print(f"{machine()}; fp32 matmul peak {matmul_peak() / 1e9:.0f} GFLOP/s\n", flush=True)
+    print("\n".join([*measure_steps(data, args.steps, args.blocks), ""]), flush=True)
+    print("\n".join([*measure_scoring(data, args.log_dir, args.seconds), ""]), flush=True)
     if not args.skip_derive:
-        out += measure_derive(args.log_dir, args.derive_rows)
-    print("\n".join(out))
+        print("\n".join(measure_derive(args.log_dir, args.derive_rows)), flush=True)
 
 
 if __name__ == "__main__":

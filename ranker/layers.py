@@ -169,6 +169,39 @@ class IdDropout(nn.Module):
         return dropped
 
 
+class HistoryDropout(nn.Module):
+    """Training only: each behaviour of the sequences ``{name: [B, L]}`` replaced by padding
+    (0, masked) with probability ``share``; sequences of one length share the draw, so aligned
+    ones (a history and its categories) lose the same positions.
+
+    A history seen whole in training and thinned at serving (its latest items new, unknown)
+    is a shift the model never saw; so is a user with fewer behaviours than training's.
+    """
+
+    def __init__(self, share: float) -> None:
+        super().__init__()
+        if not 0 <= share < 1:
+            raise ValueError(f"history_dropout must be in [0, 1), got {share}")
+        self.share = share
+
+    def forward(
+        self, sequences: dict[str, torch.Tensor], seed: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``seed``: the positions dropped follow from it alone (as ``IdDropout``)."""
+        if not self.training or not self.share or not sequences:
+            return sequences
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        drops: dict[tuple[int, ...], torch.Tensor] = {}
+        out = {}
+        for name, ids in sequences.items():
+            shape = tuple(ids.shape)
+            if shape not in drops:
+                noise = torch.rand(shape, generator=generator) if generator else torch.rand(shape)
+                drops[shape] = (noise < self.share).to(ids.device)
+            out[name] = ids.masked_fill(drops[shape], 0)
+        return out
+
+
 class MLP(nn.Sequential):
     """Linear layers with an activation (and optional BatchNorm / dropout) after each."""
 

@@ -20,7 +20,13 @@ from features.datamodule import TensorBatch
 from features.state import InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
 from ranker.experts import Routing
-from ranker.layers import LARGE_VOCABULARY, IdDropout, auto_id_dropout, embedding_rates
+from ranker.layers import (
+    LARGE_VOCABULARY,
+    HistoryDropout,
+    IdDropout,
+    auto_id_dropout,
+    embedding_rates,
+)
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import task_metrics
 from ranker.models.base import MultiTaskModel, Outputs
@@ -218,6 +224,8 @@ class RankerModule(L.LightningModule):
             row then stands for a new id. ``auto`` (the default): 0.1 on every item-side
             categorical feature with more than 1,000 ids (``ranker.layers.auto_id_dropout``),
             none elsewhere; ``{}``: none. The shares in force are printed at the start.
+        history_dropout: share of the behaviours of every sequence replaced by padding in
+            training (``ranker.layers.HistoryDropout``); 0 (the default): none.
         compile: train with the dense part after the embedding lookup compiled
             (``torch.compile``; the lookup's sparse gradients do not compile), its code cached
             on disk across runs (``$RANKER_CACHE/inductor``); validation runs eager. Off by
@@ -243,6 +251,7 @@ class RankerModule(L.LightningModule):
         loss_weighting: Literal["fixed", "uncertainty", "pcgrad"] = "fixed",
         calibration: Method = "platt",
         id_dropout: dict[str, float] | Literal["auto"] | None = "auto",
+        history_dropout: float = 0.0,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -259,6 +268,7 @@ class RankerModule(L.LightningModule):
         shares = auto_id_dropout(inputs) if id_dropout == "auto" else (id_dropout or {})
         self.id_dropout = IdDropout(inputs.cat_names, shares)
         self.id_dropout_shares = shares
+        self.history_dropout = HistoryDropout(history_dropout)
         if embedding_learning_rate <= 0:  # the other rates are scales of this one
             raise ValueError(
                 f"--model.embedding_learning_rate must be > 0, got {embedding_learning_rate}"
@@ -386,6 +396,7 @@ class RankerModule(L.LightningModule):
         cat, num, sequences = batch.inputs
         seed = self._seed * 1_000_003 + self.global_step  # the same draws when resumed
         cat = self.id_dropout(cat, seed)
+        sequences = self.history_dropout(sequences, seed)
         outputs, auxiliary = self.network.training_forward(cat, num, sequences, batch.treatment)
         _, per_task = masked_bce(outputs[LOGITS], labels, self.task_weights, inverse(batch))
         present = (~torch.isnan(labels)).any(0)

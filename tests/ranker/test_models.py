@@ -10,7 +10,7 @@ import torch
 from features.config import TaskSpec
 from features.state import InputSpec
 from ranker.experts import ExpertPool
-from ranker.layers import FusedEmbedding, IdDropout
+from ranker.layers import FusedEmbedding, HistoryDropout, IdDropout
 from ranker.loss import masked_bce
 from ranker.models import MMoE, SharedBottom
 from ranker.module import DenseAdam
@@ -165,3 +165,22 @@ def test_id_dropout_sends_the_named_features_known_ids_to_unknown_in_training_on
         IdDropout(names, {"video": 0.1})
     with pytest.raises(ValueError, match=r"shares must be in \[0, 1\): \['item_id'\]"):
         IdDropout(names, {"item_id": 1.0})
+
+
+def test_history_dropout_pads_a_share_of_behaviours_aligned_in_training_only() -> None:
+    dropout = HistoryDropout(0.25)
+    ids = torch.randint(1, 50, (4_000, 30))
+    sequences = {"items": ids, "authors": ids + 100, "short": torch.randint(1, 9, (4_000, 5))}
+    dropped = dropout.train()(sequences, seed=7)
+    gone = dropped["items"] == 0
+    assert abs(gone.float().mean().item() - 0.25) < 0.01
+    assert torch.equal(dropped["items"][~gone], ids[~gone])  # the rest untouched
+    assert torch.equal(dropped["authors"] == 0, gone)  # aligned: the same positions
+    assert abs((dropped["short"] == 0).float().mean().item() - 0.25) < 0.02
+    again = dropout(sequences, seed=7)  # a resumed run drops what it dropped
+    assert all(torch.equal(again[k], dropped[k]) for k in sequences)
+    assert not torch.equal(dropout(sequences, seed=8)["items"], dropped["items"])
+    assert dropout.eval()(sequences) is sequences  # scoring sees every behaviour
+    assert HistoryDropout(0.0).train()(sequences) is sequences
+    with pytest.raises(ValueError, match=r"history_dropout must be in \[0, 1\), got 1.0"):
+        HistoryDropout(1.0)
