@@ -226,6 +226,8 @@ class RankerModule(L.LightningModule):
             none elsewhere; ``{}``: none. The shares in force are printed at the start.
         history_dropout: share of the behaviours of every sequence replaced by padding in
             training (``ranker.layers.HistoryDropout``); 0 (the default): none.
+        history_trains_embeddings: whether the pooled histories train the embedding rows they
+            share with the candidates (True, the default); False: only the candidates do.
         compile: train with the dense part after the embedding lookup compiled
             (``torch.compile``; the lookup's sparse gradients do not compile), its code cached
             on disk across runs (``$RANKER_CACHE/inductor``); validation runs eager. Off by
@@ -252,6 +254,7 @@ class RankerModule(L.LightningModule):
         calibration: Method = "platt",
         id_dropout: dict[str, float] | Literal["auto"] | None = "auto",
         history_dropout: float = 0.0,
+        history_trains_embeddings: bool = True,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -269,6 +272,8 @@ class RankerModule(L.LightningModule):
         self.id_dropout = IdDropout(inputs.cat_names, shares)
         self.id_dropout_shares = shares
         self.history_dropout = HistoryDropout(history_dropout)
+        if hasattr(self.network, "pooling"):
+            self.network.pooling.trains_embeddings = history_trains_embeddings
         if embedding_learning_rate <= 0:  # the other rates are scales of this one
             raise ValueError(
                 f"--model.embedding_learning_rate must be > 0, got {embedding_learning_rate}"

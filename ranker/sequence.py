@@ -121,6 +121,9 @@ class SequencePooling(nn.Module):
         dims = [d if s.pooling != "none" else 0 for s, d in zip(self.specs, dims, strict=True)]
         self.dims = dims
         self.output_dim = sum(dims)
+        # False: the pooled histories read the shared embeddings without training them (the
+        # candidates alone do); the attention units still learn.
+        self.trains_embeddings = True
 
     def index(self, name: str) -> int:
         """The position of sequence ``name`` among the pooled ones."""
@@ -172,7 +175,11 @@ class SequencePooling(nn.Module):
         mask = ids > 0
         if spec.name in self.attention:
             query = embedding.lookup(self.target[i], target)
+            if not self.trains_embeddings:
+                e, query = e.detach(), query.detach()
             return self.attention[spec.name](e, query, mask)
+        if not self.trains_embeddings:
+            e = e.detach()
         count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
         return (mask.unsqueeze(-1).to(e.dtype) * e).sum(1) / count
 

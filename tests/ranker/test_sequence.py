@@ -194,3 +194,33 @@ def test_search_over_at_most_k_behaviours_is_target_attention_over_them() -> Non
     whole = unit(e, model.embedding.lookup(ITEM, cat[:, ITEM]), ids > 0)
     torch.testing.assert_close(searched, whole)
     assert spec.search_k == 4 and (ids > 0).sum(1).max() == 4
+
+
+def test_histories_can_read_the_shared_embeddings_without_training_them() -> None:
+    """``history_trains_embeddings: false``: a step moves no embedding row that only a
+    history read (the candidates' rows still train), and the attention units still learn."""
+    from ranker.module import RankerModule
+
+    network = network_config(CONFIGS / "model" / "mmoe.yaml")
+    cat, num = batch(16, seed=3)
+    seqs = sequences(16, seed=3, empty_every=100)
+    candidates = set(cat[:, ITEM].tolist())
+    for trains in (True, False):
+        torch.manual_seed(0)
+        module = RankerModule(
+            lambda i, t, n=network: build(n, i, t, expert_hidden=[16, 8], tower_hidden=[8]),
+            inputs=SEQ_INPUTS,
+            tasks=TASKS,
+            history_trains_embeddings=trains,
+        )
+        module.network(cat, num, seqs)["logits"].sum().backward()
+        index, start = module.network.embedding.rows_of[ITEM]
+        grad = module.network.embedding.tables[index].weight.grad.to_dense()
+        moved = {r - start for r in grad.abs().sum(1).nonzero().flatten().tolist()}
+        moved &= set(range(1, INPUTS.cardinalities[ITEM]))
+        history_only = {int(i) for s in ("clicked", "viewed") for i in seqs[s].flatten()} - {0}
+        history_only -= candidates
+        assert (moved & history_only) if trains else not (moved & history_only)
+        assert moved >= candidates - {0}
+        attention = module.network.pooling.attention["clicked"].mlp[0].weight.grad
+        assert attention is not None and attention.abs().sum() > 0
