@@ -35,6 +35,8 @@ only searched by, adds nothing).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -77,6 +79,17 @@ class TargetAttention(nn.Module):
     def forward(self, e: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(self.scores(e, q).masked_fill(~mask, -1e9), dim=-1) * mask
         return (weights.unsqueeze(-1) * e).sum(1)
+
+
+class Behaviours(NamedTuple):
+    """What pooling one sequence reads for each row: its ids ``[B, L]``, the candidate's
+    ``target`` ids ``[B]`` (the attention's query; soft search), and for hard search the
+    aligned sequence ``by [B, L]`` and the candidate's ``key [B]`` to match in it."""
+
+    ids: torch.Tensor
+    target: torch.Tensor | None = None
+    by: torch.Tensor | None = None
+    key: torch.Tensor | None = None
 
 
 def search(
@@ -129,19 +142,10 @@ class SequencePooling(nn.Module):
         """The position of sequence ``name`` among the pooled ones."""
         return [s.name for s in self.specs].index(name)
 
-    def relevant(
-        self,
-        i: int,
-        embedding: FusedEmbedding,
-        ids: torch.Tensor,
-        target: torch.Tensor | None = None,
-        by: torch.Tensor | None = None,
-        key: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def relevant(self, i: int, embedding: FusedEmbedding, rows: Behaviours) -> torch.Tensor:
         """Sequence ``i``'s ids that its pooling reads: all ``[B, L]``, or with ``search``
-        the ``K`` most relevant to each row's candidate (``target [B]`` ids; hard search:
-        the aligned ``by [B, L]`` and the candidate's ``key [B]``)."""
-        spec = self.specs[i]
+        the ``K`` most relevant to each row's candidate."""
+        spec, (ids, target, by, key) = self.specs[i], rows
         if spec.pooling != "search" or spec.search_k >= ids.shape[1]:
             return ids
         keep = ids > 0
@@ -158,19 +162,11 @@ class SequencePooling(nn.Module):
             relevance = relevance.masked_fill(~keep, float("-inf"))
         return search(ids, spec.search_k, relevance)
 
-    def pool(
-        self,
-        i: int,
-        embedding: FusedEmbedding,
-        ids: torch.Tensor,
-        target: torch.Tensor | None = None,
-        by: torch.Tensor | None = None,
-        key: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Sequence ``i``'s vector ``[B, D]`` from its ids ``[B, L]`` (with attention, the
-        rows' ``target`` ids ``[B]`` are the query; ``by`` and ``key`` as ``relevant``)."""
-        spec = self.specs[i]
-        ids = self.relevant(i, embedding, ids, target, by, key)
+    def pool(self, i: int, embedding: FusedEmbedding, rows: Behaviours) -> torch.Tensor:
+        """Sequence ``i``'s vector ``[B, D]`` (with attention, ``rows.target`` is the
+        query)."""
+        spec, target = self.specs[i], rows.target
+        ids = self.relevant(i, embedding, rows)
         e = embedding.lookup(self.vocabulary[i], ids)  # [B, L or K, D]
         mask = ids > 0
         if spec.name in self.attention:
@@ -185,10 +181,10 @@ class SequencePooling(nn.Module):
 
     def inputs_of(
         self, i: int, cat: torch.Tensor, sequences: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Sequence ``i``'s (ids, target, by, key) from a model's inputs."""
+    ) -> Behaviours:
+        """Sequence ``i``'s behaviours from a model's inputs."""
         spec, target, key = self.specs[i], self.target[i], self.key[i]
-        return (
+        return Behaviours(
             sequences[spec.name],
             cat[:, target] if target >= 0 else None,
             sequences[spec.search_by] if spec.search_by else None,
@@ -201,4 +197,4 @@ class SequencePooling(nn.Module):
         cat: torch.Tensor,
         sequences: dict[str, torch.Tensor],
     ) -> list[torch.Tensor]:
-        return [self.pool(i, embedding, *self.inputs_of(i, cat, sequences)) for i in self.pooled]
+        return [self.pool(i, embedding, self.inputs_of(i, cat, sequences)) for i in self.pooled]

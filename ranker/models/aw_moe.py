@@ -110,8 +110,9 @@ class AWMoE(ExpertModel):
         """The gating sequence's behaviours the gates attend to: ``[B, L]``, or with
         ``pooling: search`` the ``[B, K]`` most relevant to the candidate."""
         i = self.pooling.index(self.gate_sequence)
-        ids, target, by, key = self.pooling.inputs_of(i, cat, sequences or {})
-        return self.pooling.relevant(i, self.embedding, ids, target, by, key)
+        return self.pooling.relevant(
+            i, self.embedding, self.pooling.inputs_of(i, cat, sequences or {})
+        )
 
     def gate_inputs(
         self, cat: torch.Tensor, sequences: Sequences, keep: torch.Tensor | None = None

@@ -22,7 +22,7 @@ from features.history import ranker_cache
 from features.state import InputSpec
 from ranker.experts import Internals
 from ranker.layers import FusedEmbedding, RequestSplit, Tower, towers_together
-from ranker.sequence import SequencePooling
+from ranker.sequence import Behaviours, SequencePooling
 
 Sequences = dict[str, torch.Tensor] | None
 Outputs = dict[str, torch.Tensor]  # name -> tensor; always ``logits [B, T]``
@@ -136,16 +136,16 @@ class MultiTaskModel(nn.Module):
             by = sequences[spec.search_by] if spec.search_by else None
             target, key = pooling.target[i], pooling.key[i]
             if any(j >= 0 and not layout.cat_request[j] for j in (target, key)):
-                rows = (None if s is None else s.index_select(0, index) for s in (ids, by))
-                ids, by = rows
-                part = pooling.pool(i, e, ids, per_candidate(target), by, per_candidate(key))
+                ids, by = (None if s is None else s.index_select(0, index) for s in (ids, by))
+                rows = Behaviours(ids, per_candidate(target), by, per_candidate(key))
+                part = pooling.pool(i, e, rows)
                 candidate_parts.append(part)
                 candidate_columns += columns
             else:
                 query, attribute = (
                     request_cat[:, on_request.index(j)] if j >= 0 else None for j in (target, key)
                 )
-                request_parts.append(pooling.pool(i, e, ids, query, by, attribute))
+                request_parts.append(pooling.pool(i, e, Behaviours(ids, query, by, attribute)))
                 request_columns += columns
         return RequestSplit(
             torch.cat(candidate_parts, dim=1),

@@ -10,6 +10,7 @@ import torch
 from features.state import InputSpec, SequenceInput
 from ranker.loss import masked_bce
 from ranker.models import MultiTaskModel, build
+from ranker.sequence import Behaviours
 from tests.conftest import CONFIGS
 from tests.ranker.common import (
     INPUTS,
@@ -152,11 +153,11 @@ def test_soft_search_keeps_the_k_behaviours_closest_to_the_candidate() -> None:
         for item, scale in ((11, 0.9), (12, 0.8), (13, 0.7), (14, 0.6)):
             table[offset + item] = scale * torch.ones(table.shape[1])
     history = torch.tensor([[0, 0, 20, 12, 21, 22, 14, 23, 11, 24, 13, 25]])
-    kept = model.pooling.relevant(LONG, model.embedding, history, torch.tensor([7]))
+    kept = model.pooling.relevant(LONG, model.embedding, Behaviours(history, torch.tensor([7])))
     assert sorted(kept[0].tolist()) == [11, 12, 13, 14]
     # Fewer valid behaviours than K: all kept, padding stays padding.
     short = torch.tensor([[0] * 10 + [20, 12]])
-    kept = model.pooling.relevant(LONG, model.embedding, short, torch.tensor([7]))
+    kept = model.pooling.relevant(LONG, model.embedding, Behaviours(short, torch.tensor([7])))
     assert sorted(kept[0].tolist()) == [0, 0, 12, 20]
 
 
@@ -165,12 +166,18 @@ def test_hard_search_keeps_the_latest_k_sharing_the_candidates_attribute() -> No
     items = torch.arange(1, 13).unsqueeze(0)  # item j + 1 at position j
     hours = torch.tensor([[5, 3, 5, 5, 0, 5, 9, 5, 3, 5, 5, 2]])  # hour 0: unknown
     key = torch.tensor([5])
-    kept = model.pooling.relevant(BY_HOUR, model.embedding, items, items[:, -1], hours, key)
+    kept = model.pooling.relevant(
+        BY_HOUR, model.embedding, Behaviours(items, items[:, -1], hours, key)
+    )
     assert sorted(kept[0].tolist()) == [6, 8, 10, 11]  # the latest four at hour 5
     # Fewer matches than K: the rest masked; none: an empty history, pooled to zero.
-    kept = model.pooling.relevant(BY_HOUR, model.embedding, items, items[:, -1], hours, key * 0 + 3)
+    kept = model.pooling.relevant(
+        BY_HOUR, model.embedding, Behaviours(items, items[:, -1], hours, key * 0 + 3)
+    )
     assert sorted(kept[0].tolist()) == [0, 0, 2, 9]
-    none = model.pooling.relevant(BY_HOUR, model.embedding, items, items[:, -1], hours, key * 0 + 7)
+    none = model.pooling.relevant(
+        BY_HOUR, model.embedding, Behaviours(items, items[:, -1], hours, key * 0 + 7)
+    )
     assert none.eq(0).all()
     cat = torch.zeros(1, len(INPUTS.cat_names), dtype=torch.int64)
     cat[0, ITEM], cat[0, HOUR] = 4, 7
@@ -189,7 +196,7 @@ def test_search_over_at_most_k_behaviours_is_target_attention_over_them() -> Non
     ids = sequences(16, seed=5)["long"]
     ids[:, : 12 - 4] = 0  # at most K = 4 behaviours, right-aligned
     unit, spec = model.pooling.attention["long"], SEQ_INPUTS.sequences[LONG]
-    searched = model.pooling.pool(LONG, model.embedding, ids, cat[:, ITEM])
+    searched = model.pooling.pool(LONG, model.embedding, Behaviours(ids, cat[:, ITEM]))
     e = model.embedding.lookup(ITEM, ids)
     whole = unit(e, model.embedding.lookup(ITEM, cat[:, ITEM]), ids > 0)
     torch.testing.assert_close(searched, whole)
