@@ -225,7 +225,7 @@ class _EventWriter:
     bucket's events start there)."""
 
     def __init__(self, path: Path, group: HistoryGroup, schema: pl.Schema) -> None:
-        self.path, self.written = path, 0
+        self.written = 0
         self.empty = pl.DataFrame(
             schema={s.column: schema[v] for s, v in zip(group.specs, group.values, strict=True)}
         )
@@ -461,7 +461,7 @@ class Events:
         self.directory, self.sidecars = directory, sidecars
         self.group = {s.column: i for i, g in enumerate(groups) for s in g.specs}
         self._values: dict[str, pl.Series] = {}
-        self._ids: dict[tuple[str, str], tuple[object, np.ndarray]] = {}
+        self._ids: dict[str, tuple[object, np.ndarray]] = {}  # column -> (vocabulary, ids)
 
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_values": {}, "_ids": {}}
@@ -478,33 +478,30 @@ class Events:
     ) -> np.ndarray:
         """The events' values as vocabulary indices (``lookup``), computed once per
         vocabulary (a warm start or a loaded state brings another)."""
-        key = (column, str(id(vocabulary)))
-        cached = self._ids.get(key)
+        cached = self._ids.get(column)
         if cached is None or cached[0] is not vocabulary:
-            cached = self._ids[key] = (vocabulary, lookup(self.values(column)))
+            cached = self._ids[column] = (vocabulary, lookup(self.values(column)))
         return cached[1]
 
     def lists(self, positions: pl.Series, column: str, max_len: int) -> pl.Series:
         """The histories at ``positions`` (a sidecar column) as a list column of values."""
-        end, count = _bounds(positions, max_len)
+        end, n = _bounds(positions)
+        count = np.minimum(n, max_len)
         return _gather_lists(self.values(column), end - count, count)
 
 
-def _bounds(positions: pl.Series, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(end, count) of each row's last ``max_len`` events, from a sidecar column."""
-    parts = positions.struct.unnest()
-    end = parts["end"].fill_null(0).to_numpy().astype(np.int64)
-    n = parts["n"].fill_null(0).to_numpy().astype(np.int64)
-    return end, np.minimum(n, max_len)
+def _bounds(positions: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(end, n) of each row, from a sidecar column."""
+    end, n = (positions.struct.field(k).fill_null(0) for k in ("end", "n"))
+    return end.to_numpy().astype(np.int64), n.to_numpy().astype(np.int64)
 
 
 def event_slices(
     positions: pl.Series, events: np.ndarray, max_len: int
 ) -> tuple[EventSlices, np.ndarray]:
     """(the histories at ``positions``, each row's length before truncation)."""
-    end, count = _bounds(positions, max_len)
-    n = positions.struct.field("n").fill_null(0).to_numpy().astype(np.int64)
-    return EventSlices(events, end, count, max_len), n
+    end, n = _bounds(positions)
+    return EventSlices(events, end, np.minimum(n, max_len), max_len), n
 
 
 def _ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:

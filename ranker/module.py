@@ -272,8 +272,7 @@ class RankerModule(L.LightningModule):
         self.id_dropout = IdDropout(inputs.cat_names, shares)
         self.id_dropout_shares = shares
         self.history_dropout = HistoryDropout(history_dropout)
-        if hasattr(self.network, "pooling"):
-            self.network.pooling.trains_embeddings = history_trains_embeddings
+        self.network.pooling.trains_embeddings = history_trains_embeddings
         if embedding_learning_rate <= 0:  # the other rates are scales of this one
             raise ValueError(
                 f"--model.embedding_learning_rate must be > 0, got {embedding_learning_rate}"

@@ -162,20 +162,23 @@ class SequencePooling(nn.Module):
             relevance = relevance.masked_fill(~keep, float("-inf"))
         return search(ids, spec.search_k, relevance)
 
+    def embed(self, i: int, embedding: FusedEmbedding, ids: torch.Tensor) -> torch.Tensor:
+        """Sequence ``i``'s behaviours embedded ``[B, L, D]`` (without training the shared
+        rows where ``trains_embeddings`` is off)."""
+        e = embedding.lookup(self.vocabulary[i], ids)
+        return e if self.trains_embeddings else e.detach()
+
     def pool(self, i: int, embedding: FusedEmbedding, rows: Behaviours) -> torch.Tensor:
         """Sequence ``i``'s vector ``[B, D]`` (with attention, ``rows.target`` is the
         query)."""
         spec, target = self.specs[i], rows.target
         ids = self.relevant(i, embedding, rows)
-        e = embedding.lookup(self.vocabulary[i], ids)  # [B, L or K, D]
+        e = self.embed(i, embedding, ids)  # [B, L or K, D]
         mask = ids > 0
         if spec.name in self.attention:
             query = embedding.lookup(self.target[i], target)
-            if not self.trains_embeddings:
-                e, query = e.detach(), query.detach()
+            query = query if self.trains_embeddings else query.detach()
             return self.attention[spec.name](e, query, mask)
-        if not self.trains_embeddings:
-            e = e.detach()
         count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(e.dtype)
         return (mask.unsqueeze(-1).to(e.dtype) * e).sum(1) / count
 

@@ -115,12 +115,16 @@ class AWMoE(ExpertModel):
         )
 
     def gate_inputs(
-        self, cat: torch.Tensor, sequences: Sequences, keep: torch.Tensor | None = None
+        self,
+        cat: torch.Tensor,
+        sequences: Sequences,
+        keep: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``[v^t ; q]`` ``[B, 2D]`` per task gate; ``keep`` (shaped as ``gate_ids``) masks
-        behaviours out."""
-        ids = self.gate_ids(cat, sequences)
-        e = self.embedding.lookup(self.vocabulary, ids)  # [B, L, D]
+        behaviours out; ``ids``: ``gate_ids`` when already searched."""
+        ids = self.gate_ids(cat, sequences) if ids is None else ids
+        e = self.pooling.embed(self.pooling.index(self.gate_sequence), self.embedding, ids)
         q = self.embedding.lookup(self.target, cat[:, self.target])  # [B, D]
         mask = ids > 0 if keep is None else (ids > 0) & keep
         return {
@@ -165,15 +169,19 @@ class AWMoE(ExpertModel):
         return {k: torch.softmax(layer[k](gates[f"gate:{k}"]), dim=-1) for k in self.task_keys}
 
     def contrastive_loss(
-        self, cat: torch.Tensor, sequences: Sequences, gates: dict[str, torch.Tensor] | None = None
+        self,
+        cat: torch.Tensor,
+        sequences: Sequences,
+        gates: dict[str, torch.Tensor] | None = None,
+        ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``L_cl``, averaged over tasks, between every row (gate inputs ``gates``, computed
-        if not given) and its masked copy."""
-        ids = self.gate_ids(cat, sequences)
+        """``L_cl``, averaged over tasks, between every row (gate inputs ``gates`` of the
+        gate ids ``ids``, computed if not given) and its masked copy."""
+        ids = self.gate_ids(cat, sequences) if ids is None else ids
         keep = torch.rand(ids.shape, device=ids.device) >= self.mask_rate
-        gates = self.gate_inputs(cat, sequences) if gates is None else gates
+        gates = self.gate_inputs(cat, sequences, ids=ids) if gates is None else gates
         original = self.gate_probabilities(gates)
-        masked = self.gate_probabilities(self.gate_inputs(cat, sequences, keep))
+        masked = self.gate_probabilities(self.gate_inputs(cat, sequences, keep, ids))
         rows = torch.arange(len(ids), device=ids.device)
         losses = []
         for k in self.task_keys:
@@ -188,11 +196,12 @@ class AWMoE(ExpertModel):
         sequences: Sequences = None,
         treatment: torch.Tensor | None = None,
     ) -> tuple[Outputs, dict[str, torch.Tensor]]:
-        gates = self.gate_inputs(cat, sequences)  # once, for the logits and the contrast
+        ids = self.gate_ids(cat, sequences)  # searched once, for the logits and the contrast
+        gates = self.gate_inputs(cat, sequences, ids=ids)
         internals = Internals() if self.routed else None
         outputs = self._outputs(cat, num, sequences, internals, gates)
         auxiliary = self.auxiliary_losses(internals) if internals is not None else {}
         if self.contrastive_weight:
-            loss = self.contrastive_loss(cat, sequences, gates)
+            loss = self.contrastive_loss(cat, sequences, gates, ids)
             auxiliary["contrastive"] = self.contrastive_weight * loss
         return outputs, auxiliary

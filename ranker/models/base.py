@@ -138,8 +138,7 @@ class MultiTaskModel(nn.Module):
             if any(j >= 0 and not layout.cat_request[j] for j in (target, key)):
                 ids, by = (None if s is None else s.index_select(0, index) for s in (ids, by))
                 rows = Behaviours(ids, per_candidate(target), by, per_candidate(key))
-                part = pooling.pool(i, e, rows)
-                candidate_parts.append(part)
+                candidate_parts.append(pooling.pool(i, e, rows))
                 candidate_columns += columns
             else:
                 query, attribute = (

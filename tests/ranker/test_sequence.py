@@ -203,12 +203,13 @@ def test_search_over_at_most_k_behaviours_is_target_attention_over_them() -> Non
     assert spec.search_k == 4 and (ids > 0).sum(1).max() == 4
 
 
-def test_histories_can_read_the_shared_embeddings_without_training_them() -> None:
+@pytest.mark.parametrize("model", ["mmoe", "aw_moe"])  # AW-MoE's gates read a history too
+def test_histories_can_read_the_shared_embeddings_without_training_them(model: str) -> None:
     """``history_trains_embeddings: false``: a step moves no embedding row that only a
     history read (the candidates' rows still train), and the attention units still learn."""
     from ranker.module import RankerModule
 
-    network = network_config(CONFIGS / "model" / "mmoe.yaml")
+    network = network_config(CONFIGS / "model" / f"{model}.yaml")
     cat, num = batch(16, seed=3)
     seqs = sequences(16, seed=3, empty_every=100)
     candidates = set(cat[:, ITEM].tolist())
