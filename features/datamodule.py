@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.config import SPLITS, ConfigError, DatasetConfig, SplitName, TaskSpec
 from features.history import EventSlices
+from features.prefetch import prefetched
 from features.source import LogSource, Piece
 from features.state import Batch, FeatureState, InputSpec, map_fields
 
@@ -189,9 +190,11 @@ class ParquetBatches(IterableDataset):
         shuffle_buffer: int = 262_144,
         seed: int = 0,
         num_workers: int = 0,
+        prefetch: int = 0,
     ) -> None:
         self.source, self.state, self.split = source, state, split
         self.workers = max(num_workers, 1)
+        self.prefetch = 0 if num_workers else prefetch  # workers prefetch on their own
         self.pieces, self.piece_rows = pieces, np.asarray(piece_rows, dtype=np.int64)
         self.rows = int(self.piece_rows.sum())
         self.batch_size, self.shuffle = batch_size, shuffle
@@ -240,6 +243,9 @@ class ParquetBatches(IterableDataset):
         return self.world[1] * workers + role, max(0, -(-(done - role) // workers))
 
     def __iter__(self) -> Iterator[TensorBatch]:
+        return prefetched(self._batches(), self.prefetch)
+
+    def _batches(self) -> Iterator[TensorBatch]:
         stream, skip = self._stream()
         epoch = int(self.epoch)
         order = np.arange(len(self.pieces))
@@ -279,6 +285,8 @@ class RankerDataModule(L.LightningDataModule):
         eval_batch_size: validation / test batch size (2,048: the activations stay in cache;
             the measured speed-up over 16,384 is in ``benchmarks/RESULTS.md``).
         num_workers: loader processes per split (0 = in the training process).
+        prefetch_batches: with ``num_workers`` 0, batches a thread of the training process
+            makes ahead of the step (``features.prefetch``; 0 = made between steps).
         shuffle_buffer: rows pooled and permuted together when training.
         seed: shuffling seed (``ranker fit``: the run's ``seed_everything`` unless given).
         skip_corrupt_files: leave out log files that cannot be read (each file is decoded
@@ -305,6 +313,7 @@ class RankerDataModule(L.LightningDataModule):
         batch_size: int = 2048,
         eval_batch_size: int = 2048,
         num_workers: int = 0,
+        prefetch_batches: int = 2,
         shuffle_buffer: int = 262_144,
         seed: int | None = None,
         skip_corrupt_files: bool = False,
@@ -321,6 +330,7 @@ class RankerDataModule(L.LightningDataModule):
         self.config = config.with_path(log_path) if log_path else config
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.prefetch_batches = prefetch_batches
         self.seed = 0 if seed is None else seed
         # Everything that can be wrong with the data fails here, before any training.
         cache = Path(history_cache) / "histories" if history_cache else None
@@ -430,6 +440,7 @@ class RankerDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer,
                 seed=self.seed,
                 num_workers=self.num_workers,
+                prefetch=self.prefetch_batches,
             )
         return self._datasets[split]
 

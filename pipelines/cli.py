@@ -12,6 +12,7 @@ import polars as pl
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 from mlflow.tracking import MlflowClient
 
 from features.config import SPLITS
@@ -26,6 +27,7 @@ from pipelines.checkpoints import (
     restarted_run,
     with_atomic_checkpoints,
 )
+from pipelines.precision import Hardware, default_precision
 from pipelines.render import Table, fmt
 from pipelines.report import fit_report, print_report
 from pipelines.tracking import MLflowLogger, resolve_tracking_uri
@@ -161,6 +163,7 @@ class RankerCLI(LightningCLI):
         do a SLURM job requeued by Lightning and the workers torchrun restarts
         (``--max-restarts``): each resumes from the last checkpoint saved."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        self.choose_precision(config)
         self.warm_start_parent(config)
         if config is not None and config.get("data") is not None and config.data.seed is None:
             # One seed: the data order follows seed_everything (an explicit --data.seed wins).
@@ -174,6 +177,18 @@ class RankerCLI(LightningCLI):
                 config.ckpt_path = str(path)
         if path is not None or run_id is not None:
             continue_run(config.trainer.logger, path, run_id)
+
+    def choose_precision(self, config: Namespace | None) -> None:
+        """No ``--trainer.precision``: the hardware's (``pipelines.precision``), printed here
+        and tagged on the run (``before_fit``)."""
+        self.precision_why = "set by --trainer.precision"
+        trainer = config.get("trainer") if config is not None else None
+        if trainer is None:
+            return
+        if trainer.get("precision") is None:
+            hardware = Hardware.probe(str(trainer.get("accelerator") or "auto"))
+            trainer.precision, self.precision_why = default_precision(hardware)
+        rank_zero_info(f"precision: {trainer.precision} ({self.precision_why})")
 
     def warm_start_parent(self, config: Namespace) -> None:
         """``--warm_start``: the parent downloaded (kept for the run), its FeatureState handed
@@ -193,6 +208,10 @@ class RankerCLI(LightningCLI):
         """A warm start (not a resumption, whose checkpoint holds it all): the parent's
         weights and optimiser state, the lineage tags."""
         config = self.config.get(self.subcommand)
+        logger = self.trainer.logger
+        if isinstance(logger, MLflowLogger) and self.trainer.is_global_zero:
+            why = f"{config.trainer.precision} ({self.precision_why})"
+            logger.experiment.set_tag(logger.run_id, "precision", why)
         if self.warm_parent is not None and not config.get("ckpt_path"):
             warm_start(self.trainer, self.model, self.warm_parent, self.datamodule.state)
 

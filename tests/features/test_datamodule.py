@@ -177,3 +177,24 @@ def test_resumed_epoch_yields_exactly_the_batches_not_yet_trained_on(
     assert len(rest) == len(whole) - done
     for resumed, original in zip(rest, whole[done:], strict=True):
         assert torch.equal(resumed, original)
+
+
+def test_batches_made_ahead_are_the_batches_made_between_steps(tiny_log: Path) -> None:
+    """``prefetch_batches`` moves the work to a thread and changes nothing else: the same
+    batches in the same order, sequences included."""
+
+    def batches(prefetch: int) -> list:
+        dm = RankerDataModule(
+            str(SYNTHETIC_CONFIG), log_path=str(tiny_log), batch_size=500,
+            shuffle_buffer=2_000, prefetch_batches=prefetch,
+        )  # fmt: skip
+        dm.set_epoch(2)
+        return list(dm.train_dataloader())
+
+    between, ahead = batches(0), batches(3)
+    assert len(between) == len(ahead) > 10
+    for one, other in zip(between, ahead, strict=True):
+        assert torch.equal(one.cat, other.cat) and torch.equal(one.users, other.users)
+        assert one.sequences.keys() == other.sequences.keys() and one.sequences
+        for name, ids in one.sequences.items():
+            assert torch.equal(ids, other.sequences[name])
