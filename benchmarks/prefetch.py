@@ -25,31 +25,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from benchmarks.train_step import build_module, matmul_peak  # noqa: E402
+from benchmarks.train_throughput import one_epoch  # noqa: E402
 from features.datamodule import RankerDataModule  # noqa: E402
 
 
 def samples_per_sec(model: str, log: Path, prefetch: int, args: argparse.Namespace) -> float:
-    from lightning import Trainer
-
     data = RankerDataModule(
         str(ROOT / "configs" / "data" / "synthetic.yaml"),
         log_path=str(log),
         batch_size=args.batch_size,
         prefetch_batches=prefetch,
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=args.batches,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(build_module(model, data), datamodule=data)
-    return float(trainer.callback_metrics["train/samples_per_sec"])
+    return one_epoch(build_module(model, data), "cpu", args.batches, datamodule=data)
 
 
 def main() -> None:

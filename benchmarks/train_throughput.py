@@ -62,13 +62,17 @@ def cli_args(model: str, log: Path, workers: int, batch_size: int, accelerator: 
 # -- the measurements, each run in a child process --------------------------------------------
 
 
-def one_epoch(module: object, accelerator: str, **fit_kwargs: object) -> float:
+def one_epoch(
+    module: object, accelerator: str, batches: int | None = None, **fit_kwargs: object
+) -> float:
+    """samples/s of one epoch (its first ``batches``), by the model's own clock."""
     from lightning import Trainer
 
     trainer = Trainer(
         accelerator=accelerator,
         devices=1,
         max_epochs=1,
+        limit_train_batches=batches,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -26,14 +26,22 @@ from mlflow.tracking import MlflowClient
 from features.contract import ITEM_TABLE, OPTIMIZED_GRAPH, USER_TABLE, optimized_path
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.export.graph import scorer_graph
-from pipelines.export.optimize import AucChange, save_optimized
+from pipelines.export.optimize import (
+    REQUEST_ROWS,
+    AucChange,
+    GraphChoice,
+    choose_graph,
+    save_optimized,
+)
 from pipelines.export.parity import (
     Parity,
     check_parity,
     check_same,
     cpu_session,
     parity_rows,
-    quantize_checked,
+    graph_feeds,
+    int8_candidate,
+    int8_refusal,
 )
 from pipelines.export.registry import log_and_register
 from pipelines.export.snapshots import feature_snapshots
@@ -45,7 +53,8 @@ from pipelines.tracking import resolve_tracking_uri
 class Exported:
     path: Path
     parity: Parity  # of the float graph against torch
-    int8: AucChange | None  # with --quantize int8: the AUC change it was accepted with
+    int8: AucChange | None  # the INT8 graph's AUC change, where it is the one exported
+    choice: GraphChoice | None  # --quantize auto: the two graphs timed, the faster kept
     run_id: str | None
     name: str | None
     version: str | None
@@ -62,7 +71,7 @@ def export(
     out: Path | None = None,
     parity: int = 20_000,
     tolerance: float = 1e-5,
-    quantize: Literal["none", "int8"] = "none",
+    quantize: Literal["none", "int8", "auto"] = "none",
     quantize_tolerance: float = 0.001,
     quantize_rows: int = 100_000,
     register: bool = True,
@@ -85,6 +94,8 @@ def export(
         quantize: ``int8``: dynamic INT8 quantisation of the matmuls (smaller, faster on CPU),
             accepted only if no task's AUC on held-out rows moves by more than
             ``quantize_tolerance``.
+            ``auto``: INT8 only where it is within that tolerance and also faster on this
+            machine (both graphs timed on a request of 500 candidates); float32 otherwise.
         quantize_tolerance: the largest allowed |AUC change| of a task under INT8.
         quantize_rows: held-out rows (test split, then validation) for the AUC check.
         register: log the model to the run and register it (else only write the file).
@@ -99,10 +110,22 @@ def export(
     model = scorer_graph(module, data.state, data.config)
     session = cpu_session(model)  # one session for the parity check and the signature
     checked = check_parity(session, module, data, parity, tolerance)
-    change = None
-    if quantize == "int8":
-        model, change = quantize_checked(model, session, data, quantize_rows, quantize_tolerance)
-        session = cpu_session(model)
+    change, choice = None, None
+    if quantize != "none":
+        quantized, change = int8_candidate(model, session, data, quantize_rows)
+        refused = int8_refusal(change, quantize_tolerance, data)
+        if refused and quantize == "int8":
+            raise RunError(
+                f"{refused}; export in float32 (no --quantize) or allow more with "
+                "--quantize_tolerance"
+            )
+        if quantize == "auto":
+            feeds = graph_feeds(data, parity_rows(data, REQUEST_ROWS))
+            choice = choose_graph(session, quantized, refused, feeds)
+        if quantize == "int8" or (choice is not None and choice.int8):
+            model, session = quantized, cpu_session(quantized)
+        else:
+            change = None
     path = out or Path("exports") / (located.run_id or located.path.stem) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
@@ -118,7 +141,7 @@ def export(
         if located.run_id is None:
             raise RunError(f"{run} has no MLflow run to log the model to; pass --register false")
         version, model_uri = log_and_register(
-            client, located.run_id, model, session, data, name, checked, change
+            client, located.run_id, model, session, data, name, checked, change, choice
         )
         for file in snapshots:
             client.log_artifact(located.run_id, str(path.parent / file), "serving")
@@ -130,6 +153,7 @@ def export(
         path,
         checked,
         change,
+        choice,
         located.run_id,
         name if register else None,
         version,
@@ -148,6 +172,8 @@ def print_export(e: Exported) -> None:
         f"mean {e.parity.mean_abs_diff:.2e}"
         + (f" ({e.parity.ties:,} rows on a top-k near-tie left out)" if e.parity.ties else "")
     )
+    if e.choice is not None:
+        console.print(f"--quantize auto: {e.choice}")
     if e.int8 is not None:
         changes = ", ".join(f"{t} {d:+.4f}" for t, d in e.int8.change.items())
         rows = max(e.int8.rows.values())

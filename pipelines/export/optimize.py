@@ -11,12 +11,16 @@ graph saved beside it, and the optional dynamic INT8 quantisation.
   weights of every matmul with a constant right-hand side (the experts, gates and towers) as
   int8, and quantises activations on the fly. It is accepted only if no task's AUC on
   held-out rows (the test split, then validation) moves by more than the tolerance.
+  ``--quantize auto`` keeps it only if it is also faster on the exporting machine (timed on a
+  request of ``REQUEST_ROWS`` candidates, both graphs taking turns): dynamic INT8 gains where
+  the CPU has fast integer dot products (VNNI, AMX) and can lose where it has not.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +105,64 @@ def auc_change(
         before[task] = auc(float_probs[seen, t], y)
         after[task] = auc(int8_probs[seen, t], y)
     return AucChange(rows, before, after)
+
+
+# ``--quantize auto`` times both graphs on a request of this many candidates (the service's
+# typical request in the benchmarks) on the exporting machine.
+REQUEST_ROWS = 500
+
+
+def median_ms(
+    sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], repeats: int = 30
+) -> dict[str, float]:
+    """Median milliseconds of one ``run`` of each session on ``feeds``, after a warm-up, the
+    sessions taking turns (a machine's drift falls on all of them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for name, session in sessions.items():
+        for _ in range(3):
+            session.run(None, feeds)
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+@dataclass
+class GraphChoice:
+    """``--quantize auto``: the faster of the float and the INT8 graph on this machine, INT8
+    only where its AUC change is within the tolerance."""
+
+    rows: int  # candidates per timed request
+    float_ms: float
+    int8_ms: float | None  # None: INT8 refused (not timed)
+    refused: str | None
+
+    @property
+    def int8(self) -> bool:
+        return self.int8_ms is not None and self.int8_ms < self.float_ms
+
+    def __str__(self) -> str:
+        if self.int8_ms is None:
+            return f"float32 kept: {self.refused}"
+        kept = "INT8" if self.int8 else "float32"
+        return (
+            f"{kept} kept: {self.rows} candidates in {self.int8_ms:.2f} ms (INT8) against "
+            f"{self.float_ms:.2f} ms (float32), median on this machine"
+        )
+
+
+def choose_graph(
+    float_session: ort.InferenceSession,
+    quantized: onnx.ModelProto,
+    refused: str | None,
+    feeds: dict[str, np.ndarray],
+) -> GraphChoice:
+    """Times the float graph and (unless ``refused``) the INT8 one on ``feeds``."""
+    rows = len(next(iter(feeds.values())))
+    if refused is not None:
+        return GraphChoice(rows, median_ms({"float": float_session}, feeds)["float"], None, refused)
+    int8 = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    ms = median_ms({"float": float_session, "int8": int8}, feeds)
+    return GraphChoice(rows, ms["float"], ms["int8"], None)

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from features.datamodule import RankerDataModule
 from features.onnx_graph import raw_feeds, raw_inputs
 from pipelines.checkpoints import RunError
-from pipelines.export.optimize import AucChange
+from pipelines.export.optimize import AucChange, GraphChoice
 from pipelines.export.parity import Parity, parity_rows
 from pipelines.render import wide_console
 from pipelines.tracking import resolve_tracking_uri
@@ -28,6 +28,7 @@ def log_and_register(
     name: str,
     parity: Parity,
     change: AucChange | None = None,
+    choice: GraphChoice | None = None,
 ) -> tuple[str, str]:
     """Log with the ONNX flavour (signature, input example) and register a new version."""
     inputs = raw_inputs(data.state, data.config.features)
@@ -56,6 +57,7 @@ def log_and_register(
                         f"export/int8_auc_change/{task}": delta
                         for task, delta in (change.change.items() if change else ())
                     },
+                    **(request_ms(choice) if choice else {}),
                 }
             )
     except MlflowException as err:
@@ -63,6 +65,12 @@ def log_and_register(
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, "run_id", run_id)
     return version, f"models:/{name}/{version}"
+
+
+def request_ms(choice: GraphChoice) -> dict[str, float]:
+    """``--quantize auto``'s timings as metrics."""
+    timed = {"float32": choice.float_ms, "int8": choice.int8_ms}
+    return {f"export/request_ms/{k}": v for k, v in timed.items() if v is not None}
 
 
 def promote(

@@ -15,7 +15,7 @@ from features.contract import META, OPTIMIZED_GRAPH, graph_digest, optimized_pat
 from features.onnx_graph import raw_feeds
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.export import Exported, export
-from pipelines.export.optimize import auc_change
+from pipelines.export.optimize import GraphChoice, auc_change
 from pipelines.export.parity import parity_rows
 from serving.model import Scorer
 from tests.conftest import Runs
@@ -98,3 +98,38 @@ def test_auc_change_skips_tasks_without_both_classes() -> None:
     assert change.float_auc == {"a": 1.0} and change.rows == {"a": 3}
     assert change.int8_auc == {"a": 0.5}  # b's scores (0.2, 0.3, 0.8) against a's labels
     assert change.worst() == ("a", -0.5)
+
+
+def _quantized(path: Path) -> str | None:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}.get(META.QUANTIZED)
+
+
+def test_auto_keeps_int8_where_within_the_tolerance_and_faster(
+    runs: Runs, int8: Exported, tmp_path: Path
+) -> None:
+    common = dict(run=runs.home, register=False, tracking_uri=runs.uri, quiet=True)
+    auto = export(out=tmp_path / "a" / "model.onnx", quantize="auto", quantize_tolerance=0.05, **common)
+    choice = auto.choice
+    assert choice is not None and choice.refused is None and choice.rows == 500
+    assert choice.float_ms > 0 and choice.int8_ms is not None and choice.int8_ms > 0
+    # what was timed faster is what was written
+    assert (_quantized(auto.path) == "int8") == choice.int8 == (auto.int8 is not None)
+
+    _, worst = int8.int8.worst()
+    refused = export(
+        out=tmp_path / "r" / "model.onnx", quantize="auto", quantize_tolerance=abs(worst) / 2,
+        **common,
+    )  # fmt: skip
+    assert refused.choice is not None and refused.choice.int8_ms is None
+    assert refused.choice.refused.startswith("INT8 refused: the AUC of")
+    assert _quantized(refused.path) is None and refused.int8 is None
+
+
+@pytest.mark.parametrize(
+    ("float_ms", "int8_ms", "kept"), [(3.0, 2.0, True), (2.0, 3.0, False), (2.0, None, False)]
+)
+def test_the_faster_graph_is_kept(float_ms: float, int8_ms: float | None, kept: bool) -> None:
+    refused = None if int8_ms is not None else "INT8 refused: ..."
+    choice = GraphChoice(500, float_ms, int8_ms, refused)
+    assert choice.int8 == kept
+    assert str(choice).startswith("INT8 kept" if kept else "float32 kept")
