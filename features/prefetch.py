@@ -66,7 +66,7 @@ def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
                 item = queue.get(timeout=1.0)
             except Empty:
                 if not thread.is_alive() and queue.empty():
-                    raise RuntimeError("the batch prefetch thread ended without a result")
+                    raise RuntimeError("the batch prefetch thread ended without a result") from None
                 continue
             if item is _END:
                 return

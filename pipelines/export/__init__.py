@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Literal
 
 import onnx
+import onnxruntime as ort
 import polars as pl
 from mlflow.tracking import MlflowClient
 
 from features.contract import ITEM_TABLE, OPTIMIZED_GRAPH, USER_TABLE, optimized_path
+from features.datamodule import RankerDataModule
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.export.graph import scorer_graph
 from pipelines.export.optimize import (
@@ -38,10 +40,10 @@ from pipelines.export.parity import (
     check_parity,
     check_same,
     cpu_session,
-    parity_rows,
     graph_feeds,
     int8_candidate,
     int8_refusal,
+    parity_rows,
 )
 from pipelines.export.registry import log_and_register
 from pipelines.export.snapshots import feature_snapshots
@@ -110,22 +112,9 @@ def export(
     model = scorer_graph(module, data.state, data.config)
     session = cpu_session(model)  # one session for the parity check and the signature
     checked = check_parity(session, module, data, parity, tolerance)
-    change, choice = None, None
-    if quantize != "none":
-        quantized, change = int8_candidate(model, session, data, quantize_rows)
-        refused = int8_refusal(change, quantize_tolerance, data)
-        if refused and quantize == "int8":
-            raise RunError(
-                f"{refused}; export in float32 (no --quantize) or allow more with "
-                "--quantize_tolerance"
-            )
-        if quantize == "auto":
-            feeds = graph_feeds(data, parity_rows(data, REQUEST_ROWS))
-            choice = choose_graph(session, quantized, refused, feeds)
-        if quantize == "int8" or (choice is not None and choice.int8):
-            model, session = quantized, cpu_session(quantized)
-        else:
-            change = None
+    model, session, change, choice = with_quantize(
+        model, session, data, quantize, quantize_rows, quantize_tolerance
+    )
     path = out or Path("exports") / (located.run_id or located.path.stem) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
@@ -163,6 +152,33 @@ def export(
     if not quiet:
         print_export(exported)
     return exported
+
+
+def with_quantize(
+    model: onnx.ModelProto,
+    session: ort.InferenceSession,
+    data: RankerDataModule,
+    quantize: str,
+    rows: int,
+    tolerance: float,
+) -> tuple[onnx.ModelProto, ort.InferenceSession, AucChange | None, GraphChoice | None]:
+    """The graph to export under ``--quantize`` (its session), the INT8 AUC change where INT8
+    is that graph, and ``auto``'s timings."""
+    if quantize == "none":
+        return model, session, None, None
+    quantized, change = int8_candidate(model, session, data, rows)
+    refused = int8_refusal(change, tolerance, data)
+    if refused and quantize == "int8":
+        raise RunError(
+            f"{refused}; export in float32 (no --quantize) or allow more with --quantize_tolerance"
+        )
+    choice = None
+    if quantize == "auto":
+        feeds = graph_feeds(data, parity_rows(data, REQUEST_ROWS))
+        choice = choose_graph(session, quantized, refused, feeds)
+        if not choice.int8:
+            return model, session, None, choice
+    return quantized, cpu_session(quantized), change, choice
 
 
 def print_export(e: Exported) -> None:

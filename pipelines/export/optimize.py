@@ -118,7 +118,7 @@ def median_ms(
     """Median milliseconds of one ``run`` of each session on ``feeds``, after a warm-up, the
     sessions taking turns (a machine's drift falls on all of them alike)."""
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for name, session in sessions.items():
+    for session in sessions.values():
         for _ in range(3):
             session.run(None, feeds)
     for _ in range(repeats):

@@ -108,7 +108,9 @@ def test_auto_keeps_int8_where_within_the_tolerance_and_faster(
     runs: Runs, int8: Exported, tmp_path: Path
 ) -> None:
     common = dict(run=runs.home, register=False, tracking_uri=runs.uri, quiet=True)
-    auto = export(out=tmp_path / "a" / "model.onnx", quantize="auto", quantize_tolerance=0.05, **common)
+    auto = export(
+        out=tmp_path / "a" / "model.onnx", quantize="auto", quantize_tolerance=0.05, **common
+    )
     choice = auto.choice
     assert choice is not None and choice.refused is None and choice.rows == 500
     assert choice.float_ms > 0 and choice.int8_ms is not None and choice.int8_ms > 0
