@@ -1,7 +1,7 @@
 """The training step against the machine's peak: FLOP per sample, samples/s, share of peak.
 
     python benchmarks/train_step.py [--log data/bench/synth1000k] [--models mmoe home]
-        [--batch-size 2048] [--batches 8] [--rounds 6] [--variants eager compiled]
+        [--batch-size 2048] [--batches 8] [--rounds 6] [--variants eager compiled bf16]
 
 The step is ``RankerModule.training_step`` without Lightning around it: the forward pass
 (embedding lookup included), the loss, the backward pass, AdamW on the dense part and
@@ -14,7 +14,8 @@ SparseAdam on the embedding rows, on batches of a generated log already in memor
   batches, so the VM's drift falls on all alike): ``eager``; ``per-task`` (every pool, gate
   and tower on its own, as before they were batched); ``compiled`` (``--model.compile
   true``: the dense part after the lookup through ``torch.compile``; the first step, which
-  compiles, is timed apart).
+  compiles, is timed apart); ``bf16`` (eager under ``torch.autocast(bfloat16)``, as
+  ``--trainer.precision bf16-mixed`` trains: native on AMX CPUs, emulated and slow without).
 
 Prints one markdown table: model, variant, FLOP per sample, samples/s (median round), GFLOP/s
 and the share of the peak.
@@ -46,9 +47,10 @@ from ranker.models.base import ExpertModel  # noqa: E402
 from ranker.module import RankerModule  # noqa: E402
 
 
-def matmul_peak(size: int = 4096, repeats: int = 5) -> float:
-    """fp32 FLOP/s of ``torch.mm`` of two ``size`` x ``size`` matrices (best of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(size: int = 4096, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of ``torch.mm`` of two ``size`` x ``size`` matrices of ``dtype`` (best of
+    ``repeats``)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * size**3 / best
@@ -92,6 +94,16 @@ def flop_per_sample(module: RankerModule, batch: TensorBatch) -> float:
         masked_bce(outputs["logits"], batch.labels, module.task_weights)[0].backward()
     module.zero_grad()
     return counter.get_total_flops() / len(batch)
+
+
+def variant_context(name: str) -> contextlib.AbstractContextManager:
+    """What a variant's steps run under: ``per-task`` unbatched, ``bf16`` under bf16 autocast
+    (what ``--trainer.precision bf16-mixed`` does), else nothing."""
+    if name == "per-task":
+        return one_by_one()
+    if name == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -148,7 +160,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument(
         "--variants", nargs="+", default=["per-task", "eager"],
-        choices=["per-task", "eager", "compiled"],
+        choices=["per-task", "eager", "compiled", "bf16"],
     )  # fmt: skip
     args = parser.parse_args()
     if not args.log.exists():
@@ -167,7 +179,11 @@ def main() -> None:
             break
     warm, batches = batches[0], batches[1:]
     peak = matmul_peak()
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)\n")
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    if "bf16" in args.variants:  # "of peak" stays against fp32's
+        bf16 = matmul_peak(2048, 3, torch.bfloat16)  # 2048: emulated bf16 (no AMX) is slow
+        print(f"bf16 matmul peak: {bf16 / 1e9:.1f} GFLOP/s")
+    print()
     rows = []
     for model in args.models:
         variants, flops, compile_s = {}, 0.0, {}
@@ -176,16 +192,14 @@ def main() -> None:
             optimizers = module.configure_optimizers()
             optimizers = optimizers[0] if isinstance(optimizers, tuple) else optimizers
             module.compile_network()
-            context = one_by_one() if name == "per-task" else contextlib.nullcontext()
-            with context:
+            with variant_context(name):
                 flops = flops or flop_per_sample(module, warm)
                 compile_s[name] = _timed(lambda m=module, o=optimizers: step(m, o, warm))
-            variants[name] = (module, optimizers, context)
+            variants[name] = (module, optimizers)
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
-            for name, (module, optimizers, _) in variants.items():
-                context = one_by_one() if name == "per-task" else contextlib.nullcontext()
-                with context:
+            for name, (module, optimizers) in variants.items():
+                with variant_context(name):
                     seconds[name].append(
                         _timed(lambda m=module, o=optimizers: [step(m, o, b) for b in batches])
                     )
