@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from benchmarks.suite import machine  # noqa: E402
 from benchmarks.train_step import build_module, matmul_peak  # noqa: E402
 from benchmarks.train_throughput import one_epoch  # noqa: E402
 from features.datamodule import RankerDataModule  # noqa: E402
@@ -48,11 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2048)
     args = parser.parse_args()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), "unknown CPU",
-    )  # fmt: skip
-    print(f"{cpu}, {os.cpu_count()} CPUs; matmul peak {matmul_peak() / 1e9:.0f} GFLOP/s")
+    print(f"{machine()}; matmul peak {matmul_peak() / 1e9:.0f} GFLOP/s")
     results: dict[tuple[str, int], list[float]] = {}
     for round_ in range(args.rounds):
         depths = args.prefetch if round_ % 2 == 0 else args.prefetch[::-1]

@@ -75,4 +75,5 @@ def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
             yield item
     finally:
         stop.set()
-        thread.join()
+        if thread is not threading.current_thread():  # finalised by the garbage collector there
+            thread.join()

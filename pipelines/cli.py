@@ -179,11 +179,13 @@ class RankerCLI(LightningCLI):
             continue_run(config.trainer.logger, path, run_id)
 
     def choose_precision(self, config: Namespace | None) -> None:
-        """No ``--trainer.precision``: the hardware's (``pipelines.precision``), printed here
-        and tagged on the run (``before_fit``)."""
+        """``ranker fit`` without ``--trainer.precision``: the hardware's
+        (``pipelines.precision``), printed here and tagged on the run (``before_fit``). A
+        resumed run chooses again on the machine it resumes on; the tag says what it resumed
+        with (the ``trainer.precision`` param keeps the first attempt's)."""
         self.precision_why = "set by --trainer.precision"
         trainer = config.get("trainer") if config is not None else None
-        if trainer is None:
+        if trainer is None or self.subcommand != "fit":  # validate / test: as given (fp32)
             return
         if trainer.get("precision") is None:
             hardware = Hardware.probe(str(trainer.get("accelerator") or "auto"))

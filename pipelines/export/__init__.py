@@ -166,8 +166,13 @@ def with_quantize(
     is that graph, and ``auto``'s timings."""
     if quantize == "none":
         return model, session, None, None
-    quantized, change = int8_candidate(model, session, data, rows)
-    refused = int8_refusal(change, tolerance, data)
+    try:
+        quantized, int8, change = int8_candidate(model, session, data, rows)
+        refused = int8_refusal(change, tolerance, data)
+    except RunError as err:  # no held-out labels to check INT8 against
+        if quantize == "int8":
+            raise
+        refused = str(err)
     if refused and quantize == "int8":
         raise RunError(
             f"{refused}; export in float32 (no --quantize) or allow more with --quantize_tolerance"
@@ -175,10 +180,10 @@ def with_quantize(
     choice = None
     if quantize == "auto":
         feeds = graph_feeds(data, parity_rows(data, REQUEST_ROWS))
-        choice = choose_graph(session, quantized, refused, feeds)
+        choice = choose_graph(session, None if refused else int8, refused, feeds)
         if not choice.int8:
             return model, session, None, choice
-    return quantized, cpu_session(quantized), change, choice
+    return quantized, int8, change, choice
 
 
 def print_export(e: Exported) -> None:

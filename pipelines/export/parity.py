@@ -174,25 +174,23 @@ def int8_candidate(
     session: ort.InferenceSession,
     data: RankerDataModule,
     rows: int,
-) -> tuple[onnx.ModelProto, AucChange]:
-    """The INT8 graph and each task's AUC change on up to ``rows`` held-out rows (the test
-    split, then validation) against the float graph ``session`` runs."""
+) -> tuple[onnx.ModelProto, ort.InferenceSession, AucChange]:
+    """The INT8 graph, its session, and each task's AUC change on up to ``rows`` held-out
+    rows (the test split, then validation) against the float graph ``session`` runs."""
     frame = parity_rows(data, rows, ("test", "val"))
     feeds = graph_feeds(data, frame)
     labels = data.state.transform(frame).labels
     quantized = quantize_int8(model)
+    int8 = cpu_session(quantized)
     tasks = [t.name for t in data.tasks]
     change = auc_change(
-        onnx_outputs(session, feeds)[OUTPUT],
-        onnx_outputs(cpu_session(quantized), feeds)[OUTPUT],
-        labels,
-        tasks,
+        onnx_outputs(session, feeds)[OUTPUT], onnx_outputs(int8, feeds)[OUTPUT], labels, tasks
     )
     if not change.float_auc:
         raise RunError(
             f"no held-out rows of {data.config.path} with both labels: cannot check INT8"
         )
-    return quantized, change
+    return quantized, int8, change
 
 
 def int8_refusal(change: AucChange, tolerance: float, data: RankerDataModule) -> str | None:

@@ -195,6 +195,8 @@ def test_batches_made_ahead_are_the_batches_made_between_steps(tiny_log: Path) -
     assert len(between) == len(ahead) > 10
     for one, other in zip(between, ahead, strict=True):
         assert torch.equal(one.cat, other.cat) and torch.equal(one.users, other.users)
+        assert torch.equal(one.num, other.num)
+        assert torch.equal(one.labels.nan_to_num(-1), other.labels.nan_to_num(-1))
         assert one.sequences.keys() == other.sequences.keys() and one.sequences
         for name, ids in one.sequences.items():
             assert torch.equal(ids, other.sequences[name])

@@ -70,3 +70,19 @@ def test_closing_early_stops_the_thread_and_closes_the_source() -> None:
             break
     assert closed.wait(5)
     assert _threads() == 0
+
+
+def test_an_error_in_the_step_stops_the_thread() -> None:
+    closed = threading.Event()
+
+    def endless():
+        try:
+            yield from iter(int, 1)  # zeros, forever
+        finally:
+            closed.set()
+
+    with pytest.raises(RuntimeError, match="the step failed"):
+        for _ in prefetched(endless(), depth=2):
+            raise RuntimeError("the step failed")
+    assert closed.wait(5)
+    assert _threads() == 0
