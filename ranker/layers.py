@@ -35,7 +35,8 @@ class FusedEmbedding(nn.Module):
             self.register_buffer(f"columns_{width}", torch.tensor(columns), persistent=False)
             self.register_buffer(f"offsets_{width}", offsets, persistent=False)
         self.widths = widths
-        self.dims = tuple(inputs.embedding_dims)
+        self.names, self.dims = tuple(inputs.cat_names), tuple(inputs.embedding_dims)
+        self.cardinalities = tuple(inputs.cardinalities)
         # ``forward`` lays the features out table by table, in feature order within a table.
         order = [f for w in widths for f, d in enumerate(self.dims) if d == w]
         self.output_starts = {f: sum(self.dims[g] for g in order[:k]) for k, f in enumerate(order)}
@@ -56,6 +57,10 @@ class FusedEmbedding(nn.Module):
             per_feature = torch.tensor([values[c] for c in columns.tolist()])
             out.append(torch.repeat_interleave(per_feature, sizes))
         return out
+
+    def fetch(self, cat: torch.Tensor, sequences: Mapping[str, torch.Tensor] | None) -> None:
+        """Nothing: these tables are read in place (sharded ones fetch the step's rows here,
+        ``ranker.sharding.ShardedTables``)."""
 
     def lookup(self, feature: int, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of ids (any shape) in feature ``feature``'s vocabulary: ``[..., D_f]``."""

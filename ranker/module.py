@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from features.config import TaskSpec
 from features.contract import ARM_OUTPUT, LOGITS, OUTPUT
@@ -32,6 +33,16 @@ from ranker.metrics import task_metrics
 from ranker.models.base import MultiTaskModel, Outputs
 from ranker.scoring import Scored, batch_outputs, graph_outputs
 from ranker.sharded_metrics import sharded_task_metrics, sharded_uplift_metrics
+from ranker.sharding import (
+    PREFIX,
+    ShardedTables,
+    gather_whole,
+    load_local,
+    optimizer_state,
+    plan_lines,
+    require_torchrec,
+    shard,
+)
 from ranker.uplift_metrics import uplift_metrics
 
 # The checkpoint's hparams hold these plain dataclasses; let weights-only loading accept them.
@@ -228,6 +239,17 @@ class RankerModule(L.LightningModule):
             training (``ranker.layers.HistoryDropout``); 0 (the default): none.
         history_trains_embeddings: whether the pooled histories train the embedding rows they
             share with the candidates (True, the default); False: only the candidates do.
+        sharding: ``none`` (the default): every process holds every embedding table (under
+            DDP, each rank a replica); ``torchrec``: under ``torchrun`` with 2+ processes, the
+            tables are sharded across the ranks by TorchRec (``ranker.sharding``), their
+            optimiser (``rowwise_adagrad`` or ``adagrad``; ``sparse_adam`` on GPUs) fused into
+            the backward pass, the dense part under DDP. The plan is printed and logged
+            (``sharding_plan.txt``); the checkpoint holds whole tables, as any run's.
+        sharding_type: how TorchRec may place each table: ``table_wise`` (the default: whole
+            tables spread over the ranks), ``row_wise``, ``column_wise``, or ``auto`` (its
+            planner's choice).
+        sharding_budget_gb: memory per rank the plan must fit (tables and their optimiser
+            state; null: the machine's). No plan fits: an error naming the tables and sizes.
         compile: train with the dense part after the embedding lookup compiled
             (``torch.compile``; the lookup's sparse gradients do not compile), its code cached
             on disk across runs (``$RANKER_CACHE/inductor``); validation runs eager. Off by
@@ -255,6 +277,9 @@ class RankerModule(L.LightningModule):
         id_dropout: dict[str, float] | Literal["auto"] | None = "auto",
         history_dropout: float = 0.0,
         history_trains_embeddings: bool = True,
+        sharding: Literal["none", "torchrec"] = "none",
+        sharding_type: Literal["table_wise", "row_wise", "column_wise", "auto"] = "table_wise",
+        sharding_budget_gb: float | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -288,6 +313,8 @@ class RankerModule(L.LightningModule):
         self._task_loss_sum = torch.zeros(len(self.tasks))
         self.selected: str | None = None  # the monitored metric, chosen at first validation
         self._seed = 0  # the run's seed, read at the start of fit (id dropout's draws)
+        self.sharded = False  # the tables sharded by TorchRec (``configure_model``)
+        self._fused_state: dict[str, Any] | None = None  # their optimiser state to restore
 
     @property
     def task_names(self) -> list[str]:
@@ -312,22 +339,61 @@ class RankerModule(L.LightningModule):
         learned = list(self.weighting.parameters())  # learned task weights: no weight decay
         groups += [{"params": learned, "weight_decay": 0.0}] if learned else []
         hp = self.hparams
-        embedding = EMBEDDING_OPTIMIZERS[hp.embedding_optimizer]
-        optimisers = [
-            torch.optim.AdamW(
-                groups, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=True
-            ),
-            embedding(sparse, lr=hp.embedding_learning_rate),
-        ]
-        scales = [r / hp.embedding_learning_rate for r in self.embedding_rates.values()]
-        tables = self.network.embedding
-        self.row_rates = RowRates(tables.tables, tables.per_row(scales), embedding is DenseAdam)
+        adamw = torch.optim.AdamW(
+            groups, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=True
+        )
+        if self.sharded:  # each table's optimiser runs in its backward, at its feature's rate
+            optimisers = [adamw, self.network.embedding.fused_optimizer()]
+            self.row_rates = RowRates([], [], every_row=False)
+        else:
+            embedding = EMBEDDING_OPTIMIZERS[hp.embedding_optimizer]
+            optimisers = [adamw, embedding(sparse, lr=hp.embedding_learning_rate)]
+            scales = [r / hp.embedding_learning_rate for r in self.embedding_rates.values()]
+            tables = self.network.embedding
+            every_row = embedding is DenseAdam
+            self.row_rates = RowRates(tables.tables, tables.per_row(scales), every_row)
         if hp.lr_schedule == "none":
             return optimisers
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
         return optimisers, [
             plateau(o, mode="max", factor=0.5, patience=0, threshold=0) for o in optimisers
         ]
+
+    def configure_model(self) -> None:
+        """With ``sharding: torchrec``, when fitting: the tables sharded across the process
+        group (every rank, before DDP wraps the module; DDP then skips them)."""
+        if self.hparams.get("sharding", "none") == "none" or self.sharded:
+            return
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return  # a sharded run's checkpoint loaded to score: whole tables, one process
+        if self.trainer.world_size < 2:
+            raise ValueError(
+                "--model.sharding torchrec shards the tables across processes: run under "
+                "torchrun with 2+ processes (--trainer.devices N --trainer.strategy ddp), or "
+                "leave it off (one process holds every table)"
+            )
+        require_torchrec()
+        hp = self.hparams
+        tables = ShardedTables(self.network.embedding, self.inputs)
+        planned = shard(
+            tables,
+            self.embedding_rates,
+            hp.embedding_optimizer,
+            hp.sharding_type,
+            hp.sharding_budget_gb,
+            self.trainer.strategy.root_device,
+        )
+        self.network.embedding = tables
+        self.sharded = True
+        names = [n for n, _ in [*self.named_parameters(), *self.named_buffers()]]
+        ignored = [n for n in names if n.startswith(PREFIX)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
+        text = plan_lines(planned, self.trainer.world_size, hp.sharding_budget_gb)
+        if self.trainer.is_global_zero:
+            print(text, flush=True)
+            logger = self.logger
+            if logger is not None and hasattr(logger, "run_id") and logger.run_id:
+                logger.experiment.log_text(logger.run_id, text, "sharding_plan.txt")
 
     def _start_clock(self) -> None:
         self._epoch_start, self._epoch_samples = time.perf_counter(), 0
@@ -379,6 +445,12 @@ class RankerModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._start_clock()  # a run resumed mid-epoch gets no on_train_epoch_start
+        if self._fused_state is not None:  # resumed sharded: the tables' optimiser state
+            fused = self.trainer.optimizers[1]
+            load_local(optimizer_state(fused), self._fused_state["state"])
+            for group, lr in zip(fused.param_groups, self._fused_state["lr"], strict=True):
+                group["lr"] = lr
+            self._fused_state = None
 
     def on_validation_epoch_start(self) -> None:
         self.network.use_compiled(False)  # validation runs eager (``compile``)
@@ -548,10 +620,34 @@ class RankerModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selected_metric"] = self.selected
+        if self.sharded:
+            self._save_whole_tables(checkpoint)
+
+    def _save_whole_tables(self, checkpoint: dict[str, Any]) -> None:
+        """A sharded run's checkpoint as any run's (every rank takes part; rank 0 writes):
+        whole tables in the fused layout, and per table its optimiser state, gathered."""
+        state, tables = checkpoint["state_dict"], self.network.embedding
+        sharded = {k: state.pop(k) for k in list(state) if k.startswith(PREFIX)}
+        whole = gather_whole({k.removeprefix(PREFIX): v for k, v in sharded.items()})
+        if whole:
+            state.update({PREFIX + k: v for k, v in tables.to_fused(whole).items()})
+        fused = self.trainer.optimizers[1]
+        checkpoint["optimizer_states"] = checkpoint["optimizer_states"][:1]  # the dense one
+        checkpoint["sharded_optimizer"] = {
+            "state": gather_whole(optimizer_state(fused)),
+            "lr": [group["lr"] for group in fused.param_groups],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.selected = checkpoint.get("selected_metric")
         state = checkpoint.get("state_dict", {})
+        if self.sharded:  # the whole tables load into this rank's shards
+            tables = self.network.embedding
+            fused = {
+                k.removeprefix(PREFIX): state.pop(k) for k in list(state) if k.startswith(PREFIX)
+            }
+            state.update({PREFIX + k: v for k, v in tables.from_fused(fused).items()})
+            self._fused_state = checkpoint.get("sharded_optimizer")
         for key, value in self.calibrator.state_dict().items():  # written before calibration
             state.setdefault(f"calibrator.{key}", value)
 

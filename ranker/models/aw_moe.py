@@ -140,6 +140,7 @@ class AWMoE(ExpertModel):
         internals: Internals | None,
         gates: dict[str, torch.Tensor] | None = None,
     ) -> Outputs:
+        self.embedding.fetch(cat, sequences)  # the gates read the embeddings before ``embed``
         gates = self.gate_inputs(cat, sequences) if gates is None else gates
         return self.towers_on({"x": self.embed(cat, num, sequences), **gates}, internals)
 
@@ -196,6 +197,7 @@ class AWMoE(ExpertModel):
         sequences: Sequences = None,
         treatment: torch.Tensor | None = None,
     ) -> tuple[Outputs, dict[str, torch.Tensor]]:
+        self.embedding.fetch(cat, sequences)
         ids = self.gate_ids(cat, sequences)  # searched once, for the logits and the contrast
         gates = self.gate_inputs(cat, sequences, ids=ids)
         internals = Internals() if self.routed else None

@@ -64,6 +64,7 @@ class MultiTaskModel(nn.Module):
 
     def embed(self, cat: torch.Tensor, num: torch.Tensor, sequences: Sequences) -> torch.Tensor:
         """The input ``x`` ``[B, input_dim]``."""
+        self.embedding.fetch(cat, sequences)
         x = self.embedding(cat, num)
         if not self.inputs.sequences:
             return x
