@@ -7,10 +7,12 @@ DEMO_ROWS ?= 200000
 
 .PHONY: install demo test lint format clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-torchrec.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# constraints.txt pins torch to the CPU build; a looser range pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,torchrec]'
+	# TorchRec (--model.sharding torchrec) without its metadata's CUDA fbgemm-gpu.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-torchrec.txt
 	touch $(STAMP)
 
 install: $(STAMP)

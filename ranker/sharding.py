@@ -272,13 +272,13 @@ def shard(
     from torchrec.distributed.types import ShardingEnv
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    world = dist.get_world_size()
     if optimizer not in FUSED or (optimizer == "sparse_adam" and device.type == "cpu"):
         raise ValueError(
             f"--model.sharding torchrec fuses the tables' optimiser into the backward; FBGEMM's "
             f"{device.type.upper()} kernels have no {optimizer!r}: use --model.embedding_optimizer "
             "rowwise_adagrad (or adagrad; sparse_adam on GPUs)"
         )
+    world = dist.get_world_size()
     kind = getattr(fused_optimizers, FUSED[optimizer])
     for name, dim in zip(tables.names, tables.dims, strict=True):
         weight = tables.collections[f"d{dim}"].embeddings[table_name(name)].weight
