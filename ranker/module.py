@@ -36,7 +36,7 @@ from ranker.sharded_metrics import sharded_task_metrics, sharded_uplift_metrics
 from ranker.sharding import (
     PREFIX,
     ShardedTables,
-    gather_whole,
+    gather_state,
     load_local,
     optimizer_state,
     plan_lines,
@@ -628,13 +628,12 @@ class RankerModule(L.LightningModule):
         whole tables in the fused layout, and per table its optimiser state, gathered."""
         state, tables = checkpoint["state_dict"], self.network.embedding
         sharded = {k: state.pop(k) for k in list(state) if k.startswith(PREFIX)}
-        whole = gather_whole({k.removeprefix(PREFIX): v for k, v in sharded.items()})
-        if whole:
-            state.update({PREFIX + k: v for k, v in tables.to_fused(whole).items()})
+        whole = tables.gather_fused({k.removeprefix(PREFIX): v for k, v in sharded.items()})
+        state.update({PREFIX + k: v for k, v in whole.items()})
         fused = self.trainer.optimizers[1]
         checkpoint["optimizer_states"] = checkpoint["optimizer_states"][:1]  # the dense one
         checkpoint["sharded_optimizer"] = {
-            "state": gather_whole(optimizer_state(fused)),
+            "state": gather_state(optimizer_state(fused)),
             "lr": [group["lr"] for group in fused.param_groups],
         }
 

@@ -116,20 +116,23 @@ class ShardedTables(nn.Module):
         )
 
     def from_fused(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``FusedEmbedding``'s ``tables.<t>.weight`` as this module's tables (copies)."""
-        out = {}
-        for f, (t, start) in enumerate(self.rows_of):
-            out[self.key(f)] = state[f"tables.{t}.weight"][
-                start : start + self.cardinalities[f]
-            ].clone()
-        return out
+        """``FusedEmbedding``'s ``tables.<t>.weight`` as this module's tables (views)."""
+        return {
+            self.key(f): state[f"tables.{t}.weight"][start : start + self.cardinalities[f]]
+            for f, (t, start) in enumerate(self.rows_of)
+        }
 
-    def to_fused(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This module's whole tables in ``FusedEmbedding``'s layout."""
-        tables = [torch.empty(shape) for shape in self.fused_shapes]
+    def gather_fused(self, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """This module's sharded ``state`` (``{key(f): ShardedTensor}``) as whole tables in
+        ``FusedEmbedding``'s layout on rank 0, ``{}`` elsewhere (a collective; each table
+        gathered straight into its rows: no second copy)."""
+        rank0 = dist.get_rank() == 0
+        tables = [torch.empty(shape) if rank0 else None for shape in self.fused_shapes]
         for f, (t, start) in enumerate(self.rows_of):
-            tables[t][start : start + self.cardinalities[f]] = state[self.key(f)]
-        return {f"tables.{t}.weight": table for t, table in enumerate(tables)}
+            table = tables[t]
+            rows = None if table is None else table[start : start + self.cardinalities[f]]
+            state[self.key(f)].gather(dst=0, out=rows)
+        return {f"tables.{t}.weight": table for t, table in enumerate(tables) if table is not None}
 
     def fetch(self, cat: torch.Tensor, sequences: Mapping[str, torch.Tensor] | None) -> None:
         """The step's one lookup (a collective: every rank calls it, in step); nothing when
@@ -187,9 +190,9 @@ class ShardedTables(nn.Module):
         return torch.cat([*(self.lookup(f, cat[:, f]) for f in self.order), num], dim=1)
 
 
-def gather_whole(tensors: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Whole tensors of ``{key: ShardedTensor}`` (each rank's keys may differ: optimiser
-    state exists where its table is) on rank 0, ``{}`` on the others (a collective)."""
+def gather_state(tensors: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Whole tensors of an optimiser's ``{key: ShardedTensor}`` (each rank holds the state of
+    its own tables: keys differ by rank) on rank 0, ``{}`` on the others (a collective)."""
     local = {
         key: (
             tuple(value.size()),
