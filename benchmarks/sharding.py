@@ -111,7 +111,8 @@ def child(args: argparse.Namespace) -> None:
 def launch(mode: str, args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
     processes = MODES[mode][0]
     me = [str(Path(__file__).resolve()), "--child", "--mode", mode, "--log", args.log,
-          "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--out", str(out)]  # fmt: skip
+          "--batches", str(args.batches), "--batch-size", str(args.batch_size),
+          "--out", str(out)]  # fmt: skip
     if processes == 1:
         command = [sys.executable, *me]
     else:
