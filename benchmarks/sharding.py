@@ -1,6 +1,7 @@
 """Memory and speed of the embedding tables replicated on every rank vs sharded by TorchRec.
 
-    python benchmarks/sharding.py --log /work/shbench/log --batches 150
+    ranker synth --out /work/shbench/log --rows 3000000 --users 3000000 --items 10000000
+    python benchmarks/sharding.py --log /work/shbench/log --batches 60 --id-dim 128
 
 One process, 2 DDP ranks with a replica of every table (row-wise Adagrad, and SparseAdam, the
 default), and 2 ranks with the tables sharded (``--model.sharding torchrec``, table-wise,
@@ -72,7 +73,7 @@ def child(args: argparse.Namespace) -> None:
     from ranker.module import RankerModule
 
     processes, sharding, optimiser = MODES[args.mode]
-    data = RankerDataModule(str(CONFIG), log_path=args.log, batch_size=args.batch_size)
+    data = RankerDataModule(dataset(args), log_path=args.log, batch_size=args.batch_size)
     torch.manual_seed(0)
     network = {"class_path": "ranker.models.MMoE", "init_args": {"num_experts": 4}}
     found: dict[str, float] = {}
@@ -108,11 +109,26 @@ def child(args: argparse.Namespace) -> None:
     Path(f"{args.out}.{trainer.global_rank}.json").write_text(json.dumps(found))
 
 
+def dataset(args: argparse.Namespace) -> str:
+    """The generated log's config, its id features (user, item, author) ``--id-dim`` wide."""
+    text = CONFIG.read_text()
+    for name in ("user_id", "item_id", "author_id"):
+        text = text.replace(
+            f"{{name: {name}, kind: categorical, side: {'user' if name == 'user_id' else 'item'}, "
+            "embedding_dim: 16}",
+            f"{{name: {name}, kind: categorical, side: {'user' if name == 'user_id' else 'item'}, "
+            f"embedding_dim: {args.id_dim}}}",
+        )
+    path = Path(f"{args.out}.dataset.yaml")
+    path.write_text(text)
+    return str(path)
+
+
 def launch(mode: str, args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
     processes = MODES[mode][0]
-    me = [str(Path(__file__).resolve()), "--child", "--mode", mode, "--log", args.log,
+    me = [str(Path(__file__).resolve()), "--child", "--mode", mode, "--parquet", args.log,
           "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-          "--out", str(out)]  # fmt: skip
+          "--out", str(out), "--id-dim", str(args.id_dim)]  # fmt: skip
     if processes == 1:
         command = [sys.executable, *me]
     else:
@@ -128,9 +144,10 @@ def launch(mode: str, args: argparse.Namespace, out: Path) -> list[dict[str, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--log", required=True)
+    parser.add_argument("--log", "--parquet", dest="log", required=True)
     parser.add_argument("--batches", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--id-dim", type=int, default=16, help="user / item / author width")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--mode", default="")
     parser.add_argument("--out", default="/tmp/sharding-bench")
@@ -146,7 +163,8 @@ def main() -> None:
         ranks = launch(mode, args, Path(args.out))
         for rank, found in enumerate(ranks):
             rows.append((mode, rank, found))
-    print(f"\ntables: {rows[0][2]['table_rows']:,} rows x 16 (all features), MMoE, batch "
+    print(f"\ntables: {rows[0][2]['table_rows']:,} rows (ids {args.id_dim} wide, the rest 16), "
+          f"MMoE, batch "
           f"{args.batch_size} per rank, {args.batches} steps ({WARMUP} untimed)\n")  # fmt: skip
     print("| run | rank | tables + optimiser state held (MB) | RSS built (MB) | RSS at first "
           "step | RSS at end | peak RSS | samples/s (all ranks) |")  # fmt: skip

@@ -127,6 +127,7 @@ def check_inputs(child: RankerModule, parent: RankerModule) -> None:
 def copy_weights(child: RankerModule, parent: RankerModule, rows: list[torch.Tensor]) -> None:
     """``child`` takes every parameter and buffer of ``parent``, embedding rows by ``rows``
     (new rows keep their initial values)."""
+    child.network.embedding.initialise()  # tables built to be sharded are not written yet
     old = parent.state_dict()
     tables = {f"network.embedding.tables.{t}.weight": t for t in range(len(rows))}
     for key, value in child.state_dict().items():

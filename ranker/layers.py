@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -29,11 +31,14 @@ class FusedEmbedding(nn.Module):
             columns = [i for i, d in enumerate(inputs.embedding_dims) if d == width]
             sizes = torch.tensor([inputs.cardinalities[i] for i in columns])
             offsets = torch.cumsum(sizes, 0) - sizes
-            table = nn.Embedding(int(sizes.sum()), width, sparse=True)
-            nn.init.normal_(table.weight, std=init_std)
-            self.tables.append(table)
+            rows = torch.empty(int(sizes.sum()), width)  # written by ``initialise`` or a load
+            self.tables.append(nn.Embedding(int(sizes.sum()), width, sparse=True, _weight=rows))
             self.register_buffer(f"columns_{width}", torch.tensor(columns), persistent=False)
             self.register_buffer(f"offsets_{width}", offsets, persistent=False)
+        # Rows are drawn chunk by chunk from generators seeded by (this seed, feature, chunk)
+        # (``fill_rows``): any rows can be made without the others (a shard of the table).
+        self.init_seed, self.init_std = int(torch.randint(0, 2**62, (1,))), init_std
+        self.initialised = False
         self.widths = widths
         self.names, self.dims = tuple(inputs.cat_names), tuple(inputs.embedding_dims)
         self.cardinalities = tuple(inputs.cardinalities)
@@ -47,6 +52,24 @@ class FusedEmbedding(nn.Module):
             before = [i for i, d in enumerate(inputs.embedding_dims[:f]) if d == width]
             start = sum(inputs.cardinalities[i] for i in before)
             self.rows_of.append((widths.index(width), start))
+        if not _DEFERRED.get():
+            self.initialise()
+
+    def initialise(self) -> None:
+        """Every row drawn from N(0, init_std^2) (``fill_rows``), unless already written (by
+        this or by loading a state dict)."""
+        if self.initialised:
+            return
+        with torch.no_grad():
+            for f, (table, start) in enumerate(self.rows_of):
+                rows = self.tables[table].weight[start : start + self.cardinalities[f]]
+                shape = (self.cardinalities[f], self.dims[f])
+                fill_rows(rows, self.init_seed, f, shape, self.init_std)
+        self.initialised = True
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+        self.initialised = True
 
     def per_row(self, values: Sequence[float]) -> list[torch.Tensor]:
         """One value per feature spread over its rows: per table, ``[rows]``."""
@@ -96,6 +119,48 @@ class FusedEmbedding(nn.Module):
         if not parts:
             return cat.new_zeros((cat.shape[0], 0), dtype=torch.float32), columns
         return torch.cat(parts, dim=1), columns
+
+
+_DEFERRED: ContextVar[bool] = ContextVar("deferred_tables", default=False)
+INIT_CHUNK = 65_536  # rows a generator draws at a time (fewer for a smaller vocabulary)
+
+
+@contextmanager
+def deferred_tables() -> Iterator[None]:
+    """``FusedEmbedding``s built inside leave their rows unwritten (allocated, never touched:
+    not resident) until ``initialise()`` or a load: tables about to be sharded are then
+    initialised shard by shard (``ranker.sharding``), never whole in one process."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def fill_rows(
+    out: torch.Tensor,
+    seed: int,
+    feature: int,
+    shape: tuple[int, int],
+    std: float,
+    first_row: int = 0,
+    first_column: int = 0,
+) -> None:
+    """Writes into ``out [n, d]`` rows ``first_row..+n``, columns ``first_column..+d`` of
+    feature ``feature``'s initial table (``shape`` rows x dims): N(0, std^2), each chunk of
+    ``INIT_CHUNK`` rows from its own generator seeded by (``seed``, feature, chunk), so any
+    part is the same whoever makes it."""
+    rows, dims = shape
+    chunk = min(INIT_CHUNK, rows)
+    done = 0
+    while done < out.shape[0]:
+        k, at = divmod(first_row + done, chunk)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + feature * 10_007 + k) % 2**63)
+        drawn = torch.empty(chunk, dims).normal_(0.0, std, generator=generator)
+        take = min(chunk - at, out.shape[0] - done)
+        columns = slice(first_column, first_column + out.shape[1])
+        out[done : done + take] = drawn[at : at + take, columns]
+        done += take
 
 
 # A categorical feature with more than ``LARGE_VOCABULARY`` ids (the unknown index aside) has a

@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import lightning as L
@@ -26,6 +27,7 @@ from ranker.layers import (
     HistoryDropout,
     IdDropout,
     auto_id_dropout,
+    deferred_tables,
     embedding_rates,
 )
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
@@ -289,7 +291,8 @@ class RankerModule(L.LightningModule):
         # resolved config to MLflow itself (the logger would truncate these reprs).
         self.save_hyperparameters(logger=False)
         self.inputs, self.tasks = inputs, tuple(tasks)
-        self.network = network(inputs, self.tasks)
+        with deferred_tables() if sharding == "torchrec" else nullcontext():
+            self.network = network(inputs, self.tasks)  # tables about to be sharded: unwritten
         self.register_buffer("task_weights", torch.tensor([t.weight for t in self.tasks]))
         self.weighting = WEIGHTINGS[loss_weighting](self.task_weights)
         self.calibrator = Calibrator(len(self.tasks))  # the identity until fitted
@@ -362,10 +365,13 @@ class RankerModule(L.LightningModule):
     def configure_model(self) -> None:
         """With ``sharding: torchrec``, when fitting: the tables sharded across the process
         group (every rank, before DDP wraps the module; DDP then skips them)."""
-        if self.hparams.get("sharding", "none") == "none" or self.sharded:
+        if self.sharded:
             return
-        if self._trainer is None or self.trainer.state.fn != "fit":
-            return  # a sharded run's checkpoint loaded to score: whole tables, one process
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if self.hparams.get("sharding", "none") == "none" or not fitting:
+            # e.g. a sharded run's checkpoint loaded to score: whole tables, one process
+            self.network.embedding.initialise()  # a no-op once written (or loaded)
+            return
         if self.trainer.world_size < 2:
             raise ValueError(
                 "--model.sharding torchrec shards the tables across processes: run under "

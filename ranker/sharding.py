@@ -24,7 +24,7 @@ serving and warm starts take a sharded run as any run, and a sharded run resumes
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from features.state import InputSpec
-from ranker.layers import FusedEmbedding
+from ranker.layers import FusedEmbedding, fill_rows
 
 # The pins that load together with torch 2.13 (CPU); --no-deps: torchrec's metadata asks for
 # the CUDA fbgemm-gpu, whose module shadows the CPU one. The file is the one place they live.
@@ -103,9 +103,12 @@ class ShardedTables(nn.Module):
         # table ``t`` (``rows_of[f]``); the checkpoint keeps the tables in it.
         self.rows_of = list(fused.rows_of)
         self.fused_shapes = [tuple(t.weight.shape) for t in fused.tables]
-        self.initial = self.from_fused(
-            {f"tables.{t}.weight": w.detach() for t, w in enumerate(fused.tables.parameters())}
-        )
+        # Rows to load once sharded (views of ``fused``'s, e.g. a warm start's); None: each
+        # shard draws its own initial rows (``fused`` deferred, never written whole).
+        self.initial = None
+        if fused.initialised:
+            self.initial = self.from_fused(dict(enumerate_tables(fused)))
+        self.init_seed, self.init_std = fused.init_seed, fused.init_std
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # the step's rows per feature
         self._given: tuple[torch.Tensor, ...] = ()  # the tensors they were fetched for
 
@@ -188,6 +191,25 @@ class ShardedTables(nn.Module):
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         return torch.cat([*(self.lookup(f, cat[:, f]) for f in self.order), num], dim=1)
+
+
+def enumerate_tables(fused: FusedEmbedding) -> Iterator[tuple[str, torch.Tensor]]:
+    for t, table in enumerate(fused.tables):
+        yield f"tables.{t}.weight", table.weight.detach()
+
+
+def initialise_shards(tables: ShardedTables) -> None:
+    """Each rank's shards of every table drawn as ``FusedEmbedding.initialise`` draws those
+    rows (``fill_rows``), without the rest of the table."""
+    state = tables.state_dict()
+    with torch.no_grad():
+        for f, rows in enumerate(tables.cardinalities):
+            for s in state[tables.key(f)].local_shards():
+                first_row, first_column = s.metadata.shard_offsets
+                shape = (rows, tables.dims[f])
+                fill_rows(
+                    s.tensor, tables.init_seed, f, shape, tables.init_std, first_row, first_column
+                )
 
 
 def gather_state(tensors: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -317,8 +339,11 @@ def shard(
         plan=plan,
         sharders=sharders,
     )
-    tables.load_state_dict(tables.initial, strict=False)
-    tables.initial = {}
+    if tables.initial is None:
+        initialise_shards(tables)
+    else:
+        tables.load_state_dict(tables.initial, strict=False)
+    tables.initial = None
     placed = {name: p for module in plan.plan.values() for name, p in module.items()}
     return [
         PlannedTable(

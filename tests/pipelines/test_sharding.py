@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from features.datamodule import RankerDataModule
 from features.state import InputSpec
-from ranker.layers import FusedEmbedding
+from ranker.layers import FusedEmbedding, deferred_tables, fill_rows
 from ranker.models import build
 from ranker.module import RankerModule
 from ranker.sharding import INSTALL, ShardedTables, require_torchrec, shard
@@ -223,3 +223,28 @@ def test_tables_are_the_fused_rows_of_each_feature() -> None:
     assert torch.equal(item, fused.lookup(1, torch.arange(9)).detach())
     rows = sum(t.shape[0] for t in tables.initial.values())
     assert rows == sum(w.shape[0] for w in whole.values()) == 5 + 9 + 3  # every row, once
+
+
+def test_any_block_of_a_table_is_drawn_as_the_whole_table_draws_it() -> None:
+    """Shards initialise their own rows (``fill_rows``): a block made alone, across a chunk
+    boundary and from a column on, equals that block of the whole table."""
+    shape = (150_000, 6)
+    whole = torch.empty(shape)
+    fill_rows(whole, 42, 3, shape, 0.01)
+    block = torch.empty(20_000, 4)
+    fill_rows(block, 42, 3, shape, 0.01, first_row=60_000, first_column=2)
+    assert torch.equal(block, whole[60_000:80_000, 2:])
+    assert abs(float(whole.std()) - 0.01) < 1e-4 and abs(float(whole.mean())) < 1e-4
+    other = torch.empty(shape)
+    fill_rows(other, 42, 4, shape, 0.01)  # another feature: other rows
+    assert not torch.equal(other, whole)
+
+
+def test_deferred_tables_are_written_on_first_need_and_never_over_a_load() -> None:
+    with deferred_tables():
+        deferred = FusedEmbedding(SPEC)
+    assert not deferred.initialised
+    written = FusedEmbedding(SPEC)
+    deferred.load_state_dict(written.state_dict())
+    deferred.initialise()  # loaded: kept
+    assert torch.equal(deferred.tables[0].weight, written.tables[0].weight)
