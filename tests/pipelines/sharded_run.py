@@ -6,7 +6,7 @@
 
 sharded / replicated: 2 ranks (gloo), the tables sharded (``--model.sharding torchrec``) or a
 replica on each rank (today's DDP). one: one process whose every step takes both ranks' batches
-of that step together (the global batch the two ranks share). ``model``: mmoe or home, with
+of that step together (the global batch the two ranks share). ``model``: mmoe, home or aw_moe, with
 row-wise Adagrad on the tables (the optimiser TorchRec fuses on CPU) and no id dropout.
 Rank 0 writes ``<out>.json`` (each step's training loss, the mean over ranks, and the last
 validation metrics) and ``<out>.ckpt`` (``Trainer.save_checkpoint``).
@@ -39,6 +39,10 @@ NETWORKS = {
         "init_args": {"num_experts": 3, "expert_hidden": [16]},
     },
     "home": {"class_path": "ranker.models.HoME", "init_args": {"expert_hidden": [32, 16]}},
+    "aw_moe": {
+        "class_path": "ranker.models.AWMoE",
+        "init_args": {"num_experts": 3, "expert_hidden": [16]},
+    },
 }
 
 

@@ -73,13 +73,24 @@ def test_sharded_mmoe_takes_the_steps_of_one_process_and_of_replicated_ddp(
     assert sharded["losses"][-1] < sharded["losses"][0] - 0.05  # it learnt
 
 
-def test_sharded_home_takes_the_steps_of_replicated_ddp(tiny_log: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["home", "aw_moe"])
+def test_sharded_model_takes_the_steps_of_replicated_ddp(
+    model: str, tiny_log: Path, tmp_path: Path
+) -> None:
     """HoME's BatchNorm normalises each rank's batch: one process, normalising the global
-    batch, is another model (measured: losses 8e-3 apart); replicated DDP is the reference."""
-    sharded = run("sharded", "home", tiny_log, tmp_path / "sharded", 1)
-    replicated = run("replicated", "home", tiny_log, tmp_path / "replicated", 1)
-    assert sharded["losses"] == pytest.approx(replicated["losses"], abs=1e-5)  # measured 4.8e-7
-    assert metrics(sharded) == pytest.approx(metrics(replicated), abs=2e-3)  # measured 3.8e-4
+    batch, is another model (measured: losses 8e-3 apart); replicated DDP is the reference.
+    AW-MoE reads the embeddings before ``embed`` (its gates attend to the history); its sharp
+    contrastive loss (temperature 0.1) grows float32 summation-order differences: measured
+    losses 7e-5 apart (relative) by the epoch's end, validation mean AUC 7e-5."""
+    sharded = run("sharded", model, tiny_log, tmp_path / "sharded", 1)
+    replicated = run("replicated", model, tiny_log, tmp_path / "replicated", 1)
+    assert sharded["losses"][:2] == pytest.approx(replicated["losses"][:2], abs=1e-6)
+    tolerance = {"home": 1e-6, "aw_moe": 5e-4}[model]  # home measured 4.8e-7 abs (loss ~0.3)
+    assert sharded["losses"] == pytest.approx(replicated["losses"], rel=tolerance, abs=1e-6)
+    one, other = metrics(sharded), metrics(replicated)
+    if model == "aw_moe":  # its rare tasks' GAUC moved up to 9e-3 (few users with a positive)
+        one, other = ({k: m[k] for k in ("auc/mean", "gauc/mean")} for m in (one, other))
+    assert one == pytest.approx(other, abs=2e-3)  # measured: home 3.8e-4; aw_moe means 3.2e-4
 
 
 def test_sharded_run_resumed_from_its_checkpoint_continues_exactly(
