@@ -130,23 +130,28 @@ def test_sharded_checkpoint_holds_whole_tables_as_any_run(mmoe_runs: dict[str, P
     assert (sharded["state_dict"][key] - replicated["state_dict"][key]).abs().max() < 1e-3
 
 
+def fit_sharded(log: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``ranker fit`` under torchrun, 2 CPU ranks, the tables sharded, one epoch."""
+    return subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "pipelines.commands",
+         *fit_args(log, root / "checkpoints", "--trainer.max_epochs", "1"),
+         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+         "--trainer.enable_progress_bar", "false", "--model.sharding", "torchrec",
+         "--model.embedding_optimizer", "rowwise_adagrad", *extra],
+        cwd=root, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
 def test_ranker_fit_sharded_under_torchrun_prints_and_logs_the_plan_then_exports(
     tiny_log: Path, tmp_path: Path
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    result = subprocess.run(
-        [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "pipelines.commands",
-         *fit_args(tiny_log, tmp_path / "checkpoints", "--trainer.max_epochs", "1"),
-         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-         "--trainer.enable_progress_bar", "false", "--model.sharding", "torchrec",
-         "--model.embedding_optimizer", "rowwise_adagrad"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = fit_sharded(tiny_log, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("sharding plan (TorchRec, 2 ranks") == 1
     assert "t_item_id: " in result.stdout and "table_wise on rank" in result.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     (found,) = client.search_runs([client.get_experiment_by_name("ranker").experiment_id])
     run_id = found.info.run_id
@@ -155,7 +160,8 @@ def test_ranker_fit_sharded_under_torchrun_prints_and_logs_the_plan_then_exports
     assert "t_item_id" in plan.read_text()
     exported = subprocess.run(
         [sys.executable, "-m", "pipelines.commands", "export", "--run", run_id],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "registered: models:/ranker-synthetic/1" in exported.stdout
@@ -164,16 +170,7 @@ def test_ranker_fit_sharded_under_torchrun_prints_and_logs_the_plan_then_exports
 def test_a_budget_no_plan_fits_names_the_tables_and_their_sizes(
     tiny_log: Path, tmp_path: Path
 ) -> None:
-    result = subprocess.run(
-        [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "pipelines.commands",
-         *fit_args(tiny_log, tmp_path / "checkpoints", "--trainer.max_epochs", "1"),
-         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-         "--model.sharding", "torchrec", "--model.embedding_optimizer", "rowwise_adagrad",
-         "--model.sharding_budget_gb", "0.00005"],
-        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = fit_sharded(tiny_log, tmp_path, "--model.sharding_budget_gb", "0.00005")
     assert result.returncode != 0
     assert "no sharding plan fits the tables (t_user_id 601 x 16" in result.stderr
     assert "t_item_id 1,484 x 16 (0.1 MB)" in result.stderr
