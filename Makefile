@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml constraints.txt requirements-torchrec.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# constraints.txt pins torch to the CPU build; a looser range pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,torchrec]'
-	# TorchRec (--model.sharding torchrec) without its metadata's CUDA fbgemm-gpu.
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-torchrec.txt
+	# TorchRec (--model.sharding torchrec) without its metadata's CUDA fbgemm-gpu (Linux wheels).
+	if [ "$$(uname)" = Linux ]; then $(BIN)/pip install --quiet --disable-pip-version-check \
+		--no-deps -r requirements-torchrec.txt; fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -150,9 +150,19 @@ class CarryOptimizerState(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizers = trainer.optimizers
-        counts = [[len(g["params"]) for g in s["param_groups"]] for s in self.states]
+        if getattr(pl_module, "sharded", False) or len(self.states) < 2:
+            # Tables sharded here or in the parent (whose checkpoint keeps the dense state).
+            optimizers, states = optimizers[:1], self.states[:1]
+            print("warm start: the tables' optimiser state starts fresh (sharded tables)")
+        else:
+            states = self.states
+        counts = [[len(g["params"]) for g in s["param_groups"]] for s in states]
         if counts != [[len(g["params"]) for g in o.param_groups] for o in optimizers]:
             print("warm start: the optimisers differ from the parent's; they start fresh")
+            return
+        if len(optimizers) == 1:
+            groups = optimizers[0].state_dict()["param_groups"]
+            optimizers[0].load_state_dict({"state": states[0]["state"], "param_groups": groups})
             return
         dense, sparse = optimizers
         moved: dict[int, dict[str, Any]] = {}

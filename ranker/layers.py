@@ -85,12 +85,21 @@ class FusedEmbedding(nn.Module):
         """Nothing: these tables are read in place (sharded ones fetch the step's rows here,
         ``ranker.sharding.ShardedTables``)."""
 
+    def written(self) -> None:
+        """Refuses to read tables left unwritten (``deferred_tables``, then never initialised
+        nor loaded)."""
+        if not self.initialised:
+            raise RuntimeError("embedding tables read before their rows were written: "
+                               "initialise() them or load a state dict")  # fmt: skip
+
     def lookup(self, feature: int, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of ids (any shape) in feature ``feature``'s vocabulary: ``[..., D_f]``."""
+        self.written()
         table, start = self.rows_of[feature]
         return self.tables[table](ids + start)
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        self.written()
         parts = []
         for width, table in zip(self.widths, self.tables, strict=True):
             columns, offsets = getattr(self, f"columns_{width}"), getattr(self, f"offsets_{width}")
@@ -108,6 +117,7 @@ class FusedEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, list[int]]:
         """``cat [B, len(features)]`` holding only ``features``' ids: their vectors ``[B, D]``,
         one lookup per table, and the columns of ``forward``'s output they stand for."""
+        self.written()
         parts, columns = [], []
         for table in range(len(self.tables)):
             mine = [j for j, f in enumerate(features) if self.rows_of[f][0] == table]

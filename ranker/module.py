@@ -38,11 +38,14 @@ from ranker.sharded_metrics import sharded_task_metrics, sharded_uplift_metrics
 from ranker.sharding import (
     PREFIX,
     ShardedTables,
+    budget,
+    gather_rates,
     gather_state,
     load_local,
     optimizer_state,
     plan_lines,
     require_torchrec,
+    set_rates,
     shard,
 )
 from ranker.uplift_metrics import uplift_metrics
@@ -378,23 +381,26 @@ class RankerModule(L.LightningModule):
                 "torchrun with 2+ processes (--trainer.devices N --trainer.strategy ddp), or "
                 "leave it off (one process holds every table)"
             )
+        if str(self.trainer.precision).startswith("16"):
+            raise ValueError(
+                "--model.sharding torchrec applies the tables' optimiser inside the backward, "
+                "before the fp16 loss scaler could unscale or skip a step: train in 32 or bf16"
+            )
         require_torchrec()
-        hp = self.hparams
+        hp, device = self.hparams, self.trainer.strategy.root_device
         tables = ShardedTables(self.network.embedding, self.inputs)
+        gigabytes = budget(device, hp.sharding_budget_gb)
         planned = shard(
-            tables,
-            self.embedding_rates,
-            hp.embedding_optimizer,
-            hp.sharding_type,
-            hp.sharding_budget_gb,
-            self.trainer.strategy.root_device,
-        )
+            tables, self.embedding_rates, hp.embedding_optimizer, hp.sharding_type, gigabytes,
+            device,
+        )  # fmt: skip
         self.network.embedding = tables
-        self.sharded = True
+        self.sharded, self.tables_device = True, device
+        self.sharding_plan = {t.name: (t.sharding, t.ranks) for t in planned}
         names = [n for n, _ in [*self.named_parameters(), *self.named_buffers()]]
         ignored = [n for n in names if n.startswith(PREFIX)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
-        text = plan_lines(planned, self.trainer.world_size, hp.sharding_budget_gb)
+        text = plan_lines(planned, self.trainer.world_size, gigabytes)
         if self.trainer.is_global_zero:
             print(text, flush=True)
             logger = self.logger
@@ -451,12 +457,25 @@ class RankerModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._start_clock()  # a run resumed mid-epoch gets no on_train_epoch_start
-        if self._fused_state is not None:  # resumed sharded: the tables' optimiser state
-            fused = self.trainer.optimizers[1]
-            load_local(optimizer_state(fused), self._fused_state["state"])
-            for group, lr in zip(fused.param_groups, self._fused_state["lr"], strict=True):
-                group["lr"] = lr
-            self._fused_state = None
+        if self._fused_state is not None and self.trainer.state.fn == "fit":
+            self._restore_fused(self._fused_state)
+        self._fused_state = None
+
+    def _restore_fused(self, saved: dict[str, Any]) -> None:
+        """A resumed sharded run's tables' optimiser state and rates, as saved; the state
+        only under the plan it was saved with (column-wise state is laid out by the plan)."""
+        fused = self.trainer.optimizers[1]
+        set_rates(fused, saved["lr"])
+        if saved.get("plan", self.sharding_plan) != self.sharding_plan:
+            kinds = {
+                kind for plan in (saved["plan"], self.sharding_plan) for kind, _ in plan.values()
+            }
+            if "column_wise" in kinds:
+                raise ValueError(
+                    "this checkpoint's tables were sharded column-wise by another plan; resume "
+                    "with its ranks and --model.sharding_type"
+                )
+        load_local(optimizer_state(fused), saved["state"])
 
     def on_validation_epoch_start(self) -> None:
         self.network.use_compiled(False)  # validation runs eager (``compile``)
@@ -633,28 +652,47 @@ class RankerModule(L.LightningModule):
         """A sharded run's checkpoint as any run's (every rank takes part; rank 0 writes):
         whole tables in the fused layout, and per table its optimiser state, gathered."""
         state, tables = checkpoint["state_dict"], self.network.embedding
-        sharded = {k: state.pop(k) for k in list(state) if k.startswith(PREFIX)}
-        whole = tables.gather_fused({k.removeprefix(PREFIX): v for k, v in sharded.items()})
+        sharded = {
+            k.removeprefix(PREFIX): state.pop(k) for k in list(state) if k.startswith(PREFIX)
+        }
+        whole = tables.gather_fused(sharded, self.tables_device)
         state.update({PREFIX + k: v for k, v in whole.items()})
+        if "optimizer_states" not in checkpoint:  # weights only
+            return
         fused = self.trainer.optimizers[1]
         checkpoint["optimizer_states"] = checkpoint["optimizer_states"][:1]  # the dense one
         checkpoint["sharded_optimizer"] = {
             "state": gather_state(optimizer_state(fused)),
-            "lr": [group["lr"] for group in fused.param_groups],
+            "lr": gather_rates(fused),
+            "plan": self.sharding_plan,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.selected = checkpoint.get("selected_metric")
         state = checkpoint.get("state_dict", {})
-        if self.sharded:  # the whole tables load into this rank's shards
-            tables = self.network.embedding
+        self._load_tables(checkpoint, state)
+        for key, value in self.calibrator.state_dict().items():  # written before calibration
+            state.setdefault(f"calibrator.{key}", value)
+
+    def _load_tables(self, checkpoint: dict[str, Any], state: dict[str, Any]) -> None:
+        """Sharded: the whole tables load into this rank's shards, their optimiser state is
+        restored when training starts. Either way, a checkpoint of the other kind restores
+        the dense optimiser only (said once)."""
+        sharded_checkpoint = "sharded_optimizer" in checkpoint
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if self.sharded:
             fused = {
                 k.removeprefix(PREFIX): state.pop(k) for k in list(state) if k.startswith(PREFIX)
             }
-            state.update({PREFIX + k: v for k, v in tables.from_fused(fused).items()})
-            self._fused_state = checkpoint.get("sharded_optimizer")
-        for key, value in self.calibrator.state_dict().items():  # written before calibration
-            state.setdefault(f"calibrator.{key}", value)
+            state.update(
+                {PREFIX + k: v for k, v in self.network.embedding.from_fused(fused).items()}
+            )
+            self._fused_state = checkpoint.get("sharded_optimizer") if fitting else None
+            checkpoint["optimizer_states"] = checkpoint.get("optimizer_states", [])[:1]
+        if fitting and self.sharded != sharded_checkpoint:
+            kind = "sharded" if sharded_checkpoint else "replicated"
+            rank_zero_warn(f"the checkpoint's tables were {kind}: their optimiser state starts "
+                           "fresh in this run (the dense optimiser's is restored)")  # fmt: skip
 
     def validation_step(self, batch: TensorBatch, batch_idx: int) -> None:
         self._collect("val", batch)

@@ -24,6 +24,7 @@ serving and warm starts take a sharded run as any run, and a sharded run resumes
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -125,16 +126,21 @@ class ShardedTables(nn.Module):
             for f, (t, start) in enumerate(self.rows_of)
         }
 
-    def gather_fused(self, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def gather_fused(
+        self, state: Mapping[str, Any], device: torch.device
+    ) -> dict[str, torch.Tensor]:
         """This module's sharded ``state`` (``{key(f): ShardedTensor}``) as whole tables in
-        ``FusedEmbedding``'s layout on rank 0, ``{}`` elsewhere (a collective; each table
-        gathered straight into its rows: no second copy)."""
+        ``FusedEmbedding``'s layout on rank 0 (in host memory), ``{}`` elsewhere (a collective,
+        on the tables' ``device``). Table by table: besides the whole tables, rank 0 holds one
+        table's gather buffers at a time (TorchRec's: a shard's size per rank)."""
         rank0 = dist.get_rank() == 0
         tables = [torch.empty(shape) if rank0 else None for shape in self.fused_shapes]
         for f, (t, start) in enumerate(self.rows_of):
-            table = tables[t]
-            rows = None if table is None else table[start : start + self.cardinalities[f]]
-            state[self.key(f)].gather(dst=0, out=rows)
+            sharded, table = state[self.key(f)], tables[t]
+            out = None if table is None else torch.empty(sharded.size(), device=device)
+            sharded.gather(dst=0, out=out)
+            if table is not None:
+                table[start : start + self.cardinalities[f]] = out.cpu()
         return {f"tables.{t}.weight": table for t, table in enumerate(tables) if table is not None}
 
     def fetch(self, cat: torch.Tensor, sequences: Mapping[str, torch.Tensor] | None) -> None:
@@ -235,6 +241,33 @@ def gather_state(tensors: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return whole
 
 
+def table_rates(optimizer: Any) -> dict[str, float]:
+    """Each of this rank's tables' learning rate in a fused optimiser, by table key."""
+    keys = {id(p): k for k, p in optimizer.params.items()}
+    return {
+        keys[id(p)]: group["lr"]
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if id(p) in keys
+    }
+
+
+def gather_rates(optimizer: Any) -> dict[str, float]:
+    """``table_rates`` of every rank, on rank 0 (``{}`` elsewhere; a collective)."""
+    parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(table_rates(optimizer), parts, dst=0)
+    return {k: v for part in parts or [] for k, v in part.items()}
+
+
+def set_rates(optimizer: Any, rates: Mapping[str, float]) -> None:
+    """Each param group of a fused optimiser at its tables' saved rate (``table_rates``)."""
+    keys = {id(p): k for k, p in optimizer.params.items()}
+    for group in optimizer.param_groups:
+        saved = [rates[keys[id(p)]] for p in group["params"] if keys.get(id(p)) in rates]
+        if saved:
+            group["lr"] = saved[0]
+
+
 def load_local(tensors: Mapping[str, Any], whole: Mapping[str, torch.Tensor]) -> None:
     """Copies each rank's slices of the ``whole`` tensors into its shards, in place."""
     with torch.no_grad():
@@ -267,9 +300,8 @@ class PlannedTable:
         return self.rows * self.dim * 4 / 2**20
 
 
-def plan_lines(tables: Sequence[PlannedTable], world: int, budget_gb: float | None) -> str:
-    budget = f"{budget_gb:g} GB per rank" if budget_gb else "each rank's memory"
-    lines = [f"sharding plan (TorchRec, {world} ranks, within {budget}):"]
+def plan_lines(tables: Sequence[PlannedTable], world: int, budget_gb: float) -> str:
+    lines = [f"sharding plan (TorchRec, {world} ranks, within {budget_gb:.3g} GB per rank):"]
     for t in tables:
         ranks = ",".join(map(str, t.ranks))
         lines.append(
@@ -283,12 +315,12 @@ def shard(
     rates: Mapping[str, float],
     optimizer: str,
     sharding_type: str,
-    budget_gb: float | None,
+    budget_gb: float,
     device: torch.device,
 ) -> list[PlannedTable]:
     """Shards ``tables`` in place across the process group (a collective): the optimiser
     (``FUSED[optimizer]``) fused into each table's backward at its feature's rate, the plan
-    within ``budget_gb`` per rank (None: the machine's), the tables' current rows loaded."""
+    within ``budget_gb`` per rank (``budget``), the tables' current rows loaded."""
     import torchrec.optim as fused_optimizers
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -304,6 +336,9 @@ def shard(
             "rowwise_adagrad (or adagrad; sparse_adam on GPUs)"
         )
     world = dist.get_world_size()
+    seed = [tables.init_seed]  # rank 0's: each rank draws its shards of one initial table
+    dist.broadcast_object_list(seed, src=0)
+    tables.init_seed = seed[0]
     kind = getattr(fused_optimizers, FUSED[optimizer])
     for name, dim in zip(tables.names, tables.dims, strict=True):
         weight = tables.collections[f"d{dim}"].embeddings[table_name(name)].weight
@@ -330,7 +365,7 @@ def shard(
         )
         raise ValueError(
             f"no sharding plan fits the tables ({sizes}, plus their optimiser state) in "
-            f"{world} ranks of {budget_gb} GB (--model.sharding_budget_gb): {str(error)[:600]}"
+            f"{world} ranks of {budget_gb:.3g} GB (--model.sharding_budget_gb): {str(error)[:600]}"
         ) from error
     shard_modules(
         tables,
@@ -365,12 +400,25 @@ def configs(tables: ShardedTables) -> list[Any]:
     ]
 
 
-def topology(world: int, device: torch.device, budget_gb: float | None) -> Any:
+def budget(device: torch.device, budget_gb: float | None) -> float:
+    """GB per rank the plan must fit: ``budget_gb``, else the device's memory (a GPU's; the
+    machine's RAM shared by the ranks on it)."""
+    if budget_gb:
+        return budget_gb
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    return ram / local / 2**30
+
+
+def topology(world: int, device: torch.device, budget_gb: float) -> Any:
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 
-    cap = int(budget_gb * 2**30) if budget_gb else None
+    cap = int(budget_gb * 2**30)
     memory = {"hbm_cap_bytes": cap} if device.type == "cuda" else {"ddr_cap_bytes": cap}
-    config = TrainerConfig(world_size=world, local_world_size=world, **memory)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    config = TrainerConfig(world_size=world, local_world_size=local, **memory)
     return TopologyFactory.create_topology(
         trainer_config=config, kernel_config=KernelConfig(compute_device=device.type)
     )

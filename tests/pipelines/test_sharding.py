@@ -27,6 +27,9 @@ from tests.pipelines.test_ddp import TORCHRUN
 from tests.pipelines.test_fit_e2e import fit_args
 from tests.serving.conftest import free_port
 
+if sys.platform != "linux":  # FBGEMM's CPU wheels (``make install`` installs them on Linux)
+    pytest.skip("TorchRec's CPU kernels are installed on Linux only", allow_module_level=True)
+
 SCRIPT = Path(__file__).with_name("sharded_run.py")
 MMOE = {"class_path": "ranker.models.MMoE", "init_args": {"num_experts": 2, "expert_hidden": [8]}}
 
@@ -84,7 +87,6 @@ def test_sharded_model_takes_the_steps_of_replicated_ddp(
     losses 7e-5 apart (relative) by the epoch's end, validation mean AUC 7e-5."""
     sharded = run("sharded", model, tiny_log, tmp_path / "sharded", 1)
     replicated = run("replicated", model, tiny_log, tmp_path / "replicated", 1)
-    assert sharded["losses"][:2] == pytest.approx(replicated["losses"][:2], abs=1e-6)
     tolerance = {"home": 1e-6, "aw_moe": 5e-4}[model]  # home measured 4.8e-7 abs (loss ~0.3)
     assert sharded["losses"] == pytest.approx(replicated["losses"], rel=tolerance, abs=1e-6)
     one, other = metrics(sharded), metrics(replicated)
@@ -165,6 +167,15 @@ def test_ranker_fit_sharded_under_torchrun_prints_and_logs_the_plan_then_exports
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "registered: models:/ranker-synthetic/1" in exported.stdout
+    warm = subprocess.run(  # one process, warm-started from the sharded run
+        [sys.executable, "-m", "pipelines.commands",
+         *fit_args(tiny_log, tmp_path / "warm", "--trainer.max_epochs", "1"),
+         "--warm_start", run_id, "--model.embedding_optimizer", "rowwise_adagrad"],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "warm start: the tables' optimiser state starts fresh (sharded tables)" in warm.stdout
 
 
 def test_a_budget_no_plan_fits_names_the_tables_and_their_sizes(
