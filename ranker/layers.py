@@ -250,25 +250,33 @@ class IdDropout(nn.Module):
 
 
 class HistoryDropout(nn.Module):
-    """Training only: each behaviour of the sequences ``{name: [B, L]}`` replaced by padding
-    (0, masked) with probability ``share``; sequences of one length share the draw, so aligned
-    ones (a history and its categories) lose the same positions.
+    """Training only: behaviours of the sequences ``{name: [B, L]}`` (right-aligned, most
+    recent last) replaced by padding (0, masked):
 
-    A history seen whole in training and thinned at serving (its latest items new, unknown)
-    is a shift the model never saw; so is a user with fewer behaviours than training's.
+    - each with probability ``share``;
+    - with ``recent``, each row's most recent ``k`` too, ``k = floor(u * (2 recent n + 1))``
+      (at most ``n``) for ``u ~ U[0, 1)`` and ``n`` the row's behaviours: on average a share
+      ``recent`` of them, taken from the recent end.
+
+    Sequences of one length share the draws, so aligned ones (a history and its categories)
+    lose the same positions. A history seen whole in training and thinned at serving is a
+    shift the model never saw: its latest items are the ones a vocabulary fitted before them
+    does not know (``recent``), and a user may have fewer behaviours than training's
+    (``share``).
     """
 
-    def __init__(self, share: float) -> None:
+    def __init__(self, share: float, recent: float = 0.0) -> None:
         super().__init__()
-        if not 0 <= share < 1:
-            raise ValueError(f"history_dropout must be in [0, 1), got {share}")
-        self.share = share
+        for name, value in (("history_dropout", share), ("history_dropout_recent", recent)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        self.share, self.recent = share, recent
 
     def forward(
         self, sequences: dict[str, torch.Tensor], seed: int | None = None
     ) -> dict[str, torch.Tensor]:
         """``seed``: the positions dropped follow from it alone (as ``IdDropout``)."""
-        if not self.training or not self.share or not sequences:
+        if not self.training or not (self.share or self.recent) or not sequences:
             return sequences
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         drops: dict[tuple[int, ...], torch.Tensor] = {}
@@ -276,10 +284,22 @@ class HistoryDropout(nn.Module):
         for name, ids in sequences.items():
             shape = tuple(ids.shape)
             if shape not in drops:
-                noise = torch.rand(shape, generator=generator) if generator else torch.rand(shape)
-                drops[shape] = (noise < self.share).to(ids.device)
+                drops[shape] = self.draw(ids, generator)
             out[name] = ids.masked_fill(drops[shape], 0)
         return out
+
+    def draw(self, ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The positions to drop, ``[B, L]`` bool."""
+        rows, length = ids.shape
+        noise = torch.rand((rows, length + 1), generator=generator).to(ids.device)
+        drop = noise[:, :length] < self.share
+        if self.recent:
+            behaviours = (ids > 0).sum(1)
+            k = (noise[:, length] * (2 * self.recent * behaviours + 1)).floor()
+            k = torch.minimum(k, behaviours)
+            position = torch.arange(length, device=ids.device)
+            drop |= position.unsqueeze(0) >= (length - k).unsqueeze(1)
+        return drop
 
 
 class MLP(nn.Sequential):

@@ -242,6 +242,9 @@ class RankerModule(L.LightningModule):
             none elsewhere; ``{}``: none. The shares in force are printed at the start.
         history_dropout: share of the behaviours of every sequence replaced by padding in
             training (``ranker.layers.HistoryDropout``); 0 (the default): none.
+        history_dropout_recent: share of each row's behaviours dropped in training from the
+            recent end (on average; ``HistoryDropout``), as a test split's latest behaviours
+            are of items the vocabulary does not know yet; 0 (the default): none.
         history_trains_embeddings: whether the pooled histories train the embedding rows they
             share with the candidates (True, the default); False: only the candidates do.
         sharding: ``none`` (the default): every process holds every embedding table (under
@@ -281,6 +284,7 @@ class RankerModule(L.LightningModule):
         calibration: Method = "platt",
         id_dropout: dict[str, float] | Literal["auto"] | None = "auto",
         history_dropout: float = 0.0,
+        history_dropout_recent: float = 0.0,
         history_trains_embeddings: bool = True,
         sharding: Literal["none", "torchrec"] = "none",
         sharding_type: Literal["table_wise", "row_wise", "column_wise", "auto"] = "table_wise",
@@ -302,7 +306,7 @@ class RankerModule(L.LightningModule):
         shares = auto_id_dropout(inputs) if id_dropout == "auto" else (id_dropout or {})
         self.id_dropout = IdDropout(inputs.cat_names, shares)
         self.id_dropout_shares = shares
-        self.history_dropout = HistoryDropout(history_dropout)
+        self.history_dropout = HistoryDropout(history_dropout, history_dropout_recent)
         self.network.pooling.trains_embeddings = history_trains_embeddings
         if embedding_learning_rate <= 0:  # the other rates are scales of this one
             raise ValueError(

@@ -184,3 +184,27 @@ def test_history_dropout_pads_a_share_of_behaviours_aligned_in_training_only() -
     assert HistoryDropout(0.0).train()(sequences) is sequences
     with pytest.raises(ValueError, match=r"history_dropout must be in \[0, 1\), got 1.0"):
         HistoryDropout(1.0)
+
+
+def test_recent_history_dropout_takes_behaviours_from_the_recent_end() -> None:
+    """``recent``: each row loses its most recent behaviours (right-aligned, most recent
+    last), a share ``recent`` of them on average; aligned sequences lose the same ones."""
+    rows, length = 4000, 20
+    count = torch.randint(1, length + 1, (rows,))
+    position = torch.arange(length)
+    ids = torch.where(
+        position >= length - count.unsqueeze(1), torch.randint(1, 50, (rows, length)), 0
+    )
+    dropout = HistoryDropout(0.0, recent=0.2).train()
+    out = dropout({"items": ids, "authors": ids + 100 * (ids > 0)}, seed=3)
+    kept, dropped = out["items"] > 0, (ids > 0) & (out["items"] == 0)
+    assert torch.equal(kept, out["authors"] > 0)  # aligned: the same positions
+    # Every dropped behaviour is more recent than every kept one of its row.
+    last_kept = torch.where(kept, position, -1).max(1).values
+    first_dropped = torch.where(dropped, position, length).min(1).values
+    assert bool((first_dropped > last_kept).all())
+    share = dropped.sum() / (ids > 0).sum()
+    assert 0.17 < float(share) < 0.23
+    again = dropout({"items": ids, "authors": ids + 100 * (ids > 0)}, seed=3)
+    assert torch.equal(again["items"], out["items"])  # the seed alone decides
+    assert torch.equal(dropout.eval()({"items": ids})["items"], ids)
