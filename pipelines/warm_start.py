@@ -160,13 +160,18 @@ class CarryOptimizerState(Callback):
         if counts != [[len(g["params"]) for g in o.param_groups] for o in optimizers]:
             print("warm start: the optimisers differ from the parent's; they start fresh")
             return
-        if len(optimizers) == 1:
-            groups = optimizers[0].state_dict()["param_groups"]
-            optimizers[0].load_state_dict({"state": states[0]["state"], "param_groups": groups})
-            return
-        dense, sparse = optimizers
+        carried = [states[0]["state"]]
+        if len(states) > 1:
+            carried.append(self.moved(states[1]["state"]))
+        # The moments carried; the hyper-parameters (learning rates) are this run's own.
+        for optimizer, state in zip(optimizers, carried, strict=True):
+            groups = optimizer.state_dict()["param_groups"]
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def moved(self, states: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """The embedding optimiser's per-row state moved with its rows."""
         moved: dict[int, dict[str, Any]] = {}
-        for index, entry in self.states[1]["state"].items():
+        for index, entry in states.items():
             source = self.rows[int(index)]
             known = source >= 0
             moved[index] = {}
@@ -177,10 +182,7 @@ class CarryOptimizerState(Callback):
                 out = torch.zeros((len(source), *value.shape[1:]), dtype=value.dtype)
                 out[known] = value[source[known]]
                 moved[index][name] = out
-        # The moments carried; the hyper-parameters (learning rates) are this run's own.
-        for optimizer, state in ((dense, self.states[0]["state"]), (sparse, moved)):
-            groups = optimizer.state_dict()["param_groups"]
-            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        return moved
 
 
 def take_weights(child: RankerModule, parent: Loaded, state: FeatureState) -> list[torch.Tensor]:

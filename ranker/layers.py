@@ -40,8 +40,7 @@ class FusedEmbedding(nn.Module):
         self.init_seed, self.init_std = int(torch.randint(0, 2**62, (1,))), init_std
         self.initialised = False
         self.widths = widths
-        self.names, self.dims = tuple(inputs.cat_names), tuple(inputs.embedding_dims)
-        self.cardinalities = tuple(inputs.cardinalities)
+        self.dims, self.cardinalities = tuple(inputs.embedding_dims), tuple(inputs.cardinalities)
         # ``forward`` lays the features out table by table, in feature order within a table.
         order = [f for w in widths for f, d in enumerate(self.dims) if d == w]
         self.output_starts = {f: sum(self.dims[g] for g in order[:k]) for k, f in enumerate(order)}

@@ -44,6 +44,7 @@ from ranker.sharding import (
     load_local,
     optimizer_state,
     plan_lines,
+    pop_tables,
     require_torchrec,
     set_rates,
     shard,
@@ -323,8 +324,16 @@ class RankerModule(L.LightningModule):
         self._task_loss_sum = torch.zeros(len(self.tasks))
         self.selected: str | None = None  # the monitored metric, chosen at first validation
         self._seed = 0  # the run's seed, read at the start of fit (id dropout's draws)
-        self.sharded = False  # the tables sharded by TorchRec (``configure_model``)
         self._fused_state: dict[str, Any] | None = None  # their optimiser state to restore
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the tables are sharded by TorchRec (``configure_model``)."""
+        return isinstance(self.network.embedding, ShardedTables)
+
+    @property
+    def fitting(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == "fit"
 
     @property
     def task_names(self) -> list[str]:
@@ -374,8 +383,7 @@ class RankerModule(L.LightningModule):
         group (every rank, before DDP wraps the module; DDP then skips them)."""
         if self.sharded:
             return
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        if self.hparams.get("sharding", "none") == "none" or not fitting:
+        if self.hparams.get("sharding", "none") == "none" or not self.fitting:
             # e.g. a sharded run's checkpoint loaded to score: whole tables, one process
             self.network.embedding.initialise()  # a no-op once written (or loaded)
             return
@@ -399,8 +407,6 @@ class RankerModule(L.LightningModule):
             device,
         )  # fmt: skip
         self.network.embedding = tables
-        self.sharded, self.tables_device = True, device
-        self.sharding_plan = {t.name: (t.sharding, t.ranks) for t in planned}
         names = [n for n, _ in [*self.named_parameters(), *self.named_buffers()]]
         ignored = [n for n in names if n.startswith(PREFIX)]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
@@ -461,19 +467,17 @@ class RankerModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._start_clock()  # a run resumed mid-epoch gets no on_train_epoch_start
-        if self._fused_state is not None and self.trainer.state.fn == "fit":
+        if self._fused_state is not None and self.fitting:
             self._restore_fused(self._fused_state)
         self._fused_state = None
 
     def _restore_fused(self, saved: dict[str, Any]) -> None:
         """A resumed sharded run's tables' optimiser state and rates, as saved; the state
         only under the plan it was saved with (column-wise state is laid out by the plan)."""
-        fused = self.trainer.optimizers[1]
+        fused, plan = self.trainer.optimizers[1], self.network.embedding.plan
         set_rates(fused, saved["lr"])
-        if saved.get("plan", self.sharding_plan) != self.sharding_plan:
-            kinds = {
-                kind for plan in (saved["plan"], self.sharding_plan) for kind, _ in plan.values()
-            }
+        if saved["plan"] != plan:
+            kinds = {kind for p in (saved["plan"], plan) for kind, _ in p.values()}
             if "column_wise" in kinds:
                 raise ValueError(
                     "this checkpoint's tables were sharded column-wise by another plan; resume "
@@ -656,10 +660,7 @@ class RankerModule(L.LightningModule):
         """A sharded run's checkpoint as any run's (every rank takes part; rank 0 writes):
         whole tables in the fused layout, and per table its optimiser state, gathered."""
         state, tables = checkpoint["state_dict"], self.network.embedding
-        sharded = {
-            k.removeprefix(PREFIX): state.pop(k) for k in list(state) if k.startswith(PREFIX)
-        }
-        whole = tables.gather_fused(sharded, self.tables_device)
+        whole = tables.gather_fused(pop_tables(state))
         state.update({PREFIX + k: v for k, v in whole.items()})
         if "optimizer_states" not in checkpoint:  # weights only
             return
@@ -668,7 +669,7 @@ class RankerModule(L.LightningModule):
         checkpoint["sharded_optimizer"] = {
             "state": gather_state(optimizer_state(fused)),
             "lr": gather_rates(fused),
-            "plan": self.sharding_plan,
+            "plan": tables.plan,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -683,17 +684,12 @@ class RankerModule(L.LightningModule):
         restored when training starts. Either way, a checkpoint of the other kind restores
         the dense optimiser only (said once)."""
         sharded_checkpoint = "sharded_optimizer" in checkpoint
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if self.sharded:
-            fused = {
-                k.removeprefix(PREFIX): state.pop(k) for k in list(state) if k.startswith(PREFIX)
-            }
-            state.update(
-                {PREFIX + k: v for k, v in self.network.embedding.from_fused(fused).items()}
-            )
-            self._fused_state = checkpoint.get("sharded_optimizer") if fitting else None
+            tables = self.network.embedding.from_fused(pop_tables(state))
+            state.update({PREFIX + k: v for k, v in tables.items()})
+            self._fused_state = checkpoint.get("sharded_optimizer") if self.fitting else None
             checkpoint["optimizer_states"] = checkpoint.get("optimizer_states", [])[:1]
-        if fitting and self.sharded != sharded_checkpoint:
+        if self.fitting and self.sharded != sharded_checkpoint:
             kind = "sharded" if sharded_checkpoint else "replicated"
             rank_zero_warn(f"the checkpoint's tables were {kind}: their optimiser state starts "
                            "fresh in this run (the dense optimiser's is restored)")  # fmt: skip

@@ -17,7 +17,7 @@ is summed over all its reads before its one fused optimiser step, as one process
 gradient is. TorchRec divides the tables' gradients by the world size and DDP averages the
 dense ones: two ranks take the step one process takes on both ranks' rows.
 
-The checkpoint holds whole tables in ``FusedEmbedding``'s layout (``whole_state``, gathered
+The checkpoint holds whole tables in ``FusedEmbedding``'s layout (``gather_fused``, gathered
 on rank 0), and the tables' optimiser state per table: evaluation, export, prediction,
 serving and warm starts take a sharded run as any run, and a sharded run resumes from it.
 """
@@ -25,9 +25,8 @@ serving and warm starts take a sharded run as any run, and a sharded run resumes
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -43,7 +42,6 @@ INSTALL = (
     "pip install -c constraints.txt -e '.[torchrec]' && "
     "pip install --no-deps -r requirements-torchrec.txt"
 )
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "auto")
 # What FBGEMM fuses into the backward for each --model.embedding_optimizer (CPU: no Adam).
 FUSED = {"rowwise_adagrad": "RowWiseAdagrad", "adagrad": "Adagrad", "sparse_adam": "Adam"}
 PREFIX = "network.embedding."  # the sharded tables' place in the LightningModule
@@ -78,7 +76,6 @@ class ShardedTables(nn.Module):
 
         self.names, self.cardinalities = tuple(inputs.cat_names), tuple(inputs.cardinalities)
         self.dims, self.output_dim = fused.dims, fused.output_dim
-        self.output_starts = fused.output_starts
         self.order = sorted(range(len(self.names)), key=lambda f: fused.output_starts[f])
         vocabulary = {s.name: self.names.index(s.vocabulary) for s in inputs.sequences}
         self.sequences_of = [
@@ -108,8 +105,10 @@ class ShardedTables(nn.Module):
         # shard draws its own initial rows (``fused`` deferred, never written whole).
         self.initial = None
         if fused.initialised:
-            self.initial = self.from_fused(dict(enumerate_tables(fused)))
+            self.initial = self.from_fused(fused.state_dict())
         self.init_seed, self.init_std = fused.init_seed, fused.init_std
+        self.device: torch.device | None = None  # where the shards live, once sharded
+        self.plan: dict[str, tuple[str, tuple[int, ...]]] = {}  # table: (sharding, ranks)
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # the step's rows per feature
         self._given: tuple[torch.Tensor, ...] = ()  # the tensors they were fetched for
 
@@ -126,18 +125,16 @@ class ShardedTables(nn.Module):
             for f, (t, start) in enumerate(self.rows_of)
         }
 
-    def gather_fused(
-        self, state: Mapping[str, Any], device: torch.device
-    ) -> dict[str, torch.Tensor]:
+    def gather_fused(self, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """This module's sharded ``state`` (``{key(f): ShardedTensor}``) as whole tables in
         ``FusedEmbedding``'s layout on rank 0 (in host memory), ``{}`` elsewhere (a collective,
-        on the tables' ``device``). Table by table: besides the whole tables, rank 0 holds one
+        on the shards' device). Table by table: besides the whole tables, rank 0 holds one
         table's gather buffers at a time (TorchRec's: a shard's size per rank)."""
         rank0 = dist.get_rank() == 0
         tables = [torch.empty(shape) if rank0 else None for shape in self.fused_shapes]
         for f, (t, start) in enumerate(self.rows_of):
             sharded, table = state[self.key(f)], tables[t]
-            out = None if table is None else torch.empty(sharded.size(), device=device)
+            out = None if table is None else torch.empty(sharded.size(), device=self.device)
             sharded.gather(dst=0, out=out)
             if table is not None:
                 table[start : start + self.cardinalities[f]] = out.cpu()
@@ -199,9 +196,10 @@ class ShardedTables(nn.Module):
         return torch.cat([*(self.lookup(f, cat[:, f]) for f in self.order), num], dim=1)
 
 
-def enumerate_tables(fused: FusedEmbedding) -> Iterator[tuple[str, torch.Tensor]]:
-    for t, table in enumerate(fused.tables):
-        yield f"tables.{t}.weight", table.weight.detach()
+def pop_tables(state: dict[str, Any]) -> dict[str, Any]:
+    """The tables' entries of a ``RankerModule`` state dict, removed from it, keyed as in
+    the embedding module's own (``PREFIX`` dropped)."""
+    return {k.removeprefix(PREFIX): state.pop(k) for k in list(state) if k.startswith(PREFIX)}
 
 
 def initialise_shards(tables: ShardedTables) -> None:
@@ -295,18 +293,17 @@ class PlannedTable:
     sharding: str
     ranks: tuple[int, ...]
 
-    @property
-    def megabytes(self) -> float:
-        return self.rows * self.dim * 4 / 2**20
+
+def megabytes(rows: int, dim: int) -> float:
+    """An fp32 table's size."""
+    return rows * dim * 4 / 2**20
 
 
 def plan_lines(tables: Sequence[PlannedTable], world: int, budget_gb: float) -> str:
     lines = [f"sharding plan (TorchRec, {world} ranks, within {budget_gb:.3g} GB per rank):"]
     for t in tables:
-        ranks = ",".join(map(str, t.ranks))
-        lines.append(
-            f"  {t.name}: {t.rows:,} x {t.dim} ({t.megabytes:.2f} MB), {t.sharding} on rank {ranks}"
-        )
+        size = f"{t.rows:,} x {t.dim} ({megabytes(t.rows, t.dim):.2f} MB)"
+        lines.append(f"  {t.name}: {size}, {t.sharding} on rank {','.join(map(str, t.ranks))}")
     return "\n".join(lines)
 
 
@@ -359,9 +356,8 @@ def shard(
         plan = planner.collective_plan(tables, sharders, dist.group.WORLD)
     except PlannerError as error:
         sizes = ", ".join(
-            f"{c.name} {c.num_embeddings:,} x {c.embedding_dim} "
-            f"({c.num_embeddings * c.embedding_dim * 4 / 2**20:.1f} MB)"
-            for c in configs(tables)
+            f"{table_name(n)} {rows:,} x {dim} ({megabytes(rows, dim):.1f} MB)"
+            for n, rows, dim in zip(tables.names, tables.cardinalities, tables.dims, strict=True)
         )
         raise ValueError(
             f"no sharding plan fits the tables ({sizes}, plus their optimiser state) in "
@@ -380,22 +376,10 @@ def shard(
         tables.load_state_dict(tables.initial, strict=False)
     tables.initial = None
     placed = {name: p for module in plan.plan.values() for name, p in module.items()}
+    tables.device = device
+    tables.plan = {t: (p.sharding_type, tuple(p.ranks or ())) for t, p in placed.items()}
     return [
-        PlannedTable(
-            c.name,
-            c.num_embeddings,
-            c.embedding_dim,
-            placed[c.name].sharding_type,
-            tuple(placed[c.name].ranks or ()),
-        )
-        for c in configs(tables)
-    ]
-
-
-def configs(tables: ShardedTables) -> list[Any]:
-    """Every table's (name, rows, dim), in feature order."""
-    return [
-        SimpleNamespace(name=table_name(n), num_embeddings=rows, embedding_dim=dim)
+        PlannedTable(table_name(n), rows, dim, *tables.plan[table_name(n)])
         for n, rows, dim in zip(tables.names, tables.cardinalities, tables.dims, strict=True)
     ]
 

@@ -77,10 +77,6 @@ class GlobalBatches(IterableDataset):
     def __init__(self, dataset: ParquetBatches) -> None:
         self.ranks = [_copy(dataset, rank) for rank in (0, 1)]
 
-    def set_epoch(self, epoch: int) -> None:
-        for dataset in self.ranks:
-            dataset.set_epoch(epoch)
-
     def __iter__(self) -> Iterator[TensorBatch]:
         for pair in zip(*self.ranks, strict=True):
             yield together(list(pair))
@@ -94,12 +90,10 @@ def _copy(dataset: ParquetBatches, rank: int) -> ParquetBatches:
 
 
 class OneProcessData(RankerDataModule):
-    def train_dataloader(self) -> DataLoader:
-        self.global_batches = GlobalBatches(self.dataset("train"))
-        return DataLoader(self.global_batches, batch_size=None)
+    """Its ``set_epoch`` sets the pair's shared epoch counter (the copies share it)."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset("train").set_epoch(epoch)  # the pair's shared epoch counter
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(GlobalBatches(self.dataset("train")), batch_size=None)
 
 
 def main() -> None:
