@@ -106,10 +106,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    """``ranker serve`` on a free port, once ready: the process and its URL."""
+def start_server(model: Path, *options: str, ranker: Path = RANKER) -> tuple[subprocess.Popen, str]:
+    """``ranker serve`` on a free port, once ready: the process and its URL (``ranker``: the
+    command, e.g. another checkout's, to compare versions)."""
     port = free_port()
-    command = [str(RANKER), "serve", "--model", str(model), "--port", str(port), *options]
+    command = [str(ranker), "serve", "--model", str(model), "--port", str(port), *options]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

@@ -19,6 +19,7 @@ from features.contract import Fusion
 from serving.core.config import Settings
 from serving.core.metrics import Metrics
 from serving.model import ModelError, Scorer
+from serving.priority import run_lowered
 from serving.registry import load_scorer, parse, resolve_version
 
 log = logging.getLogger("ranker.serving")
@@ -62,7 +63,12 @@ class Holder:
         self._poller: threading.Thread | None = None
 
     def load(self, version: str | None = None) -> LoadedModel:
-        scorer = load_scorer(self.settings, self.threads, version)
+        """The model (``version`` of an alias, else as set), its sessions made on a thread at
+        ``--scoring_nice``: onnxruntime's threads inherit it (``serving.priority``)."""
+        settings = self.settings
+        scorer = run_lowered(
+            settings.scoring_nice, lambda: load_scorer(settings, self.threads, version)
+        )
         return LoadedModel.of(scorer, self.settings.fusion_rule)
 
     def install(self, loaded: LoadedModel) -> None:

@@ -47,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     holder.install(holder.load())
     holder.start_polling()
     drain = Drain(settings.grace_seconds)
+    admission = Admission(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,14 +58,15 @@ def create_app(settings: Settings) -> FastAPI:
         drain.attach()
         yield
         holder.stop()
+        admission.scoring.shutdown(wait=False)
         metrics.worker_exited()
 
     app = FastAPI(
         title="ranker", description="Multi-task ranking over ONNX", version="1", lifespan=lifespan
     )
     app.state.settings, app.state.metrics, app.state.holder = settings, metrics, holder
-    app.state.admission, app.state.drain = Admission(settings, metrics), drain
-    middleware.install(app, settings, metrics, app.state.admission, drain)
+    app.state.admission, app.state.drain = admission, drain
+    middleware.install(app, settings, metrics, admission, drain)
     app.include_router(api_router)
     return app
 

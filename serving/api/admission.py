@@ -22,12 +22,14 @@ import asyncio
 import hmac
 import math
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.core.config import DEADLINE_HEADER, Settings
 from serving.core.metrics import Metrics
+from serving.priority import lower_priority
 from serving.schemas import error
 
 SCORING_PATHS = frozenset({"/v1/rank", "/v1/uplift"})  # the routes admission controls
@@ -43,13 +45,20 @@ class DeadlineError(Exception):
 
 
 class Admission:
-    """A worker's rank requests: how many it holds and whose turn it is to score."""
+    """A worker's rank requests: how many it holds, whose turn it is to score, and the threads
+    that score them (one per turn, at ``--scoring_nice``: ``serving.priority``)."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.limit, self.budget_s = settings.max_in_flight, settings.deadline_ms / 1e3
         self.metrics = metrics
         self.held = 0
         self.turns = asyncio.Semaphore(settings.scoring_concurrency)
+        self.scoring = ThreadPoolExecutor(
+            settings.scoring_concurrency,
+            thread_name_prefix="scoring",
+            initializer=lower_priority,
+            initargs=(settings.scoring_nice,),
+        )
 
     def budget(self, headers: dict[bytes, bytes]) -> float:
         """Seconds a request may wait to score: the setting, lowered by its header (a

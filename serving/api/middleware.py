@@ -4,13 +4,12 @@ of connections while draining), the bearer token, admission control; and the err
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api.admission import Admission, Admit, BearerToken, DeadlineError
@@ -60,6 +59,38 @@ class BodyLimit:
         await error(413, ["body"], f"body over {self.limit} bytes")(scope, receive, send)
 
 
+class Measure:
+    """Counts every answer by path and status and times it to its last byte; while draining,
+    every answer closes its connection (the caller's next request opens one elsewhere). Plain
+    ASGI: Starlette's ``BaseHTTPMiddleware`` runs each request in a task of its own with
+    streams between, work the event loop would do for every shed request too."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, drain: Drain) -> None:
+        self.app, self.metrics, self.drain = app, metrics, drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500  # an error before any answer is the 500 sent
+
+        async def measured(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if self.drain.started:
+                    MutableHeaders(scope=message)["connection"] = "close"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measured)
+        finally:
+            path = scope["path"]
+            if not scope.get("ranker.refused"):  # BodyLimit counted it
+                self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
 def install(
     app: FastAPI, settings: Settings, metrics: Metrics, admission: Admission, drain: Drain
 ) -> None:
@@ -67,19 +98,7 @@ def install(
     app.add_middleware(Admit, admission=admission)
     if settings.token is not None:
         app.add_middleware(BearerToken, token=settings.token.get_secret_value())
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        start = time.perf_counter()
-        endpoint = request.url.path
-        response = await call_next(request)
-        if not request.scope.get("ranker.refused"):  # BodyLimit counted it
-            metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        if drain.started:  # the caller's next request opens a connection elsewhere
-            response.headers["connection"] = "close"
-        return response
-
+    app.add_middleware(Measure, metrics=metrics, drain=drain)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, requests=metrics.requests)
 
     @app.exception_handler(RequestValidationError)

@@ -1,15 +1,15 @@
 """One scoring request's turn, the same for every scoring route: admitted (``Admit``), it
-waits for a scoring turn until its deadline, reads the loaded model once and answers from the
-thread pool, so the event loop keeps admitting, shedding and timing out the others."""
+waits for a scoring turn until its deadline, reads the loaded model once and answers on a
+scoring thread, so the event loop keeps admitting, shedding and timing out the others."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from serving.api.admission import DEADLINE, Admission
 from serving.holder import Holder, LoadedModel
@@ -32,4 +32,6 @@ async def in_turn(
         refused = refuse(loaded)
         if refused is not None:
             return refused
-        return await run_in_threadpool(answer, body, loaded)
+        return await asyncio.get_running_loop().run_in_executor(
+            admission.scoring, answer, body, loaded
+        )

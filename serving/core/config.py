@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         "threads); the others wait their turn. 1 measured best: a second one competes for the "
         "interpreter with the event loop that answers the 503s",
     )
+    scoring_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="niceness of the scoring threads (the one that scores and onnxruntime's "
+        "own, Linux): the event loop that admits, sheds and answers runs first when they "
+        "compete for the cores; idle cores still go to scoring. 0: same priority",
+    )
     deadline_ms: float = Field(
         1000.0,
         gt=0,

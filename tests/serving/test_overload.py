@@ -12,9 +12,11 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from pipelines.export import Exported
 from serving.api.admission import Admission, DeadlineError
 from serving.core.config import Settings
 from serving.core.metrics import Metrics
+from serving.priority import run_lowered
 from tests.serving.conftest import Server, start, stop
 
 BODY = json.dumps(
@@ -262,3 +265,51 @@ def test_connections_queued_at_the_close_are_taken_not_reset() -> None:
         assert connection.recv(4) == b"ping"  # alive after the listener closed
         caller.close()
         connection.close()
+
+
+def niceness(pid: int) -> dict[int, int]:
+    """Each thread of a process and its nice value (/proc/<pid>/task/<tid>/stat, field 19)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        found[int(task.name)] = int(fields[16])
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="niceness per thread is Linux's")
+def test_the_scoring_threads_run_below_the_event_loop(exported: Exported) -> None:
+    """onnxruntime's intra-op threads (made with the session, on a lowered thread) and the
+    thread that scores (made for the first request) at ``--scoring_nice``; the event loop's
+    main thread as started."""
+    server = start("--model", str(exported.path), "--scoring_nice", "10")
+    try:
+        pid = server.process.pid
+
+        def lowered() -> int:
+            return sum(1 for n in niceness(pid).values() if n >= 10)
+
+        sessions = lowered()  # the session's threads: cores - 1 each (the caller is one)
+        assert sessions >= (os.cpu_count() or 1) - 1
+        with server.client() as http:
+            headers = {"content-type": "application/json"}
+            assert http.post("/v1/rank", content=BODY, headers=headers).status_code == 200
+        assert lowered() == sessions + 1  # the scoring thread
+        assert niceness(pid)[pid] == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        stop(server)
+
+
+def test_a_lowered_thread_passes_its_niceness_on_and_its_outcome_back() -> None:
+    def spawn() -> int:
+        seen = []
+        child = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
+        child.start()
+        child.join()
+        return seen[0]
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    expected = max(7, before) if sys.platform == "linux" else before
+    assert run_lowered(7, spawn) == expected  # started on the lowered thread: inherited
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's own is unchanged
+    with pytest.raises(ZeroDivisionError):
+        run_lowered(7, lambda: 1 / 0)
