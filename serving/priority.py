@@ -11,6 +11,7 @@ back does, so it is never done on a thread that does anything else). Elsewhere n
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("ranker.serving")
 
 
 def lower_priority(nice: int) -> None:
@@ -26,8 +28,11 @@ def lower_priority(nice: int) -> None:
     if sys.platform != "linux" or nice <= 0:
         return
     tid = threading.get_native_id()
-    if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as err:  # a sandbox that forbids it: serve at the same priority
+        log.warning("scoring threads keep the event loop's priority: %s", err)
 
 
 def run_lowered(nice: int, fn: Callable[[], T]) -> T:

@@ -313,3 +313,17 @@ def test_a_lowered_thread_passes_its_niceness_on_and_its_outcome_back() -> None:
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's own is unchanged
     with pytest.raises(ZeroDivisionError):
         run_lowered(7, lambda: 1 / 0)
+
+
+def test_a_refused_niceness_leaves_scoring_at_the_same_priority(monkeypatch, caplog) -> None:
+    """A sandbox that forbids ``setpriority``: the scoring runs (a broken executor would fail
+    every request), with a warning."""
+
+    def refused(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refused)
+    monkeypatch.setattr(os, "getpriority", lambda *args: 0)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert run_lowered(10, lambda: "scored") == "scored"
+    assert "keep the event loop's priority" in caplog.text
