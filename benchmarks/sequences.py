@@ -266,6 +266,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--skip-derive", action="store_true")
+    parser.add_argument("--skip-steps", action="store_true", help="scoring (and deriving) only")
     parser.add_argument("--only-derive", action="store_true")
     parser.add_argument(
         "--write-configs", type=Path, help="write each variant's dataset config here and stop"
@@ -301,7 +302,8 @@ def main() -> None:
     from benchmarks.train_step import matmul_peak
 
     print(f"{machine()}; fp32 matmul peak {matmul_peak() / 1e9:.0f} GFLOP/s\n", flush=True)
-    print("\n".join([*measure_steps(data, args.steps, args.blocks), ""]), flush=True)
+    if not args.skip_steps:
+        print("\n".join([*measure_steps(data, args.steps, args.blocks), ""]), flush=True)
     print("\n".join([*measure_scoring(data, args.log_dir, args.seconds), ""]), flush=True)
     if not args.skip_derive:
         print("\n".join(measure_derive(args.log_dir, args.derive_rows)), flush=True)

@@ -84,12 +84,17 @@ class TargetAttention(nn.Module):
 class Behaviours(NamedTuple):
     """What pooling one sequence reads for each row: its ids ``[B, L]``, the candidate's
     ``target`` ids ``[B]`` (the attention's query; soft search), and for hard search the
-    aligned sequence ``by [B, L]`` and the candidate's ``key [B]`` to match in it."""
+    aligned sequence ``by [B, L]`` and the candidate's ``key [B]`` to match in it.
+
+    With ``index [B]`` (the exported scorer: ``features.contract.RequestLayout``), ``ids`` and
+    ``by`` are the requests' ``[R, L]`` and row ``b`` reads request ``index[b]``'s: a soft
+    search then looks its history up once per request, not once per candidate."""
 
     ids: torch.Tensor
     target: torch.Tensor | None = None
     by: torch.Tensor | None = None
     key: torch.Tensor | None = None
+    index: torch.Tensor | None = None
 
 
 def search(
@@ -145,18 +150,21 @@ class SequencePooling(nn.Module):
     def relevant(self, i: int, embedding: FusedEmbedding, rows: Behaviours) -> torch.Tensor:
         """Sequence ``i``'s ids that its pooling reads: all ``[B, L]``, or with ``search``
         the ``K`` most relevant to each row's candidate."""
-        spec, (ids, target, by, key) = self.specs[i], rows
+        spec, (requests, target, by, key, index) = self.specs[i], rows
+        ids = requests if index is None else requests.index_select(0, index)
         if spec.pooling != "search" or spec.search_k >= ids.shape[1]:
             return ids
         keep = ids > 0
         if spec.search_by:
             assert by is not None and key is not None
+            by = by if index is None else by.index_select(0, index)
             position = torch.arange(ids.shape[1], device=ids.device, dtype=torch.float32)
             shared = keep & (by == key.unsqueeze(1)) & (by > 0)
             relevance = position.expand(ids.shape).masked_fill(~shared, float("-inf"))
         else:
             with torch.no_grad():
-                e = embedding.lookup(self.vocabulary[i], ids)  # [B, L, D]
+                e = embedding.lookup(self.vocabulary[i], requests)  # [R or B, L, D]
+                e = e if index is None else e.index_select(0, index)  # [B, L, D]
                 q = embedding.lookup(self.target[i], target)  # [B, D]
                 relevance = (e @ q.unsqueeze(-1)).squeeze(-1).float()
             relevance = relevance.masked_fill(~keep, float("-inf"))

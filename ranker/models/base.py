@@ -137,8 +137,7 @@ class MultiTaskModel(nn.Module):
             by = sequences[spec.search_by] if spec.search_by else None
             target, key = pooling.target[i], pooling.key[i]
             if any(j >= 0 and not layout.cat_request[j] for j in (target, key)):
-                ids, by = (None if s is None else s.index_select(0, index) for s in (ids, by))
-                rows = Behaviours(ids, per_candidate(target), by, per_candidate(key))
+                rows = Behaviours(ids, per_candidate(target), by, per_candidate(key), index)
                 candidate_parts.append(pooling.pool(i, e, rows))
                 candidate_columns += columns
             else:
