@@ -56,18 +56,23 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with int8 weights in every matmul whose right-hand side is constant."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger("root").setLevel(logging.ERROR)  # the quantiser's advice on pre-processing
-    with tempfile.TemporaryDirectory() as work:
-        source, target = Path(work) / "float.onnx", Path(work) / "int8.onnx"
-        onnx.save_model(model, str(source))
-        quantize_dynamic(
-            source,
-            target,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            weight_type=QuantType.QInt8,
-            extra_options={"MatMulConstBOnly": True},
-        )
-        quantized = onnx.load(str(target))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser's advice on pre-processing, for this call only
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            source, target = Path(work) / "float.onnx", Path(work) / "int8.onnx"
+            onnx.save_model(model, str(source))
+            quantize_dynamic(
+                source,
+                target,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+            quantized = onnx.load(str(target))
+    finally:  # the process's other warnings (the service's) keep their level
+        root.setLevel(level)
     props = {p.key: p.value for p in model.metadata_props}
     helper.set_model_props(quantized, {**props, META.QUANTIZED: "int8"})
     return quantized

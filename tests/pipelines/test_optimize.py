@@ -3,6 +3,7 @@ was made from the very graph served) and INT8 quantisation (refused past an AUC 
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,12 +11,13 @@ import numpy as np
 import onnx
 import pytest
 from mlflow.tracking import MlflowClient
+from onnx import TensorProto, helper
 
 from features.contract import META, OPTIMIZED_GRAPH, graph_digest, optimized_path
 from features.onnx_graph import raw_feeds
 from pipelines.checkpoints import RunError, load, locate
 from pipelines.export import Exported, export
-from pipelines.export.optimize import GraphChoice, auc_change
+from pipelines.export.optimize import GraphChoice, auc_change, quantize_int8
 from pipelines.export.parity import parity_rows
 from serving.model import Scorer
 from tests.conftest import Runs
@@ -136,3 +138,21 @@ def test_the_faster_graph_is_kept(float_ms: float, int8_ms: float | None, kept: 
     choice = GraphChoice(500, float_ms, int8_ms, refused)
     assert choice.int8 == kept
     assert str(choice).startswith("INT8 kept" if kept else "float32 kept")
+
+
+def test_quantising_quiets_the_root_logger_for_its_own_call_only() -> None:
+    """The quantiser's advice is silenced while it runs; afterwards the process's warnings (a
+    service's, in the same process) keep their level."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.ones(16, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [weight],
+    )
+    root = logging.getLogger()
+    before = root.level
+    quantized = quantize_int8(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert root.level == before
+    assert any(n.op_type != "MatMul" for n in quantized.graph.node)  # it did quantise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -325,5 +326,6 @@ def test_a_refused_niceness_leaves_scoring_at_the_same_priority(monkeypatch, cap
     monkeypatch.setattr(os, "setpriority", refused)
     monkeypatch.setattr(os, "getpriority", lambda *args: 0)
     monkeypatch.setattr(sys, "platform", "linux")
+    caplog.set_level(logging.WARNING, logger="ranker.serving")
     assert run_lowered(10, lambda: "scored") == "scored"
     assert "keep the event loop's priority" in caplog.text
