@@ -77,7 +77,7 @@ class Load:
         ).encode() + body
         self.latency: dict[str, list[float]] = {}
 
-    async def exchange(self, idle: asyncio.Queue, slots: asyncio.Semaphore, arrival: float):
+    async def exchange(self, idle: asyncio.Queue, slots: asyncio.Semaphore) -> str:
         async with slots:
             connection = None if idle.empty() else idle.get_nowait()
             try:
@@ -108,7 +108,7 @@ class Load:
         return lines[0].split(" ")[1], fields.get("connection") != "close"
 
     async def timed(self, idle, slots, arrival: float) -> None:
-        outcome = await self.exchange(idle, slots, arrival)
+        outcome = await self.exchange(idle, slots)
         self.latency.setdefault(outcome, []).append(time.perf_counter() - arrival)
 
     async def drive(self, seconds: float, during) -> float:
