@@ -23,7 +23,8 @@ with its own recipe (``PEERS``); the epoch kept is the one with the best validat
 (mean AUC where GAUC is undefined), the same rule as ours, and its test split is scored by
 ``ranker.metrics.task_metrics``. Every result is an MLflow run in the experiment
 ``suite-<dataset>`` named ``<model>-s<seed>``; a finished run is reused (``--retrain`` to run
-it again), so an interrupted suite resumes.
+it again), so an interrupted suite resumes. ``--no-sequences`` trains ours without the
+sequence features (an ablation row, ``<model>-noseq``).
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from benchmarks.zoo import ZOO, cell, markdown, train, without_sequences  # noqa: E402
+from benchmarks.zoo import ZOO, cell, label, markdown, train, without_sequences  # noqa: E402
 from features.config import DatasetConfig  # noqa: E402
 from features.datamodule import RankerDataModule, TensorBatch  # noqa: E402
-from features.synth import generate  # noqa: E402
+from features.synth import Exposure, generate  # noqa: E402
 from features.synth_uplift import split_within  # noqa: E402
 from pipelines.report import wide_console  # noqa: E402
 from pipelines.tracking import resolve_tracking_uri  # noqa: E402
@@ -123,6 +124,25 @@ DATASETS: dict[str, SuiteDataset] = {
         log=DATA / "new_items_1m",
         make=lambda out: generate(
             out, rows=1_000_000, users=100_000, items=500_000, authors=50_000, new_items=0.3
+        ),
+    ),
+    # Held out: no default was chosen on it. The other regime: frequent ids (100 rows per user,
+    # 30 per item), items shown by popularity alone (no retrieval by interest, no daily
+    # swing), another seed.
+    "held_out": SuiteDataset(
+        ROOT / "configs/data/synthetic.yaml",
+        epochs=2,
+        batch_size=2048,
+        log=DATA / "held_out",
+        make=lambda out: generate(
+            out,
+            300_000,
+            users=3_000,
+            items=10_000,
+            authors=1_000,
+            seed=11,
+            exposure=Exposure(),
+            swing=0.0,
         ),
     ),
 }
@@ -390,24 +410,23 @@ def finished_runs(client: MlflowClient, experiment: str) -> dict[str, object]:
     return {r.info.run_name: r for r in runs}
 
 
-def ours(model: str, args: argparse.Namespace) -> str:
-    """The run name of our ``model`` (before ``-s<seed>``): ``<model>+<variant>`` with one."""
-    return f"{model}+{args.variant}" if args.variant else model
-
-
 def run_ours(name: str, dataset: SuiteDataset, args: argparse.Namespace) -> None:
     experiment = f"suite-{name}"
     done = finished_runs(MlflowClient(resolve_tracking_uri()), experiment)
-    for model in args.models:
-        for seed in args.seeds:
-            if f"{ours(model, args)}-s{seed}" in done and not args.retrain:
-                continue
-            train(model, seed, argparse.Namespace(
-                fit_args=args.fit_args, train_dataset=dataset.config, log=dataset.log,
-                batch_size=dataset.batch_size, epochs=args.epochs or dataset.epochs,
-                experiment=experiment, variant=args.variant, no_sequences=False,
-                checkpoints=args.checkpoints,
-            ))  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        config = dataset.config
+        if args.no_sequences:
+            config = without_sequences(config, Path(scratch))
+        for model in args.models:
+            for seed in args.seeds:
+                if f"{label(model, args)}-s{seed}" in done and not args.retrain:
+                    continue
+                train(model, seed, argparse.Namespace(
+                    fit_args=args.fit_args, train_dataset=config, log=dataset.log,
+                    batch_size=dataset.batch_size, epochs=args.epochs or dataset.epochs,
+                    experiment=experiment, variant=args.variant,
+                    no_sequences=args.no_sequences, checkpoints=args.checkpoints,
+                ))  # fmt: skip
 
 
 def run_peers(name: str, dataset: SuiteDataset, peers: list[str], args: argparse.Namespace) -> None:
@@ -484,6 +503,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="0: each dataset's own budget")
     parser.add_argument("--fit-args", default="", help="more `ranker fit` flags (ours only)")
     parser.add_argument("--variant", default="", help="our runs named <model>+<variant>")
+    parser.add_argument(
+        "--no-sequences", action="store_true",
+        help="ours without the sequence features (as the peers take them), for an ablation row",
+    )  # fmt: skip
     parser.add_argument("--also", nargs="*", default=[], help="more rows: runs named so")
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
     parser.add_argument("--table-only", action="store_true")
@@ -507,7 +530,7 @@ def main() -> None:
             dataset.ready()
             run_ours(name, dataset, args)
             run_peers(name, dataset, peers, args)
-    rows = [*(ours(m, args) for m in args.models), *args.also, *PEERS]
+    rows = [*(label(m, args) for m in args.models), *args.also, *PEERS]
     result = table(args.datasets, rows, args)
     wide_console().print(result)
     if args.markdown:

@@ -173,12 +173,17 @@ def fill_rows(
 
 
 # A categorical feature with more than ``LARGE_VOCABULARY`` ids (the unknown index aside) has a
-# large vocabulary: each of its rows is in few batches. Two default rules read it:
-# - ``--model.id_dropout auto``: item-side features with a large vocabulary get
-#   ``AUTO_ID_DROPOUT``, for tomorrow's new items, whose ids score through the unknown row;
-#   smaller item vocabularies (a category, a type) are left as they are;
-# - ``--model.small_vocabulary_learning_rate``: the rows of the other features, in nearly every
-#   batch, learn at that (lower) rate (``embedding_rates``).
+# large vocabulary: each of its rows is in few batches. An item-side one is the catalogue
+# (``catalogue``): tomorrow brings items unseen today, and each item is in few rows. The
+# default rules read them:
+# - ``--model.id_dropout auto``: the catalogue's features get ``AUTO_ID_DROPOUT``, for
+#   tomorrow's new items, whose ids score through the unknown row; smaller item vocabularies
+#   (a category, a type) are left as they are;
+# - ``--model.catalogue_learning_rate``: the catalogue's rows learn at that (lower) rate: an
+#   item's few rows come back every epoch, and at the rate of the others its row learns them
+#   by heart (``embedding_rates``);
+# - ``--model.small_vocabulary_learning_rate``: the rows of the features that are not large,
+#   in nearly every batch, learn at that (lower) rate.
 AUTO_ID_DROPOUT, LARGE_VOCABULARY = 0.1, 1_000
 
 
@@ -187,25 +192,48 @@ def large_vocabularies(inputs: InputSpec) -> list[bool]:
     return [rows - 1 > LARGE_VOCABULARY for rows in inputs.cardinalities]
 
 
-def auto_id_dropout(inputs: InputSpec) -> dict[str, float]:
-    """The ``auto`` rule: ``{feature: 0.1}`` for every item-side categorical feature with more
-    than 1,000 ids."""
-    return {
-        name: AUTO_ID_DROPOUT
+def catalogue(inputs: InputSpec) -> list[str]:
+    """The item-side categorical features with more than 1,000 ids."""
+    return [
+        name
         for name, side, large in zip(
             inputs.cat_names, inputs.cat_sides, large_vocabularies(inputs), strict=False
         )
         if side == "item" and large
-    }
+    ]
 
 
-def embedding_rates(inputs: InputSpec, large: float, small: float | None) -> dict[str, float]:
+def auto_id_dropout(inputs: InputSpec) -> dict[str, float]:
+    """The ``auto`` rule: ``{feature: 0.1}`` for every feature of the ``catalogue``."""
+    return dict.fromkeys(catalogue(inputs), AUTO_ID_DROPOUT)
+
+
+def embedding_rates(
+    inputs: InputSpec,
+    large: float,
+    small: float | None = None,
+    catalogued: float | None = None,
+    named: Mapping[str, float] | None = None,
+) -> dict[str, float]:
     """Each categorical feature's embedding learning rate: ``large`` for a large vocabulary
-    (more than 1,000 ids), ``small`` for the others (``None``: ``large`` for every one)."""
-    return {
+    (more than 1,000 ids), ``small`` for the others (``None``: ``large``), ``catalogued`` for
+    the ``catalogue``'s features (``None``: as the others); a feature ``named`` gets its own."""
+    named = dict(named or {})
+    unknown = sorted(set(named) - set(inputs.cat_names))
+    if unknown:
+        raise ValueError(
+            f"feature_learning_rates names unknown features {unknown} "
+            f"(categorical: {list(inputs.cat_names)})"
+        )
+    bad = sorted(n for n, r in named.items() if not r > 0)
+    if bad:
+        raise ValueError(f"feature_learning_rates must be > 0: {bad}")
+    items = set(catalogue(inputs)) if catalogued is not None else set()
+    rates = {
         name: large if big or small is None else small
         for name, big in zip(inputs.cat_names, large_vocabularies(inputs), strict=True)
     }
+    return rates | dict.fromkeys(items, catalogued) | named
 
 
 class IdDropout(nn.Module):

@@ -40,13 +40,14 @@ def test_suite_runs_ours_and_a_peer_and_tables_both(
     dataset = suite.SuiteDataset(SYNTHETIC_CONFIG, epochs=1, batch_size=1024, log=tiny_log)
     args = argparse.Namespace(
         models=["mmoe"], seeds=[0], epochs=0, fit_args="", checkpoints=tmp_path / "ckpt",
-        retrain=False, variant="",
+        retrain=False, variant="", no_sequences=False,
     )  # fmt: skip
     suite.run_ours("tiny", dataset, args)
     suite.run_peers("tiny", dataset, ["logistic"], args)
     client = suite.MlflowClient(suite.resolve_tracking_uri())
     runs = suite.finished_runs(client, "suite-tiny")
     assert set(runs) == {"mmoe-s0", "logistic-s0"}
+    assert runs["mmoe-s0"].data.params["data.dataset"] == str(SYNTHETIC_CONFIG)
     for run in runs.values():
         assert 0.5 < run.data.metrics["test/auc/mean"] < 1.0  # both learned something
         assert math.isfinite(run.data.metrics["test/gauc/mean"])
@@ -57,6 +58,32 @@ def test_suite_runs_ours_and_a_peer_and_tables_both(
     models = list(table.columns[0].cells)
     assert models == ["mmoe", "logistic"]  # home was not run: no row
     assert [c.header for c in table.columns[1:]] == ["tiny AUC", "tiny GAUC", "tiny s/epoch"]
+
+
+def test_suite_trains_an_ablation_row_without_the_sequences(
+    tiny_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    trained_on: list[DatasetConfig] = []
+    real = suite.train
+
+    def spy(model: str, seed: int, run_args: argparse.Namespace) -> None:
+        trained_on.append(DatasetConfig.from_yaml(run_args.train_dataset))
+        real(model, seed, run_args)
+
+    monkeypatch.setattr(suite, "train", spy)
+    dataset = suite.SuiteDataset(SYNTHETIC_CONFIG, epochs=1, batch_size=1024, log=tiny_log)
+    args = argparse.Namespace(
+        models=["mmoe"], seeds=[0], epochs=0, fit_args="", checkpoints=tmp_path / "ckpt",
+        retrain=False, variant="", no_sequences=True,
+    )  # fmt: skip
+    suite.run_ours("tiny", dataset, args)
+    assert any(f.kind == "sequence" for f in DatasetConfig.from_yaml(SYNTHETIC_CONFIG).features)
+    assert [f.name for f in trained_on[0].features if f.kind == "sequence"] == []
+    assert len(trained_on[0].features) > 0
+    client = suite.MlflowClient(suite.resolve_tracking_uri())
+    run = suite.finished_runs(client, "suite-tiny")["mmoe-noseq-s0"]
+    assert 0.5 < run.data.metrics["test/auc/mean"] < 1.0
 
 
 def test_a_peer_keeps_its_best_validation_epoch(tiny_log: Path) -> None:

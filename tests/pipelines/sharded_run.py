@@ -113,6 +113,10 @@ def main() -> None:
         tasks=data.tasks,
         embedding_optimizer="rowwise_adagrad",
         id_dropout={},
+        # MMoE keeps the catalogue's own rate: the sharded tables' rates against the replicated
+        # run's ``RowRates``. HoME and AW-MoE amplify rounding (BatchNorm per rank, a sharp
+        # contrastive loss), so there every row takes the optimiser's own step on both paths.
+        catalogue_learning_rate=0.01 if model == "mmoe" else None,
         sharding="torchrec" if mode == "sharded" else "none",
     )
     ddp = mode != "one"

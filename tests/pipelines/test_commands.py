@@ -75,7 +75,8 @@ def test_a_fit_prints_its_own_lines_only(tiny_log: Path, tmp_path: Path) -> None
         assert noise not in screen, noise
     assert "parameters) on synthetic" in screen and "| train |" in screen and "│ mean" in screen
     assert "id dropout (auto: item-side features over 1,000 ids): item_id 0.1" in screen
-    assert "over 1,000 ids or not): 0.05 for user_id, item_id, author_id, " in screen
+    rates = "embedding learning rates (item-side over 1,000 ids at 0.01): 0.05 for user_id, author"
+    assert rates in screen and "; 0.01 for item_id\n" in screen  # the catalogue: as id dropout
 
 
 def test_quiet_drops_lightning_chatter_and_keeps_the_run_s_lines() -> None:

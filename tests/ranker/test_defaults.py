@@ -131,3 +131,27 @@ def test_row_rates_step_each_row_at_its_own_rate(name: str) -> None:
 def test_row_rates_cost_nothing_where_every_row_has_the_same_rate() -> None:
     fused = FusedEmbedding(spec(50_000))
     assert RowRates(fused.tables, fused.per_row([1.0, 1.0, 1.0]), False).parts == []
+
+
+def test_the_catalogue_learns_at_its_own_rate() -> None:
+    """Item-side features over 1,000 ids (the ones id dropout picks) and no other."""
+    rates = embedding_rates(spec(50_000), 0.05, catalogued=0.01)
+    assert rates == {"user": 0.05, "item": 0.01, "category": 0.05}
+    assert set(embedding_rates(spec(1_000), 0.05, catalogued=0.01).values()) == {0.05}
+    assert embedding_rates(spec(50_000), 0.05)["item"] == 0.05  # the rule off
+
+
+def test_a_named_feature_gets_its_own_rate_over_the_rules() -> None:
+    rates = embedding_rates(spec(50_000, user_ids=1_000), 0.05, 0.001, 0.01, {"item": 0.02})
+    assert rates == {"user": 0.001, "item": 0.02, "category": 0.001}
+    assert embedding_rates(spec(50_000), 0.05, named={"user": 0.2})["user"] == 0.2
+    with pytest.raises(ValueError, match=r"unknown features \['video'\]"):
+        embedding_rates(spec(50_000), 0.05, named={"video": 0.01})
+    with pytest.raises(ValueError, match=r"must be > 0: \['item'\]"):
+        embedding_rates(spec(50_000), 0.05, named={"item": 0.0})
+
+
+def test_the_module_steps_the_catalogue_at_its_rate() -> None:
+    """``RankerModule``'s options reach the rates its optimiser scales each row by."""
+    rates = module(catalogue_learning_rate=0.01, feature_learning_rates={"user": 0.02})
+    assert rates.embedding_rates == {"user": 0.02, "item": 0.01, "category": 0.05}
