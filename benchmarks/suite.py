@@ -136,7 +136,7 @@ DATASETS: dict[str, SuiteDataset] = {
         log=DATA / "held_out",
         make=lambda out: generate(
             out,
-            300_000,
+            rows=300_000,
             users=3_000,
             items=10_000,
             authors=1_000,

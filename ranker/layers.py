@@ -192,6 +192,14 @@ def large_vocabularies(inputs: InputSpec) -> list[bool]:
     return [rows - 1 > LARGE_VOCABULARY for rows in inputs.cardinalities]
 
 
+def check_features(option: str, given: Mapping[str, object], names: Sequence[str]) -> None:
+    """``ValueError`` naming the features an option (``given``: name -> value) names that the
+    categorical inputs (``names``) lack."""
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"{option} names unknown features {unknown} (known: {list(names)})")
+
+
 def catalogue(inputs: InputSpec) -> list[str]:
     """The item-side categorical features with more than 1,000 ids."""
     return [
@@ -219,12 +227,7 @@ def embedding_rates(
     (more than 1,000 ids), ``small`` for the others (``None``: ``large``), ``catalogued`` for
     the ``catalogue``'s features (``None``: as the others); a feature ``named`` gets its own."""
     named = dict(named or {})
-    unknown = sorted(set(named) - set(inputs.cat_names))
-    if unknown:
-        raise ValueError(
-            f"feature_learning_rates names unknown features {unknown} "
-            f"(categorical: {list(inputs.cat_names)})"
-        )
+    check_features("feature_learning_rates", named, inputs.cat_names)
     bad = sorted(n for n, r in named.items() if not r > 0)
     if bad:
         raise ValueError(f"feature_learning_rates must be > 0: {bad}")
@@ -248,9 +251,7 @@ class IdDropout(nn.Module):
 
     def __init__(self, names: Sequence[str], shares: Mapping[str, float]) -> None:
         super().__init__()
-        unknown = sorted(set(shares) - set(names))
-        if unknown:
-            raise ValueError(f"id_dropout names unknown features {unknown} (known: {list(names)})")
+        check_features("id_dropout", shares, names)
         bad = sorted(n for n, p in shares.items() if not 0 <= p < 1)
         if bad:
             raise ValueError(f"id_dropout shares must be in [0, 1): {bad}")

@@ -215,8 +215,8 @@ class RankerModule(L.LightningModule):
             brings them back; ``null``: as the others. Default 0.01 (the others 0.05), against
             0.05 (test mean AUC / GAUC, 3 seeds, ``benchmarks/RESULTS.md``): KuaiRand
             (``video_id``) HoME +0.016 / +0.029, MMoE -0.003 / +0.003; the 1M-row log with new
-            items MMoE +0.005 / +0.009; a log without new items (the demo's) HoME -0.007 /
-            -0.006, MMoE -0.009 / -0.013.
+            items HoME +0.007 / +0.002, MMoE +0.005 / +0.009; a log without new items (the
+            demo's) HoME -0.007 / -0.006, MMoE -0.009 / -0.013.
         feature_learning_rates: feature name -> the learning rate of its rows, over the rules
             above, e.g. ``{user_id: 0.01}``.
         embedding_optimizer: the embedding tables' optimiser, on sparse gradients (only the
@@ -464,12 +464,12 @@ class RankerModule(L.LightningModule):
     def _rate_rules(self) -> str:
         """The rules behind the embedding rates, as ``announce_rules`` prints them."""
         hp, rules = self.hparams, []
-        catalogued, small = hp.get("catalogue_learning_rate"), hp.small_vocabulary_learning_rate
+        catalogued, small = hp.catalogue_learning_rate, hp.small_vocabulary_learning_rate
         if catalogued is not None:
             rules.append(f"item-side over {LARGE_VOCABULARY:,} ids at {catalogued:g}")
         if small is not None:
             rules.append(f"at most {LARGE_VOCABULARY:,} ids at {small:g}")
-        if hp.get("feature_learning_rates"):
+        if hp.feature_learning_rates:
             rules.append("named ones at their own")
         return f" ({'; '.join(rules)})" if rules else ""
 

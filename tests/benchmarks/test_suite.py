@@ -32,16 +32,21 @@ class LogisticPeer(nn.Module):
         return torch.sigmoid(self.out(torch.cat([*x, batch.num], dim=1)))
 
 
+def suite_args(tmp_path: Path, **more: object) -> argparse.Namespace:
+    """``suite.py``'s arguments for our MMoE, one seed, each dataset's own budget."""
+    return argparse.Namespace(
+        models=["mmoe"], seeds=[0], epochs=0, fit_args="", checkpoints=tmp_path / "ckpt",
+        retrain=False, variant="", **more,
+    )  # fmt: skip
+
+
 def test_suite_runs_ours_and_a_peer_and_tables_both(
     tiny_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setitem(suite.PEERS, "logistic", suite.Peer(LogisticPeer, "test", clip=5.0))
     dataset = suite.SuiteDataset(SYNTHETIC_CONFIG, epochs=1, batch_size=1024, log=tiny_log)
-    args = argparse.Namespace(
-        models=["mmoe"], seeds=[0], epochs=0, fit_args="", checkpoints=tmp_path / "ckpt",
-        retrain=False, variant="", no_sequences=False,
-    )  # fmt: skip
+    args = suite_args(tmp_path, no_sequences=False)
     suite.run_ours("tiny", dataset, args)
     suite.run_peers("tiny", dataset, ["logistic"], args)
     client = suite.MlflowClient(suite.resolve_tracking_uri())
@@ -73,10 +78,7 @@ def test_suite_trains_an_ablation_row_without_the_sequences(
 
     monkeypatch.setattr(suite, "train", spy)
     dataset = suite.SuiteDataset(SYNTHETIC_CONFIG, epochs=1, batch_size=1024, log=tiny_log)
-    args = argparse.Namespace(
-        models=["mmoe"], seeds=[0], epochs=0, fit_args="", checkpoints=tmp_path / "ckpt",
-        retrain=False, variant="", no_sequences=True,
-    )  # fmt: skip
+    args = suite_args(tmp_path, no_sequences=True)
     suite.run_ours("tiny", dataset, args)
     assert any(f.kind == "sequence" for f in DatasetConfig.from_yaml(SYNTHETIC_CONFIG).features)
     assert [f.name for f in trained_on[0].features if f.kind == "sequence"] == []
