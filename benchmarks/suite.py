@@ -145,6 +145,15 @@ DATASETS: dict[str, SuiteDataset] = {
             swing=0.0,
         ),
     ),
+    # Held out too, for the catalogue rate's rule: the demo's shape, but 30% of the items (and
+    # authors) released during the log, another seed: does the rule read the renewal right?
+    "renewing": SuiteDataset(
+        ROOT / "configs/data/synthetic.yaml",
+        epochs=2,
+        batch_size=2048,
+        log=DATA / "renewing",
+        make=lambda out: generate(out, rows=200_000, seed=12, new_items=0.3),
+    ),
 }
 
 

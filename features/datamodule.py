@@ -369,7 +369,17 @@ class RankerDataModule(L.LightningDataModule):
 
     @property
     def input_spec(self) -> InputSpec:
-        return self.state.input_spec(self.config.features)
+        spec = self.state.input_spec(self.config.features)
+        return dataclasses.replace(spec, cat_unseen=self.unseen_shares)
+
+    @cached_property
+    def unseen_shares(self) -> tuple[float, ...]:
+        """Per embedded input, the share of validation rows whose id has no row of its own
+        (``FeatureState.unseen_shares``; the catalogue rate's rule reads it); () without
+        validation rows."""
+        if not self.split_rows["val"]:
+            return ()
+        return self.state.unseen_shares(self.source.scan("val", sequences=False))
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:
@@ -386,6 +396,7 @@ class RankerDataModule(L.LightningDataModule):
                 f"{self.config.source} defines tasks {[t.name for t in self.tasks]}"
             )
         self.__dict__["state"] = state  # fills the cached property
+        self.__dict__.pop("unseen_shares", None)  # measured against the vocabularies in use
         self._datasets.clear()
 
     def state_dict(self) -> dict[str, Any]:

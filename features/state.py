@@ -69,6 +69,9 @@ class InputSpec:
     sequences: tuple[SequenceInput, ...] = ()
     cat_sides: tuple[str, ...] = ()  # per categorical feature: user | item | context
     arms: tuple[str, ...] = ()  # uplift data: the treatment arms, control first; () otherwise
+    # Per embedded input: the share of validation rows whose id has no row of its own (index
+    # 0: unseen in training, rarer than min_count, or missing); () where not measured.
+    cat_unseen: tuple[float, ...] = ()
 
     @property
     def num_numeric(self) -> int:
@@ -372,6 +375,16 @@ class FeatureState:
             cat_sides=tuple(sides[s.name] for s in embedded),
             arms=tuple(self.treatment.arms) if self.treatment else (),
         )
+
+    def unseen_shares(self, frame: pl.LazyFrame) -> tuple[float, ...]:
+        """Per embedded input (``input_spec`` order): the share of ``frame``'s rows whose id
+        maps to the unknown index 0 (quantile buckets: 0.0, every number has a bucket)."""
+        schema = frame.collect_schema()
+        unknown = [
+            (lookup_expr(s, schema[s.column]) == 0).mean().alias(s.name) for s in self.categorical
+        ]
+        shares = frame.select(unknown).collect(engine="streaming").row(0)
+        return (*(float(v or 0.0) for v in shares), *(0.0 for _ in self.bucketized))
 
     # -- fitting ------------------------------------------------------------------------------
 

@@ -179,12 +179,15 @@ def fill_rows(
 # - ``--model.id_dropout auto``: the catalogue's features get ``AUTO_ID_DROPOUT``, for
 #   tomorrow's new items, whose ids score through the unknown row; smaller item vocabularies
 #   (a category, a type) are left as they are;
-# - ``--model.catalogue_learning_rate``: the catalogue's rows learn at that (lower) rate: an
-#   item's few rows come back every epoch, and at the rate of the others its row learns them
-#   by heart (``embedding_rates``);
+# - ``--model.catalogue_learning_rate``: where the catalogue renews (at least ``RENEWING`` of
+#   the validation rows hold an item with no row of its own, ``renewing``), its rows learn at
+#   that (lower) rate: an item's few rows come back every epoch, and at the rate of the others
+#   its row learns them by heart while the model leans on ids that tomorrow's items lack. A
+#   catalogue that stays (most items seen in training) keeps the others' rate: there the ids
+#   learned by heart are the ones scored (``embedding_rates``);
 # - ``--model.small_vocabulary_learning_rate``: the rows of the features that are not large,
 #   in nearly every batch, learn at that (lower) rate.
-AUTO_ID_DROPOUT, LARGE_VOCABULARY = 0.1, 1_000
+AUTO_ID_DROPOUT, LARGE_VOCABULARY, RENEWING = 0.1, 1_000, 0.2
 
 
 def large_vocabularies(inputs: InputSpec) -> list[bool]:
@@ -211,6 +214,14 @@ def catalogue(inputs: InputSpec) -> list[str]:
     ]
 
 
+def renewing(inputs: InputSpec) -> list[str]:
+    """The ``catalogue``'s features whose validation rows hold an id with no row of its own at
+    least ``RENEWING`` of the time (``inputs.cat_unseen``): a catalogue that renews. Where not
+    measured (no validation rows), the whole catalogue."""
+    unseen = dict(zip(inputs.cat_names, inputs.cat_unseen, strict=False))
+    return [n for n in catalogue(inputs) if unseen.get(n, 1.0) >= RENEWING]
+
+
 def auto_id_dropout(inputs: InputSpec) -> dict[str, float]:
     """The ``auto`` rule: ``{feature: 0.1}`` for every feature of the ``catalogue``."""
     return dict.fromkeys(catalogue(inputs), AUTO_ID_DROPOUT)
@@ -225,13 +236,14 @@ def embedding_rates(
 ) -> dict[str, float]:
     """Each categorical feature's embedding learning rate: ``large`` for a large vocabulary
     (more than 1,000 ids), ``small`` for the others (``None``: ``large``), ``catalogued`` for
-    the ``catalogue``'s features (``None``: as the others); a feature ``named`` gets its own."""
+    the ``catalogue``'s features that renew (``renewing``; ``None``: as the others); a feature
+    ``named`` gets its own."""
     named = dict(named or {})
     check_features("feature_learning_rates", named, inputs.cat_names)
     bad = sorted(n for n, r in named.items() if not r > 0)
     if bad:
         raise ValueError(f"feature_learning_rates must be > 0: {bad}")
-    items = set(catalogue(inputs)) if catalogued is not None else set()
+    items = set(renewing(inputs)) if catalogued is not None else set()
     rates = {
         name: large if big or small is None else small
         for name, big in zip(inputs.cat_names, large_vocabularies(inputs), strict=True)

@@ -25,11 +25,14 @@ from ranker.calibration import Calibrator, Method
 from ranker.experts import Routing
 from ranker.layers import (
     LARGE_VOCABULARY,
+    RENEWING,
     HistoryDropout,
     IdDropout,
     auto_id_dropout,
+    catalogue,
     deferred_tables,
     embedding_rates,
+    renewing,
 )
 from ranker.loss import WEIGHTINGS, PCGrad, masked_bce
 from ranker.metrics import task_metrics
@@ -480,12 +483,24 @@ class RankerModule(L.LightningModule):
         hp, rules = self.hparams, []
         catalogued, small = hp.catalogue_learning_rate, hp.small_vocabulary_learning_rate
         if catalogued is not None:
-            rules.append(f"item-side over {LARGE_VOCABULARY:,} ids at {catalogued:g}")
+            renews = f"{RENEWING:.0%}+ of validation rows unseen"
+            rules.append(f"item-side over {LARGE_VOCABULARY:,} ids, {renews}, at {catalogued:g}")
         if small is not None:
             rules.append(f"at most {LARGE_VOCABULARY:,} ids at {small:g}")
         if hp.feature_learning_rates:
             rules.append("named ones at their own")
         return f" ({'; '.join(rules)})" if rules else ""
+
+    def _catalogue(self) -> str:
+        """The catalogue's features and the share of validation rows each does not know."""
+        unseen = dict(zip(self.inputs.cat_names, self.inputs.cat_unseen, strict=False))
+        renews = set(renewing(self.inputs))
+        parts = [
+            f"{name} ({'renews' if name in renews else 'stays'}"
+            + (f": {unseen[name]:.1%} of validation rows unseen)" if name in unseen else ")")
+            for name in catalogue(self.inputs)
+        ]
+        return ", ".join(parts) or f"none (no item-side feature over {LARGE_VOCABULARY:,} ids)"
 
     def announce_rules(self) -> None:
         """Prints and logs what the default rules over the vocabularies chose for this data."""
@@ -497,6 +512,7 @@ class RankerModule(L.LightningModule):
             by_rate.setdefault(rate, []).append(name)
         rates = "; ".join(f"{r:g} for {', '.join(by_rate[r])}" for r in sorted(by_rate)[::-1])
         if self.trainer.is_global_zero:
+            print(f"catalogue: {self._catalogue()}", flush=True)
             print(f"id dropout{rule}: {shares}", flush=True)
             print(f"embedding learning rates{self._rate_rules()}: {rates}", flush=True)
         if self.logger is not None:

@@ -200,3 +200,19 @@ def test_batches_made_ahead_are_the_batches_made_between_steps(tiny_log: Path) -
         assert one.sequences.keys() == other.sequences.keys() and one.sequences
         for name, ids in one.sequences.items():
             assert torch.equal(ids, other.sequences[name])
+
+
+def test_the_input_spec_says_which_share_of_validation_ids_has_no_row(
+    datamodule: RankerDataModule,
+) -> None:
+    """Per embedded input, validation rows whose value is not in the training vocabulary
+    (unseen, folded by min_count, or missing), counted here from the raw column."""
+    spec, val = datamodule.input_spec, datamodule.source.scan("val", sequences=False).collect()
+    assert len(spec.cat_unseen) == len(spec.cat_names)
+    for state, unseen in zip(datamodule.state.categorical, spec.cat_unseen, strict=False):
+        known = pl.Series(state.values).cast(val[state.column].dtype)
+        expected = 1 - val[state.column].is_in(known.implode()).mean()
+        assert unseen == pytest.approx(expected, abs=1e-12), state.name
+    assert 0 < spec.cat_unseen[spec.cat_names.index("item_id")] < 0.1  # the tiny log's catalogue
+    train = datamodule.state.unseen_shares(datamodule.source.scan("train", sequences=False))
+    assert train[spec.cat_names.index("user_id")] == 0  # every user of training has a row

@@ -113,10 +113,11 @@ def main() -> None:
         tasks=data.tasks,
         embedding_optimizer="rowwise_adagrad",
         id_dropout={},
-        # MMoE keeps the catalogue's own rate: the sharded tables' rates against the replicated
+        # MMoE's items learn at their own rate: the sharded tables' rates against the replicated
         # run's ``RowRates``. HoME and AW-MoE amplify rounding (BatchNorm per rank, a sharp
         # contrastive loss), so there every row takes the optimiser's own step on both paths.
-        catalogue_learning_rate=0.01 if model == "mmoe" else None,
+        catalogue_learning_rate=None,
+        feature_learning_rates={"item_id": 0.01} if model == "mmoe" else None,
         sharding="torchrec" if mode == "sharded" else "none",
     )
     ddp = mode != "one"

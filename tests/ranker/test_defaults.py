@@ -3,11 +3,13 @@ vocabularies, a lower learning rate for the rows of small vocabularies."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from features.state import InputSpec
-from ranker.layers import FusedEmbedding, auto_id_dropout, embedding_rates
+from ranker.layers import FusedEmbedding, auto_id_dropout, embedding_rates, renewing
 from ranker.models import MMoE
 from ranker.module import EMBEDDING_OPTIMIZERS, RankerModule, RowRates, RowWiseAdagrad
 from tests.ranker.common import SMALL, TASKS
@@ -139,6 +141,20 @@ def test_the_catalogue_learns_at_its_own_rate() -> None:
     assert rates == {"user": 0.05, "item": 0.01, "category": 0.05}
     assert set(embedding_rates(spec(1_000), 0.05, catalogued=0.01).values()) == {0.05}
     assert embedding_rates(spec(50_000), 0.05)["item"] == 0.05  # the rule off
+
+
+def test_the_catalogue_takes_its_rate_only_where_it_renews() -> None:
+    """At least 20 % of validation rows with an item the table has no row for: it renews."""
+    def measured(item_unseen: float) -> InputSpec:
+        return dataclasses.replace(spec(50_000), cat_unseen=(0.0, item_unseen, 0.9))
+
+    assert renewing(measured(0.2)) == ["item"]
+    assert renewing(measured(0.19)) == []  # a catalogue that stays: its ids are the ones scored
+    assert renewing(spec(50_000)) == ["item"]  # not measured (no validation rows): as before
+    assert embedding_rates(measured(0.53), 0.05, catalogued=0.01)["item"] == 0.01
+    assert embedding_rates(measured(0.08), 0.05, catalogued=0.01)["item"] == 0.05
+    # the category's unseen share is no matter: it is not the catalogue (31 ids)
+    assert embedding_rates(measured(0.08), 0.05, catalogued=0.01)["category"] == 0.05
 
 
 def test_a_named_feature_gets_its_own_rate_over_the_rules() -> None:
