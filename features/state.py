@@ -70,8 +70,9 @@ class InputSpec:
     cat_sides: tuple[str, ...] = ()  # per categorical feature: user | item | context
     arms: tuple[str, ...] = ()  # uplift data: the treatment arms, control first; () otherwise
     # Per embedded input: the share of validation rows whose id has no row of its own (index
-    # 0: unseen in training, rarer than min_count, or missing); () where not measured.
-    cat_unseen: tuple[float, ...] = ()
+    # 0: unseen in training, rarer than min_count, or missing); None for a hashed feature (a
+    # new id shares a bucket's row); () where not measured.
+    cat_unseen: tuple[float | None, ...] = ()
 
     @property
     def num_numeric(self) -> int:
@@ -376,15 +377,22 @@ class FeatureState:
             arms=tuple(self.treatment.arms) if self.treatment else (),
         )
 
-    def unseen_shares(self, frame: pl.LazyFrame) -> tuple[float, ...]:
+    def unseen_shares(self, frame: pl.LazyFrame) -> tuple[float | None, ...]:
         """Per embedded input (``input_spec`` order): the share of ``frame``'s rows whose id
-        maps to the unknown index 0 (quantile buckets: 0.0, every number has a bucket)."""
+        maps to the unknown index 0; None for a hashed feature (every id has a bucket); 0.0
+        for quantile buckets (every number has one)."""
         schema = frame.collect_schema()
+        vocabularies = [s for s in self.categorical if not s.hash_buckets]
         unknown = [
-            (lookup_expr(s, schema[s.column]) == 0).mean().alias(s.name) for s in self.categorical
+            (lookup_expr(s, schema[s.column]) == 0).mean().alias(s.name) for s in vocabularies
         ]
-        shares = frame.select(unknown).collect(engine="streaming").row(0)
-        return (*(float(v or 0.0) for v in shares), *(0.0 for _ in self.bucketized))
+        found = (
+            frame.select(unknown).collect(engine="streaming").row(0, named=True) if unknown else {}
+        )
+        shares = [
+            float(found[s.name] or 0.0) if s.name in found else None for s in self.categorical
+        ]
+        return (*shares, *(0.0 for _ in self.bucketized))
 
     # -- fitting ------------------------------------------------------------------------------
 

@@ -180,11 +180,12 @@ def fill_rows(
 #   tomorrow's new items, whose ids score through the unknown row; smaller item vocabularies
 #   (a category, a type) are left as they are;
 # - ``--model.catalogue_learning_rate``: where the catalogue renews (at least ``RENEWING`` of
-#   the validation rows hold an item with no row of its own, ``renewing``), its rows learn at
-#   that (lower) rate: an item's few rows come back every epoch, and at the rate of the others
-#   its row learns them by heart while the model leans on ids that tomorrow's items lack. A
-#   catalogue that stays (most items seen in training) keeps the others' rate: there the ids
-#   learned by heart are the ones scored (``embedding_rates``);
+#   the validation rows hold an item, or another of its ids, with no row of its own:
+#   ``renewing``), the rows of all its features learn at that (lower) rate: an item's few
+#   rows come back every epoch, and at the rate of the others its row learns them by heart
+#   while the model leans on ids that tomorrow's items lack. A catalogue that stays (most
+#   items seen in training) keeps the others' rate: there the ids learned by heart are the
+#   ones scored (``embedding_rates``);
 # - ``--model.small_vocabulary_learning_rate``: the rows of the features that are not large,
 #   in nearly every batch, learn at that (lower) rate.
 AUTO_ID_DROPOUT, LARGE_VOCABULARY, RENEWING = 0.1, 1_000, 0.2
@@ -215,11 +216,14 @@ def catalogue(inputs: InputSpec) -> list[str]:
 
 
 def renewing(inputs: InputSpec) -> list[str]:
-    """The ``catalogue``'s features whose validation rows hold an id with no row of its own at
-    least ``RENEWING`` of the time (``inputs.cat_unseen``): a catalogue that renews. Where not
-    measured (no validation rows), the whole catalogue."""
+    """The ``catalogue`` if it renews, else ``[]``: it renews where at least ``RENEWING`` of
+    the validation rows hold an id of one of its features (the item, in practice) with no row
+    of its own (``inputs.cat_unseen``), or where one of them was not measured (no validation
+    rows; a hashed feature)."""
+    features = catalogue(inputs)
     unseen = dict(zip(inputs.cat_names, inputs.cat_unseen, strict=False))
-    return [n for n in catalogue(inputs) if unseen.get(n, 1.0) >= RENEWING]
+    shares = [unseen.get(n) for n in features]
+    return features if any(s is None or s >= RENEWING for s in shares) else []
 
 
 def auto_id_dropout(inputs: InputSpec) -> dict[str, float]:

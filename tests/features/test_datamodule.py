@@ -211,7 +211,7 @@ def test_the_input_spec_says_which_share_of_validation_ids_has_no_row(
     assert len(spec.cat_unseen) == len(spec.cat_names)
     for state, unseen in zip(datamodule.state.categorical, spec.cat_unseen, strict=False):
         known = pl.Series(state.values).cast(val[state.column].dtype)
-        expected = 1 - val[state.column].is_in(known.implode()).mean()
+        expected = 1 - val[state.column].is_in(known.implode()).fill_null(False).mean()
         assert unseen == pytest.approx(expected, abs=1e-12), state.name
     assert 0 < spec.cat_unseen[spec.cat_names.index("item_id")] < 0.1  # the tiny log's catalogue
     train = datamodule.state.unseen_shares(datamodule.source.scan("train", sequences=False))

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from features.config import DatasetConfig
-from features.state import FeatureState
+from features.state import CategoricalState, FeatureState
 
 
 def make_config(**overrides: object) -> DatasetConfig:
@@ -143,3 +143,18 @@ def test_fit_with_only_categorical_features() -> None:
     state = FeatureState.fit(TRAIN.lazy(), config)
     assert state.numeric == []
     assert state.categorical[0].values == [12, 10, 11]  # most frequent first, ties by value
+
+
+def test_unseen_shares_count_unknown_and_missing_ids_and_leave_hashed_ones_unmeasured() -> None:
+    state = FeatureState(
+        [
+            CategoricalState("item", "item_col", "int", [10, 11, 12]),
+            CategoricalState("author", "author_col", "int", [], hash_buckets=8),
+        ],
+        [],
+        [],
+        "user",
+    )
+    frame = pl.LazyFrame({"item_col": [10, 99, None, 11], "author_col": [1, 2, None, 3]})
+    assert state.unseen_shares(frame) == (0.5, None)  # 99 unseen, None missing; hashed
+    assert FeatureState([], [], [], "user").unseen_shares(frame) == ()  # nothing embedded

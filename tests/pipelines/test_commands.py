@@ -77,7 +77,8 @@ def test_a_fit_prints_its_own_lines_only(tiny_log: Path, tmp_path: Path) -> None
     assert "parameters) on synthetic" in screen and "| train |" in screen and "│ mean" in screen
     assert "id dropout (auto: item-side features over 1,000 ids): item_id 0.1" in screen
     # the tiny log's catalogue stays (a few validation rows hold an unseen item): one rate
-    assert re.search(r"catalogue: item_id \(stays: \d\.\d% of validation rows unseen\)", screen)
+    stays = r"catalogue: item_id \(stays; validation rows unseen: item_id \d\.\d%\)"
+    assert re.search(stays, screen)
     rule = "item-side over 1,000 ids, 20%+ of validation rows unseen, at 0.01"
     assert f"embedding learning rates ({rule}): 0.05 for user_id, item_id, author_id," in screen
     assert "0.01 for" not in screen

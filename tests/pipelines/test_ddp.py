@@ -107,8 +107,9 @@ def test_ranker_fit_under_torchrun_is_one_run(tiny_log: Path, tmp_path: Path) ->
 def test_a_module_set_up_in_a_gloo_group_destroys_it_before_the_interpreter_ends(
     tmp_path: Path,
 ) -> None:
-    """Lightning destroys NCCL groups only at exit: a gloo group left to finalisation aborted
+    """At exit Lightning destroys only NCCL groups: a gloo group left to finalisation aborted
     finished sharded runs (SIGABRT) about 1 in 15 times. The check registered first runs last."""
+    store = (tmp_path / "store").as_uri()
     code = f"""
 import atexit, torch, torch.distributed as dist
 from ranker.module import RankerModule
@@ -116,7 +117,7 @@ from tests.ranker.common import INPUTS
 from tests.ranker.test_weighting import TASKS
 from ranker.models import MMoE
 atexit.register(lambda: print("group at exit:", dist.is_initialized()))
-dist.init_process_group("gloo", init_method="{(tmp_path / 'store').as_uri()}", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="{store}", rank=0, world_size=1)
 module = RankerModule(lambda i, t: MMoE(i, t, num_experts=2), inputs=INPUTS, tasks=TASKS)
 module.setup("fit")
 module.setup("validate")

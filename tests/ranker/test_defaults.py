@@ -144,17 +144,28 @@ def test_the_catalogue_learns_at_its_own_rate() -> None:
 
 
 def test_the_catalogue_takes_its_rate_only_where_it_renews() -> None:
-    """At least 20 % of validation rows with an item the table has no row for: it renews."""
-    def measured(item_unseen: float) -> InputSpec:
-        return dataclasses.replace(spec(50_000), cat_unseen=(0.0, item_unseen, 0.9))
+    """At least 20 % of validation rows with an item the table has no row for: it renews, and
+    every feature of the catalogue (the author too, whose ids mostly stay) takes the rate."""
+    two = InputSpec(
+        ("user", "item", "author", "category"),
+        (5_001, 50_001, 5_001, 31),
+        (8, 8, 8, 4),
+        (),
+        cat_sides=("user", "item", "item", "item"),
+    )
 
-    assert renewing(measured(0.2)) == ["item"]
+    def measured(item: float, author: float | None = 0.01) -> InputSpec:
+        return dataclasses.replace(two, cat_unseen=(0.0, item, author, 0.9))
+
+    assert renewing(measured(0.2)) == ["item", "author"]
+    assert renewing(measured(0.01, author=0.3)) == ["item", "author"]  # any of its features
     assert renewing(measured(0.19)) == []  # a catalogue that stays: its ids are the ones scored
-    assert renewing(spec(50_000)) == ["item"]  # not measured (no validation rows): as before
-    assert embedding_rates(measured(0.53), 0.05, catalogued=0.01)["item"] == 0.01
-    assert embedding_rates(measured(0.08), 0.05, catalogued=0.01)["item"] == 0.05
-    # the category's unseen share is no matter: it is not the catalogue (31 ids)
-    assert embedding_rates(measured(0.08), 0.05, catalogued=0.01)["category"] == 0.05
+    assert renewing(two) == ["item", "author"]  # not measured (no validation rows): as before
+    assert renewing(measured(0.01, author=None)) == ["item", "author"]  # hashed: not measured
+    rates = embedding_rates(measured(0.53), 0.05, catalogued=0.01)
+    assert rates == {"user": 0.05, "item": 0.01, "author": 0.01, "category": 0.05}
+    # the category's unseen share is no matter: it is not the catalogue (30 ids)
+    assert set(embedding_rates(measured(0.08), 0.05, catalogued=0.01).values()) == {0.05}
 
 
 def test_a_named_feature_gets_its_own_rate_over_the_rules() -> None:
