@@ -373,13 +373,20 @@ class RankerDataModule(L.LightningDataModule):
         return dataclasses.replace(spec, cat_unseen=self.unseen_shares)
 
     @cached_property
-    def unseen_shares(self) -> tuple[float, ...]:
-        """Per embedded input, the share of validation rows whose id has no row of its own
-        (``FeatureState.unseen_shares``; the catalogue rate's rule reads it); () without
-        validation rows."""
-        if not self.split_rows["val"]:
+    def unseen_shares(self) -> tuple[float | None, ...]:
+        """Per embedded input of the catalogue (``InputSpec.catalogue``), the share of
+        validation rows whose id has no row of its own (``FeatureState.unseen_shares``; the
+        catalogue rate's rule reads it); () without validation rows or a catalogue. Only the
+        catalogue's columns are read (the rest of a validation file is the loader's to read,
+        and to report if it is corrupt)."""
+        features = self.state.input_spec(self.config.features).catalogue
+        if not self.split_rows["val"] or not features:
             return ()
-        return self.state.unseen_shares(self.source.scan("val", sequences=False))
+        try:
+            return self.state.unseen_shares(self.source.scan("val", sequences=False), features)
+        except (pl.exceptions.PolarsError, OSError) as err:
+            columns = [s.column for s in self.state.categorical if s.name in features]
+            raise self.source.unreadable(columns, err) from None
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:

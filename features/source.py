@@ -127,7 +127,7 @@ class LogSource:
                     self.files, config.user_key, groups, self.schema, history_cache
                 )
             except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as err:
-                raise self._unreadable(self.columns_needed(), err) from None
+                raise self.unreadable(self.columns_needed(), err) from None
             written = self.events.sidecars
             self.sidecars = {str(f): p for f, p in zip(self.files, written, strict=True)}
 
@@ -380,7 +380,7 @@ class LogSource:
                 .collect(engine="streaming")
             )
         except (pl.exceptions.PolarsError, OSError) as err:
-            raise self._unreadable([*self.split_columns, *labels], err) from None
+            raise self.unreadable([*self.split_columns, *labels], err) from None
         for label in labels:
             bad = int(stats[f"invalid:{label}"].sum())
             if bad:
@@ -478,7 +478,7 @@ class LogSource:
         if not self.files:
             raise ConfigError(f"every Parquet file under {self.location} is unreadable")
 
-    def _unreadable(self, columns: list[str], err: Exception) -> ConfigError:
+    def unreadable(self, columns: list[str], err: Exception) -> ConfigError:
         """The error for a scan that failed: find the file (only on this error path)."""
         for file in self.files:
             file_err = _decode_error(file, set(columns))

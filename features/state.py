@@ -40,6 +40,7 @@ from features.history import Events, EventSlices, event_slices
 STATE_FILE = "feature_state.json"
 INLINE_VOCAB_LIMIT = 50_000  # larger vocabularies go to a Parquet file beside the JSON
 QUANTILE_SAMPLE = 1_000_000  # rows quantile boundaries are computed from, at most (about)
+LARGE_VOCABULARY = 1_000  # more ids than this (the unknown index aside): a large vocabulary
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,26 @@ class InputSpec:
     sequences: tuple[SequenceInput, ...] = ()
     cat_sides: tuple[str, ...] = ()  # per categorical feature: user | item | context
     arms: tuple[str, ...] = ()  # uplift data: the treatment arms, control first; () otherwise
-    # Per embedded input: the share of validation rows whose id has no row of its own (index
-    # 0: unseen in training, rarer than min_count, or missing); None for a hashed feature (a
-    # new id shares a bucket's row); () where not measured.
+    # Per embedded input: for the catalogue's features, the share of validation rows whose id
+    # has no row of its own (index 0: unseen in training, rarer than min_count, or missing);
+    # None where not measured (outside the catalogue; hashed: a new id shares a bucket's row);
+    # () where nothing was measured.
     cat_unseen: tuple[float | None, ...] = ()
 
     @property
     def num_numeric(self) -> int:
         return len(self.num_names)
+
+    @property
+    def catalogue(self) -> tuple[str, ...]:
+        """The item-side categorical features with more than ``LARGE_VOCABULARY`` ids."""
+        return tuple(
+            name
+            for name, side, rows in zip(
+                self.cat_names, self.cat_sides, self.cardinalities, strict=False
+            )
+            if side == "item" and rows - 1 > LARGE_VOCABULARY
+        )
 
 
 @dataclass
@@ -377,12 +390,15 @@ class FeatureState:
             arms=tuple(self.treatment.arms) if self.treatment else (),
         )
 
-    def unseen_shares(self, frame: pl.LazyFrame) -> tuple[float | None, ...]:
-        """Per embedded input (``input_spec`` order): the share of ``frame``'s rows whose id
-        maps to the unknown index 0; None for a hashed feature (every id has a bucket); 0.0
-        for quantile buckets (every number has one)."""
+    def unseen_shares(
+        self, frame: pl.LazyFrame, features: tuple[str, ...]
+    ) -> tuple[float | None, ...]:
+        """Per embedded input (``input_spec`` order): for the categorical ``features``, the
+        share of ``frame``'s rows whose id maps to the unknown index 0 (only their columns are
+        read); None for the others and for a hashed feature (every id has a bucket); 0.0 for
+        quantile buckets (every number has one)."""
         schema = frame.collect_schema()
-        vocabularies = [s for s in self.categorical if not s.hash_buckets]
+        vocabularies = [s for s in self.categorical if s.name in features and not s.hash_buckets]
         unknown = [
             (lookup_expr(s, schema[s.column]) == 0).mean().alias(s.name) for s in vocabularies
         ]

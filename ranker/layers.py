@@ -9,7 +9,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from features.state import InputSpec
+from features.state import LARGE_VOCABULARY, InputSpec
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "swish": nn.SiLU, "gelu": nn.GELU}
 
@@ -188,7 +188,7 @@ def fill_rows(
 #   ones scored (``embedding_rates``);
 # - ``--model.small_vocabulary_learning_rate``: the rows of the features that are not large,
 #   in nearly every batch, learn at that (lower) rate.
-AUTO_ID_DROPOUT, LARGE_VOCABULARY, RENEWING = 0.1, 1_000, 0.2
+AUTO_ID_DROPOUT, RENEWING = 0.1, 0.2
 
 
 def large_vocabularies(inputs: InputSpec) -> list[bool]:
@@ -205,14 +205,8 @@ def check_features(option: str, given: Mapping[str, object], names: Sequence[str
 
 
 def catalogue(inputs: InputSpec) -> list[str]:
-    """The item-side categorical features with more than 1,000 ids."""
-    return [
-        name
-        for name, side, large in zip(
-            inputs.cat_names, inputs.cat_sides, large_vocabularies(inputs), strict=False
-        )
-        if side == "item" and large
-    ]
+    """The item-side categorical features with more than 1,000 ids (``InputSpec.catalogue``)."""
+    return list(inputs.catalogue)
 
 
 def renewing(inputs: InputSpec) -> list[str]:

@@ -156,5 +156,7 @@ def test_unseen_shares_count_unknown_and_missing_ids_and_leave_hashed_ones_unmea
         "user",
     )
     frame = pl.LazyFrame({"item_col": [10, 99, None, 11], "author_col": [1, 2, None, 3]})
-    assert state.unseen_shares(frame) == (0.5, None)  # 99 unseen, None missing; hashed
-    assert FeatureState([], [], [], "user").unseen_shares(frame) == ()  # nothing embedded
+    both = ("item", "author")
+    assert state.unseen_shares(frame, both) == (0.5, None)  # 99 unseen, None missing; hashed
+    assert state.unseen_shares(frame, ()) == (None, None)  # only the features asked for
+    assert FeatureState([], [], [], "user").unseen_shares(frame, both) == ()  # none embedded
