@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -102,6 +103,20 @@ class SuiteDataset:
 
 
 DATA = ROOT / "data" / "suite"
+
+
+def generated(directory: str, **log: Any) -> SuiteDataset:
+    """A generated log under ``DATA``: ``generate(**log)`` read by the synthetic config, 2
+    epochs at batch 2,048."""
+    return SuiteDataset(
+        ROOT / "configs/data/synthetic.yaml",
+        epochs=2,
+        batch_size=2048,
+        log=DATA / directory,
+        make=lambda out: generate(out, **log),
+    )
+
+
 DATASETS: dict[str, SuiteDataset] = {
     # Real: KuaiRand as shipped (with its history feature), Hillstrom (one row per customer).
     "kuairand": SuiteDataset(ROOT / "configs/data/kuairand.yaml", epochs=5, batch_size=512),
@@ -110,50 +125,31 @@ DATASETS: dict[str, SuiteDataset] = {
     ),
     # Generated: the demo's log, and 1M rows with large vocabularies where 30% of the items
     # (and authors) are released during the log.
-    "demo": SuiteDataset(
-        ROOT / "configs/data/synthetic.yaml",
-        epochs=2,
-        batch_size=2048,
-        log=DATA / "demo",
-        make=lambda out: generate(out, rows=200_000),
-    ),
-    "new_items": SuiteDataset(
-        ROOT / "configs/data/synthetic.yaml",
-        epochs=2,
-        batch_size=2048,
-        log=DATA / "new_items_1m",
-        make=lambda out: generate(
-            out, rows=1_000_000, users=100_000, items=500_000, authors=50_000, new_items=0.3
-        ),
+    "demo": generated("demo", rows=200_000),
+    "new_items": generated(
+        "new_items_1m",
+        rows=1_000_000,
+        users=100_000,
+        items=500_000,
+        authors=50_000,
+        new_items=0.3,
     ),
     # Held out: no default was chosen on it. The other regime: frequent ids (100 rows per user,
     # 30 per item), items shown by popularity alone (no retrieval by interest, no daily
     # swing), another seed.
-    "held_out": SuiteDataset(
-        ROOT / "configs/data/synthetic.yaml",
-        epochs=2,
-        batch_size=2048,
-        log=DATA / "held_out",
-        make=lambda out: generate(
-            out,
-            rows=300_000,
-            users=3_000,
-            items=10_000,
-            authors=1_000,
-            seed=11,
-            exposure=Exposure(),
-            swing=0.0,
-        ),
+    "held_out": generated(
+        "held_out",
+        rows=300_000,
+        users=3_000,
+        items=10_000,
+        authors=1_000,
+        seed=11,
+        exposure=Exposure(),
+        swing=0.0,
     ),
     # Held out too, for the catalogue rate's rule: the demo's shape, but 30% of the items (and
     # authors) released during the log, another seed: does the rule read the renewal right?
-    "renewing": SuiteDataset(
-        ROOT / "configs/data/synthetic.yaml",
-        epochs=2,
-        batch_size=2048,
-        log=DATA / "renewing",
-        make=lambda out: generate(out, rows=200_000, seed=12, new_items=0.3),
-    ),
+    "renewing": generated("renewing", rows=200_000, seed=12, new_items=0.3),
 }
 
 

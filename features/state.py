@@ -81,14 +81,19 @@ class InputSpec:
         return len(self.num_names)
 
     @property
+    def large_vocabularies(self) -> tuple[bool, ...]:
+        """Per categorical feature: has it more than ``LARGE_VOCABULARY`` ids?"""
+        return tuple(rows - 1 > LARGE_VOCABULARY for rows in self.cardinalities)
+
+    @property
     def catalogue(self) -> tuple[str, ...]:
-        """The item-side categorical features with more than ``LARGE_VOCABULARY`` ids."""
+        """The item-side categorical features with a large vocabulary: the catalogue."""
         return tuple(
             name
-            for name, side, rows in zip(
-                self.cat_names, self.cat_sides, self.cardinalities, strict=False
+            for name, side, large in zip(
+                self.cat_names, self.cat_sides, self.large_vocabularies, strict=False
             )
-            if side == "item" and rows - 1 > LARGE_VOCABULARY
+            if side == "item" and large
         )
 
 
@@ -395,8 +400,7 @@ class FeatureState:
     ) -> tuple[float | None, ...]:
         """Per embedded input (``input_spec`` order): for the categorical ``features``, the
         share of ``frame``'s rows whose id maps to the unknown index 0 (only their columns are
-        read); None for the others and for a hashed feature (every id has a bucket); 0.0 for
-        quantile buckets (every number has one)."""
+        read); None for every other input and for a hashed feature (every id has a bucket)."""
         schema = frame.collect_schema()
         vocabularies = [s for s in self.categorical if s.name in features and not s.hash_buckets]
         unknown = [
@@ -408,7 +412,7 @@ class FeatureState:
         shares = [
             float(found[s.name] or 0.0) if s.name in found else None for s in self.categorical
         ]
-        return (*shares, *(0.0 for _ in self.bucketized))
+        return (*shares, *(None for _ in self.bucketized))
 
     # -- fitting ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from features.state import LARGE_VOCABULARY, InputSpec
+from features.state import InputSpec
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "swish": nn.SiLU, "gelu": nn.GELU}
 
@@ -173,9 +173,9 @@ def fill_rows(
 
 
 # A categorical feature with more than ``LARGE_VOCABULARY`` ids (the unknown index aside) has a
-# large vocabulary: each of its rows is in few batches. An item-side one is the catalogue
-# (``catalogue``): tomorrow brings items unseen today, and each item is in few rows. The
-# default rules read them:
+# large vocabulary (``InputSpec.large_vocabularies``): each of its rows is in few batches. An
+# item-side one is the catalogue (``InputSpec.catalogue``): tomorrow brings items unseen today,
+# and each item is in few rows. The default rules read them:
 # - ``--model.id_dropout auto``: the catalogue's features get ``AUTO_ID_DROPOUT``, for
 #   tomorrow's new items, whose ids score through the unknown row; smaller item vocabularies
 #   (a category, a type) are left as they are;
@@ -191,11 +191,6 @@ def fill_rows(
 AUTO_ID_DROPOUT, RENEWING = 0.1, 0.2
 
 
-def large_vocabularies(inputs: InputSpec) -> list[bool]:
-    """Per categorical feature: has it more than ``LARGE_VOCABULARY`` ids?"""
-    return [rows - 1 > LARGE_VOCABULARY for rows in inputs.cardinalities]
-
-
 def check_features(option: str, given: Mapping[str, object], names: Sequence[str]) -> None:
     """``ValueError`` naming the features an option (``given``: name -> value) names that the
     categorical inputs (``names``) lack."""
@@ -204,25 +199,20 @@ def check_features(option: str, given: Mapping[str, object], names: Sequence[str
         raise ValueError(f"{option} names unknown features {unknown} (known: {list(names)})")
 
 
-def catalogue(inputs: InputSpec) -> list[str]:
-    """The item-side categorical features with more than 1,000 ids (``InputSpec.catalogue``)."""
-    return list(inputs.catalogue)
-
-
 def renewing(inputs: InputSpec) -> list[str]:
-    """The ``catalogue`` if it renews, else ``[]``: it renews where at least ``RENEWING`` of
-    the validation rows hold an id of one of its features (the item, in practice) with no row
-    of its own (``inputs.cat_unseen``), or where one of them was not measured (no validation
-    rows; a hashed feature)."""
-    features = catalogue(inputs)
+    """The catalogue (``InputSpec.catalogue``) if it renews, else ``[]``: it renews where at
+    least ``RENEWING`` of the validation rows hold an id of one of its features (the item, in
+    practice) with no row of its own (``inputs.cat_unseen``), or where one of them was not
+    measured (no validation rows; a hashed feature)."""
+    features = list(inputs.catalogue)
     unseen = dict(zip(inputs.cat_names, inputs.cat_unseen, strict=False))
     shares = [unseen.get(n) for n in features]
     return features if any(s is None or s >= RENEWING for s in shares) else []
 
 
 def auto_id_dropout(inputs: InputSpec) -> dict[str, float]:
-    """The ``auto`` rule: ``{feature: 0.1}`` for every feature of the ``catalogue``."""
-    return dict.fromkeys(catalogue(inputs), AUTO_ID_DROPOUT)
+    """The ``auto`` rule: ``{feature: 0.1}`` for every feature of ``inputs.catalogue``."""
+    return dict.fromkeys(inputs.catalogue, AUTO_ID_DROPOUT)
 
 
 def embedding_rates(
@@ -234,7 +224,7 @@ def embedding_rates(
 ) -> dict[str, float]:
     """Each categorical feature's embedding learning rate: ``large`` for a large vocabulary
     (more than 1,000 ids), ``small`` for the others (``None``: ``large``), ``catalogued`` for
-    the ``catalogue``'s features that renew (``renewing``; ``None``: as the others); a feature
+    the catalogue's features where it renews (``renewing``; ``None``: as the others); a feature
     ``named`` gets its own."""
     named = dict(named or {})
     check_features("feature_learning_rates", named, inputs.cat_names)
@@ -244,7 +234,7 @@ def embedding_rates(
     items = set(renewing(inputs)) if catalogued is not None else set()
     rates = {
         name: large if big or small is None else small
-        for name, big in zip(inputs.cat_names, large_vocabularies(inputs), strict=True)
+        for name, big in zip(inputs.cat_names, inputs.large_vocabularies, strict=True)
     }
     return rates | dict.fromkeys(items, catalogued) | named
 

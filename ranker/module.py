@@ -20,16 +20,14 @@ from torch.nn.parallel import DistributedDataParallel
 from features.config import TaskSpec
 from features.contract import ARM_OUTPUT, LOGITS, OUTPUT
 from features.datamodule import TensorBatch
-from features.state import InputSpec, SequenceInput
+from features.state import LARGE_VOCABULARY, InputSpec, SequenceInput
 from ranker.calibration import Calibrator, Method
 from ranker.experts import Routing
 from ranker.layers import (
-    LARGE_VOCABULARY,
     RENEWING,
     HistoryDropout,
     IdDropout,
     auto_id_dropout,
-    catalogue,
     deferred_tables,
     embedding_rates,
     renewing,
@@ -223,7 +221,7 @@ class RankerModule(L.LightningModule):
             (``model/embedding_rates_in_force``).
         catalogue_learning_rate: learning rate of the rows of the catalogue (item-side
             categorical features with more than 1,000 ids, the features ``id_dropout: auto``
-            picks; ``ranker.layers.catalogue``) where it renews: at least 20 % of the
+            picks; ``InputSpec.catalogue``) where it renews: at least 20 % of the
             validation rows hold one of its ids with no row of its own (``renewing``, measured
             on the data and printed: ``catalogue: item_id, author_id (renews; ...)``);
             ``null``: as the others. There an item is in few rows, each epoch brings them back,
@@ -500,10 +498,10 @@ class RankerModule(L.LightningModule):
     def _catalogue(self) -> str:
         """The catalogue's features, the share of validation rows each does not know, and
         whether it renews."""
-        features, names = catalogue(self.inputs), self.inputs.cat_names
+        features = self.inputs.catalogue
         if not features:
             return f"none (no item-side feature over {LARGE_VOCABULARY:,} ids)"
-        unseen = dict(zip(names, self.inputs.cat_unseen, strict=False))
+        unseen = dict(zip(self.inputs.cat_names, self.inputs.cat_unseen, strict=False))
         if not unseen:
             return f"{', '.join(features)} (not measured, no validation rows: taken to renew)"
         shares = ", ".join(
